@@ -1,0 +1,649 @@
+"""PCAM data: HDF5 reading, cleaning, outlier filter, balanced loaders, and data acquisition.
+
+The hot path reads a whole batch of rows in one array operation (numpy.memmap for uncompressed
+contiguous files, one h5py selection otherwise) and keeps images uint8 until they reach the
+training device. Command line: `python data.py {download,synth,prepare,info,manifest,verify} -h`.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
+
+SPLITS = ("train", "valid", "test")
+IMAGE_SHAPE = (96, 96, 3)
+IMAGE_BYTES = 96 * 96 * 3
+BLACK_THRESHOLD = 5.0  # a tile whose mean intensity is at or below this is a blackout
+WHITE_THRESHOLD = 250.0  # at or above this, a washout; real tissue stays well below
+BLOCK_BYTES = 64 * 2**20  # streaming passes read about this many raw bytes at a time
+CHUNK_CACHE_BYTES = 64 * 2**20  # HDF5 chunk cache per open chunked file
+MAPPED_BYTES_BEFORE_RELEASE = 256 * 2**20  # drop mapped pages from RSS after this much random reading
+MANIFEST_NAME = "pcam_manifest.json"
+
+ZENODO_URL = "https://zenodo.org/records/2546921/files"
+ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
+    "camelyonpatch_level_2_split_train_x.h5.gz": "1571f514728f59376b705fc836ff4b63",
+    "camelyonpatch_level_2_split_train_y.h5.gz": "35c2d7259d906cfc8143347bb8e05be7",
+    "camelyonpatch_level_2_split_valid_x.h5.gz": "d5b63470df7cfa627aeec8b9dc0c066e",
+    "camelyonpatch_level_2_split_valid_y.h5.gz": "2b85f58b927af9964a4c15b8f7e8f179",
+    "camelyonpatch_level_2_split_test_x.h5.gz": "d8c2d60d490dbd479f8199bdfa0cf6ec",
+    "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
+}
+
+
+class PCAMError(ValueError):
+    """A problem with PCAM files that the user can fix; the message says what and how."""
+
+
+class MissingDataError(PCAMError, FileNotFoundError):
+    """The data directory or a split's files are not there."""
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def split_paths(data_dir, split):
+    """The (x, y) file paths of one split in PCAM's naming."""
+    name = os.path.join(str(data_dir), f"camelyonpatch_level_2_split_{split}_{{}}.h5")
+    return name.format("x"), name.format("y")
+
+
+def require_split(data_dir, split):
+    """The split's (x, y) paths, or a MissingDataError naming what is missing and how to get it."""
+    if not os.path.isdir(data_dir):
+        raise MissingDataError(
+            f"data directory {data_dir} does not exist: pass --data-dir (or set PCAM_DIR), or create it "
+            f"with `python data.py download --data-dir {data_dir}` or `python data.py synth --data-dir {data_dir}`")
+    paths = split_paths(data_dir, split)
+    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise MissingDataError(
+            f"{split} split missing in {data_dir}: {', '.join(missing)} not found; get them with "
+            f"`python data.py download --data-dir {data_dir}` or make a synthetic set with "
+            f"`python data.py synth --data-dir {data_dir}`")
+    return paths
+
+
+def open_h5(path, **kwargs):
+    try:
+        return h5py.File(path, "r", **kwargs)
+    except OSError as error:
+        raise PCAMError(f"{path} is not a readable HDF5 file ({error}); it may be truncated: "
+                        "download or copy it again") from None
+
+
+def dataset_in(h5file, key, path):
+    if key not in h5file:
+        raise PCAMError(f"{path} has no dataset '{key}' (found: {', '.join(h5file.keys()) or 'nothing'}); "
+                        f"PCAM files store images as 'x' and labels as 'y'")
+    return h5file[key]
+
+
+def clean(images):
+    """Raw stored pixels of any dtype -> uint8: NaN -> 0, +inf -> 255, -inf -> 0, clip to [0, 255]."""
+    if images.dtype == np.uint8:
+        return images
+    if np.issubdtype(images.dtype, np.integer):
+        return np.clip(images, 0, 255).astype(np.uint8)
+    cleaned = np.nan_to_num(images, nan=0.0, posinf=255.0, neginf=0.0)
+    np.clip(cleaned, 0, 255, out=cleaned)
+    return cleaned.astype(np.uint8)
+
+
+def image_means(images):
+    """Mean intensity of each cleaned uint8 image, (N, 96, 96, 3) -> (N,) float64."""
+    # uint8 sums in torch are vectorised and exact in int64; numpy's uint8 mean is several times slower
+    sums = torch.from_numpy(np.ascontiguousarray(images)).view(len(images), -1).sum(dim=1, dtype=torch.int64)
+    return sums.numpy() / IMAGE_BYTES
+
+
+def block_rows(dset):
+    """Rows per block so that one raw block is about BLOCK_BYTES."""
+    row_bytes = IMAGE_BYTES * dset.dtype.itemsize
+    rows = max(1, BLOCK_BYTES // row_bytes)
+    if dset.chunks:  # whole chunks per block, so no chunk is decompressed twice
+        rows = max(dset.chunks[0], rows // dset.chunks[0] * dset.chunks[0])
+    return rows
+
+
+def iter_raw_blocks(x_path):
+    """Yield (start_row, raw_block) over a PCAM x file in large blocks, with bounded memory."""
+    with open_h5(x_path, rdcc_nbytes=CHUNK_CACHE_BYTES) as h5file:
+        dset = dataset_in(h5file, "x", x_path)
+        step = block_rows(dset)
+        for start in range(0, len(dset), step):
+            yield start, dset[start:start + step]
+
+
+def outlier_mask(x_path, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
+    """Boolean mask of the rows whose cleaned mean is at or below black_threshold or at or above white."""
+    masks = []
+    for _, block in iter_raw_blocks(x_path):
+        means = image_means(clean(block))
+        masks.append((means <= black_threshold) | (means >= white_threshold))
+    return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+
+
+def read_labels(y_path):
+    """All labels of a y file as int64 (N,), checking shape and values."""
+    with open_h5(y_path) as h5file:
+        dset = dataset_in(h5file, "y", y_path)
+        if dset.ndim not in (1, 2, 4) or any(size != 1 for size in dset.shape[1:]):
+            raise PCAMError(f"{y_path}: labels have shape {dset.shape}; expected (N,), (N, 1) or (N, 1, 1, 1)")
+        raw = dset[()].reshape(-1)
+    if not np.all((raw == 0) | (raw == 1)):
+        bad = np.unique(raw[~((raw == 0) | (raw == 1))])[:5]
+        raise PCAMError(f"{y_path}: labels must be 0 or 1, found {', '.join(map(str, bad))}")
+    return raw.astype(np.int64)
+
+
+def check_images(x_path, rows_expected, y_path):
+    with open_h5(x_path) as h5file:
+        dset = dataset_in(h5file, "x", x_path)
+        if dset.shape[1:] != IMAGE_SHAPE:
+            raise PCAMError(f"{x_path}: images have shape {dset.shape[1:]}; expected {IMAGE_SHAPE} (H, W, C)")
+        if len(dset) != rows_expected:
+            raise PCAMError(f"{x_path} has {len(dset)} images but {y_path} has {rows_expected} labels; "
+                            "the two files of a split must match row for row")
+
+
+class PCAMDataset(Dataset):
+    """One PCAM split. ds[i] -> (image uint8 (3, 96, 96), label long); ds[list_of_i] -> a whole batch.
+
+    Files are opened lazily in the process that reads them, so the dataset can go to DataLoader
+    workers. Uncompressed contiguous x files are read through a memory map, others through h5py.
+    """
+
+    def __init__(self, x_path, y_path, transform=None, filter_data=False,
+                 black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD, preload=False):
+        self.x_path, self.y_path, self.transform = str(x_path), str(y_path), transform
+        for path in (self.x_path, self.y_path):
+            if not os.path.isfile(path):
+                raise MissingDataError(f"{path} not found")
+        all_labels = read_labels(self.y_path)
+        check_images(self.x_path, len(all_labels), self.y_path)
+        self.indices = np.arange(len(all_labels))
+        if filter_data:
+            self.indices = np.flatnonzero(~outlier_mask(self.x_path, black_threshold, white_threshold))
+            if len(self.indices) == 0:
+                raise PCAMError(f"{self.x_path}: the outlier filter removed every image (thresholds "
+                                f"{black_threshold}, {white_threshold}); the file holds only black or white tiles")
+        self.labels = all_labels[self.indices]
+        self._reader_pid = None
+        self._memory = self._load_all() if preload else None
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            images, labels = self._batch(np.array([index]))
+            return images[0], labels[0]
+        return self._batch(np.asarray(index))
+
+    def _batch(self, positions):
+        rows = self.indices[positions]
+        images = self._memory[positions] if self._memory is not None else clean(self._read_rows(rows))
+        if self.transform is not None:
+            return torch.stack([torch.as_tensor(self.transform(image)) for image in images]), \
+                torch.from_numpy(self.labels[positions])
+        return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(self.labels[positions])
+
+    def _open(self):
+        """Open the x file for reading in this process: a memory map when the layout allows, else h5py."""
+        self._reader_pid, self._mapped, self._dset, self._mapped_bytes = os.getpid(), None, None, 0
+        self._h5file = open_h5(self.x_path, rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007)
+        dset = self._h5file["x"]
+        offset = dset.id.get_offset()
+        if dset.chunks is None and dset.compression is None and offset is not None and dset.dtype.isnative:
+            if os.path.getsize(self.x_path) < offset + dset.nbytes:
+                raise PCAMError(f"{self.x_path} is truncated; download or copy it again")
+            with open(self.x_path, "rb") as raw_file:
+                self._mmap = mmap.mmap(raw_file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mapped = np.frombuffer(self._mmap, dtype=dset.dtype, count=int(np.prod(dset.shape)),
+                                         offset=offset).reshape(dset.shape)
+            self._h5file.close()
+        else:
+            self._dset = dset
+
+    def _read_rows(self, rows):
+        if self._reader_pid != os.getpid():
+            self._open()
+        if self._mapped is not None:
+            images = self._mapped[rows]
+            self._mapped_bytes += images.nbytes
+            if self._mapped_bytes > MAPPED_BYTES_BEFORE_RELEASE:  # keep RSS bounded; pages stay in the page cache
+                self._mmap.madvise(mmap.MADV_DONTNEED)
+                self._mapped_bytes = 0
+            return images
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+            return self._dset[rows[0]:rows[-1] + 1]
+        unique_rows, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing, unique indices
+        return self._dset[unique_rows][inverse]
+
+    def _load_all(self):
+        needed = len(self.indices) * IMAGE_BYTES
+        available = available_memory_bytes()
+        if needed > 0.8 * available:
+            raise PCAMError(f"--preload needs {needed / 2**30:.1f} GiB for {self.x_path} but only "
+                            f"{available / 2**30:.1f} GiB is available; drop --preload or ask for more memory")
+        memory = np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
+        for start, block in iter_raw_blocks(self.x_path):
+            first, end = np.searchsorted(self.indices, [start, start + len(block)])
+            memory[first:end] = clean(block[self.indices[first:end] - start])
+        return memory
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_h5file", "_dset", "_mmap", "_mapped")}
+        state["_reader_pid"] = None
+        return state
+
+
+def available_memory_bytes():
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def load_split(data_dir, split, filter_data=False, preload=False, **thresholds):
+    x_path, y_path = require_split(data_dir, split)
+    return PCAMDataset(x_path, y_path, filter_data=filter_data, preload=preload, **thresholds)
+
+
+def balanced_sampler(labels, seed):
+    """Draws len(labels) kept rows with replacement, each class equally likely, from a seeded generator."""
+    class_counts = np.bincount(labels, minlength=2)
+    if (class_counts == 0).any():
+        raise PCAMError(f"the training split holds a single class (counts {class_counts.tolist()}); "
+                        "a class-balanced sampler needs both")
+    class_weights = 1.0 / class_counts
+    return WeightedRandomSampler(torch.from_numpy(class_weights[labels]), num_samples=len(labels),
+                                 replacement=True, generator=torch.Generator().manual_seed(seed))
+
+
+def seed_worker(worker_id):
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def batch_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, seed=0):
+    """A DataLoader that fetches whole batches with one dataset[list_of_positions] call."""
+    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
+                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def get_dataloaders(data_dir, batch_size=256, num_workers=0, filter_data=False, seed=0, preload=False,
+                    pin_memory=False, **thresholds):
+    """(train_loader, val_loader): class-balanced seeded draws from train, every valid row once in order."""
+    if batch_size < 1:
+        raise PCAMError(f"batch size must be positive, got {batch_size}")
+    train_set = load_split(data_dir, "train", filter_data, preload, **thresholds)
+    val_set = load_split(data_dir, "valid", filter_data, preload, **thresholds)
+    train_loader = batch_loader(train_set, balanced_sampler(train_set.labels, seed), batch_size,
+                                num_workers, pin_memory, seed)
+    val_loader = batch_loader(val_set, SequentialSampler(val_set), batch_size, num_workers, pin_memory, seed)
+    return train_loader, val_loader
+
+
+def get_test_loader(data_dir, batch_size=256, num_workers=0, filter_data=False, preload=False,
+                    pin_memory=False, **thresholds):
+    """Every test row once, in order; a MissingDataError when the test files are absent."""
+    test_set = load_split(data_dir, "test", filter_data, preload, **thresholds)
+    return batch_loader(test_set, SequentialSampler(test_set), batch_size, num_workers, pin_memory)
+
+
+def sampler_generator(train_loader):
+    """The torch.Generator behind the train loader's draws (its state goes into checkpoints)."""
+    return train_loader.sampler.sampler.generator
+
+
+# ---- command line: synth, prepare, info, manifest, verify, download ----
+
+def write_atomically(path, write):
+    """Call write(temp_path), then move the finished file into place; a failure leaves no file at path."""
+    temp_path = path + ".partial"
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    finally:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+
+
+def synth_images(rng, labels):
+    """Learnable stand-ins for PCAM patches: pink tissue noise; positives have a dark purple blob in the
+    central 32x32 region (where PCAM's label is defined), negatives one in the periphery."""
+    n = len(labels)
+    tissue = np.array([205, 150, 190], dtype=np.int16)
+    nuclei = np.array([110, 60, 150], dtype=np.int16)
+    images = tissue + rng.integers(-45, 46, size=(n, 96, 96, 3), dtype=np.int16)
+    centre = rng.uniform(36, 60, size=(n, 2))
+    periphery = rng.uniform(6, 30, size=(n, 2)) + rng.integers(0, 2, size=(n, 2)) * 60
+    blob_yx = np.where(labels[:, None] == 1, centre, periphery)
+    radius = rng.uniform(8, 16, size=n)
+    yy, xx = np.mgrid[0:96, 0:96]
+    inside = (yy - blob_yx[:, 0, None, None]) ** 2 + (xx - blob_yx[:, 1, None, None]) ** 2 < radius[:, None, None] ** 2
+    images[inside] += nuclei - tissue
+    return np.clip(images, 0, 255)
+
+
+def poison(images, rng, fraction, dtype):
+    """Put the course copy's defects into a block in place; returns the count of each defect."""
+    n_poisoned = round(fraction * len(images))
+    kinds = ("black", "white", "nan", "1e5") if dtype != np.uint8 else ("black", "white")
+    rows = rng.choice(len(images), size=n_poisoned, replace=False)
+    counts = dict.fromkeys(kinds, 0)
+    for i, row in enumerate(rows):
+        kind = kinds[i % len(kinds)]
+        counts[kind] += 1
+        if kind == "black":
+            images[row] = 0
+        elif kind == "white":
+            images[row] = 255
+        else:
+            pixels = rng.integers(0, 96, size=(3, 2))
+            images[row, pixels[:, 0], pixels[:, 1], rng.integers(0, 3, size=3)] = np.nan if kind == "nan" else 1e5
+    return counts
+
+
+def write_synth_split(data_dir, split, n, rng, fraction, dtype):
+    x_path, y_path = split_paths(data_dir, split)
+    labels = (rng.permutation(n) < round(0.4 * n)).astype(np.uint8)  # 40% positives, like a skewed copy
+    counts = {}
+
+    def write_x(path):
+        with h5py.File(path, "w") as h5file:
+            dset = h5file.create_dataset("x", shape=(n,) + IMAGE_SHAPE, dtype=dtype)
+            step = 1024
+            for start in range(0, n, step):
+                block = synth_images(rng, labels[start:start + step]).astype(dtype)
+                for kind, count in poison(block, rng, fraction, dtype).items():
+                    counts[kind] = counts.get(kind, 0) + count
+                dset[start:start + len(block)] = block
+            dset.attrs.update({f"poison_{kind}": count for kind, count in counts.items()})
+
+    def write_y(path):
+        with h5py.File(path, "w") as h5file:
+            h5file.create_dataset("y", data=labels.reshape(n, 1, 1, 1))
+
+    write_atomically(x_path, write_x)
+    write_atomically(y_path, write_y)
+    defects = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "no defects"
+    log(f"synth {split}: {n} images ({labels.sum()} positive), {np.dtype(dtype).name}, {defects} -> {x_path}")
+
+
+def cmd_synth(args):
+    os.makedirs(args.data_dir, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    for split, n in (("train", args.n_train), ("valid", args.n_valid), ("test", args.n_test)):
+        if n > 0:
+            write_synth_split(args.data_dir, split, n, rng, args.poison, np.dtype(args.dtype))
+
+
+def prepare_split(data_dir, out_dir, split):
+    x_src, y_src = require_split(data_dir, split)
+    x_out, y_out = split_paths(out_dir, split)
+    labels = read_labels(y_src)
+    check_images(x_src, len(labels), y_src)
+    if all(os.path.isfile(p) and os.path.getmtime(p) >= os.path.getmtime(x_src) for p in (x_out, y_out)):
+        with open_h5(x_out) as h5file:
+            if h5file["x"].shape[0] == len(labels) and h5file["x"].dtype == np.uint8:
+                log(f"prepare {split}: {x_out} is already a prepared copy, kept")
+                return
+
+    def write_x(path):
+        started = time.time()
+        with h5py.File(path, "w") as h5file:
+            dset = h5file.create_dataset("x", shape=(len(labels),) + IMAGE_SHAPE, dtype=np.uint8)
+            for start, block in iter_raw_blocks(x_src):
+                dset[start:start + len(block)] = clean(block)
+                done = start + len(block)
+                log(f"prepare {split}: {done}/{len(labels)} images ({100 * done // len(labels)}%), "
+                    f"{done / max(time.time() - started, 1e-9):.0f} images/s")
+
+    def write_y(path):
+        with h5py.File(path, "w") as h5file:
+            h5file.create_dataset("y", data=labels.astype(np.uint8).reshape(-1, 1, 1, 1))
+
+    write_atomically(x_out, write_x)
+    write_atomically(y_out, write_y)
+    log(f"prepare {split}: wrote {x_out} ({os.path.getsize(x_out) / 2**20:.0f} MiB, uint8, contiguous)")
+
+
+def present_splits(data_dir):
+    if not os.path.isdir(data_dir):
+        require_split(data_dir, "train")  # raises the data-dir message
+    splits = [s for s in SPLITS if all(os.path.isfile(p) for p in split_paths(data_dir, s))]
+    if not splits:
+        require_split(data_dir, "train")  # raises the missing-files message
+    return splits
+
+
+def cmd_prepare(args):
+    if os.path.realpath(args.out) == os.path.realpath(args.data_dir):
+        raise PCAMError("--out must differ from --data-dir: prepare writes a cleaned copy beside the original")
+    os.makedirs(args.out, exist_ok=True)
+    for split in present_splits(args.data_dir):
+        prepare_split(args.data_dir, args.out, split)
+
+
+def cmd_info(args):
+    log(f"{'split':<6} {'rows':>8} {'dtype':>8} {'shape':>16} {'layout':>22} {'MiB':>8} {'class 0':>8} {'class 1':>8}")
+    for split in present_splits(args.data_dir):
+        x_path, y_path = split_paths(args.data_dir, split)
+        labels = read_labels(y_path)
+        check_images(x_path, len(labels), y_path)
+        with open_h5(x_path) as h5file:
+            dset = h5file["x"]
+            layout = "contiguous" if dset.chunks is None else f"chunks {dset.chunks[0]}"
+            if dset.compression:
+                layout += f", {dset.compression}"
+            shape, dtype = str(tuple(dset.shape[1:])), dset.dtype.name
+        mib = (os.path.getsize(x_path) + os.path.getsize(y_path)) / 2**20
+        counts = np.bincount(labels, minlength=2)
+        log(f"{split:<6} {len(labels):>8} {dtype:>8} {shape:>16} {layout:>22} {mib:>8.1f} {counts[0]:>8} {counts[1]:>8}")
+
+
+def file_digest(path, algorithm="sha256", show_progress=False):
+    digest, size, done, next_report = hashlib.new(algorithm), os.path.getsize(path), 0, 0.0
+    with open(path, "rb") as source:
+        while chunk := source.read(16 * 2**20):
+            digest.update(chunk)
+            done += len(chunk)
+            if show_progress and done / size >= next_report:
+                log(f"{algorithm} {os.path.basename(path)}: {100 * done // size}% of {size / 2**20:.0f} MiB")
+                next_report += 0.25
+    return digest.hexdigest()
+
+
+def pcam_files(data_dir):
+    return sorted(os.path.basename(p) for s in present_splits(data_dir) for p in split_paths(data_dir, s))
+
+
+def cmd_manifest(args):
+    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
+    files = {name: {"bytes": os.path.getsize(os.path.join(args.data_dir, name)),
+                    "sha256": file_digest(os.path.join(args.data_dir, name), show_progress=True)}
+             for name in pcam_files(args.data_dir)}
+    def write_json(path):
+        with open(path, "w") as target:
+            json.dump({"files": files}, target, indent=2)
+
+    write_atomically(manifest_path, write_json)
+    log(f"manifest: {len(files)} files -> {manifest_path}")
+
+
+def cmd_verify(args):
+    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
+    try:
+        with open(manifest_path) as source:
+            expected = json.load(source)["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise PCAMError(f"cannot read manifest {manifest_path} ({error}); write one with "
+                        f"`python data.py manifest --data-dir {args.data_dir}`") from None
+    differing = []
+    for name, record in sorted(expected.items()):
+        path = os.path.join(args.data_dir, name)
+        if not os.path.isfile(path):
+            differing.append(f"{name} (missing)")
+        elif os.path.getsize(path) != record["bytes"] or file_digest(path, show_progress=True) != record["sha256"]:
+            differing.append(f"{name} (contents differ)")
+        else:
+            log(f"verify: {name} ok")
+    if differing:
+        raise PCAMError(f"{len(differing)} of {len(expected)} files differ from {manifest_path}: {', '.join(differing)}")
+    log(f"verify: all {len(expected)} files match {manifest_path}")
+
+
+def fetch(url, part_path, attempts=5):
+    """Download url into part_path, resuming from what is there (HTTP Range), retrying cut connections."""
+    for attempt in range(1, attempts + 1):
+        have = os.path.getsize(part_path) if os.path.exists(part_path) else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                resumed = response.status == 206
+                total = have * resumed + int(response.headers.get("Content-Length", 0)) or None
+                done, next_report, started = have * resumed, 0.0, time.time()
+                log(f"download {url}: {'resuming at' if resumed else 'starting'} {done / 2**20:.1f} MiB"
+                    + (f" of {total / 2**20:.1f} MiB" if total else ""))
+                with open(part_path, "ab" if resumed else "wb") as target:
+                    while chunk := response.read(2**20):
+                        target.write(chunk)
+                        done += len(chunk)
+                        if total and done / total >= next_report:
+                            rate = (done - have * resumed) / max(time.time() - started, 1e-9) / 2**20
+                            log(f"download {os.path.basename(part_path)}: {100 * done // total}%, {rate:.1f} MiB/s")
+                            next_report += 0.05
+                if total and done < total:
+                    raise ConnectionError(f"connection closed at {done} of {total} bytes")
+                return
+        except urllib.error.HTTPError as error:
+            if error.code == 416 and have:  # the part file is already complete
+                return
+            raise PCAMError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
+        except (OSError, ConnectionError) as error:
+            if attempt == attempts:
+                raise PCAMError(f"download of {url} failed after {attempts} attempts ({error}); "
+                                "run the same command again to resume") from None
+            log(f"download interrupted ({error}); resuming (attempt {attempt + 1} of {attempts})")
+            time.sleep(min(2 ** attempt, 30) * float(os.environ.get("PCAM_RETRY_DELAY_SCALE", "1")))
+
+
+def read_checksums(path):
+    """md5sum-style file ("<md5>  <name>" per line) -> {name: md5}."""
+    try:
+        with open(path) as source:
+            return {name.strip().lstrip("*"): md5 for md5, name in (line.split(None, 1) for line in source if line.strip())}
+    except (OSError, ValueError) as error:
+        raise PCAMError(f"cannot read checksums file {path} ({error}); expected '<md5>  <file name>' lines") from None
+
+
+def cmd_download(args):
+    os.makedirs(args.data_dir, exist_ok=True)
+    checksums = read_checksums(args.checksums) if args.checksums else ZENODO_MD5
+    for split in args.splits:
+        for h5_path in split_paths(args.data_dir, split):
+            if os.path.isfile(h5_path):
+                log(f"download: {h5_path} already present, skipped")
+                continue
+            gz_name = os.path.basename(h5_path) + ".gz"
+            gz_path, part_path = h5_path + ".gz", h5_path + ".gz.part"
+            if gz_name not in checksums:
+                raise PCAMError(f"no checksum for {gz_name} in {args.checksums}")
+            if not os.path.isfile(gz_path):
+                fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", part_path)
+                if file_digest(part_path, "md5") != checksums[gz_name]:
+                    os.remove(part_path)
+                    raise PCAMError(f"{gz_name}: md5 does not match {checksums[gz_name]}; the corrupt download "
+                                    "was deleted, run the same command again to fetch it anew")
+                os.replace(part_path, gz_path)
+            log(f"download: {gz_name} md5 ok, unpacking")
+
+            def unpack(path, gz_path=gz_path):
+                with gzip.open(gz_path, "rb") as source, open(path, "wb") as target:
+                    shutil.copyfileobj(source, target, 16 * 2**20)
+
+            write_atomically(h5_path, unpack)
+            os.remove(gz_path)
+            log(f"download: {h5_path} ready ({os.path.getsize(h5_path) / 2**20:.0f} MiB)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="PCAM data: fetch, make, clean, inspect and version the HDF5 files.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    default_dir = os.environ.get("PCAM_DIR", "data")
+
+    def command(name, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--data-dir", default=default_dir, metavar="DIR",
+                         help=f"folder of the PCAM .h5 files (default: $PCAM_DIR or data; now {default_dir})")
+        return sub
+
+    download = command("download", "fetch the official PCAM files (about 7 GB), verify their md5, unpack")
+    download.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), metavar="SPLIT",
+                          help="which splits to fetch: train valid test (default: all three)")
+    download.add_argument("--base-url", default=os.environ.get("PCAM_BASE_URL", ZENODO_URL), metavar="URL",
+                          help="where the .h5.gz files live (default: $PCAM_BASE_URL or Zenodo record 2546921)")
+    download.add_argument("--checksums", default=os.environ.get("PCAM_CHECKSUMS"), metavar="FILE",
+                          help="md5sum-style file of expected .gz checksums (default: $PCAM_CHECKSUMS or "
+                               "the published ones)")
+    synth = command("synth", "write a small synthetic PCAM-format set whose classes are learnable")
+    synth.add_argument("--n-train", type=int, default=4096, metavar="N", help="train images (default: 4096)")
+    synth.add_argument("--n-valid", type=int, default=1024, metavar="N", help="valid images (default: 1024)")
+    synth.add_argument("--n-test", type=int, default=1024, metavar="N", help="test images; 0 for none (default: 1024)")
+    synth.add_argument("--poison", type=float, default=0.0, metavar="FRACTION",
+                       help="fraction of images given the course copy's defects: black and white tiles, and "
+                            "with float storage NaN pixels and 1e5 pixels (default: 0)")
+    synth.add_argument("--dtype", choices=("uint8", "float32"), default="uint8",
+                       help="stored pixel type: uint8 like the official files, float32 like the course copy "
+                            "(default: uint8)")
+    synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    prepare = command("prepare", "write a cleaned, contiguous uint8 copy of every split present")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="folder for the prepared copy (e.g. node-local scratch)")
+    command("info", "print rows, dtype, layout, size and class balance per split")
+    for name, help_text in (("manifest", "write each PCAM file's size and sha256 to a manifest"),
+                            ("verify", "check the PCAM files against a manifest and name each one that differs")):
+        command(name, help_text).add_argument(
+            "--manifest", metavar="FILE", help=f"manifest path (default: DIR/{MANIFEST_NAME})")
+    args = parser.parse_args(argv)
+    for name in ("n_train", "n_valid", "n_test"):
+        if getattr(args, name, 0) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if not 0 <= getattr(args, "poison", 0) <= 1:
+        parser.error("--poison must be a fraction between 0 and 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    commands = {"download": cmd_download, "synth": cmd_synth, "prepare": cmd_prepare, "info": cmd_info,
+                "manifest": cmd_manifest, "verify": cmd_verify}
+    try:
+        commands[args.command](args)
+    except PCAMError as error:
+        sys.exit(f"data.py {args.command}: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

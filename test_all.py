@@ -1,0 +1,437 @@
+"""Tests for pcam-mlp, on real HDF5 files written here and a real HTTP server on 127.0.0.1."""
+import gzip
+import hashlib
+import http.server
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_script(*args, env=None, check=False):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    result = subprocess.run([sys.executable, *args], check=False, cwd=HERE, capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def tissue(n, seed=0, dtype=np.uint8):
+    """n plausible tissue tiles: mid-range values, never blank."""
+    return np.random.default_rng(seed).integers(60, 200, size=(n, 96, 96, 3)).astype(dtype)
+
+
+def write_split(data_dir, split, images, labels, **x_options):
+    """Write one split in PCAM layout; x_options go to h5py (chunks, compression)."""
+    os.makedirs(data_dir, exist_ok=True)
+    x_path, y_path = data.split_paths(data_dir, split)
+    with h5py.File(x_path, "w") as h5file:
+        h5file.create_dataset("x", data=images, **x_options)
+    with h5py.File(y_path, "w") as h5file:
+        h5file.create_dataset("y", data=labels)
+    return x_path, y_path
+
+
+def labels_of(n, positives):
+    labels = np.zeros(n, dtype=np.uint8)
+    labels[:positives] = 1
+    return np.random.default_rng(1).permutation(labels).reshape(n, 1, 1, 1)
+
+
+@pytest.fixture
+def small_set(tmp_path):
+    """A uint8 set: 200 train (40% positive), 64 valid, 64 test."""
+    for split, n, seed in (("train", 200, 0), ("valid", 64, 1), ("test", 64, 2)):
+        write_split(tmp_path, split, tissue(n, seed), labels_of(n, int(0.4 * n)))
+    return tmp_path
+
+
+# ---- cleaning and the outlier filter ----
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cleaning_maps_nan_inf_and_out_of_range_pixels(tmp_path, dtype):
+    images = tissue(4, dtype=dtype)
+    images[0, 0, 0, 0] = 1e5
+    images[1, 5, 5, 1] = np.nan
+    images[2, 1, 2, 0], images[2, 1, 3, 0] = np.inf, -np.inf
+    images[3, 7, 7, 2] = -30.0
+    ds = data.PCAMDataset(*write_split(tmp_path, "train", images, labels_of(4, 2)))
+    assert ds[0][0][0, 0, 0].item() == 255
+    assert ds[1][0][1, 5, 5].item() == 0
+    assert ds[2][0][0, 1, 2].item() == 255 and ds[2][0][0, 1, 3].item() == 0
+    assert ds[3][0][2, 7, 7].item() == 0
+    image, label = ds[0]
+    assert image.shape == (3, 96, 96) and image.dtype == torch.uint8
+    assert label.dtype == torch.long and label.dim() == 0
+    untouched = np.clip(images[0], 0, 255).astype(np.uint8).transpose(2, 0, 1)
+    assert np.array_equal(ds[0][0].numpy(), untouched)
+
+
+def test_filter_drops_exactly_the_black_and_white_tiles(tmp_path):
+    images = tissue(100)
+    images[17], images[60], images[33] = 0, 255, 40
+    paths = write_split(tmp_path, "train", images, labels_of(100, 50))
+    filtered = data.PCAMDataset(*paths, filter_data=True)
+    assert len(filtered) == 98 and len(filtered.indices) == 98
+    assert 17 not in filtered.indices and 60 not in filtered.indices
+    assert len(data.PCAMDataset(*paths)) == 100
+    strict = data.PCAMDataset(*paths, filter_data=True, black_threshold=40, white_threshold=250)
+    assert len(strict) == 97 and 33 not in strict.indices  # a dim tile at the threshold goes too
+
+
+def test_filter_works_in_blocks_smaller_than_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 7 * data.IMAGE_BYTES)  # 7-image blocks over 50 images
+    images = tissue(50)
+    images[[3, 7, 49]] = 0
+    paths = write_split(tmp_path, "train", images, labels_of(50, 25))
+    assert data.PCAMDataset(*paths, filter_data=True).indices.tolist() == [i for i in range(50) if i not in (3, 7, 49)]
+
+
+@pytest.mark.parametrize("shape, dtype", [((40,), np.int64), ((40, 1), np.uint8), ((40, 1, 1, 1), np.float32)])
+def test_label_layouts_are_accepted(tmp_path, shape, dtype):
+    labels = labels_of(40, 10).reshape(shape).astype(dtype)
+    ds = data.PCAMDataset(*write_split(tmp_path, "train", tissue(40), labels))
+    assert ds.labels.tolist() == labels.reshape(-1).astype(int).tolist()
+
+
+def test_transform_receives_the_cleaned_uint8_array(tmp_path):
+    images = tissue(3, dtype=np.float32)
+    images[0, 0, 0, 0] = np.nan
+    seen = []
+
+    def transform(image):
+        seen.append((image.shape, image.dtype, image[0, 0, 0]))
+        return torch.zeros(1)
+
+    ds = data.PCAMDataset(*write_split(tmp_path, "train", images, labels_of(3, 1)), transform=transform)
+    assert ds[0][0].shape == (1,)
+    assert seen == [((96, 96, 3), np.uint8, 0)]
+
+
+# ---- storage layouts, lazy handles, preload ----
+
+def test_memmap_and_h5py_paths_read_the_same_images(tmp_path):
+    images, labels = tissue(64), labels_of(64, 20)
+    plain = data.PCAMDataset(*write_split(tmp_path / "plain", "train", images, labels))
+    packed = data.PCAMDataset(*write_split(tmp_path / "packed", "train", images, labels,
+                                           chunks=(8, 96, 96, 3), compression="gzip"))
+    rows = [5, 63, 0, 5, 17]
+    assert torch.equal(plain[rows][0], packed[rows][0])
+    assert torch.equal(plain[rows][1], packed[rows][1])
+    assert plain._mapped is not None and packed._mapped is None  # the fast path is taken where it can be
+    assert np.array_equal(plain[rows][0].permute(0, 2, 3, 1).numpy(), images[rows])
+
+
+def test_pickled_dataset_carries_no_open_handle(small_set):
+    ds = data.load_split(small_set, "train")
+    ds[[1, 2]]  # opens the file in this process
+    state = ds.__getstate__()
+    assert not {"_h5file", "_dset", "_mmap", "_mapped"} & set(state)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[[3, 4]][0], ds[[3, 4]][0])
+
+
+def test_preload_serves_the_same_batches(small_set):
+    streaming = data.load_split(small_set, "train", filter_data=True)
+    preloaded = data.load_split(small_set, "train", filter_data=True, preload=True)
+    rows = [0, 199 - 1, 42]
+    assert torch.equal(streaming[rows][0], preloaded[rows][0])
+
+
+def test_preload_refuses_when_memory_is_short(small_set, monkeypatch):
+    monkeypatch.setattr(data, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(data.PCAMError, match="--preload needs"):
+        data.load_split(small_set, "train", preload=True)
+
+
+# ---- loaders ----
+
+def test_loader_batches_have_the_contract_shapes(small_set):
+    train_loader, _ = data.get_dataloaders(small_set, batch_size=32)
+    images, labels = next(iter(train_loader))
+    assert images.shape == (32, 3, 96, 96) and images.dtype == torch.uint8
+    assert labels.shape == (32,) and labels.dtype == torch.long
+    assert sum(len(labels) for _, labels in train_loader) == 200  # one epoch = the kept train rows
+    test_images, _ = next(iter(data.get_test_loader(small_set, batch_size=16)))
+    assert test_images.shape == (16, 3, 96, 96)
+
+
+def test_validation_reads_every_kept_row_once_in_order(tmp_path):
+    images = tissue(70)
+    images[[10, 11]] = 255
+    write_split(tmp_path, "train", tissue(20), labels_of(20, 10))
+    write_split(tmp_path, "valid", images, labels_of(70, 30))
+    _, val_loader = data.get_dataloaders(tmp_path, batch_size=16, filter_data=True)
+    seen = torch.cat([batch for batch, _ in val_loader])
+    expected = np.delete(images, [10, 11], axis=0).transpose(0, 3, 1, 2)
+    assert np.array_equal(seen.numpy(), expected)
+
+
+def test_train_loader_balances_an_80_20_file(tmp_path):
+    write_split(tmp_path, "train", tissue(500), labels_of(500, 100))
+    write_split(tmp_path, "valid", tissue(8), labels_of(8, 4))
+    train_loader, _ = data.get_dataloaders(tmp_path, batch_size=100, seed=3)
+    drawn = torch.cat([labels for _ in range(8) for _, labels in train_loader])
+    assert abs(drawn.float().mean().item() - 0.5) < 0.05  # 4,000 draws: 3 sigma is 0.024
+
+
+def test_balance_is_computed_on_the_kept_rows(tmp_path):
+    images = tissue(200)
+    labels = labels_of(200, 100)
+    positives = np.flatnonzero(labels.reshape(-1) == 1)
+    images[positives[:80]] = 0  # the filter removes 80 of the 100 positives
+    write_split(tmp_path, "train", images, labels)
+    write_split(tmp_path, "valid", tissue(8), labels_of(8, 4))
+    train_loader, _ = data.get_dataloaders(tmp_path, batch_size=120, filter_data=True, seed=0)
+    drawn = torch.cat([labels for _ in range(20) for _, labels in train_loader])
+    assert abs(drawn.float().mean().item() - 0.5) < 0.04
+
+
+def test_same_seed_same_batches_whatever_the_workers(small_set):
+    def epochs(num_workers, seed):
+        train_loader, _ = data.get_dataloaders(small_set, batch_size=32, num_workers=num_workers, seed=seed)
+        return [torch.cat([labels for _, labels in train_loader]) for _ in range(2)], \
+            [images.sum().item() for images, _ in train_loader]
+
+    no_workers = epochs(0, 7)
+    for got, expected in zip(epochs(2, 7), no_workers):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)) if isinstance(got[0], torch.Tensor) else got == expected
+    assert epochs(1, 7)[1] == no_workers[1]
+    assert epochs(0, 8)[1] != no_workers[1]
+
+
+# ---- bad input: a precise exception from Python, one line and exit 1 from the command line ----
+
+def bad_sets():
+    """name -> (writer(data_dir), message fragment)."""
+    def with_train(images, labels, **options):
+        return lambda d: write_split(d, "train", images, labels, **options)
+
+    def missing_key(d):
+        with_train(tissue(4), labels_of(4, 2))(d)
+        with h5py.File(data.split_paths(d, "train")[0], "w") as h5file:
+            h5file.create_dataset("images", data=tissue(4))
+
+    def truncated(d):
+        x_path, _ = with_train(tissue(20), labels_of(20, 10))(d)
+        with open(x_path, "r+b") as x_file:
+            x_file.truncate(os.path.getsize(x_path) // 2)
+
+    def not_hdf5(d):
+        x_path, _ = with_train(tissue(4), labels_of(4, 2))(d)
+        with open(x_path, "w") as x_file:
+            x_file.write("<html>503 Service Unavailable</html>")
+
+    return {
+        "missing key": (missing_key, "no dataset 'x'"),
+        "row mismatch": (with_train(tissue(5), labels_of(4, 2)), "has 5 images but"),
+        "bad shape": (with_train(np.zeros((4, 32, 32, 3), np.uint8), labels_of(4, 2)), "expected (96, 96, 3)"),
+        "bad labels": (with_train(tissue(4), np.array([0, 1, 2, 1], np.uint8)), "labels must be 0 or 1"),
+        "truncated": (truncated, "truncated"),
+        "not hdf5": (not_hdf5, "not a readable HDF5 file"),
+    }
+
+
+@pytest.mark.parametrize("name", list(bad_sets()))
+def test_bad_files_raise_a_precise_error(tmp_path, name):
+    write, fragment = bad_sets()[name]
+    write(tmp_path)
+    with pytest.raises(data.PCAMError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        ds = data.load_split(tmp_path, "train")
+        ds[[0, 1]]
+    result = run_script("data.py", "info", "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data_names_the_files_and_the_fix(tmp_path):
+    with pytest.raises(data.MissingDataError, match="does not exist"):
+        data.get_dataloaders(tmp_path / "nowhere")
+    write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
+    with pytest.raises(data.MissingDataError, match="camelyonpatch_level_2_split_valid_x.h5.*data.py download"):
+        data.get_dataloaders(tmp_path)
+    result = run_script("data.py", "info", "--data-dir", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_split_emptied_by_the_filter_or_of_one_class_is_refused(tmp_path):
+    write_split(tmp_path / "blank", "train", np.zeros((6, 96, 96, 3), np.uint8), labels_of(6, 3))
+    with pytest.raises(data.PCAMError, match="removed every image"):
+        data.load_split(tmp_path / "blank", "train", filter_data=True)
+    write_split(tmp_path / "one", "train", tissue(6), np.zeros(6, np.uint8))
+    write_split(tmp_path / "one", "valid", tissue(6), labels_of(6, 3))
+    with pytest.raises(data.PCAMError, match="single class"):
+        data.get_dataloaders(tmp_path / "one", num_workers=2)
+
+
+# ---- data.py commands: synth, prepare, info, manifest, verify ----
+
+def test_synth_writes_pcam_files_with_the_defects_asked_for(tmp_path):
+    run_script("data.py", "synth", "--data-dir", str(tmp_path), "--n-train", "300", "--n-valid", "50",
+               "--n-test", "0", "--poison", "0.2", "--dtype", "float32", check=True)
+    assert not os.path.exists(data.split_paths(tmp_path, "test")[0])
+    with h5py.File(data.split_paths(tmp_path, "train")[0]) as h5file:
+        x = h5file["x"][()]
+        counts = {k: int(v) for k, v in h5file["x"].attrs.items()}
+    assert x.dtype == np.float32 and x.shape == (300, 96, 96, 3)
+    assert counts == {"poison_black": 15, "poison_white": 15, "poison_nan": 15, "poison_1e5": 15}
+    assert np.isnan(x).any(axis=(1, 2, 3)).sum() == 15
+    assert (x > 255).any(axis=(1, 2, 3)).sum() == 15
+    kept = data.load_split(tmp_path, "train", filter_data=True)
+    assert len(kept) == 270
+
+
+def test_prepare_writes_a_clean_contiguous_uint8_copy(tmp_path):
+    source = tmp_path / "course"
+    run_script("data.py", "synth", "--data-dir", str(source), "--n-train", "120", "--n-valid", "40",
+               "--n-test", "0", "--poison", "0.1", "--dtype", "float32", check=True)
+    packed = tmp_path / "packed"
+    write_split(packed, "train", tissue(30), labels_of(30, 10), chunks=(4, 96, 96, 3), compression="gzip")
+    for src, out in ((source, tmp_path / "fast"), (packed, tmp_path / "fast_packed")):
+        result = run_script("data.py", "prepare", "--data-dir", str(src), "--out", str(out), check=True)
+        assert "images/s" in result.stdout
+        assert not [name for name in os.listdir(out) if name.endswith(".partial")]
+    x_source, x_fast = data.split_paths(source, "train")[0], data.split_paths(tmp_path / "fast", "train")[0]
+    assert os.path.getsize(x_fast) < os.path.getsize(x_source) / 3.9  # float32 -> uint8
+    original, prepared = data.load_split(source, "valid"), data.load_split(tmp_path / "fast", "valid")
+    assert torch.equal(original[list(range(40))][0], prepared[list(range(40))][0])
+    assert prepared.labels.tolist() == original.labels.tolist()
+    unpacked = data.load_split(tmp_path / "fast_packed", "train")
+    assert torch.equal(unpacked[[0, 29]][0], data.load_split(packed, "train")[[0, 29]][0])
+    assert unpacked._mapped is not None  # the chunked, compressed file became memmap-able
+    again = run_script("data.py", "prepare", "--data-dir", str(source), "--out", str(tmp_path / "fast"), check=True)
+    assert "already a prepared copy" in again.stdout
+
+
+def test_info_prints_a_table_per_split(small_set):
+    lines = run_script("data.py", "info", "--data-dir", str(small_set), check=True).stdout.splitlines()
+    train = next(line for line in lines if line.startswith("train")).split()
+    assert train[1] == "200" and train[2] == "uint8" and train[-2:] == ["120", "80"]
+    assert any(line.startswith("test") for line in lines)
+
+
+def test_manifest_then_verify_names_the_changed_file(small_set):
+    run_script("data.py", "manifest", "--data-dir", str(small_set), check=True)
+    assert "all 6 files match" in run_script("data.py", "verify", "--data-dir", str(small_set), check=True).stdout
+    x_valid = data.split_paths(small_set, "valid")[0]
+    with h5py.File(x_valid, "r+") as h5file:
+        h5file["x"][0, 0, 0, 0] = 255 - h5file["x"][0, 0, 0, 0]
+    result = run_script("data.py", "verify", "--data-dir", str(small_set))
+    assert result.returncode == 1
+    assert "camelyonpatch_level_2_split_valid_x.h5 (contents differ)" in result.stderr
+    assert "train_x" not in result.stderr
+
+
+# ---- download, against a real HTTP server on 127.0.0.1 ----
+
+class PCAMServer(http.server.BaseHTTPRequestHandler):
+    """Serves self.server.files {name: bytes}, honours Range, and cuts the first reply of names in cut_once."""
+
+    def do_GET(self):
+        name = self.path.split("?")[0].rsplit("/", 1)[-1]
+        self.server.requests.append((name, self.headers.get("Range")))
+        if name not in self.server.files:
+            self.send_error(404)
+            return
+        body, start = self.server.files[name], 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if name in self.server.cut_once:
+            self.server.cut_once.remove(name)
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def pcam_server(tmp_path):
+    """Gzipped small PCAM files served on 127.0.0.1, and a checksums file for them."""
+    source = tmp_path / "source"
+    files = {}
+    for split, n in (("train", 40), ("valid", 10), ("test", 10)):
+        for path in write_split(source, split, tissue(n), labels_of(n, n // 2)):
+            files[os.path.basename(path) + ".gz"] = gzip.compress(Path(path).read_bytes(), mtime=0)
+    checksums = tmp_path / "md5.txt"
+    checksums.write_text("".join(f"{hashlib.md5(body).hexdigest()}  {name}\n" for name, body in files.items()))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PCAMServer)
+    server.files, server.cut_once, server.requests = files, set(), []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.base_url = f"http://127.0.0.1:{server.server_address[1]}/records/2546921/files"
+    server.checksums, server.source = str(checksums), source
+    yield server
+    server.shutdown()
+
+
+def download(server, data_dir, *splits):
+    return run_script("data.py", "download", "--data-dir", str(data_dir), "--splits", *splits,
+                      env={"PCAM_BASE_URL": server.base_url, "PCAM_CHECKSUMS": server.checksums,
+                           "PCAM_RETRY_DELAY_SCALE": "0"})
+
+
+def test_download_fetches_verifies_and_unpacks(pcam_server, tmp_path):
+    result = download(pcam_server, tmp_path / "data", "train", "valid")
+    assert result.returncode == 0, result.stderr
+    assert "md5 ok" in result.stdout and "download" in result.stdout
+    for split in ("train", "valid"):
+        for got, sent in zip(data.split_paths(tmp_path / "data", split), data.split_paths(pcam_server.source, split)):
+            assert Path(got).read_bytes() == Path(sent).read_bytes()
+    assert sorted(os.listdir(tmp_path / "data")) == sorted(
+        os.path.basename(p) for s in ("train", "valid") for p in data.split_paths(tmp_path, s))
+    assert download(pcam_server, tmp_path / "data", "train").stdout.count("already present") == 2
+
+
+def test_download_resumes_a_cut_connection_with_range(pcam_server, tmp_path):
+    pcam_server.cut_once.add("camelyonpatch_level_2_split_test_x.h5.gz")
+    result = download(pcam_server, tmp_path / "data", "test")
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout
+    ranges = [rng for name, rng in pcam_server.requests if name == "camelyonpatch_level_2_split_test_x.h5.gz"]
+    assert ranges[0] is None and ranges[1].startswith("bytes=") and int(ranges[1][6:-1]) > 0
+    x_path = data.split_paths(tmp_path / "data", "test")[0]
+    assert Path(x_path).read_bytes() == Path(data.split_paths(pcam_server.source, "test")[0]).read_bytes()
+
+
+def test_download_resumes_a_partial_file_left_by_an_earlier_run(pcam_server, tmp_path):
+    name = "camelyonpatch_level_2_split_valid_y.h5.gz"
+    os.makedirs(tmp_path / "data")
+    (tmp_path / "data" / (name + ".part")).write_bytes(pcam_server.files[name][:100])
+    assert download(pcam_server, tmp_path / "data", "valid").returncode == 0
+    assert ("camelyonpatch_level_2_split_valid_y.h5.gz", "bytes=100-") in pcam_server.requests
+
+
+def test_a_corrupt_download_never_keeps_its_final_name(pcam_server, tmp_path):
+    name = "camelyonpatch_level_2_split_valid_x.h5.gz"
+    pcam_server.files[name] = pcam_server.files[name][:-10] + b"0123456789"
+    result = download(pcam_server, tmp_path / "data", "valid")
+    assert result.returncode == 1
+    assert "md5 does not match" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not [n for n in os.listdir(tmp_path / "data") if n.startswith("camelyonpatch_level_2_split_valid_x")]
+
+
+def test_download_reports_a_missing_file_on_the_server(pcam_server, tmp_path):
+    del pcam_server.files["camelyonpatch_level_2_split_train_y.h5.gz"]
+    result = download(pcam_server, tmp_path / "data", "train")
+    assert result.returncode == 1 and "HTTP 404" in result.stderr
