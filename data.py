@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -34,7 +35,7 @@ BLACK_THRESHOLD = 5.0  # a tile whose mean intensity is at or below this is a bl
 WHITE_THRESHOLD = 250.0  # at or above this, a washout; real tissue stays well below
 BLOCK_BYTES = 64 * 2**20  # streaming passes read about this many raw bytes at a time
 CHUNK_CACHE_BYTES = 64 * 2**20  # HDF5 chunk cache per open chunked file
-MAPPED_BYTES_BEFORE_RELEASE = 256 * 2**20  # drop mapped pages from RSS after this much random reading
+MAPPED_BYTES_BEFORE_RELEASE = 64 * 2**20  # drop mapped pages from RSS after this much random reading
 MANIFEST_NAME = "pcam_manifest.json"
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
@@ -97,22 +98,39 @@ def dataset_in(h5file, key, path):
     return h5file[key]
 
 
-def clean(images):
-    """Raw stored pixels of any dtype -> uint8: NaN -> 0, +inf -> 255, -inf -> 0, clip to [0, 255]."""
+def clean(images, scratch=False):
+    """Raw stored pixels of any dtype -> uint8: NaN -> 0, +inf -> 255, -inf -> 0, clip to [0, 255].
+
+    scratch=True lets a float input be overwritten, sparing a second full-size float array.
+    """
     if images.dtype == np.uint8:
         return images
     if np.issubdtype(images.dtype, np.integer):
         return np.clip(images, 0, 255).astype(np.uint8)
-    cleaned = np.nan_to_num(images, nan=0.0, posinf=255.0, neginf=0.0)
-    np.clip(cleaned, 0, 255, out=cleaned)
-    return cleaned.astype(np.uint8)
+    pixels = torch.from_numpy(images if scratch else images.copy())  # torch's in-place ops: 2x numpy's here
+    torch.nan_to_num_(pixels, nan=0.0, posinf=255.0, neginf=0.0).clamp_(0, 255)
+    return pixels.numpy().astype(np.uint8)
 
 
-def image_means(images):
-    """Mean intensity of each cleaned uint8 image, (N, 96, 96, 3) -> (N,) float64."""
-    # uint8 sums in torch are vectorised and exact in int64; numpy's uint8 mean is several times slower
-    sums = torch.from_numpy(np.ascontiguousarray(images)).view(len(images), -1).sum(dim=1, dtype=torch.int64)
-    return sums.numpy() / IMAGE_BYTES
+def tile_means(raw, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
+    """Mean intensity of each cleaned image of a raw block (N, 96, 96, 3) -> (N,) float64.
+
+    uint8 blocks are summed exactly in uint32 (at most 27,648 * 255), as fast as a memory copy. Float
+    blocks are clipped in place and summed as floats, a third of the cost of cleaning them; that mean is
+    at most 1 above the cleaned one (clean truncates each pixel), so the images that close to a
+    threshold are cleaned and measured exactly: filtering a float file or its prepared uint8 copy agree.
+    """
+    if raw.dtype == np.uint8 or not np.issubdtype(raw.dtype, np.floating):
+        return clean(raw).reshape(len(raw), -1).sum(axis=1, dtype=np.uint32) / IMAGE_BYTES
+    pixels = torch.from_numpy(raw).view(len(raw), -1).clamp_(0, 255)  # NaN stays NaN; nansum counts it as 0
+    means = pixels.nansum(dim=1).numpy().astype(np.float64) / IMAGE_BYTES
+    margin = 0.01  # float32 summation error, in mean units, is far below this
+    near = np.zeros(len(raw), dtype=bool)
+    for threshold in (black_threshold, white_threshold):
+        near |= (means > threshold - margin) & (means < threshold + 1 + margin)
+    if near.any():
+        means[near] = tile_means(clean(raw[near], scratch=True))
+    return means
 
 
 def block_rows(dset):
@@ -125,19 +143,28 @@ def block_rows(dset):
 
 
 def iter_raw_blocks(x_path):
-    """Yield (start_row, raw_block) over a PCAM x file in large blocks, with bounded memory."""
+    """Yield (start_row, raw_block) over a PCAM x file in large blocks, with bounded memory.
+
+    The next block is read in a background thread while the caller works on the current one
+    (h5py releases the GIL while it reads), so a pass costs about one read of the file.
+    """
     with open_h5(x_path, rdcc_nbytes=CHUNK_CACHE_BYTES) as h5file:
         dset = dataset_in(h5file, "x", x_path)
         step = block_rows(dset)
-        for start in range(0, len(dset), step):
-            yield start, dset[start:start + step]
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(dset.__getitem__, slice(0, step))
+            for start in range(0, len(dset), step):
+                block = pending.result()
+                if start + step < len(dset):
+                    pending = reader.submit(dset.__getitem__, slice(start + step, start + 2 * step))
+                yield start, block
 
 
 def outlier_mask(x_path, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
     """Boolean mask of the rows whose cleaned mean is at or below black_threshold or at or above white."""
     masks = []
     for _, block in iter_raw_blocks(x_path):
-        means = image_means(clean(block))
+        means = tile_means(block, black_threshold, white_threshold)
         masks.append((means <= black_threshold) | (means >= white_threshold))
     return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
@@ -165,11 +192,87 @@ def check_images(x_path, rows_expected, y_path):
                             "the two files of a split must match row for row")
 
 
+def is_consecutive(rows):
+    return len(rows) > 0 and rows[-1] - rows[0] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1))
+
+
+class MappedRows:
+    """uint8 rows of a contiguous dataset through a memory map: a batch is one fancy-indexing copy."""
+
+    def __init__(self, x_path, dset):
+        with open(x_path, "rb") as raw_file:
+            self.mapping = mmap.mmap(raw_file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.images = np.frombuffer(self.mapping, np.uint8, int(np.prod(dset.shape)), dset.id.get_offset())
+        self.images = self.images.reshape(dset.shape)
+        self.bytes_since_release = 0
+
+    def read(self, rows):
+        batch = self.images[rows]
+        self.bytes_since_release += batch.nbytes
+        if self.bytes_since_release > MAPPED_BYTES_BEFORE_RELEASE:  # unmap touched pages: RSS stays bounded,
+            self.mapping.madvise(mmap.MADV_DONTNEED)  # the data stays in the page cache
+            self.bytes_since_release = 0
+        return batch
+
+
+class PositionalRows:
+    """Rows of a contiguous float (or other wide) dataset by pread straight into the batch array.
+
+    Memory-mapping a file four times the size of its uint8 content would map large page-cache folios
+    around every random row and inflate RSS; pread touches only the bytes asked for.
+    """
+
+    def __init__(self, x_path, dset):
+        self.fd, self.offset, self.dtype = os.open(x_path, os.O_RDONLY), dset.id.get_offset(), dset.dtype
+        self.row_bytes = IMAGE_BYTES * dset.dtype.itemsize
+
+    def read(self, rows):
+        batch = np.empty((len(rows),) + IMAGE_SHAPE, self.dtype)
+        buffer = memoryview(batch).cast("B")
+        if is_consecutive(rows):  # validation and streaming passes: one read for the whole batch
+            os.preadv(self.fd, [buffer], self.offset + int(rows[0]) * self.row_bytes)
+            return batch
+        for i, row in enumerate(rows.tolist()):  # one system call per row, no per-row numpy work
+            os.preadv(self.fd, [buffer[i * self.row_bytes:(i + 1) * self.row_bytes]], self.offset + row * self.row_bytes)
+        return batch
+
+    def __del__(self):
+        os.close(self.fd)
+
+
+class ChunkedRows:
+    """Rows of a chunked or compressed dataset through h5py, one selection per batch."""
+
+    def __init__(self, x_path, dset):
+        self.h5file = open_h5(x_path, rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007)
+        self.dset = self.h5file["x"]
+
+    def read(self, rows):
+        if is_consecutive(rows):
+            return self.dset[rows[0]:rows[-1] + 1]
+        unique_rows, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing, unique indices
+        return self.dset[unique_rows][inverse]  # every chunk is decompressed once per batch
+
+
+def open_rows(x_path):
+    """A row reader for the x file, chosen by its layout (dset.chunks, compression, byte offset)."""
+    with open_h5(x_path) as h5file:
+        dset = h5file["x"]
+        contiguous = dset.chunks is None and dset.compression is None and dset.id.get_offset() is not None
+        if contiguous and os.path.getsize(x_path) < dset.id.get_offset() + dset.nbytes:
+            raise PCAMError(f"{x_path} is truncated; download or copy it again")
+        if contiguous and dset.dtype == np.uint8:
+            return MappedRows(x_path, dset)
+        if contiguous and dset.dtype.isnative:
+            return PositionalRows(x_path, dset)
+        return ChunkedRows(x_path, dset)
+
+
 class PCAMDataset(Dataset):
     """One PCAM split. ds[i] -> (image uint8 (3, 96, 96), label long); ds[list_of_i] -> a whole batch.
 
     Files are opened lazily in the process that reads them, so the dataset can go to DataLoader
-    workers. Uncompressed contiguous x files are read through a memory map, others through h5py.
+    workers. See open_rows for how rows are read.
     """
 
     def __init__(self, x_path, y_path, transform=None, filter_data=False,
@@ -187,7 +290,7 @@ class PCAMDataset(Dataset):
                 raise PCAMError(f"{self.x_path}: the outlier filter removed every image (thresholds "
                                 f"{black_threshold}, {white_threshold}); the file holds only black or white tiles")
         self.labels = all_labels[self.indices]
-        self._reader_pid = None
+        self._reader, self._reader_pid = None, None
         self._memory = self._load_all() if preload else None
 
     def __len__(self):
@@ -201,43 +304,16 @@ class PCAMDataset(Dataset):
 
     def _batch(self, positions):
         rows = self.indices[positions]
-        images = self._memory[positions] if self._memory is not None else clean(self._read_rows(rows))
+        images = self._memory[positions] if self._memory is not None else clean(self._read_rows(rows), scratch=True)
         if self.transform is not None:
             return torch.stack([torch.as_tensor(self.transform(image)) for image in images]), \
                 torch.from_numpy(self.labels[positions])
         return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(self.labels[positions])
 
-    def _open(self):
-        """Open the x file for reading in this process: a memory map when the layout allows, else h5py."""
-        self._reader_pid, self._mapped, self._dset, self._mapped_bytes = os.getpid(), None, None, 0
-        self._h5file = open_h5(self.x_path, rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007)
-        dset = self._h5file["x"]
-        offset = dset.id.get_offset()
-        if dset.chunks is None and dset.compression is None and offset is not None and dset.dtype.isnative:
-            if os.path.getsize(self.x_path) < offset + dset.nbytes:
-                raise PCAMError(f"{self.x_path} is truncated; download or copy it again")
-            with open(self.x_path, "rb") as raw_file:
-                self._mmap = mmap.mmap(raw_file.fileno(), 0, access=mmap.ACCESS_READ)
-            self._mapped = np.frombuffer(self._mmap, dtype=dset.dtype, count=int(np.prod(dset.shape)),
-                                         offset=offset).reshape(dset.shape)
-            self._h5file.close()
-        else:
-            self._dset = dset
-
     def _read_rows(self, rows):
-        if self._reader_pid != os.getpid():
-            self._open()
-        if self._mapped is not None:
-            images = self._mapped[rows]
-            self._mapped_bytes += images.nbytes
-            if self._mapped_bytes > MAPPED_BYTES_BEFORE_RELEASE:  # keep RSS bounded; pages stay in the page cache
-                self._mmap.madvise(mmap.MADV_DONTNEED)
-                self._mapped_bytes = 0
-            return images
-        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-            return self._dset[rows[0]:rows[-1] + 1]
-        unique_rows, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing, unique indices
-        return self._dset[unique_rows][inverse]
+        if self._reader_pid != os.getpid():  # first read in this process (a fresh worker, say): open here
+            self._reader, self._reader_pid = open_rows(self.x_path), os.getpid()
+        return self._reader.read(rows)
 
     def _load_all(self):
         needed = len(self.indices) * IMAGE_BYTES
@@ -248,13 +324,11 @@ class PCAMDataset(Dataset):
         memory = np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
         for start, block in iter_raw_blocks(self.x_path):
             first, end = np.searchsorted(self.indices, [start, start + len(block)])
-            memory[first:end] = clean(block[self.indices[first:end] - start])
+            memory[first:end] = clean(block[self.indices[first:end] - start], scratch=True)
         return memory
 
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_h5file", "_dset", "_mmap", "_mapped")}
-        state["_reader_pid"] = None
-        return state
+        return {**self.__dict__, "_reader": None, "_reader_pid": None}
 
 
 def available_memory_bytes():
@@ -416,7 +490,7 @@ def prepare_split(data_dir, out_dir, split):
         with h5py.File(path, "w") as h5file:
             dset = h5file.create_dataset("x", shape=(len(labels),) + IMAGE_SHAPE, dtype=np.uint8)
             for start, block in iter_raw_blocks(x_src):
-                dset[start:start + len(block)] = clean(block)
+                dset[start:start + len(block)] = clean(block, scratch=True)
                 done = start + len(block)
                 log(f"prepare {split}: {done}/{len(labels)} images ({100 * done // len(labels)}%), "
                     f"{done / max(time.time() - started, 1e-9):.0f} images/s")

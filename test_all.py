@@ -130,7 +130,7 @@ def test_memmap_and_h5py_paths_read_the_same_images(tmp_path):
     rows = [5, 63, 0, 5, 17]
     assert torch.equal(plain[rows][0], packed[rows][0])
     assert torch.equal(plain[rows][1], packed[rows][1])
-    assert plain._mapped is not None and packed._mapped is None  # the fast path is taken where it can be
+    assert isinstance(plain._reader, data.MappedRows) and isinstance(packed._reader, data.ChunkedRows)
     assert np.array_equal(plain[rows][0].permute(0, 2, 3, 1).numpy(), images[rows])
 
 
@@ -138,7 +138,7 @@ def test_pickled_dataset_carries_no_open_handle(small_set):
     ds = data.load_split(small_set, "train")
     ds[[1, 2]]  # opens the file in this process
     state = ds.__getstate__()
-    assert not {"_h5file", "_dset", "_mmap", "_mapped"} & set(state)
+    assert state["_reader"] is None and ds._reader is not None
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[[3, 4]][0], ds[[3, 4]][0])
 
@@ -310,7 +310,7 @@ def test_prepare_writes_a_clean_contiguous_uint8_copy(tmp_path):
     assert prepared.labels.tolist() == original.labels.tolist()
     unpacked = data.load_split(tmp_path / "fast_packed", "train")
     assert torch.equal(unpacked[[0, 29]][0], data.load_split(packed, "train")[[0, 29]][0])
-    assert unpacked._mapped is not None  # the chunked, compressed file became memmap-able
+    assert isinstance(unpacked._reader, data.MappedRows)  # the chunked, compressed file became memmap-able
     again = run_script("data.py", "prepare", "--data-dir", str(source), "--out", str(tmp_path / "fast"), check=True)
     assert "already a prepared copy" in again.stdout
 
@@ -435,3 +435,17 @@ def test_download_reports_a_missing_file_on_the_server(pcam_server, tmp_path):
     del pcam_server.files["camelyonpatch_level_2_split_train_y.h5.gz"]
     result = download(pcam_server, tmp_path / "data", "train")
     assert result.returncode == 1 and "HTTP 404" in result.stderr
+
+
+def test_filtering_a_float_file_agrees_with_its_uint8_copy_at_the_thresholds(tmp_path):
+    images = tissue(6, dtype=np.float32)
+    images[0] = 5.5  # truncates to 5: at the black threshold
+    images[1] = 6.0
+    images[2] = 249.9  # truncates to 249: kept
+    images[3] = 250.0
+    images[4, :, :, :] = 4.0
+    images[4, 0, 0, 0] = np.nan  # mean just under 4: dropped either way
+    paths = write_split(tmp_path / "float", "train", images, labels_of(6, 3))
+    as_uint8 = write_split(tmp_path / "uint8", "train", data.clean(images), labels_of(6, 3))
+    assert data.PCAMDataset(*paths, filter_data=True).indices.tolist() == [1, 2, 5]
+    assert data.PCAMDataset(*as_uint8, filter_data=True).indices.tolist() == [1, 2, 5]

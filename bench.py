@@ -1,0 +1,192 @@
+"""Side-by-side speed and memory of the data pipeline against a reference written the usual way.
+
+The reference is how the course skeleton and most course solutions read PCAM: one h5py read and
+one np.mean per image to filter, one h5py read plus nan_to_num / clip / astype / float conversion
+per image in __getitem__, all labels read for the WeightedRandomSampler, default collate.
+Every figure comes from this one run on this machine, with the files in the page cache, so the
+ratios are what to compare. Usage: `python bench.py [--n-train N] [--dir bench_data]`.
+"""
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+import data
+from model import MLP
+
+BATCH_SIZE = 256
+
+
+class ReferencePCAM(Dataset):
+    """Per-image reading and cleaning, as commonly written."""
+
+    def __init__(self, x_path, y_path, filter_data=False):
+        self.x_path, self.y_path, self.x = x_path, y_path, None
+        with h5py.File(x_path, "r") as h5file:
+            count = len(h5file["x"])
+            self.indices = list(range(count))
+            if filter_data:
+                self.indices = []
+                for i in range(count):
+                    mean = np.mean(np.clip(np.nan_to_num(h5file["x"][i]), 0, 255))
+                    if data.BLACK_THRESHOLD < mean < data.WHITE_THRESHOLD:
+                        self.indices.append(i)
+        with h5py.File(y_path, "r") as h5file:
+            self.all_labels = h5file["y"][:].reshape(-1)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if self.x is None:
+            self.x = h5py.File(self.x_path, "r")["x"]
+        image = np.nan_to_num(self.x[self.indices[i]], nan=0.0, posinf=255.0, neginf=0.0)
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0  # ToTensor
+        return tensor, int(self.all_labels[self.indices[i]])
+
+
+def reference_loader(x_path, y_path, filter_data=False):
+    dataset = ReferencePCAM(x_path, y_path, filter_data)
+    labels = dataset.all_labels  # all labels, the filtered rows included
+    weights = (1.0 / np.bincount(labels))[labels][dataset.indices]
+    sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=torch.Generator().manual_seed(0))
+    return DataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler)
+
+
+def images_per_s(loader, max_images=None):
+    """Iterate the loader (up to max_images), touching each batch; images per second."""
+    seen, started = 0, time.perf_counter()
+    for images, _ in loader:
+        seen += len(images)
+        if max_images and seen >= max_images:
+            break
+    return seen / (time.perf_counter() - started)
+
+
+def compute_rates(steps=60):
+    """Images/s of the MLP alone on in-memory tensors: training (fwd + bwd + SGD) and forward only."""
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    images = torch.rand(BATCH_SIZE, 3, 96, 96) * 255
+    labels = torch.randint(0, 2, (BATCH_SIZE,))
+    rates = []
+    for train in (True, False):
+        model.train(train)
+        for step in range(steps + 10):
+            if step == 10:
+                started = time.perf_counter()
+            if train:
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            else:
+                with torch.no_grad():
+                    model(images)
+        rates.append(steps * BATCH_SIZE / (time.perf_counter() - started))
+    return rates
+
+
+def seconds(work, repeats=2):
+    """Best wall time of a few runs."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def ensure_set(directory, n_train, dtype, poison, **x_options):
+    """Write (once) a synthetic train+valid set; with x_options, rewrite train x chunked/compressed."""
+    x_path = data.split_paths(directory, "train")[0]
+    if os.path.isfile(x_path):
+        with h5py.File(x_path, "r") as h5file:
+            if len(h5file["x"]) == n_train and h5file["x"].dtype == np.dtype(dtype):
+                return
+    source = directory + "_source" if x_options else directory
+    args = ["synth", "--data-dir", source, "--n-train", str(n_train), "--n-valid", str(max(n_train // 8, 256)),
+            "--n-test", "0", "--dtype", dtype, "--poison", str(poison)]
+    data.main(args)
+    if x_options:
+        os.makedirs(directory, exist_ok=True)
+        for split in ("train", "valid"):
+            for src, out in zip(data.split_paths(source, split), data.split_paths(directory, split)):
+                with h5py.File(src, "r") as h5src, h5py.File(out, "w") as h5out:
+                    key = "x" if src.endswith("_x.h5") else "y"
+                    h5out.create_dataset(key, data=h5src[key][()], **(x_options if key == "x" else {}))
+
+
+def peak_rss_probe(data_dir):
+    """Run in a child process: one streaming, filtered train epoch; print peak RSS in MiB."""
+    train_loader, _ = data.get_dataloaders(data_dir, batch_size=BATCH_SIZE, filter_data=True)
+    for _ in train_loader:
+        pass
+    with open("/proc/self/status") as status:  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's
+        print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Benchmark the PCAM data pipeline against a per-image reference.")
+    parser.add_argument("--n-train", type=int, default=32768, metavar="N",
+                        help="train images in each synthetic set (default: 32768)")
+    parser.add_argument("--n-packed", type=int, default=8192, metavar="N",
+                        help="train images in the chunked gzip set (default: 8192)")
+    parser.add_argument("--dir", default="bench_data", metavar="DIR", help="where the sets are written (default: bench_data)")
+    parser.add_argument("--rss-probe", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_probe:
+        return peak_rss_probe(args.rss_probe)
+    torch.manual_seed(0)
+    sets = {"uint8": os.path.join(args.dir, "uint8"), "float32": os.path.join(args.dir, "float32_poisoned"),
+            "packed": os.path.join(args.dir, "uint8_gzip")}
+    ensure_set(sets["uint8"], args.n_train, "uint8", 0.0)
+    ensure_set(sets["float32"], args.n_train, "float32", 0.05)
+    ensure_set(sets["packed"], args.n_packed, "uint8", 0.0, chunks=True, compression="gzip")
+
+    rows = []  # (what, file, value, unit, ratio)
+    train_rate, forward_rate = compute_rates()
+    for name, filtered in (("uint8", False), ("float32", True), ("packed", False)):
+        x_path, y_path = data.split_paths(sets[name], "train")
+        for _ in data.iter_raw_blocks(x_path):  # into the page cache, for both contenders alike
+            pass
+        reference = images_per_s(reference_loader(x_path, y_path, filtered), 1024 if name == "packed" else None)
+        train_loader, _ = data.get_dataloaders(sets[name], batch_size=BATCH_SIZE, filter_data=filtered)
+        ours = images_per_s(train_loader)
+        label = f"{name} {os.path.getsize(x_path) / 2**30:.2f} GiB" + (", filtered" if filtered else "")
+        rows.append(("data-only train epoch, reference", label, reference, "images/s", ""))
+        rows.append(("data-only train epoch, pcam-mlp", label, ours, "images/s", f"{ours / reference:.1f}x reference"))
+        if name == "uint8":
+            rows.append(("  vs MLP compute-only training", label, ours, "images/s", f"{ours / train_rate:.1f}x compute"))
+        if name != "packed":
+            read = seconds(lambda x_path=x_path: [None for _ in data.iter_raw_blocks(x_path)])
+            mask = seconds(lambda x_path=x_path: data.outlier_mask(x_path))
+            ref_filter = seconds(lambda x_path=x_path, y_path=y_path: ReferencePCAM(x_path, y_path, filter_data=True), 1)
+            rows.append(("filter pass, pcam-mlp", label, mask, "s", f"{mask / read:.2f}x block read ({read:.2f} s)"))
+            rows.append(("filter pass, reference", label, ref_filter, "s", f"{ref_filter / mask:.1f}x pcam-mlp"))
+    rows.append(("MLP (64, 32) compute only: fwd+bwd+SGD", "in memory", train_rate, "images/s", ""))
+    rows.append(("MLP (64, 32) compute only: forward", "in memory", forward_rate, "images/s", ""))
+    probe = subprocess.run([sys.executable, __file__, "--rss-probe", sets["float32"]], capture_output=True,
+                           text=True, check=True)
+    size = os.path.getsize(data.split_paths(sets["float32"], "train")[0]) / 2**30
+    rows.append(("peak RSS, streaming filtered epoch", f"float32 {size:.2f} GiB", float(probe.stdout.split()[-1]),
+                 "MiB", "target < 600"))
+
+    print(f"\npcam-mlp bench, {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH_SIZE}, num_workers 0")
+    print(f"| {'measure':<42} | {'file':<28} | {'value':>10} | {'unit':<8} | {'ratio':<32} |")
+    print(f"|{'-' * 44}|{'-' * 30}|{'-' * 12}:|{'-' * 10}|{'-' * 34}|")
+    for what, label, value, unit, ratio in rows:
+        print(f"| {what:<42} | {label:<28} | {value:>10,.{2 if unit == 's' else 0}f} | {unit:<8} | {ratio:<32} |")
+
+
+if __name__ == "__main__":
+    main()
