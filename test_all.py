@@ -449,3 +449,234 @@ def test_filtering_a_float_file_agrees_with_its_uint8_copy_at_the_thresholds(tmp
     as_uint8 = write_split(tmp_path / "uint8", "train", data.clean(images), labels_of(6, 3))
     assert data.PCAMDataset(*paths, filter_data=True).indices.tolist() == [1, 2, 5]
     assert data.PCAMDataset(*as_uint8, filter_data=True).indices.tolist() == [1, 2, 5]
+
+
+# ---- model.py ----
+
+def test_mlp_maps_a_batch_to_two_logits():
+    from model import MLP
+    assert MLP()(torch.rand(8, 3, 96, 96) * 255).shape == (8, 2)
+    assert MLP(hidden_units=(16,), num_classes=5)(torch.rand(3, 3, 96, 96)).shape == (3, 5)
+
+
+def test_mlp_parameter_count_for_64_32():
+    from model import MLP
+    expected = (3 * 96 * 96 * 64 + 64) + (64 * 32 + 32) + (32 * 2 + 2)
+    assert sum(p.numel() for p in MLP(hidden_units=(64, 32)).parameters()) == expected == 1_771_682
+
+
+def test_one_sgd_step_changes_the_weights():
+    from model import MLP
+    torch.manual_seed(0)
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = torch.nn.functional.cross_entropy(model(torch.rand(4, 3, 96, 96)), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_normalisation_travels_in_the_state_dict():
+    from model import MLP
+    model = MLP()
+    model.set_normalization([10.0, 20.0, 30.0], [2.0, 4.0, 8.0])
+    clone = MLP()
+    clone.load_state_dict(model.state_dict())
+    assert clone.channel_mean.flatten().tolist() == [10.0, 20.0, 30.0]
+    images = torch.rand(2, 3, 96, 96) * 255
+    model.eval()
+    clone.eval()
+    assert torch.equal(model(images), clone(images))
+
+
+# ---- train.py ----
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("synth")
+    data.main(["synth", "--data-dir", str(directory), "--n-train", "1536", "--n-valid", "512", "--n-test", "256"])
+    return directory
+
+
+def train_args(synth_dir, out_dir, *extra):
+    return ["--data-dir", str(synth_dir), "--out-dir", str(out_dir), "--batch-size", "64", "--log-every", "10",
+            "--device", "cpu", *extra]
+
+
+def read_csv_rows(path):
+    import csv
+    with open(path, newline="") as source:
+        return list(csv.DictReader(source))
+
+
+LOSS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr")
+
+
+def loss_columns(run_dir):
+    return [[row[column] for column in LOSS_COLUMNS] for row in read_csv_rows(run_dir / "metrics.csv")]
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def is_nonblank_png(path):
+    import matplotlib.image
+    with open(path, "rb") as image_file:
+        assert image_file.read(8) == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(path)
+    return len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 1
+
+
+@pytest.fixture(scope="module")
+def straight_run(synth_dir, tmp_path_factory):
+    """A 3-epoch run that the reproducibility and resume tests compare against."""
+    import train
+    out_dir = tmp_path_factory.mktemp("runs") / "straight"
+    train.main(train_args(synth_dir, out_dir, "--epochs", "3"))
+    return out_dir
+
+
+def test_a_run_learns_and_leaves_a_complete_record(straight_run, capsys):
+    import json
+    rows = read_csv_rows(straight_run / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr",
+                             "epoch_s", "images_per_s"]
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert float(rows[-1]["val_loss"]) < 0.6 < float(rows[0]["train_loss"]) + 0.1
+    record = json.loads((straight_run / "run.json").read_text())
+    assert record["status"] == "finished" and record["test"]["auc"] > 0.7
+    assert record["environment"]["torch"] == torch.__version__ and record["args"]["epochs"] == 3
+    assert "camelyonpatch_level_2_split_train_x.h5" in record["data"]["files"]
+    for name in ("best.pt", "last.pt"):
+        checkpoint = torch.load(straight_run / name, weights_only=True)
+        assert {"model", "optimizer", "epoch", "rng", "history"} <= set(checkpoint)
+        assert checkpoint["model"]["channel_std"].min() > 1  # the training split's own statistics
+    assert is_nonblank_png(straight_run / "loss.png")
+
+
+def test_the_same_seed_gives_the_same_metrics(synth_dir, straight_run, tmp_path):
+    import train
+    train.main(train_args(synth_dir, tmp_path / "again", "--epochs", "3"))
+    assert loss_columns(tmp_path / "again") == loss_columns(straight_run)
+    train.main(train_args(synth_dir, tmp_path / "other", "--epochs", "1", "--seed", "1"))
+    assert loss_columns(tmp_path / "other")[0] != loss_columns(straight_run)[0]
+
+
+def test_stopping_after_epoch_1_and_resuming_equals_a_straight_run(synth_dir, straight_run, tmp_path):
+    import train
+    train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1"))
+    train.main(["--out-dir", str(tmp_path / "split"), "--data-dir", str(synth_dir), "--resume", "--epochs", "3"])
+    assert loss_columns(tmp_path / "split") == loss_columns(straight_run)
+    weights, expected = final_weights(tmp_path / "split"), final_weights(straight_run)
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+
+
+def test_sigterm_mid_epoch_then_resume_matches(synth_dir, straight_run, tmp_path):
+    import signal
+    args = train_args(synth_dir, tmp_path / "killed", "--epochs", "3")
+    process = subprocess.Popen([sys.executable, "-u", "train.py", *args], cwd=HERE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch 2/3 step 10/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 75, output
+    assert "stopped by SIGTERM" in output and "epoch 2/3 train_loss" not in output
+    assert len(read_csv_rows(tmp_path / "killed" / "metrics.csv")) == 1
+    resumed = run_script("train.py", *args, "--resume", check=True)
+    assert "resuming" in resumed.stdout
+    assert loss_columns(tmp_path / "killed") == loss_columns(straight_run)
+    weights, expected = final_weights(tmp_path / "killed"), final_weights(straight_run)
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+
+
+def test_dry_run_takes_one_batch_each_and_writes_nothing(synth_dir, tmp_path):
+    result = run_script("train.py", *train_args(synth_dir, tmp_path / "dry", "--dry-run"), check=True)
+    assert "epoch 1/5 step 1/" in result.stdout and "dry run: one validation batch" in result.stdout
+    assert not (tmp_path / "dry").exists()
+
+
+def test_start_up_says_what_it_runs_on(synth_dir, tmp_path):
+    output = run_script("train.py", *train_args(synth_dir, tmp_path / "r", "--dry-run"), check=True).stdout
+    for expected in ("arguments:", "host=", "slurm_job_id=", "torch=", "device=", "1,771,682 parameters",
+                     "train: 1,536 images kept", "% positive"):
+        assert expected in output
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_arguments_end_in_one_line_before_training(synth_dir, tmp_path, flags, fragment):
+    args = ["--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "run"), *flags]
+    result = run_script("train.py", *args)
+    assert result.returncode != 0
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_refused_and_auto_falls_back(synth_dir, tmp_path):
+    result = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--device", "cuda")
+    assert result.returncode == 1 and "CUDA is not available" in result.stderr
+    auto = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--dry-run")
+    assert "CUDA not available, using CPU" in auto.stdout
+
+
+def test_unwritable_out_dir_and_missing_data_are_reported(synth_dir, tmp_path):
+    import train
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "a_file" / "run")])
+    assert "cannot write to --out-dir" in str(stop.value.code)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "run")])
+    assert "does not exist" in str(stop.value.code) and "data.py synth" in str(stop.value.code)
+
+
+def test_resume_names_a_model_shape_mismatch(synth_dir, tmp_path):
+    import train
+    train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2", "--hidden-units", "128", "32"))
+    assert "--hidden-units [128, 32] does not match the model shape" in str(stop.value.code)
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "2"))
+    assert "already holds a run" in str(stop.value.code)
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(synth_dir, tmp_path):
+    result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--optimizer", "sgd", "--lr", "1e30"))
+    assert result.returncode == 1 and "training loss became" in result.stderr
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
+
+
+# ---- plot_loss.py ----
+
+def test_plot_overlays_runs_and_writes_where_asked(straight_run, tmp_path):
+    out = tmp_path / "assets" / "loss_plot.png"
+    run_script("plot_loss.py", str(straight_run), str(straight_run / "metrics.csv"), "--out", str(out), check=True)
+    assert is_nonblank_png(out)
+    (straight_run / "loss.png").unlink()
+    run_script("plot_loss.py", str(straight_run), check=True)
+    assert is_nonblank_png(straight_run / "loss.png")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "not found"),
+    ("", "has no epoch rows"),
+    ("epoch,loss\n1,0.5\n", "lacks the columns"),
+    ("epoch,train_loss,val_loss,val_acc\n1,0.5,zero,0.7\n", "not numbers"),
+])
+def test_plot_rejects_bad_metrics_files(tmp_path, content, fragment):
+    path = tmp_path / "metrics.csv"
+    if content is not None:
+        path.write_text(content)
+    result = run_script("plot_loss.py", str(path))
+    assert result.returncode == 1 and fragment in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,464 @@
+"""Train the PCAM MLP: `python train.py --epochs 5`, on a laptop, in salloc, or inside train_job.sh.
+
+Each run writes to its --out-dir: metrics.csv (a row per epoch), last.pt (end of every epoch, and
+before the first), best.pt (lowest validation loss), run.json (settings, versions, data, results)
+and loss.png. SIGTERM or SIGUSR1 stop the run after the current step with exit code 75; `--resume`
+then restarts the interrupted epoch from last.pt, and the result equals an uninterrupted run.
+"""
+import argparse
+import contextlib
+import csv
+import datetime
+import json
+import math
+import os
+import pickle
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import plot_loss
+from model import MLP
+
+REQUEUE_EXIT_CODE = 75  # stopped by a signal with last.pt on disk: run again with --resume
+METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "epoch_s", "images_per_s"]
+RESUMED_SETTINGS = ("batch_size", "lr", "optimizer", "momentum", "weight_decay", "hidden_units", "dropout",
+                    "seed", "filter_data")  # a resumed run takes these from its checkpoint
+NORMALIZATION_SAMPLE = 2048  # training images the per-channel mean and std are measured on
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UsageError(Exception):
+    """A bad argument or state the user can fix; main turns it into one line on stderr."""
+
+
+def default_out_dir():
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return os.path.join("runs", f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
+    if os.environ.get("SLURM_JOB_ID"):
+        return os.path.join("runs", f"slurm-{os.environ['SLURM_JOB_ID']}")
+    return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train an MLP on PCAM patches (see README.md).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data_group = parser.add_argument_group("data")
+    data_group.add_argument("--data-dir", default=os.environ.get("PCAM_DIR", "data"), metavar="DIR",
+                            help="folder with the camelyonpatch_level_2_split_*.h5 files ($PCAM_DIR if set)")
+    data_group.add_argument("--filter-data", action="store_true", help="drop black and white outlier tiles")
+    data_group.add_argument("--num-workers", type=int, default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
+                            metavar="W", help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)")
+    data_group.add_argument("--preload", action="store_true", help="clean each split into RAM once, serve from memory")
+    model_group = parser.add_argument_group("model")
+    model_group.add_argument("--hidden-units", type=int, nargs="+", default=[64, 32], metavar="H",
+                             help="width of each hidden layer")
+    model_group.add_argument("--dropout", type=float, default=0.2, metavar="P", help="dropout after each hidden layer")
+    opt_group = parser.add_argument_group("optimisation")
+    opt_group.add_argument("--epochs", type=int, default=5, metavar="N", help="train up to this epoch")
+    opt_group.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per step")
+    opt_group.add_argument("--optimizer", choices=("sgd", "adam"), default="adam", help="optimiser")
+    opt_group.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="learning rate (constant)")
+    opt_group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum")
+    opt_group.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="L2 weight decay")
+    opt_group.add_argument("--seed", type=int, default=0, metavar="S", help="seeds python, numpy, torch and the sampler")
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
+                           help="auto takes CUDA when available and says so when it falls back to CPU")
+    run_group.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    run_group.add_argument("--out-dir", metavar="DIR",
+                           help="run folder (default: runs/<date-time>, or runs/slurm-<job id> in a Slurm job)")
+    run_group.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
+    run_group.add_argument("--log-every", type=int, default=50, metavar="STEPS", help="a progress line every STEPS steps")
+    run_group.add_argument("--dry-run", action="store_true",
+                           help="one logged batch of train and of validation, then stop; writes nothing")
+    not_given = object()
+    args = parser.parse_args(argv)
+    marked = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), not_given)))
+    args.given = sorted(name for name, value in vars(marked).items() if value is not not_given)
+    return args
+
+
+def check_args(args):
+    for name in ("epochs", "batch_size", "lr", "log_every"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if any(width < 1 for width in args.hidden_units):
+        raise UsageError(f"--hidden-units must be positive widths, got {args.hidden_units}")
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available here (no GPU, or a CPU build of torch); "
+                         "use --device cpu or auto, or run on a GPU node")
+    if args.resume and not args.out_dir and not os.environ.get("SLURM_JOB_ID"):
+        raise UsageError("--resume needs --out-dir: the run folder to continue (e.g. runs/20260101-120000)")
+
+
+def pick_device(requested):
+    if requested == "auto" and not torch.cuda.is_available():
+        print("device: CUDA not available, using CPU", flush=True)
+    return torch.device("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def prepare_out_dir(args):
+    args.out_dir = args.out_dir or default_out_dir()
+    last_path = os.path.join(args.out_dir, "last.pt")
+    if args.resume and not os.path.isfile(last_path):
+        raise UsageError(f"--resume: no checkpoint {last_path}; start the run without --resume")
+    if not args.resume and os.path.isfile(last_path):
+        raise UsageError(f"{args.out_dir} already holds a run; add --resume to continue it or choose another --out-dir")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        probe = os.path.join(args.out_dir, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"cannot write to --out-dir {args.out_dir}: {error.strerror}; choose a writable folder") from None
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise UsageError(f"cannot load checkpoint {path} ({type(error).__name__}); it may be incomplete") from None
+
+
+def adopt_checkpoint_settings(args, checkpoint):
+    """A resumed run continues with the settings it started with; an explicit different value is an error."""
+    saved = checkpoint["args"]
+    for name in RESUMED_SETTINGS:
+        if name in args.given and getattr(args, name) != saved[name]:
+            flag = f"--{name.replace('_', '-')}"
+            what = "the model shape" if name in ("hidden_units",) else "the run"
+            raise UsageError(f"--resume: {flag} {getattr(args, name)} does not match {what} in the checkpoint "
+                             f"({flag} {saved[name]}); drop {flag} to continue the run as it started")
+        setattr(args, name, saved[name])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(train_loader):
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+            "sampler": data.sampler_generator(train_loader).get_state(),
+            "loader": train_loader.generator.get_state()}
+
+
+def restore_rng_state(state, train_loader):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    data.sampler_generator(train_loader).set_state(state["sampler"])
+    train_loader.generator.set_state(state["loader"])
+
+
+def save_atomically(obj, path):
+    """torch.save to a temporary name, then os.replace: a killed job never leaves half a checkpoint."""
+    temp_path = path + ".partial"
+    torch.save(obj, temp_path)
+    os.replace(temp_path, path)
+
+
+def write_json(obj, path):
+    with open(path + ".partial", "w") as target:
+        json.dump(obj, target, indent=2, default=str)
+    os.replace(path + ".partial", path)
+
+
+def read_json(path):
+    try:
+        with open(path) as source:
+            return json.load(source)
+    except (OSError, ValueError):
+        return {}
+
+
+def write_metrics(history, path):
+    with open(path + ".partial", "w", newline="") as target:
+        writer = csv.writer(target)
+        writer.writerow(METRICS_HEADER)
+        for row in history:
+            writer.writerow([row[0], *(f"{value:.6f}" for value in row[1:7]), f"{row[7]:.2f}", f"{row[8]:.0f}"])
+    os.replace(path + ".partial", path)
+
+
+def channel_stats(dataset):
+    """Per-channel mean and std (0..255 scale) over up to NORMALIZATION_SAMPLE evenly spaced training images."""
+    positions = np.linspace(0, len(dataset) - 1, min(len(dataset), NORMALIZATION_SAMPLE)).astype(np.int64)
+    total, total_sq = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(positions), 512):
+        images = dataset[positions[start:start + 512]][0].float()
+        total += images.sum(dim=(0, 2, 3)).double()
+        total_sq += images.square().sum(dim=(0, 2, 3)).double()
+    count = len(positions) * 96 * 96
+    mean = total / count
+    return mean.float(), (total_sq / count - mean ** 2).clamp_min(1e-6).sqrt().float()
+
+
+def roc_auc(scores, labels):
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties counted half."""
+    positives, negatives = int(labels.sum()), int(len(labels) - labels.sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # average 1-based rank of each tie group
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def to_device(images, labels, device):
+    """Batches travel as uint8; the model turns them into normalised floats on the device."""
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, max_batches=None):
+    """Loss, accuracy and ROC AUC over a loader, in order."""
+    model.eval()
+    loss_sum, scores, labels_seen = torch.zeros((), device=device, dtype=torch.float64), [], []
+    for step, (images, labels) in enumerate(loader, 1):
+        images, labels = to_device(images, labels, device)
+        with autocast():
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        scores.append(torch.softmax(logits, dim=1)[:, 1])
+        labels_seen.append(labels)
+        if max_batches and step >= max_batches:
+            break
+    scores, labels_seen = torch.cat(scores).cpu().numpy(), torch.cat(labels_seen).cpu().numpy()
+    accuracy = float(((scores >= 0.5) == (labels_seen == 1)).mean())
+    return loss_sum.item() / len(labels_seen), accuracy, roc_auc(scores, labels_seen)
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGUSR1 into a flag the training loop checks after every step."""
+
+    def __init__(self):
+        self.signal_name = None
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self.request)
+
+    def request(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        print(f"received {self.signal_name}: stopping after the current step", flush=True)
+
+
+def train_one_epoch(model, loader, optimizer, device, autocast, epoch, args, stop):
+    """One pass over the train loader. Returns (loss, accuracy, images/s), or None when stopped early."""
+    model.train()
+    total_steps = len(loader)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen, started = 0, time.perf_counter()
+    for step, (images, labels) in enumerate(loader, 1):
+        images, labels = to_device(images, labels, device)
+        with autocast():
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(dim=1) == labels).sum()
+        seen += len(labels)
+        if step % args.log_every == 0 or step == total_steps or args.dry_run:
+            running_loss = loss_sum.item() / seen  # a device sync, once per logged step
+            if not math.isfinite(running_loss):
+                raise FloatingPointError(f"training loss became {running_loss} at epoch {epoch} step {step}")
+            rate = seen / (time.perf_counter() - started)
+            eta = datetime.timedelta(seconds=round((total_steps - step) * len(labels) / rate))
+            print(f"epoch {epoch}/{args.epochs} step {step}/{total_steps} loss {running_loss:.4f} "
+                  f"{rate:,.0f} images/s eta {eta}", flush=True)
+        if stop.signal_name or args.dry_run:
+            return None
+    return loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - started)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def data_record(data_dir):
+    files = {os.path.basename(p): os.path.getsize(p)
+             for split in data.SPLITS for p in data.split_paths(data_dir, split) if os.path.isfile(p)}
+    manifest = os.path.join(data_dir, data.MANIFEST_NAME)
+    manifest_sha256 = data.file_digest(manifest) if os.path.isfile(manifest) else None
+    return {"dir": os.path.abspath(data_dir), "files": files, "manifest_sha256": manifest_sha256}
+
+
+def describe_environment(device):
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "h5py": h5py.__version__, "numpy": np.__version__, "host": socket.gethostname(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "git_commit": git_commit()}
+
+
+def build(args, device):
+    """Loaders, model and optimiser for these settings."""
+    pin = device.type == "cuda"
+    train_loader, val_loader = data.get_dataloaders(args.data_dir, args.batch_size, args.num_workers, args.filter_data,
+                                                    args.seed, args.preload, pin_memory=pin)
+    model = MLP(hidden_units=tuple(args.hidden_units), dropout_rate=args.dropout).to(device)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return train_loader, val_loader, model, optimizer
+
+
+def print_startup(args, environment, model, train_loader, val_loader):
+    settings = {k: v for k, v in vars(args).items() if k != "given"}
+    print("arguments: " + " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+    print("environment: " + " ".join(f"{k}={v}" for k, v in environment.items()), flush=True)
+    print(f"model: MLP hidden {args.hidden_units}, {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    for name, loader in (("train", train_loader), ("valid", val_loader)):
+        counts = np.bincount(loader.dataset.labels, minlength=2)
+        print(f"{name}: {len(loader.dataset):,} images kept, class 0 {counts[0]:,} / class 1 {counts[1]:,} "
+              f"({100 * counts[1] / counts.sum():.1f}% positive)", flush=True)
+
+
+def run(args):
+    check_args(args)
+    device = pick_device(args.device)
+    checkpoint = None
+    if args.resume:
+        prepare_out_dir(args)
+        checkpoint = load_checkpoint(os.path.join(args.out_dir, "last.pt"))
+        adopt_checkpoint_settings(args, checkpoint)
+    elif not args.dry_run:
+        prepare_out_dir(args)
+    seed_everything(args.seed)
+    train_loader, val_loader, model, optimizer = build(args, device)
+    environment = describe_environment(device)
+    print_startup(args, environment, model, train_loader, val_loader)
+    autocast = contextlib.nullcontext
+    if args.bf16 and device.type == "cuda":
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    stop = StopRequest()
+
+    if args.dry_run:
+        model.set_normalization(*channel_stats(train_loader.dataset))
+        train_one_epoch(model, train_loader, optimizer, device, autocast, 1, args, stop)
+        val_loss, val_acc, _ = evaluate(model, val_loader, device, autocast, max_batches=1)
+        print(f"dry run: one validation batch, loss {val_loss:.4f} accuracy {val_acc:.3f}; nothing written", flush=True)
+        return
+
+    paths = {name: os.path.join(args.out_dir, name) for name in ("last.pt", "best.pt", "metrics.csv", "run.json")}
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"], train_loader)
+        start_epoch, best_val_loss, history = checkpoint["epoch"] + 1, checkpoint["best_val_loss"], checkpoint["history"]
+        record = read_json(paths["run.json"])
+        record.setdefault("resumed_at", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
+        print(f"resuming {args.out_dir} after epoch {checkpoint['epoch']}", flush=True)
+    else:
+        model.set_normalization(*channel_stats(train_loader.dataset))
+        start_epoch, best_val_loss, history = 1, float("inf"), []
+        record = {"started_at": datetime.datetime.now().isoformat(timespec="seconds")}
+    print(f"normalisation: mean {model.channel_mean.flatten().tolist()} std {model.channel_std.flatten().tolist()}", flush=True)
+    record.update({"args": {k: v for k, v in vars(args).items() if k != "given"}, "environment": environment,
+                   "data": data_record(args.data_dir), "status": "running"})
+    write_json(record, paths["run.json"])
+
+    def checkpoint_now(epoch):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "best_val_loss": best_val_loss, "history": history, "rng": rng_state(train_loader),
+                "model_args": {"hidden_units": list(args.hidden_units), "dropout_rate": args.dropout},
+                "args": {k: v for k, v in vars(args).items() if k != "given"}}
+
+    if not checkpoint:
+        save_atomically(checkpoint_now(0), paths["last.pt"])
+    for epoch in range(start_epoch, args.epochs + 1):
+        if stop.signal_name:
+            break
+        epoch_started = time.perf_counter()
+        trained = train_one_epoch(model, train_loader, optimizer, device, autocast, epoch, args, stop)
+        if trained is None:
+            break
+        train_loss, train_acc, images_per_s = trained
+        val_loss, val_acc, val_auc = evaluate(model, val_loader, device, autocast)
+        improved = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        history.append([epoch, train_loss, train_acc, val_loss, val_acc, val_auc, optimizer.param_groups[0]["lr"],
+                        time.perf_counter() - epoch_started, images_per_s])
+        state = checkpoint_now(epoch)
+        if improved:
+            save_atomically(state, paths["best.pt"])
+        save_atomically(state, paths["last.pt"])
+        write_metrics(history, paths["metrics.csv"])
+        print(f"epoch {epoch}/{args.epochs} train_loss {train_loss:.4f} train_acc {train_acc:.4f} val_loss {val_loss:.4f} "
+              f"val_acc {val_acc:.4f} val_auc {val_auc:.4f} time {history[-1][7]:.1f}s {images_per_s:,.0f} images/s"
+              + (" (best)" if improved else ""), flush=True)
+
+    if stop.signal_name:
+        record["status"] = f"stopped by {stop.signal_name}"
+        write_json(record, paths["run.json"])
+        print(f"stopped by {stop.signal_name}: {paths['last.pt']} holds epoch {len(history)}; continue with "
+              f"--resume --out-dir {args.out_dir} (exit code {REQUEUE_EXIT_CODE})", flush=True)
+        sys.exit(REQUEUE_EXIT_CODE)
+    record["test"] = evaluate_test(args, device, autocast, paths["best.pt"])
+    record.update({"status": "finished", "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "best_val_loss": best_val_loss})
+    write_json(record, paths["run.json"])
+    plot_loss.plot_runs([paths["metrics.csv"]], os.path.join(args.out_dir, "loss.png"))
+    print(f"done: {args.out_dir} (metrics.csv, best.pt, last.pt, run.json, loss.png)", flush=True)
+
+
+def evaluate_test(args, device, autocast, best_path):
+    """best.pt on the test split when its files exist; None otherwise."""
+    try:
+        test_loader = data.get_test_loader(args.data_dir, args.batch_size, args.num_workers, args.filter_data,
+                                           args.preload, pin_memory=device.type == "cuda")
+    except data.MissingDataError:
+        print("test: no test split in the data dir, skipped", flush=True)
+        return None
+    best = load_checkpoint(best_path)
+    model = MLP(hidden_units=tuple(best["model_args"]["hidden_units"]), dropout_rate=best["model_args"]["dropout_rate"])
+    model.load_state_dict(best["model"])
+    loss, accuracy, auc = evaluate(model.to(device), test_loader, device, autocast)
+    print(f"test (best.pt, epoch {best['epoch']}): loss {loss:.4f} accuracy {accuracy:.4f} auc {auc:.4f}", flush=True)
+    return {"epoch": best["epoch"], "loss": loss, "accuracy": accuracy, "auc": auc}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, data.PCAMError) as error:
+        sys.exit(f"train.py: error: {error}")
+    except FloatingPointError as error:
+        sys.exit(f"train.py: error: {error}; stopped, last.pt keeps the last good epoch. Try a lower --lr")
+
+
+if __name__ == "__main__":
+    main()
