@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 import data
+import eda
 from model import MLP
 
 BATCH_SIZE = 256
@@ -188,6 +189,8 @@ def main(argv=None):
             ref_filter = seconds(lambda x_path=x_path, y_path=y_path: ReferencePCAM(x_path, y_path, filter_data=True), 1)
             rows.append(("filter pass, pcam-mlp", label, mask, "s", f"{mask / read:.2f}x block read ({read:.2f} s)"))
             rows.append(("filter pass, reference", label, ref_filter, "s", f"{ref_filter / mask:.1f}x pcam-mlp"))
+            scan = seconds(lambda x_path=x_path: eda.scan_split(os.path.dirname(x_path), "train", 8, 5.0, 250.0))
+            rows.append(("eda.py scan", label, scan, "s", f"{scan / read:.2f}x block read"))
     rows.append(("MLP (64, 32) compute only: fwd+bwd+SGD", "in memory", train_rate, "images/s", ""))
     rows.append(("MLP (64, 32) compute only: forward", "in memory", forward_rate, "images/s", ""))
     rows.append(end_to_end(sets["uint8"], train_rate, forward_rate, args.n_train))

@@ -35,7 +35,7 @@ BLACK_THRESHOLD = 5.0  # a tile whose mean intensity is at or below this is a bl
 WHITE_THRESHOLD = 250.0  # at or above this, a washout; real tissue stays well below
 BLOCK_BYTES = 64 * 2**20  # streaming passes read about this many raw bytes at a time
 CHUNK_CACHE_BYTES = 256 * 2**20  # HDF5 chunk cache per open chunked file (per worker)
-MAPPED_BYTES_BEFORE_RELEASE = 64 * 2**20  # drop mapped pages from RSS after this much random reading
+MAPPED_BYTES_BEFORE_RELEASE = 2**30  # unmap a memory map's pages after this much reading (see MappedRows)
 MANIFEST_NAME = "pcam_manifest.json"
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
@@ -208,7 +208,9 @@ class MappedRows:
     def read(self, rows):
         batch = self.images[rows]
         self.bytes_since_release += batch.nbytes
-        if self.bytes_since_release > MAPPED_BYTES_BEFORE_RELEASE:  # unmap touched pages: RSS stays bounded,
+        # mapped page-cache pages count in RSS (though the kernel reclaims them freely); dropping them now
+        # and then keeps RSS near the file size at most; every drop costs page faults, hence not per batch
+        if self.bytes_since_release > MAPPED_BYTES_BEFORE_RELEASE:
             self.mapping.madvise(mmap.MADV_DONTNEED)  # the data stays in the page cache
             self.bytes_since_release = 0
         return batch

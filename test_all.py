@@ -680,3 +680,60 @@ def test_plot_rejects_bad_metrics_files(tmp_path, content, fragment):
         path.write_text(content)
     result = run_script("plot_loss.py", str(path))
     assert result.returncode == 1 and fragment in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- eda.py ----
+
+@pytest.fixture(scope="module")
+def poisoned_dir(tmp_path_factory):
+    """A float32 set with known defects: train and valid, no test split."""
+    directory = tmp_path_factory.mktemp("poisoned")
+    data.main(["synth", "--data-dir", str(directory), "--n-train", "600", "--n-valid", "200", "--n-test", "0",
+               "--poison", "0.2", "--dtype", "float32", "--seed", "3"])
+    return directory
+
+
+def expected_counts(directory, split):
+    """Defect counts computed here, independently, from the whole file."""
+    x_path, y_path = data.split_paths(directory, split)
+    with h5py.File(x_path) as h5file:
+        x = h5file["x"][()]
+    cleaned_means = np.clip(np.nan_to_num(x, nan=0, posinf=255, neginf=0), 0, 255).astype(np.uint8).mean(axis=(1, 2, 3))
+    labels = data.read_labels(y_path)
+    return [len(x), int((labels == 0).sum()), int(labels.sum()), int(np.isnan(x).any(axis=(1, 2, 3)).sum()),
+            int(((x < 0) | (x > 255)).any(axis=(1, 2, 3)).sum()), int((cleaned_means <= 5).sum()),
+            int((cleaned_means >= 250).sum())]
+
+
+def test_eda_counts_are_exact_and_its_figures_are_drawn(poisoned_dir, tmp_path):
+    result = run_script("eda.py", "--data-dir", str(poisoned_dir), "--out-dir", str(tmp_path / "assets"), check=True)
+    assert "note: test split not in" in result.stdout
+    for split in ("train", "valid"):
+        line = next(line for line in result.stdout.splitlines() if line.startswith(split + " "))
+        assert [int(value) for value in line.split()[1:8]] == expected_counts(poisoned_dir, split)
+    train_counts = expected_counts(poisoned_dir, "train")
+    assert train_counts[3:] == [30, 30, 30, 30]  # the synth defects: NaN, 1e5, black, white
+    for name in ("pcam.png", "class_balance.png", "sample_grid.png", "channel_histograms.png"):
+        assert is_nonblank_png(tmp_path / "assets" / name)
+
+
+def test_eda_memory_stays_bounded_on_a_file_larger_than_a_block(poisoned_dir, monkeypatch):
+    import tracemalloc
+
+    import eda
+    monkeypatch.setattr(data, "BLOCK_BYTES", 16 * data.IMAGE_BYTES * 4)  # 16 float32 images of 600
+    x_bytes = os.path.getsize(data.split_paths(poisoned_dir, "train")[0])
+    tracemalloc.start()
+    scan = eda.scan_split(poisoned_dir, "train", 4, data.BLACK_THRESHOLD, data.WHITE_THRESHOLD)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x_bytes / 10, f"peak {peak} bytes for a {x_bytes}-byte file"
+    assert list(scan.summary().values())[:7] == expected_counts(poisoned_dir, "train")
+
+
+def test_eda_reports_bad_input_in_one_line(tmp_path):
+    result = run_script("eda.py", "--data-dir", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    write_split(tmp_path, "train", tissue(4), np.array([0, 1, 3, 1], np.uint8))
+    result = run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"))
+    assert result.returncode == 1 and "labels must be 0 or 1" in result.stderr

@@ -1,0 +1,229 @@
+"""Look at a PCAM folder before training on it: `python eda.py --data-dir DIR [--out-dir assets]`.
+
+One streaming pass over each split's x file (data.iter_raw_blocks, the filter's block reader) counts
+the stored defects exactly: NaN-bearing images, values outside 0..255, black and white tiles by the
+filter's thresholds. It also measures per-image mean intensity, per-channel mean and std and the
+class counts as stored in y (not as the balanced sampler draws them), then draws four PNGs:
+pcam.png (the intensity outliers figure), class_balance.png, sample_grid.png, channel_histograms.png.
+"""
+import argparse
+import os
+import sys
+
+import matplotlib
+import numpy as np
+import torch
+
+import data
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+SUB_BLOCK_BYTES = 2 * 2**20  # the statistics run over sub-blocks this size, so their passes hit the CPU cache
+HISTOGRAM_IMAGES = 1024  # per class, evenly spread over the file, for the channel histograms
+OUTLIER_KINDS = ("black", "white", "nan", "out_of_range")
+
+
+class SplitScan:
+    """Exact counts and running statistics of one split, gathered block by block."""
+
+    def __init__(self, split, labels, sample_grid, black_threshold, white_threshold):
+        self.split, self.labels = split, labels
+        self.black_threshold, self.white_threshold = black_threshold, white_threshold
+        self.means = np.empty(len(labels), dtype=np.float32)
+        self.flags = {kind: np.zeros(len(labels), dtype=bool) for kind in OUTLIER_KINDS}
+        self.channel_sum = torch.zeros(3, dtype=torch.float64)
+        self.channel_sum_sq = torch.zeros(3, dtype=torch.float64)
+        self.histograms = np.zeros((2, 3, 256), dtype=np.int64)  # class, channel, value
+        rng = np.random.default_rng(0)
+        self.grid_rows = np.zeros(len(labels), dtype=bool)
+        self.histogram_rows = np.zeros(len(labels), dtype=bool)
+        for label in (0, 1):
+            rows = np.flatnonzero(labels == label)
+            self.grid_rows[rng.permutation(rows)[:sample_grid]] = True
+            self.histogram_rows[rows[::max(1, len(rows) // HISTOGRAM_IMAGES)]] = True
+        self.samples = {0: [], 1: []}
+        self.outlier_examples = dict.fromkeys(OUTLIER_KINDS)
+
+    def add(self, start, raw):
+        """Measure one raw block; it may be overwritten."""
+        step = max(1, SUB_BLOCK_BYTES // (data.IMAGE_BYTES * raw.dtype.itemsize))
+        for offset in range(0, len(raw), step):
+            self.add_sub_block(start + offset, raw[offset:offset + step])
+
+    def add_sub_block(self, start, raw):
+        rows = slice(start, start + len(raw))
+        pixels = torch.from_numpy(raw).view(len(raw), -1)
+        if raw.dtype != np.uint8:
+            has_nan = pixels.isnan().any(dim=1)
+            low, high = pixels.nan_to_num(nan=0.0).aminmax(dim=1)
+            self.flags["nan"][rows] = has_nan.numpy()
+            self.flags["out_of_range"][rows] = ((high > 255) | (low < 0)).numpy()
+        cleaned = data.clean(raw, scratch=True)
+        self.means[rows] = data.tile_means(cleaned, self.black_threshold, self.white_threshold)
+        self.flags["black"][rows] = self.means[rows] <= self.black_threshold
+        self.flags["white"][rows] = self.means[rows] >= self.white_threshold
+        by_channel = torch.from_numpy(cleaned).view(-1, 3).float()
+        self.channel_sum += by_channel.sum(dim=0).double()
+        self.channel_sum_sq += torch.diagonal(by_channel.T @ by_channel).double()  # one pass for all 3 channels
+        self.keep_examples(start, cleaned)
+
+    def keep_examples(self, start, cleaned):
+        """Grid samples, the first outlier of each kind, and the histogram images, as they pass by."""
+        stop = start + len(cleaned)
+        for row in start + np.flatnonzero(self.histogram_rows[start:stop]):
+            for channel in range(3):
+                self.histograms[self.labels[row], channel] += np.bincount(cleaned[row - start, ..., channel].ravel(),
+                                                                          minlength=256)
+        for row in start + np.flatnonzero(self.grid_rows[start:stop]):
+            self.samples[self.labels[row]].append(cleaned[row - start].copy())
+        for kind, flags in self.flags.items():
+            flagged = np.flatnonzero(flags[start:stop])
+            if self.outlier_examples[kind] is None and len(flagged):
+                self.outlier_examples[kind] = cleaned[flagged[0]].copy()
+
+    def summary(self):
+        count = len(self.labels) * 96 * 96
+        mean = self.channel_sum / count
+        std = (self.channel_sum_sq / count - mean ** 2).clamp_min(0).sqrt()
+        return {"rows": len(self.labels), "class_0": int((self.labels == 0).sum()), "class_1": int(self.labels.sum()),
+                "nan": int(self.flags["nan"].sum()), "out_of_range": int(self.flags["out_of_range"].sum()),
+                "black": int(self.flags["black"].sum()), "white": int(self.flags["white"].sum()),
+                "mean": mean.tolist(), "std": std.tolist()}
+
+
+def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
+    x_path, y_path = data.require_split(data_dir, split)
+    labels = data.read_labels(y_path)
+    data.check_images(x_path, len(labels), y_path)
+    scan = SplitScan(split, labels, sample_grid, black_threshold, white_threshold)
+    for start, block in data.iter_raw_blocks(x_path):
+        scan.add(start, block)
+    return scan
+
+
+def print_table(scans):
+    header = f"{'split':<6} {'rows':>8} {'class 0':>8} {'class 1':>8} {'NaN':>6} {'<0|>255':>8} {'black':>6} {'white':>6}"
+    print(header + "   channel mean (R, G, B)   channel std (R, G, B)")
+    for scan in scans:
+        s = scan.summary()
+        print(f"{scan.split:<6} {s['rows']:>8} {s['class_0']:>8} {s['class_1']:>8} {s['nan']:>6} {s['out_of_range']:>8} "
+              f"{s['black']:>6} {s['white']:>6}   {' '.join(f'{v:6.1f}' for v in s['mean'])}"
+              f"       {' '.join(f'{v:5.1f}' for v in s['std'])}")
+
+
+def plot_intensity_outliers(scans, path):
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    bins = np.linspace(0, 255, 103)
+    for index, scan in enumerate(scans):
+        s = scan.summary()
+        axes.hist(scan.means, bins=bins, histtype="step", linewidth=1.5, color=f"C{index}",
+                  label=f"{scan.split}: {s['rows']:,} tiles, {s['black']:,} black, {s['white']:,} white")
+    axes.set_yscale("log")
+    black, white = scans[0].black_threshold, scans[0].white_threshold
+    for threshold, name, kind, align in ((black, "black", "black", "left"), (white, "white", "white", "right")):
+        axes.axvline(threshold, color="k", linestyle="--", linewidth=1)
+        total = sum(scan.summary()[kind] for scan in scans)
+        axes.annotate(f"{name} ≤ {threshold:g}: {total:,}" if kind == "black" else f"{name} ≥ {threshold:g}: {total:,}",
+                      xy=(threshold, 0.92), xycoords=("data", "axes fraction"), ha=align,
+                      xytext=(4 if align == "left" else -4, 0), textcoords="offset points", fontsize=9)
+    axes.set(title="PCAM intensity outliers: mean intensity per tile", xlabel="mean intensity of the cleaned tile (0-255)",
+             ylabel="tiles (log scale)", xlim=(0, 255))
+    axes.legend(fontsize="small", loc="upper center")
+    save(figure, path)
+
+
+def plot_class_balance(scans, path):
+    figure, axes = plt.subplots(figsize=(6, 4))
+    positions = np.arange(len(scans))
+    for offset, label, key in ((-0.2, "class 0 (no tumour)", "class_0"), (0.2, "class 1 (tumour)", "class_1")):
+        counts = [scan.summary()[key] for scan in scans]
+        bars = axes.bar(positions + offset, counts, width=0.4, label=label)
+        axes.bar_label(bars, labels=[f"{c:,}" for c in counts], fontsize=8)
+    axes.set_xticks(positions, [scan.split for scan in scans])
+    axes.set(title="Class balance as stored", ylabel="images")
+    axes.legend(fontsize="small")
+    save(figure, path)
+
+
+def plot_sample_grid(scan, path):
+    outliers = [(kind, image) for kind, image in scan.outlier_examples.items() if image is not None]
+    columns = max(len(scan.samples[0]), len(scan.samples[1]), len(outliers), 1)
+    rows = [("class 0", [(None, image) for image in scan.samples[0]]), ("class 1", [(None, image) for image in scan.samples[1]])]
+    if outliers:
+        rows.append(("outliers", outliers))
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.6 * columns, 1.8 * len(rows)), squeeze=False)
+    for row_index, (name, images) in enumerate(rows):
+        for column in range(columns):
+            ax = axes[row_index, column]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column >= len(images):
+                ax.axis("off")
+            else:
+                kind, image = images[column]
+                ax.imshow(image)
+                ax.set_title(kind.replace("_", " ") if kind else (name if column == 0 else ""), fontsize=8)
+    figure.suptitle(f"{scan.split}: sample patches per class, and flagged outliers")
+    save(figure, path)
+
+
+def plot_channel_histograms(scan, path):
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
+    for channel, (ax, name) in enumerate(zip(axes, ("red", "green", "blue"))):
+        for label, style in ((0, "-"), (1, "--")):
+            counts = scan.histograms[label, channel]
+            ax.plot(np.arange(256), counts / max(counts.sum(), 1), style, color=name, label=f"class {label}")
+        ax.set(title=f"{name} channel", xlabel="intensity")
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("fraction of pixels")
+    figure.suptitle(f"{scan.split}: per-channel intensity by class ({HISTOGRAM_IMAGES:,} images per class at most)")
+    save(figure, path)
+
+
+def save(figure, path):
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"wrote {path}", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Exploratory analysis of PCAM files: exact defect counts and figures.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("PCAM_DIR", "data"), metavar="DIR",
+                        help="folder with the PCAM .h5 files ($PCAM_DIR if set)")
+    parser.add_argument("--splits", nargs="+", choices=data.SPLITS, default=list(data.SPLITS), metavar="SPLIT",
+                        help="splits to scan; a missing one is skipped with a note while others are present")
+    parser.add_argument("--out-dir", default="assets", metavar="DIR", help="where the PNGs go")
+    parser.add_argument("--sample-grid", type=int, default=8, metavar="N", help="sample patches per class in the grid")
+    parser.add_argument("--black-threshold", type=float, default=data.BLACK_THRESHOLD, metavar="T",
+                        help="tiles with a mean at or below this are black (as the filter)")
+    parser.add_argument("--white-threshold", type=float, default=data.WHITE_THRESHOLD, metavar="T",
+                        help="tiles with a mean at or above this are white (as the filter)")
+    args = parser.parse_args(argv)
+    if args.sample_grid < 1:
+        parser.error("--sample-grid must be at least 1")
+    try:
+        present = [s for s in args.splits if s in data.present_splits(args.data_dir)]
+        for split in args.splits:
+            if split not in present:
+                print(f"note: {split} split not in {args.data_dir}, skipped", flush=True)
+        if not present:
+            data.require_split(args.data_dir, args.splits[0])  # raises the missing-files message
+        scans = []
+        for split in present:
+            print(f"scanning {split} ...", flush=True)
+            scans.append(scan_split(args.data_dir, split, args.sample_grid, args.black_threshold, args.white_threshold))
+        os.makedirs(args.out_dir, exist_ok=True)
+    except (data.PCAMError, OSError) as error:
+        sys.exit(f"eda.py: error: {error}")
+    print_table(scans)
+    plot_intensity_outliers(scans, os.path.join(args.out_dir, "pcam.png"))
+    plot_class_balance(scans, os.path.join(args.out_dir, "class_balance.png"))
+    plot_sample_grid(scans[0], os.path.join(args.out_dir, "sample_grid.png"))
+    plot_channel_histograms(scans[0], os.path.join(args.out_dir, "channel_histograms.png"))
+
+
+if __name__ == "__main__":
+    main()
