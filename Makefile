@@ -7,13 +7,21 @@ SYNTH_DIR ?= data/synth
 RUFF_VERSION ?= 0.17.6
 ARGS ?=
 RUN ?= $(firstword $(shell ls -td $(wildcard runs/*/) 2>/dev/null))
-# ARGS and RUN reach commands as environment variables, split into words but never run by the shell
-export ARGS RUN
+# Slurm resources for make train and make sweep (sbatch options override train_job.sh's #SBATCH lines)
+PARTITION ?= gpu_course
+TIME ?= 01:00:00
+GPUS ?= 1
+CPUS ?= 8
+MEM ?= 32G
+SEEDS ?=
+LRS ?=
+# these reach commands as environment variables: split into words or quoted, never run by the shell
+export ARGS RUN PARTITION TIME GPUS CPUS MEM SEEDS LRS DATA_DIR
 SHELL := /bin/bash
 .SHELLFLAGS := -f -e -o pipefail -c
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint bench synth data eda demo train-local plot clean
+.PHONY: help install test lint bench synth data eda demo train-local plot hello train sweep status logs env clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -57,6 +65,36 @@ train-local: $(VENV)/.installed ## python train.py $$ARGS right here (laptop, sa
 plot: $(VENV)/.installed ## loss plot of RUN (default: newest run; several overlay) to assets/loss_plot.png
 	test -n "$$RUN" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }
 	$(PY) plot_loss.py $$RUN --out assets/loss_plot.png
+
+hello: ## submit first_job.sh, the course's hello-world batch job
+	sbatch first_job.sh
+
+train: $(VENV)/.installed ## submit train_job.sh: ARGS="--epochs 5" PARTITION=... TIME=... GPUS=... CPUS=... MEM=...
+	mkdir -p logs
+	job=$$(PCAM_DIR="$$DATA_DIR" sbatch --parsable --partition="$$PARTITION" --time="$$TIME" --gpus="$$GPUS" \
+		--cpus-per-task="$$CPUS" --mem="$$MEM" train_job.sh $$ARGS) && \
+		echo "submitted job $$job: log logs/pcam_train_$$job.out, run runs/slurm-$$job"
+
+sweep: $(VENV)/.installed ## one job array over SEEDS="1 2 3" (or LRS="1e-3 1e-4"), one run each, same options as train
+	test -n "$$SEEDS$$LRS" && test -z "$$SEEDS" -o -z "$$LRS" || { echo "make sweep: give SEEDS=\"1 2 3\" or LRS=\"...\", not both" >&2; exit 1; }
+	mkdir -p logs
+	values=($$SEEDS $$LRS); flag=$$([ -n "$$SEEDS" ] && echo --seed || echo --lr); \
+	job=$$(PCAM_DIR="$$DATA_DIR" SWEEP_FLAG=$$flag SWEEP_VALUES="$${values[*]}" sbatch --parsable \
+		--array=0-$$(( $${#values[@]} - 1 )) --partition="$$PARTITION" --time="$$TIME" --gpus="$$GPUS" \
+		--cpus-per-task="$$CPUS" --mem="$$MEM" train_job.sh $$ARGS) && \
+		echo "submitted array $$job: $$flag $${values[*]}; logs logs/pcam_train_$${job}_*.out, runs runs/slurm-$${job}_<task>"
+
+status: ## your queued jobs, then state, elapsed time, node and max RSS of recent ones (sacct)
+	squeue --me
+	sacct --starttime now-2days --format=JobID%18,JobName%14,Partition%12,State%12,Elapsed,NodeList%12,MaxRSS,ExitCode
+
+logs: ## follow the newest job log in logs/
+	log="$(if $(wildcard logs/*.out),$(firstword $(shell ls -t $(wildcard logs/*.out))))"; \
+	test -n "$$log" || { echo "make logs: no logs/*.out yet" >&2; exit 1; }; \
+	echo "== $$log"; tail -n 50 -f "$$log"
+
+env: $(VENV)/.installed ## check python, torch, CUDA and its device, h5py, and the PCAM files in DATA_DIR
+	$(PY) data.py env --data-dir "$$DATA_DIR"
 
 clean: ## remove caches and benchmark data (keeps .venv, data/, runs/)
 	rm -rf __pycache__ .pytest_cache .ruff_cache bench_data

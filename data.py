@@ -2,7 +2,7 @@
 
 The hot path reads a whole batch of rows in one array operation (numpy.memmap for uncompressed
 contiguous files, one h5py selection otherwise) and keeps images uint8 until they reach the
-training device. Command line: `python data.py {download,synth,prepare,info,manifest,verify} -h`.
+training device. Command line: `python data.py {download,synth,prepare,info,manifest,verify,env} -h`.
 """
 import argparse
 import gzip
@@ -678,6 +678,26 @@ def cmd_download(args):
             log(f"download: {h5_path} ready ({os.path.getsize(h5_path) / 2**20:.0f} MiB)")
 
 
+def cmd_env(args):
+    """The course's verification step: the software stack, the accelerator, and the data files."""
+    log(f"python {sys.version.split()[0]} ({sys.executable})")
+    log(f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none (CPU build)'}")
+    if torch.cuda.is_available():
+        log(f"CUDA available: yes, {torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}")
+    else:
+        log("CUDA available: no, training runs on the CPU")
+    log(f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), numpy {np.__version__}")
+    for split in SPLITS:
+        paths = split_paths(args.data_dir, split)
+        found = [p for p in paths if os.path.isfile(p)]
+        sizes = ", ".join(f"{os.path.basename(p)} {os.path.getsize(p) / 2**20:,.0f} MiB" for p in found)
+        log(f"data {split}: " + (sizes if len(found) == 2 else "missing " + ", ".join(
+            os.path.basename(p) for p in paths if p not in found)))
+    for split in ("train", "valid"):
+        require_split(args.data_dir, split)
+    log(f"ok: {args.data_dir} holds the train and valid splits")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="PCAM data: fetch, make, clean, inspect and version the HDF5 files.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -711,6 +731,7 @@ def parse_args(argv=None):
     prepare = command("prepare", "write a cleaned, contiguous uint8 copy of every split present")
     prepare.add_argument("--out", required=True, metavar="DIR", help="folder for the prepared copy (e.g. node-local scratch)")
     command("info", "print rows, dtype, layout, size and class balance per split")
+    command("env", "check python, torch, CUDA and its device, h5py, and the PCAM files in the data dir")
     for name, help_text in (("manifest", "write each PCAM file's size and sha256 to a manifest"),
                             ("verify", "check the PCAM files against a manifest and name each one that differs")):
         command(name, help_text).add_argument(
@@ -727,7 +748,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     commands = {"download": cmd_download, "synth": cmd_synth, "prepare": cmd_prepare, "info": cmd_info,
-                "manifest": cmd_manifest, "verify": cmd_verify}
+                "manifest": cmd_manifest, "verify": cmd_verify, "env": cmd_env}
     try:
         commands[args.command](args)
     except PCAMError as error:

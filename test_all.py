@@ -737,3 +737,174 @@ def test_eda_reports_bad_input_in_one_line(tmp_path):
     write_split(tmp_path, "train", tissue(4), np.array([0, 1, 3, 1], np.uint8))
     result = run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"))
     assert result.returncode == 1 and "labels must be 0 or 1" in result.stderr
+
+
+# ---- Slurm: first_job.sh, train_job.sh and the Makefile against a real local Slurm (.ci/slurm-up.sh) ----
+
+def slurm_is_up():
+    import shutil
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True, check=False).returncode == 0
+
+
+needs_slurm = pytest.mark.skipif(not slurm_is_up(), reason="no Slurm here (start one with .ci/slurm-up.sh)")
+PROJECT_FILES = ("data.py", "model.py", "train.py", "plot_loss.py", "eda.py", "first_job.sh", "train_job.sh",
+                 "Makefile", "requirements.txt")
+SMALL_JOB = {"CPUS": "1", "MEM": "1500M", "TIME": "00:10:00"}
+
+
+@pytest.fixture
+def project(tmp_path, synth_dir):
+    """A copy of the project to submit from (jobs write logs/ and runs/ there), sharing this .venv."""
+    import shutil
+    for name in PROJECT_FILES:
+        shutil.copy2(os.path.join(HERE, name), tmp_path / name)  # copy2 keeps mtimes: make sees .venv as current
+    os.symlink(os.path.join(HERE, ".venv"), tmp_path / ".venv")
+    os.symlink(synth_dir, tmp_path / "data")
+    return tmp_path
+
+
+def make(project, *targets, env=None):
+    result = subprocess.run(["make", "-s", *targets], cwd=project, capture_output=True, text=True, check=False,
+                            env={**os.environ, **(env or {})}, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def submitted_job(output):
+    import re
+    return re.search(r"submitted (?:job|array) (\d+)|Submitted batch job (\d+)", output).group(1, 2)
+
+
+def wait_for_job(job_id, timeout=300, on_poll=None):
+    """Poll sacct until every record of the job (array tasks included) has ended; returns their states."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if on_poll:
+            on_poll()
+        lines = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True,
+                               text=True, check=False).stdout.split()
+        states = [line.split("|")[1] for line in lines]
+        if states and all(s.split()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+                          for s in states):
+            return states
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+@needs_slurm
+def test_both_job_scripts_are_accepted_by_sbatch(project):
+    for command in (["first_job.sh"], ["--cpus-per-task=1", "--mem=1500M", "train_job.sh"]):  # a 2-CPU node here
+        result = subprocess.run(["sbatch", "--test-only", *command], cwd=project, capture_output=True, text=True,
+                                check=False)
+        assert result.returncode == 0 and "to start at" in result.stderr, result.stderr
+
+
+@needs_slurm
+def test_make_hello_writes_the_hello_world_log_and_loads_the_modules(project):
+    env = {"BASH_FUNC_module%%": "() {  echo \"module $*\" >&2\n}"}  # what `export -f module` puts in the environment
+    job = submitted_job(make(project, "hello", env=env))[1]
+    assert wait_for_job(job) == ["COMPLETED"]
+    log = (project / f"hello_world_{job}.out").read_text()
+    for line in ("module load 2025", "module load Python/3.13.1-GCCcore-14.2.0", f"job id: {job}", "Hello, World!",
+                 "python: Python 3"):
+        assert line in log
+    plain = submitted_job(make(project, "hello"))[1]
+    wait_for_job(plain)
+    assert "skipped loading the course modules" in (project / f"hello_world_{plain}.out").read_text()
+
+
+@needs_slurm
+def test_make_train_runs_on_gpu_course_and_leaves_a_complete_run(project):
+    output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 2 --batch-size 128"})
+    job = submitted_job(output)[0]
+    assert f"logs/pcam_train_{job}.out" in output
+    assert wait_for_job(job) == ["COMPLETED"]
+    run_dir = project / "runs" / f"slurm-{job}"
+    assert len(read_csv_rows(run_dir / "metrics.csv")) == 2
+    assert (run_dir / "best.pt").exists() and is_nonblank_png(run_dir / "loss.png")
+    log = (project / "logs" / f"pcam_train_{job}.out").read_text()
+    assert "gpu:" in log and "commit:" in log and "CUDA not available, using CPU" in log
+    partition = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "Partition"], capture_output=True, text=True,
+                               check=True).stdout.split()
+    assert partition == ["gpu_course"]
+    status = make(project, "status")
+    assert job in status and "COMPLETED" in status
+
+
+@needs_slurm
+def test_make_train_passes_arguments_without_running_them(project):
+    output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 1 --dry-run; touch pwned $(touch pwned2)"})
+    job = submitted_job(output)[0]
+    wait_for_job(job)
+    assert not (project / "pwned").exists() and not (project / "pwned2").exists()
+    assert "unrecognized arguments" in (project / "logs" / f"pcam_train_{job}.out").read_text()
+
+
+@needs_slurm
+def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(project, synth_dir, tmp_path):
+    # Slurm checks time limits every 30 s, so the USR1 due 50 s before a 1-minute limit comes 0-35 s in:
+    # the run is made to last longer than that. Both runs use one thread, so they share the 2 CPUs here
+    # without slowing each other down, and compute the same numbers.
+    args = ["--epochs", "40", "--batch-size", "16", "--log-every", "50", "--num-workers", "0"]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (project / "logs").mkdir()
+    job = subprocess.run(["sbatch", "--parsable", "--partition=gpu_course", "--cpus-per-task=1", "--mem=1500M",
+                          "--time=00:01:00", "--signal=B:USR1@50", "train_job.sh", *args], cwd=project,
+                         capture_output=True, text=True, check=True, env={**one_thread, "PCAM_DIR": str(synth_dir)}
+                         ).stdout.strip()
+    straight = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(synth_dir), "--out-dir",
+                                 str(tmp_path / "straight"), *args], cwd=HERE, stdout=subprocess.DEVNULL, env=one_thread)
+
+    def extend_after_first_requeue():
+        # the requeued job would be signalled again soon after it starts: give it room to finish
+        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
+        if "Restarts=1" in show and "TimeLimit=00:01:00" in show:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=00:10:00"], check=True)
+
+    assert wait_for_job(job, timeout=480, on_poll=extend_after_first_requeue) == ["COMPLETED"]
+    assert straight.wait(timeout=300) == 0
+    log = (project / "logs" / f"pcam_train_{job}.out").read_text()
+    assert "USR1: time limit near" in log and "requeueing job" in log and "restart 1" in log, log
+    run_dir = project / "runs" / f"slurm-{job}"
+    assert loss_columns(run_dir) == loss_columns(tmp_path / "straight")
+    weights, expected = final_weights(run_dir), final_weights(tmp_path / "straight")
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+
+
+@needs_slurm
+def test_make_sweep_leaves_one_run_per_seed(project):
+    output = make(project, "sweep", env={**SMALL_JOB, "SEEDS": "1 2", "ARGS": "--epochs 1"})
+    job = submitted_job(output)[0]
+    assert wait_for_job(job) == ["COMPLETED", "COMPLETED"]
+    seeds = {}
+    for task in (0, 1):
+        import json
+        record = json.loads((project / "runs" / f"slurm-{job}_{task}" / "run.json").read_text())
+        seeds[task] = record["args"]["seed"]
+    assert seeds == {0: 1, 1: 2}
+
+
+@needs_slurm
+def test_the_job_stages_data_to_node_local_scratch_when_asked(project, synth_dir, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 1", "STAGE": "yes", "TMPDIR": str(scratch)})
+    job = submitted_job(output)[0]
+    assert wait_for_job(job) == ["COMPLETED"]
+    staged = scratch / f"pcam_{job}"
+    assert sorted(os.listdir(staged)) == sorted(os.listdir(synth_dir))
+    import json
+    record = json.loads((project / "runs" / f"slurm-{job}" / "run.json").read_text())
+    assert record["args"]["data_dir"] == str(staged)
+
+
+def test_job_scripts_pass_shellcheck():
+    import shutil
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (Debian package shellcheck)")
+    result = subprocess.run(["shellcheck", "first_job.sh", "train_job.sh", ".ci/slurm-up.sh", ".ci/run"], cwd=HERE,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout
