@@ -3,7 +3,8 @@
 One streaming pass over each split's x file (data.iter_raw_blocks, the filter's block reader) counts
 the stored defects exactly: NaN-bearing images, values outside 0..255, black and white tiles by the
 filter's thresholds. It also measures per-image mean intensity, per-channel mean and std and the
-class counts as stored in y (not as the balanced sampler draws them), then draws four PNGs:
+class counts as stored in y (not as the balanced sampler draws them); per-channel statistics come
+from up to HISTOGRAM_IMAGES evenly spread images per class. Then it draws four PNGs:
 pcam.png (the intensity outliers figure), class_balance.png, sample_grid.png, channel_histograms.png.
 """
 import argparse
@@ -19,21 +20,19 @@ import data
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-SUB_BLOCK_BYTES = 2 * 2**20  # the statistics run over sub-blocks this size, so their passes hit the CPU cache
-HISTOGRAM_IMAGES = 1024  # per class, evenly spread over the file, for the channel histograms
+SUB_BLOCK_BYTES = 8 * 2**20  # the checks run over sub-blocks this size, so their passes hit the CPU cache
+HISTOGRAM_IMAGES = 1024  # per class, evenly spread over the file: channel histograms, mean and std
 OUTLIER_KINDS = ("black", "white", "nan", "out_of_range")
 
 
 class SplitScan:
-    """Exact counts and running statistics of one split, gathered block by block."""
+    """Exact counts of one split, gathered block by block, and the sampled images' histograms."""
 
     def __init__(self, split, labels, sample_grid, black_threshold, white_threshold):
         self.split, self.labels = split, labels
         self.black_threshold, self.white_threshold = black_threshold, white_threshold
         self.means = np.empty(len(labels), dtype=np.float32)
         self.flags = {kind: np.zeros(len(labels), dtype=bool) for kind in OUTLIER_KINDS}
-        self.channel_sum = torch.zeros(3, dtype=torch.float64)
-        self.channel_sum_sq = torch.zeros(3, dtype=torch.float64)
         self.histograms = np.zeros((2, 3, 256), dtype=np.int64)  # class, channel, value
         rng = np.random.default_rng(0)
         self.grid_rows = np.zeros(len(labels), dtype=bool)
@@ -52,40 +51,42 @@ class SplitScan:
             self.add_sub_block(start + offset, raw[offset:offset + step])
 
     def add_sub_block(self, start, raw):
-        rows = slice(start, start + len(raw))
-        pixels = torch.from_numpy(raw).view(len(raw), -1)
+        stop = start + len(raw)
         if raw.dtype != np.uint8:
-            has_nan = pixels.isnan().any(dim=1)
-            low, high = pixels.nan_to_num(nan=0.0).aminmax(dim=1)
-            self.flags["nan"][rows] = has_nan.numpy()
-            self.flags["out_of_range"][rows] = ((high > 255) | (low < 0)).numpy()
-        cleaned = data.clean(raw, scratch=True)
-        self.means[rows] = data.tile_means(cleaned, self.black_threshold, self.white_threshold)
-        self.flags["black"][rows] = self.means[rows] <= self.black_threshold
-        self.flags["white"][rows] = self.means[rows] >= self.white_threshold
-        by_channel = torch.from_numpy(cleaned).view(-1, 3).float()
-        self.channel_sum += by_channel.sum(dim=0).double()
-        self.channel_sum_sq += torch.diagonal(by_channel.T @ by_channel).double()  # one pass for all 3 channels
-        self.keep_examples(start, cleaned)
+            pixels = torch.from_numpy(raw).view(len(raw), -1)
+            high, low = pixels.amax(dim=1), pixels.amin(dim=1)  # both NaN exactly for the NaN-bearing rows
+            has_nan = high.isnan()
+            out_of_range = (high > 255) | (low < 0)  # NaN compares False: NaN-bearing rows are measured below
+            for row in torch.nonzero(has_nan).flatten().tolist():
+                finite = pixels[row][~pixels[row].isnan()]
+                out_of_range[row] = bool(((finite > 255) | (finite < 0)).any())
+            self.flags["nan"][start:stop] = has_nan.numpy()
+            self.flags["out_of_range"][start:stop] = out_of_range.numpy()
+        self.means[start:stop] = data.tile_means(raw, self.black_threshold, self.white_threshold)  # clips floats
+        self.flags["black"][start:stop] = self.means[start:stop] <= self.black_threshold
+        self.flags["white"][start:stop] = self.means[start:stop] >= self.white_threshold
+        self.keep_examples(start, raw)
 
-    def keep_examples(self, start, cleaned):
-        """Grid samples, the first outlier of each kind, and the histogram images, as they pass by."""
-        stop = start + len(cleaned)
+    def keep_examples(self, start, raw):
+        """Histogram images, grid samples and the first outlier of each kind, cleaned, as they pass by."""
+        stop = start + len(raw)
         for row in start + np.flatnonzero(self.histogram_rows[start:stop]):
+            image = data.clean(raw[row - start])
             for channel in range(3):
-                self.histograms[self.labels[row], channel] += np.bincount(cleaned[row - start, ..., channel].ravel(),
-                                                                          minlength=256)
+                self.histograms[self.labels[row], channel] += np.bincount(image[..., channel].ravel(), minlength=256)
         for row in start + np.flatnonzero(self.grid_rows[start:stop]):
-            self.samples[self.labels[row]].append(cleaned[row - start].copy())
+            self.samples[self.labels[row]].append(data.clean(raw[row - start]).copy())
         for kind, flags in self.flags.items():
             flagged = np.flatnonzero(flags[start:stop])
             if self.outlier_examples[kind] is None and len(flagged):
-                self.outlier_examples[kind] = cleaned[flagged[0]].copy()
+                self.outlier_examples[kind] = data.clean(raw[flagged[0]]).copy()
 
     def summary(self):
-        count = len(self.labels) * 96 * 96
-        mean = self.channel_sum / count
-        std = (self.channel_sum_sq / count - mean ** 2).clamp_min(0).sqrt()
+        """Exact counts; per-channel mean and std over the histogram images (up to HISTOGRAM_IMAGES a class)."""
+        pixels = self.histograms.sum(axis=0)  # channel, value
+        values = np.arange(256)
+        mean = (pixels * values).sum(axis=1) / pixels.sum(axis=1)
+        std = np.sqrt(np.maximum((pixels * values ** 2).sum(axis=1) / pixels.sum(axis=1) - mean ** 2, 0))
         return {"rows": len(self.labels), "class_0": int((self.labels == 0).sum()), "class_1": int(self.labels.sum()),
                 "nan": int(self.flags["nan"].sum()), "out_of_range": int(self.flags["out_of_range"].sum()),
                 "black": int(self.flags["black"].sum()), "white": int(self.flags["white"].sum()),
@@ -104,7 +105,7 @@ def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
 
 def print_table(scans):
     header = f"{'split':<6} {'rows':>8} {'class 0':>8} {'class 1':>8} {'NaN':>6} {'<0|>255':>8} {'black':>6} {'white':>6}"
-    print(header + "   channel mean (R, G, B)   channel std (R, G, B)")
+    print(header + f"   channel mean (R, G, B)   channel std (R, G, B) of <= {2 * HISTOGRAM_IMAGES:,} images")
     for scan in scans:
         s = scan.summary()
         print(f"{scan.split:<6} {s['rows']:>8} {s['class_0']:>8} {s['class_1']:>8} {s['nan']:>6} {s['out_of_range']:>8} "

@@ -347,6 +347,7 @@ def print_startup(args, environment, model, train_loader, val_loader):
 
 
 def run(args):
+    stop = StopRequest()  # first: a signal during start-up must not kill the run without a word
     check_args(args)
     device = pick_device(args.device)
     checkpoint = None
@@ -363,7 +364,8 @@ def run(args):
     autocast = contextlib.nullcontext
     if args.bf16 and device.type == "cuda":
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    stop = StopRequest()
+    elif args.bf16:
+        print("--bf16: autocast applies on CUDA only, ignored on the CPU", flush=True)
 
     if args.dry_run:
         model.set_normalization(*channel_stats(train_loader.dataset))
