@@ -112,17 +112,20 @@ def clean(images, scratch=False):
     return pixels.numpy().astype(np.uint8)
 
 
-def tile_means(raw, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
+def tile_means(raw, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD, in_range=False):
     """Mean intensity of each cleaned image of a raw block (N, 96, 96, 3) -> (N,) float64.
 
     uint8 blocks are summed exactly in uint32 (at most 27,648 * 255), as fast as a memory copy. Float
     blocks are clipped in place and summed as floats, a third of the cost of cleaning them; that mean is
     at most 1 above the cleaned one (clean truncates each pixel), so the images that close to a
     threshold are cleaned and measured exactly: filtering a float file or its prepared uint8 copy agree.
+    in_range=True: the caller knows every value is NaN or within 0..255, so the clipping pass is skipped.
     """
     if raw.dtype == np.uint8 or not np.issubdtype(raw.dtype, np.floating):
         return clean(raw).reshape(len(raw), -1).sum(axis=1, dtype=np.uint32) / IMAGE_BYTES
-    pixels = torch.from_numpy(raw).view(len(raw), -1).clamp_(0, 255)  # NaN stays NaN; nansum counts it as 0
+    pixels = torch.from_numpy(raw).view(len(raw), -1)
+    if not in_range:
+        pixels.clamp_(0, 255)  # NaN stays NaN; nansum counts it as 0
     means = pixels.nansum(dim=1).numpy().astype(np.float64) / IMAGE_BYTES
     margin = 0.01  # float32 summation error, in mean units, is far below this
     near = np.zeros(len(raw), dtype=bool)

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 SUB_BLOCK_BYTES = 8 * 2**20  # the checks run over sub-blocks this size, so their passes hit the CPU cache
-HISTOGRAM_IMAGES = 1024  # per class, evenly spread over the file: channel histograms, mean and std
+HISTOGRAM_IMAGES = 256  # per class, evenly spread over the file: channel histograms, mean and std
 OUTLIER_KINDS = ("black", "white", "nan", "out_of_range")
 
 
@@ -57,12 +57,14 @@ class SplitScan:
             high, low = pixels.amax(dim=1), pixels.amin(dim=1)  # both NaN exactly for the NaN-bearing rows
             has_nan = high.isnan()
             out_of_range = (high > 255) | (low < 0)  # NaN compares False: NaN-bearing rows are measured below
-            for row in torch.nonzero(has_nan).flatten().tolist():
-                finite = pixels[row][~pixels[row].isnan()]
-                out_of_range[row] = bool(((finite > 255) | (finite < 0)).any())
+            if has_nan.any():
+                finite = pixels[has_nan].nan_to_num(nan=128.0)  # an in-range stand-in: only real pixels count
+                out_of_range[has_nan] = (finite.amax(dim=1) > 255) | (finite.amin(dim=1) < 0)
+            if out_of_range.any():
+                pixels[out_of_range] = pixels[out_of_range].clamp(0, 255)  # the few rows clean would clip
             self.flags["nan"][start:stop] = has_nan.numpy()
             self.flags["out_of_range"][start:stop] = out_of_range.numpy()
-        self.means[start:stop] = data.tile_means(raw, self.black_threshold, self.white_threshold)  # clips floats
+        self.means[start:stop] = data.tile_means(raw, self.black_threshold, self.white_threshold, in_range=True)
         self.flags["black"][start:stop] = self.means[start:stop] <= self.black_threshold
         self.flags["white"][start:stop] = self.means[start:stop] >= self.white_threshold
         self.keep_examples(start, raw)
@@ -70,12 +72,15 @@ class SplitScan:
     def keep_examples(self, start, raw):
         """Histogram images, grid samples and the first outlier of each kind, cleaned, as they pass by."""
         stop = start + len(raw)
-        for row in start + np.flatnonzero(self.histogram_rows[start:stop]):
-            image = data.clean(raw[row - start])
-            for channel in range(3):
-                self.histograms[self.labels[row], channel] += np.bincount(image[..., channel].ravel(), minlength=256)
-        for row in start + np.flatnonzero(self.grid_rows[start:stop]):
-            self.samples[self.labels[row]].append(data.clean(raw[row - start]).copy())
+        rows = np.flatnonzero(self.histogram_rows[start:stop])
+        if len(rows):
+            cleaned = data.clean(raw[rows], scratch=True)
+            for label in (0, 1):
+                of_class = cleaned[self.labels[start + rows] == label]
+                for channel in range(3):
+                    self.histograms[label, channel] += np.bincount(of_class[..., channel].ravel(), minlength=256)
+        for row in np.flatnonzero(self.grid_rows[start:stop]):
+            self.samples[self.labels[start + row]].append(data.clean(raw[row]).copy())
         for kind, flags in self.flags.items():
             flagged = np.flatnonzero(flags[start:stop])
             if self.outlier_examples[kind] is None and len(flagged):
