@@ -105,34 +105,42 @@ def clean(images, scratch=False):
     """
     if images.dtype == np.uint8:
         return images
+    if not images.dtype.isnative:
+        images, scratch = images.astype(images.dtype.newbyteorder("=")), True
     if np.issubdtype(images.dtype, np.integer):
         return np.clip(images, 0, 255).astype(np.uint8)
-    pixels = torch.from_numpy(images if scratch else images.copy())  # torch's in-place ops: 2x numpy's here
+    writable = scratch and images.flags.writeable  # blocks of a memory-mapped file are read-only
+    pixels = torch.from_numpy(images if writable else images.copy())  # torch's in-place ops: 2x numpy's here
     torch.nan_to_num_(pixels, nan=0.0, posinf=255.0, neginf=0.0).clamp_(0, 255)
     return pixels.numpy().astype(np.uint8)
 
 
-def tile_means(raw, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD, in_range=False):
-    """Mean intensity of each cleaned image of a raw block (N, 96, 96, 3) -> (N,) float64.
+def suspect_rows(raw):
+    """Rows of a float block that may hold NaN or a value outside 0..255, in one read-only pass: read as
+    unsigned ints, a float's bits exceed those of 255.0 exactly when it is above 255, infinite, NaN or
+    has its sign bit set (negative, or -0.0)."""
+    bits = np.dtype(f"u{raw.itemsize}")
+    return raw.view(bits).reshape(len(raw), -1).max(axis=1) > np.array(255, raw.dtype).view(bits)
+
+
+def tile_means(raw, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD, suspect=None):
+    """Mean intensity of each cleaned image of a raw block (N, 96, 96, 3) -> (N,) float64. Reads only.
 
     uint8 blocks are summed exactly in uint32 (at most 27,648 * 255), as fast as a memory copy. Float
-    blocks are clipped in place and summed as floats, a third of the cost of cleaning them; that mean is
-    at most 1 above the cleaned one (clean truncates each pixel), so the images that close to a
-    threshold are cleaned and measured exactly: filtering a float file or its prepared uint8 copy agree.
-    in_range=True: the caller knows every value is NaN or within 0..255, so the clipping pass is skipped.
+    blocks are summed as they are, which is exact for rows already within 0..255 (all but suspect_rows,
+    passed in when the caller has them) up to clean's truncation of each pixel: that mean is at most 1
+    above the cleaned one. The suspect rows and the rows that close to a threshold are cleaned and
+    measured exactly, so filtering a float file or its prepared uint8 copy agree.
     """
     if raw.dtype == np.uint8 or not np.issubdtype(raw.dtype, np.floating):
         return clean(raw).reshape(len(raw), -1).sum(axis=1, dtype=np.uint32) / IMAGE_BYTES
-    pixels = torch.from_numpy(raw).view(len(raw), -1)
-    if not in_range:
-        pixels.clamp_(0, 255)  # NaN stays NaN; nansum counts it as 0
-    means = pixels.nansum(dim=1).numpy().astype(np.float64) / IMAGE_BYTES
-    margin = 0.01  # float32 summation error, in mean units, is far below this
-    near = np.zeros(len(raw), dtype=bool)
+    suspect = suspect_rows(raw) if suspect is None else suspect
+    means = raw.reshape(len(raw), -1).sum(axis=1).astype(np.float64) / IMAGE_BYTES  # pairwise: error << 0.01
+    exact = suspect.copy()
     for threshold in (black_threshold, white_threshold):
-        near |= (means > threshold - margin) & (means < threshold + 1 + margin)
-    if near.any():
-        means[near] = tile_means(clean(raw[near], scratch=True))
+        exact |= (means > threshold - 0.01) & (means < threshold + 1.01)  # 0.01: room for summation error
+    if exact.any():
+        means[exact] = tile_means(clean(raw[exact], scratch=True))
     return means
 
 
@@ -145,22 +153,45 @@ def block_rows(dset):
     return rows
 
 
-def iter_raw_blocks(x_path):
-    """Yield (start_row, raw_block) over a PCAM x file in large blocks, with bounded memory.
+def contiguous_offset(x_path, dset):
+    """Byte offset of an uncompressed, contiguous, native-order dataset (None for any other layout)."""
+    offset = dset.id.get_offset()
+    if dset.chunks is not None or dset.compression is not None or offset is None or not dset.dtype.isnative:
+        return None
+    if os.path.getsize(x_path) < offset + dset.nbytes:
+        raise PCAMError(f"{x_path} is truncated; download or copy it again")
+    return offset
 
-    The next block is read in a background thread while the caller works on the current one
-    (h5py releases the GIL while it reads), so a pass costs about one read of the file.
+
+def iter_raw_blocks(x_path):
+    """Yield (start_row, raw_block) over a PCAM x file in large blocks, with bounded memory. Blocks are
+    read-only.
+
+    A contiguous file is read through a memory map: blocks are views, no copy, and each block's pages
+    leave RSS once the caller is done with it. Other files are read by h5py, the next block in a
+    background thread while the caller works on the current one (h5py releases the GIL while reading).
     """
     with open_h5(x_path, rdcc_nbytes=CHUNK_CACHE_BYTES) as h5file:
         dset = dataset_in(h5file, "x", x_path)
-        step = block_rows(dset)
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(dset.__getitem__, slice(0, step))
-            for start in range(0, len(dset), step):
-                block = pending.result()
-                if start + step < len(dset):
-                    pending = reader.submit(dset.__getitem__, slice(start + step, start + 2 * step))
-                yield start, block
+        step, offset, shape, dtype = block_rows(dset), contiguous_offset(x_path, dset), dset.shape, dset.dtype
+        if offset is None:
+            with ThreadPoolExecutor(max_workers=1) as reader:
+                pending = reader.submit(dset.__getitem__, slice(0, step))
+                for start in range(0, len(dset), step):
+                    block = pending.result()
+                    if not block.dtype.isnative:  # a big-endian file: torch and bit-level checks want native
+                        block = block.astype(block.dtype.newbyteorder("="))
+                    if start + step < len(dset):
+                        pending = reader.submit(dset.__getitem__, slice(start + step, start + 2 * step))
+                    block.flags.writeable = False
+                    yield start, block
+            return
+    with open(x_path, "rb") as raw_file:
+        mapping = mmap.mmap(raw_file.fileno(), 0, access=mmap.ACCESS_READ)
+    images = np.frombuffer(mapping, dtype, int(np.prod(shape)), offset).reshape(shape)
+    for start in range(0, len(images), step):
+        yield start, images[start:start + step]
+        mapping.madvise(mmap.MADV_DONTNEED)  # only this block was touched; the page cache keeps the data
 
 
 def outlier_mask(x_path, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
@@ -273,14 +304,11 @@ def open_rows(x_path):
     """A row reader for the x file, chosen by its layout (dset.chunks, compression, byte offset)."""
     with open_h5(x_path) as h5file:
         dset = h5file["x"]
-        offset, shape, dtype = dset.id.get_offset(), dset.shape, dset.dtype
-        contiguous = dset.chunks is None and dset.compression is None and offset is not None
+        offset, shape, dtype = contiguous_offset(x_path, dset), dset.shape, dset.dtype
     # the file is closed again first: HDF5 shares one open file, so ChunkedRows's cache size would be ignored
-    if contiguous and os.path.getsize(x_path) < offset + np.prod(shape) * dtype.itemsize:
-        raise PCAMError(f"{x_path} is truncated; download or copy it again")
-    if contiguous and dtype == np.uint8:
+    if offset is not None and dtype == np.uint8:
         return MappedRows(x_path, offset, shape)
-    if contiguous and dtype.isnative:
+    if offset is not None:
         return PositionalRows(x_path, offset, dtype)
     return ChunkedRows(x_path)
 

@@ -45,26 +45,25 @@ class SplitScan:
         self.outlier_examples = dict.fromkeys(OUTLIER_KINDS)
 
     def add(self, start, raw):
-        """Measure one raw block; it may be overwritten."""
+        """Measure one raw block (read-only)."""
         step = max(1, SUB_BLOCK_BYTES // (data.IMAGE_BYTES * raw.dtype.itemsize))
         for offset in range(0, len(raw), step):
             self.add_sub_block(start + offset, raw[offset:offset + step])
 
     def add_sub_block(self, start, raw):
         stop = start + len(raw)
+        suspect = None
         if raw.dtype != np.uint8:
-            pixels = torch.from_numpy(raw).view(len(raw), -1)
-            high, low = pixels.amax(dim=1), pixels.amin(dim=1)  # both NaN exactly for the NaN-bearing rows
-            has_nan = high.isnan()
-            out_of_range = (high > 255) | (low < 0)  # NaN compares False: NaN-bearing rows are measured below
-            if has_nan.any():
-                finite = pixels[has_nan].nan_to_num(nan=128.0)  # an in-range stand-in: only real pixels count
-                out_of_range[has_nan] = (finite.amax(dim=1) > 255) | (finite.amin(dim=1) < 0)
-            if out_of_range.any():
-                pixels[out_of_range] = pixels[out_of_range].clamp(0, 255)  # the few rows clean would clip
-            self.flags["nan"][start:stop] = has_nan.numpy()
-            self.flags["out_of_range"][start:stop] = out_of_range.numpy()
-        self.means[start:stop] = data.tile_means(raw, self.black_threshold, self.white_threshold, in_range=True)
+            suspect = data.suspect_rows(raw)  # NaN or out-of-range pixels can only be in these rows
+            has_nan, out_of_range = np.zeros(len(raw), dtype=bool), np.zeros(len(raw), dtype=bool)
+            if suspect.any():
+                pixels = torch.from_numpy(raw[suspect]).view(int(suspect.sum()), -1)
+                has_nan[suspect] = pixels.isnan().any(dim=1).numpy()
+                finite = pixels.nan_to_num(nan=128.0)  # an in-range stand-in: only real pixels count
+                out_of_range[suspect] = ((finite.amax(dim=1) > 255) | (finite.amin(dim=1) < 0)).numpy()
+            self.flags["nan"][start:stop] = has_nan
+            self.flags["out_of_range"][start:stop] = out_of_range
+        self.means[start:stop] = data.tile_means(raw, self.black_threshold, self.white_threshold, suspect)
         self.flags["black"][start:stop] = self.means[start:stop] <= self.black_threshold
         self.flags["white"][start:stop] = self.means[start:stop] >= self.white_threshold
         self.keep_examples(start, raw)
