@@ -216,14 +216,17 @@ def read_labels(y_path):
     return raw.astype(np.int64)
 
 
-def check_images(x_path, rows_expected, y_path):
+def read_split_labels(x_path, y_path):
+    """The labels of a split, (N,) int64, after checking that its x file holds N images of 96x96x3."""
+    labels = read_labels(y_path)
     with open_h5(x_path) as h5file:
         dset = dataset_in(h5file, "x", x_path)
         if dset.shape[1:] != IMAGE_SHAPE:
             raise PCAMError(f"{x_path}: images have shape {dset.shape[1:]}; expected {IMAGE_SHAPE} (H, W, C)")
-        if len(dset) != rows_expected:
-            raise PCAMError(f"{x_path} has {len(dset)} images but {y_path} has {rows_expected} labels; "
+        if len(dset) != len(labels):
+            raise PCAMError(f"{x_path} has {len(dset)} images but {y_path} has {len(labels)} labels; "
                             "the two files of a split must match row for row")
+    return labels
 
 
 def is_consecutive(rows):
@@ -326,8 +329,7 @@ class PCAMDataset(Dataset):
         for path in (self.x_path, self.y_path):
             if not os.path.isfile(path):
                 raise MissingDataError(f"{path} not found")
-        all_labels = read_labels(self.y_path)
-        check_images(self.x_path, len(all_labels), self.y_path)
+        all_labels = read_split_labels(self.x_path, self.y_path)
         self.indices = np.arange(len(all_labels))
         if filter_data:
             self.indices = np.flatnonzero(~outlier_mask(self.x_path, black_threshold, white_threshold))
@@ -523,8 +525,7 @@ def cmd_synth(args):
 def prepare_split(data_dir, out_dir, split):
     x_src, y_src = require_split(data_dir, split)
     x_out, y_out = split_paths(out_dir, split)
-    labels = read_labels(y_src)
-    check_images(x_src, len(labels), y_src)
+    labels = read_split_labels(x_src, y_src)
     if all(os.path.isfile(p) and os.path.getmtime(p) >= os.path.getmtime(x_src) for p in (x_out, y_out)):
         with open_h5(x_out) as h5file:
             if h5file["x"].shape[0] == len(labels) and h5file["x"].dtype == np.uint8:
@@ -571,8 +572,7 @@ def cmd_info(args):
     log(f"{'split':<6} {'rows':>8} {'dtype':>8} {'shape':>16} {'layout':>22} {'MiB':>8} {'class 0':>8} {'class 1':>8}")
     for split in present_splits(args.data_dir):
         x_path, y_path = split_paths(args.data_dir, split)
-        labels = read_labels(y_path)
-        check_images(x_path, len(labels), y_path)
+        labels = read_split_labels(x_path, y_path)
         with open_h5(x_path) as h5file:
             dset = h5file["x"]
             layout = "contiguous" if dset.chunks is None else f"chunks {dset.chunks[0]}"

@@ -99,8 +99,7 @@ class SplitScan:
 
 def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
     x_path, y_path = data.require_split(data_dir, split)
-    labels = data.read_labels(y_path)
-    data.check_images(x_path, len(labels), y_path)
+    labels = data.read_split_labels(x_path, y_path)
     scan = SplitScan(split, labels, sample_grid, black_threshold, white_threshold)
     for start, block in data.iter_raw_blocks(x_path):
         scan.add(start, block)

@@ -526,8 +526,9 @@ def loss_columns(run_dir):
     return [[row[column] for column in LOSS_COLUMNS] for row in read_csv_rows(run_dir / "metrics.csv")]
 
 
-def final_weights(run_dir):
-    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+def assert_same_weights(run_dir, other_run_dir):
+    weights, expected = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (run_dir, other_run_dir))
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
 def is_nonblank_png(path):
@@ -578,8 +579,7 @@ def test_stopping_after_epoch_1_and_resuming_equals_a_straight_run(synth_dir, st
     train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1"))
     train.main(["--out-dir", str(tmp_path / "split"), "--data-dir", str(synth_dir), "--resume", "--epochs", "3"])
     assert loss_columns(tmp_path / "split") == loss_columns(straight_run)
-    weights, expected = final_weights(tmp_path / "split"), final_weights(straight_run)
-    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+    assert_same_weights(tmp_path / "split", straight_run)
 
 
 def test_sigterm_mid_epoch_then_resume_matches(synth_dir, straight_run, tmp_path):
@@ -598,8 +598,7 @@ def test_sigterm_mid_epoch_then_resume_matches(synth_dir, straight_run, tmp_path
     resumed = run_script("train.py", *args, "--resume", check=True)
     assert "resuming" in resumed.stdout
     assert loss_columns(tmp_path / "killed") == loss_columns(straight_run)
-    weights, expected = final_weights(tmp_path / "killed"), final_weights(straight_run)
-    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+    assert_same_weights(tmp_path / "killed", straight_run)
 
 
 def test_dry_run_takes_one_batch_each_and_writes_nothing(synth_dir, tmp_path):
@@ -880,8 +879,7 @@ def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_
     assert "USR1: time limit near" in log and "requeueing job" in log and "restart 1" in log, log
     run_dir = project / "runs" / f"slurm-{job}"
     assert loss_columns(run_dir) == loss_columns(tmp_path / "straight")
-    weights, expected = final_weights(run_dir), final_weights(tmp_path / "straight")
-    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+    assert_same_weights(run_dir, tmp_path / "straight")
 
 
 @needs_slurm

@@ -89,6 +89,11 @@ def parse_args(argv=None):
     return args
 
 
+def settings(args):
+    """The run's arguments as recorded (without parse_args's note of which flags were given)."""
+    return {k: v for k, v in vars(args).items() if k != "given"}
+
+
 def check_args(args):
     for name in ("epochs", "batch_size", "lr", "log_every"):
         if not getattr(args, name) > 0:
@@ -336,8 +341,7 @@ def build(args, device):
 
 
 def print_startup(args, environment, model, train_loader, val_loader):
-    settings = {k: v for k, v in vars(args).items() if k != "given"}
-    print("arguments: " + " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+    print("arguments: " + " ".join(f"{k}={v}" for k, v in settings(args).items()), flush=True)
     print("environment: " + " ".join(f"{k}={v}" for k, v in environment.items()), flush=True)
     print(f"model: MLP hidden {args.hidden_units}, {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
     for name, loader in (("train", train_loader), ("valid", val_loader)):
@@ -388,7 +392,7 @@ def run(args):
         start_epoch, best_val_loss, history = 1, float("inf"), []
         record = {"started_at": datetime.datetime.now().isoformat(timespec="seconds")}
     print(f"normalisation: mean {model.channel_mean.flatten().tolist()} std {model.channel_std.flatten().tolist()}", flush=True)
-    record.update({"args": {k: v for k, v in vars(args).items() if k != "given"}, "environment": environment,
+    record.update({"args": settings(args), "environment": environment,
                    "data": data_record(args.data_dir), "status": "running"})
     write_json(record, paths["run.json"])
 
@@ -396,7 +400,7 @@ def run(args):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "best_val_loss": best_val_loss, "history": history, "rng": rng_state(train_loader),
                 "model_args": {"hidden_units": list(args.hidden_units), "dropout_rate": args.dropout},
-                "args": {k: v for k, v in vars(args).items() if k != "given"}}
+                "args": settings(args)}
 
     if not checkpoint:
         save_atomically(checkpoint_now(0), paths["last.pt"])
