@@ -39,6 +39,7 @@ def read_metrics(path):
 
 
 def plot_runs(paths, out_path):
+    """Draw the runs' curves to out_path; returns the (closed) figure, whose lines tests can read."""
     runs = [read_metrics(path) for path in paths]
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, (name, metrics) in enumerate(runs):
@@ -57,7 +58,7 @@ def plot_runs(paths, out_path):
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     figure.savefig(out_path, dpi=120)
     plt.close(figure)
-    return out_path
+    return figure
 
 
 def main(argv=None):
@@ -69,7 +70,8 @@ def main(argv=None):
     first = args.runs[0]
     out_path = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".", "loss.png")
     try:
-        print(f"wrote {plot_runs(args.runs, out_path)}")
+        plot_runs(args.runs, out_path)
+        print(f"wrote {out_path}")
     except PlotError as error:
         sys.exit(f"plot_loss.py: error: {error}")
 

@@ -19,6 +19,29 @@ import data
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The few internals tests call by name, kept here so a move or rename is adapted in one place.
+def evaluate_model(model, loader):
+    """(loss, accuracy, AUC) of model over loader, as training evaluates validation and test, on the CPU."""
+    import contextlib
+
+    import train
+    return train.evaluate(model, loader, torch.device("cpu"), contextlib.nullcontext)
+
+
+def save_checkpoint(checkpoint, path):
+    """Write a checkpoint the way training writes last.pt and best.pt."""
+    import train
+    train.save_atomically(checkpoint, str(path))
+
+
+def loss_plot_lines(paths, out_path):
+    """[{label: (x, y)} of the loss axes, the same of the accuracy axes] of the figure plot_loss.py draws."""
+    import plot_loss
+    figure = plot_loss.plot_runs([str(path) for path in paths], str(out_path))
+    return [{line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.get_lines()}
+            for axes in figure.axes[:2]]
+
+
 def run_script(*args, env=None, check=False):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     result = subprocess.run([sys.executable, *args], check=False, cwd=HERE, capture_output=True, text=True,
@@ -60,6 +83,7 @@ def small_set(tmp_path):
 
 # ---- cleaning and the outlier filter ----
 
+@pytest.mark.filterwarnings("error")  # a NaN left to the uint8 cast warns, and casts to 0 only on some CPUs
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cleaning_maps_nan_inf_and_out_of_range_pixels(tmp_path, dtype):
     images = tissue(4, dtype=dtype)
@@ -77,6 +101,18 @@ def test_cleaning_maps_nan_inf_and_out_of_range_pixels(tmp_path, dtype):
     assert label.dtype == torch.long and label.dim() == 0
     untouched = np.clip(images[0], 0, 255).astype(np.uint8).transpose(2, 0, 1)
     assert np.array_equal(ds[0][0].numpy(), untouched)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16])
+def test_integer_pixels_are_clipped_not_wrapped(tmp_path, dtype):
+    images = tissue(3, dtype=dtype)
+    images[0, 0, :3, 0] = [256, 300, 1000]  # a uint8 cast would wrap them to 0, 44, 232
+    if np.issubdtype(dtype, np.signedinteger):
+        images[1, 2, 2:4, 1] = [-1, -200]  # and these to 255, 56
+    ds = data.PCAMDataset(*write_split(tmp_path, "train", images, labels_of(3, 1)))
+    expected = np.clip(images.astype(np.int64), 0, 255).astype(np.uint8).transpose(0, 3, 1, 2)
+    assert np.array_equal(ds[[0, 1, 2]][0].numpy(), expected)
+    assert ds[0][0][0, 0, :3].tolist() == [255, 255, 255]
 
 
 def test_big_endian_float_files_are_read_and_filtered(tmp_path):
@@ -152,11 +188,19 @@ def test_pickled_dataset_carries_no_open_handle(small_set):
     assert torch.equal(clone[[3, 4]][0], ds[[3, 4]][0])
 
 
-def test_preload_serves_the_same_batches(small_set):
-    streaming = data.load_split(small_set, "train", filter_data=True)
-    preloaded = data.load_split(small_set, "train", filter_data=True, preload=True)
-    rows = [0, 199 - 1, 42]
+def test_preload_serves_the_same_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK_BYTES", 8 * data.IMAGE_BYTES)  # 8-image blocks, most with a dropped row
+    images, labels = tissue(40), labels_of(40, 16)
+    dropped = [0, 5, 6, 17, 39]
+    images[dropped[:3]], images[dropped[3:]] = 0, 255
+    write_split(tmp_path, "train", images, labels)
+    streaming = data.load_split(tmp_path, "train", filter_data=True)
+    preloaded = data.load_split(tmp_path, "train", filter_data=True, preload=True)
+    rows = list(range(len(images) - len(dropped)))
+    assert len(preloaded) == len(rows)
     assert torch.equal(streaming[rows][0], preloaded[rows][0])
+    assert torch.equal(streaming[rows][1], preloaded[rows][1])
+    assert np.array_equal(preloaded[rows][0].permute(0, 2, 3, 1).numpy(), np.delete(images, dropped, axis=0))
 
 
 def test_preload_refuses_when_memory_is_short(small_set, monkeypatch):
@@ -466,6 +510,21 @@ def test_mlp_maps_a_batch_to_two_logits():
     from model import MLP
     assert MLP()(torch.rand(8, 3, 96, 96) * 255).shape == (8, 2)
     assert MLP(hidden_units=(16,), num_classes=5)(torch.rand(3, 3, 96, 96)).shape == (3, 5)
+    torch.manual_seed(0)
+    model = MLP(hidden_units=(16, 8), dropout_rate=0.5).eval()
+    mean, std = [150.0, 120.0, 170.0], [40.0, 50.0, 30.0]
+    model.set_normalization(mean, std)
+    images = torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8)
+    # by hand: normalise per channel, flatten each image in (H, W, C) order, Linear -> ReLU ..., Linear
+    activations = (images.double() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    activations = activations.permute(0, 2, 3, 1).reshape(4, -1)
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    assert [linear.out_features for linear in linears] == [16, 8, 2]
+    for index, linear in enumerate(linears):
+        activations = activations @ linear.weight.double().T + linear.bias.double()
+        if index < len(linears) - 1:
+            activations = activations.clamp_min(0)
+    torch.testing.assert_close(model(images).double(), activations, rtol=1e-4, atol=1e-4)
 
 
 def test_mlp_parameter_count_for_64_32():
@@ -493,10 +552,19 @@ def test_normalisation_travels_in_the_state_dict():
     clone = MLP()
     clone.load_state_dict(model.state_dict())
     assert clone.channel_mean.flatten().tolist() == [10.0, 20.0, 30.0]
+    assert clone.channel_std.flatten().tolist() == [2.0, 4.0, 8.0]
     images = torch.rand(2, 3, 96, 96) * 255
     model.eval()
     clone.eval()
     assert torch.equal(model(images), clone(images))
+    plain = MLP()  # the same weights with the default mean 0, std 1: forward must apply both buffers
+    plain.load_state_dict(model.state_dict())
+    plain.set_normalization([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    plain.eval()
+    mean, std = torch.tensor([10.0, 20.0, 30.0]).view(1, 3, 1, 1), torch.tensor([2.0, 4.0, 8.0]).view(1, 3, 1, 1)
+    normalised = (images - mean) / std
+    torch.testing.assert_close(model(images), plain(normalised), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(model(images), plain(images), rtol=1e-2, atol=1e-2)
 
 
 # ---- train.py ----
@@ -574,6 +642,40 @@ def test_the_same_seed_gives_the_same_metrics(synth_dir, straight_run, tmp_path)
     assert loss_columns(tmp_path / "other")[0] != loss_columns(straight_run)[0]
 
 
+def test_evaluation_is_repeatable_and_runs_without_dropout(small_set):
+    import torch.nn.functional as F
+
+    from model import MLP
+    torch.manual_seed(0)
+    model = MLP(hidden_units=(32,), dropout_rate=0.5)
+    model.set_normalization([128.0] * 3, [40.0] * 3)
+    _, val_loader = data.get_dataloaders(small_set, batch_size=16)
+    model.train()  # as the training loop leaves it
+    first = evaluate_model(model, val_loader)
+    model.train()
+    second = evaluate_model(model, val_loader)
+    assert first == second
+    model.eval()
+    with torch.no_grad():
+        loss_sum = sum(F.cross_entropy(model(images), labels, reduction="sum").item() for images, labels in val_loader)
+    assert first[0] == pytest.approx(loss_sum / len(val_loader.dataset), rel=1e-5)
+
+
+def test_best_pt_keeps_the_epoch_of_the_lowest_validation_loss(tmp_path):
+    import train
+    data.main(["synth", "--data-dir", str(tmp_path / "tiny"), "--n-train", "64", "--n-valid", "128", "--n-test", "0"])
+    # 64 images, no dropout, a high learning rate: it overfits within a few epochs, and the validation loss rises
+    train.main(train_args(tmp_path / "tiny", tmp_path / "run", "--epochs", "5", "--batch-size", "16", "--lr", "0.003",
+                          "--dropout", "0"))
+    val_losses = [float(row["val_loss"]) for row in read_csv_rows(tmp_path / "run" / "metrics.csv")]
+    lowest_epoch = 1 + val_losses.index(min(val_losses))
+    assert 1 < lowest_epoch < len(val_losses), f"the validation loss must fall, then rise: {val_losses}"
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["epoch"] == lowest_epoch
+    assert best["best_val_loss"] == pytest.approx(min(val_losses), abs=1e-6)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == len(val_losses)
+
+
 def test_stopping_after_epoch_1_and_resuming_equals_a_straight_run(synth_dir, straight_run, tmp_path):
     import train
     train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1"))
@@ -599,6 +701,22 @@ def test_sigterm_mid_epoch_then_resume_matches(synth_dir, straight_run, tmp_path
     assert "resuming" in resumed.stdout
     assert loss_columns(tmp_path / "killed") == loss_columns(straight_run)
     assert_same_weights(tmp_path / "killed", straight_run)
+
+
+def test_sigusr1_outside_slurm_stops_after_the_step_with_exit_75(synth_dir, tmp_path):
+    import signal
+    args = train_args(synth_dir, tmp_path / "run", "--epochs", "2")
+    outside_slurm = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    process = subprocess.Popen([sys.executable, "-u", "train.py", *args], cwd=HERE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=outside_slurm)
+    for line in process.stdout:
+        if line.startswith("epoch 1/2 step 10/"):
+            process.send_signal(signal.SIGUSR1)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 75, output
+    assert "stopped by SIGUSR1" in output and "epoch 1/2 train_loss" not in output
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
 
 
 def test_dry_run_takes_one_batch_each_and_writes_nothing(synth_dir, tmp_path):
@@ -665,6 +783,25 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(synth
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
 
 
+def test_a_checkpoint_write_that_fails_part_way_keeps_the_previous_one(tmp_path):
+    import resource
+    import signal
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "weights": torch.arange(1000.0)}, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    on_oversize = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
+    try:
+        with pytest.raises((OSError, RuntimeError)):
+            save_checkpoint({"epoch": 2, "weights": torch.zeros(1_000_000)}, path)  # 4 MB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, on_oversize)
+    previous = torch.load(path, weights_only=True)
+    assert previous["epoch"] == 1 and torch.equal(previous["weights"], torch.arange(1000.0))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
 # ---- plot_loss.py ----
 
 def test_plot_overlays_runs_and_writes_where_asked(straight_run, tmp_path):
@@ -674,6 +811,30 @@ def test_plot_overlays_runs_and_writes_where_asked(straight_run, tmp_path):
     (straight_run / "loss.png").unlink()
     run_script("plot_loss.py", str(straight_run), check=True)
     assert is_nonblank_png(straight_run / "loss.png")
+
+
+def test_plot_draws_train_and_validation_loss_and_accuracy_of_each_run(straight_run, tmp_path):
+    def column(rows, name):
+        return [float(row[name]) for row in rows]
+
+    def lines_labelled(lines, word):
+        return sorted(data for label, data in lines.items() if word in label)
+
+    rows = read_csv_rows(straight_run / "metrics.csv")
+    loss_lines, accuracy_lines = loss_plot_lines([straight_run], tmp_path / "one.png")
+    epochs = column(rows, "epoch")
+    assert lines_labelled(loss_lines, "train") == [(epochs, column(rows, "train_loss"))]
+    assert lines_labelled(loss_lines, "validation") == [(epochs, column(rows, "val_loss"))]
+    assert list(accuracy_lines.values()) == [(epochs, column(rows, "val_acc"))]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.csv").write_text("epoch,train_loss,val_loss,val_acc\n1,0.9,0.8,0.6\n2,0.7,0.75,0.65\n")
+    loss_lines, accuracy_lines = loss_plot_lines([straight_run, other], tmp_path / "two.png")
+    assert len(loss_lines) == 4 and len(accuracy_lines) == 2
+    assert lines_labelled(loss_lines, "validation") == sorted([(epochs, column(rows, "val_loss")),
+                                                              ([1.0, 2.0], [0.8, 0.75])])
+    assert lines_labelled(loss_lines, "train") == sorted([(epochs, column(rows, "train_loss")),
+                                                         ([1.0, 2.0], [0.9, 0.7])])
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -698,7 +859,29 @@ def poisoned_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("poisoned")
     data.main(["synth", "--data-dir", str(directory), "--n-train", "600", "--n-valid", "200", "--n-test", "0",
                "--poison", "0.2", "--dtype", "float32", "--seed", "3"])
+    # synth poisons equal numbers of each kind: more of some, so that no two columns of the table are equal
+    add_defects(directory, "train", {"nan": 1, "out_of_range": 2, "black": 3, "white": 4})
+    add_defects(directory, "valid", {"nan": 4, "out_of_range": 3, "black": 2, "white": 1})
     return directory
+
+
+def add_defects(directory, split, counts):
+    """Turn clean images of a split into counts[kind] more defects of each kind."""
+    x_path = data.split_paths(directory, split)[0]
+    with h5py.File(x_path, "r+") as h5file:
+        x = h5file["x"][()]
+        means = x.mean(axis=(1, 2, 3))  # NaN for the rows with NaN, so those are not clean
+        clean_rows = iter(np.flatnonzero((x.max(axis=(1, 2, 3)) <= 255) & (x.min(axis=(1, 2, 3)) >= 0)
+                                         & (means > 10) & (means < 245)))
+        for kind, count in counts.items():
+            for row in [next(clean_rows) for _ in range(count)]:
+                if kind == "nan":
+                    x[row, 0, 0, 0] = np.nan
+                elif kind == "out_of_range":
+                    x[row, 1, 1, 1] = -7.0
+                else:
+                    x[row] = 0 if kind == "black" else 255
+        h5file["x"][...] = x
 
 
 def expected_counts(directory, split):
@@ -719,8 +902,8 @@ def test_eda_counts_are_exact_and_its_figures_are_drawn(poisoned_dir, tmp_path):
     for split in ("train", "valid"):
         line = next(line for line in result.stdout.splitlines() if line.startswith(split + " "))
         assert [int(value) for value in line.split()[1:8]] == expected_counts(poisoned_dir, split)
-    train_counts = expected_counts(poisoned_dir, "train")
-    assert train_counts[3:] == [30, 30, 30, 30]  # the synth defects: NaN, 1e5, black, white
+    assert expected_counts(poisoned_dir, "train")[3:] == [31, 32, 33, 34]  # NaN, <0|>255, black, white
+    assert expected_counts(poisoned_dir, "valid")[3:] == [14, 13, 12, 11]
     for name in ("pcam.png", "class_balance.png", "sample_grid.png", "channel_histograms.png"):
         assert is_nonblank_png(tmp_path / "assets" / name)
 

@@ -182,10 +182,9 @@ def restore_rng_state(state, train_loader):
 
 
 def save_atomically(obj, path):
-    """torch.save to a temporary name, then os.replace: a killed job never leaves half a checkpoint."""
-    temp_path = path + ".partial"
-    torch.save(obj, temp_path)
-    os.replace(temp_path, path)
+    """torch.save to a temporary name, then os.replace: a killed job never leaves half a checkpoint, and a
+    failed write (a full disk) leaves the previous file and no temporary one."""
+    data.write_atomically(path, lambda temp_path: torch.save(obj, temp_path))
 
 
 def write_json(obj, path):
