@@ -80,8 +80,8 @@ sweep: $(VENV)/.installed ## one job array over SEEDS="1 2 3" (or LRS="1e-3 1e-4
 	mkdir -p logs
 	values=($$SEEDS $$LRS); flag=$$([ -n "$$SEEDS" ] && echo --seed || echo --lr); \
 	job=$$(PCAM_DIR="$$DATA_DIR" SWEEP_FLAG=$$flag SWEEP_VALUES="$${values[*]}" sbatch --parsable \
-		--array=0-$$(( $${#values[@]} - 1 )) --partition="$$PARTITION" --time="$$TIME" --gpus="$$GPUS" \
-		--cpus-per-task="$$CPUS" --mem="$$MEM" train_job.sh $$ARGS) && \
+		--array=0-$$(( $${#values[@]} - 1 )) --output=logs/pcam_train_%A_%a.out --partition="$$PARTITION" \
+		--time="$$TIME" --gpus="$$GPUS" --cpus-per-task="$$CPUS" --mem="$$MEM" train_job.sh $$ARGS) && \
 		echo "submitted array $$job: $$flag $${values[*]}; logs logs/pcam_train_$${job}_*.out, runs runs/slurm-$${job}_<task>"
 
 status: ## your queued jobs, then state, elapsed time, node and max RSS of recent ones (sacct)

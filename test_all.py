@@ -1037,14 +1037,15 @@ def test_make_train_passes_arguments_without_running_them(project):
 
 @needs_slurm
 def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(project, synth_dir, tmp_path):
-    # Slurm checks time limits every 30 s, so the USR1 due 50 s before a 1-minute limit comes 0-35 s in:
-    # the run is made to last longer than that. Both runs use one thread, so they share the 2 CPUs here
-    # without slowing each other down, and compute the same numbers.
+    # Slurm checks time limits every 30 s, so the USR1 due 90 s before a 2-minute limit comes 30-65 s in:
+    # after train.py is up (an earlier USR1 would find it still importing), and before the run ends. Both
+    # runs use one thread, so they share the 2 CPUs here without slowing each other down, and compute the
+    # same numbers.
     args = ["--epochs", "40", "--batch-size", "16", "--log-every", "50", "--num-workers", "0"]
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
     (project / "logs").mkdir()
     job = subprocess.run(["sbatch", "--parsable", "--partition=gpu_course", "--cpus-per-task=1", "--mem=1500M",
-                          "--time=00:01:00", "--signal=B:USR1@50", "train_job.sh", *args], cwd=project,
+                          "--time=00:02:00", "--signal=B:USR1@90", "train_job.sh", *args], cwd=project,
                          capture_output=True, text=True, check=True, env={**one_thread, "PCAM_DIR": str(synth_dir)}
                          ).stdout.strip()
     straight = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(synth_dir), "--out-dir",
@@ -1053,13 +1054,14 @@ def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_
     def extend_after_first_requeue():
         # the requeued job would be signalled again soon after it starts: give it room to finish
         show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
-        if "Restarts=1" in show and "TimeLimit=00:01:00" in show:
+        if "Restarts=1" in show and "TimeLimit=00:02:00" in show:
             subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=00:10:00"], check=True)
 
     assert wait_for_job(job, timeout=480, on_poll=extend_after_first_requeue) == ["COMPLETED"]
     assert straight.wait(timeout=300) == 0
     log = (project / "logs" / f"pcam_train_{job}.out").read_text()
     assert "USR1: time limit near" in log and "requeueing job" in log and "restart 1" in log, log
+    assert "stopped by SIGUSR1" in log and "resuming" in log, log  # train.py itself checkpointed, then resumed
     run_dir = project / "runs" / f"slurm-{job}"
     assert loss_columns(run_dir) == loss_columns(tmp_path / "straight")
     assert_same_weights(run_dir, tmp_path / "straight")
@@ -1067,15 +1069,21 @@ def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_
 
 @needs_slurm
 def test_make_sweep_leaves_one_run_per_seed(project):
+    import json
+    import re
     output = make(project, "sweep", env={**SMALL_JOB, "SEEDS": "1 2", "ARGS": "--epochs 1"})
     job = submitted_job(output)[0]
     assert wait_for_job(job) == ["COMPLETED", "COMPLETED"]
+    logs = re.search(r"logs (\S+\.out)", output).group(1)
     seeds = {}
     for task in (0, 1):
-        import json
         record = json.loads((project / "runs" / f"slurm-{job}_{task}" / "run.json").read_text())
         seeds[task] = record["args"]["seed"]
+        log = (project / logs.replace("*", str(task))).read_text()
+        assert log.startswith(f"job {job}_{task} (array {job}, task {task}) on "), log
+        assert f"--seed {seeds[task]}" in log and "done: " in log
     assert seeds == {0: 1, 1: 2}
+    assert len(os.listdir(project / "logs")) == 2
 
 
 @needs_slurm

@@ -5,7 +5,7 @@
 #SBATCH --cpus-per-task=8           # CPU cores, used as DataLoader workers
 #SBATCH --mem=32G                   # memory for the job
 #SBATCH --time=01:00:00             # run time limit (hh:mm:ss)
-#SBATCH --output=logs/%x_%j.out     # log file; make train creates logs/ first
+#SBATCH --output=logs/%x_%j.out     # log file (make sweep: logs/%x_%A_%a.out); make creates logs/
 #SBATCH --open-mode=append          # a requeued job appends to the same log
 #SBATCH --signal=B:USR1@120         # USR1 to this script about 120 s before the time limit
 #SBATCH --requeue                   # the job may requeue itself after a checkpoint
@@ -19,7 +19,11 @@ set -euo pipefail
 
 submit_dir="${SLURM_SUBMIT_DIR:?submit this script with sbatch, from the repository folder}"
 cd "$submit_dir"
-echo "job ${SLURM_JOB_ID} on $(hostname), restart ${SLURM_RESTART_COUNT:-0}, started $(date -Is)"
+job="${SLURM_JOB_ID}"
+if [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]]; then  # an array task goes by the name of its log and run folder
+    job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (array ${SLURM_ARRAY_JOB_ID}, task ${SLURM_ARRAY_TASK_ID})"
+fi
+echo "job ${job} on $(hostname), restart ${SLURM_RESTART_COUNT:-0}, started $(date -Is)"
 if command -v nvidia-smi >/dev/null 2>&1; then
     echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | paste -sd ';')"
 else
