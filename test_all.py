@@ -1037,15 +1037,15 @@ def test_make_train_passes_arguments_without_running_them(project):
 
 @needs_slurm
 def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(project, synth_dir, tmp_path):
-    # Slurm checks time limits every 30 s, so the USR1 due 90 s before a 2-minute limit comes 30-65 s in:
-    # after train.py is up (an earlier USR1 would find it still importing), and before the run ends. Both
-    # runs use one thread, so they share the 2 CPUs here without slowing each other down, and compute the
-    # same numbers.
+    # Slurm checks time limits every 30 s and signals a job once it is within --signal's time + 30 s of its
+    # limit, so USR1@75 of a 2-minute limit comes 15-45 s in: after train.py is up (an earlier USR1 finds it
+    # still importing torch) and before its 40 epochs end. Both runs use one thread, so they share the 2
+    # CPUs here without slowing each other down, and compute the same numbers.
     args = ["--epochs", "40", "--batch-size", "16", "--log-every", "50", "--num-workers", "0"]
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
     (project / "logs").mkdir()
     job = subprocess.run(["sbatch", "--parsable", "--partition=gpu_course", "--cpus-per-task=1", "--mem=1500M",
-                          "--time=00:02:00", "--signal=B:USR1@90", "train_job.sh", *args], cwd=project,
+                          "--time=00:02:00", "--signal=B:USR1@75", "train_job.sh", *args], cwd=project,
                          capture_output=True, text=True, check=True, env={**one_thread, "PCAM_DIR": str(synth_dir)}
                          ).stdout.strip()
     straight = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(synth_dir), "--out-dir",
