@@ -776,7 +776,8 @@ def bad_checkpoints(run_dir, directory):
     best = torch.load(run_dir / "best.pt", weights_only=True)
     torch.save({"weights": torch.zeros(3)}, directory / "other.pt")
     (directory / "notes.pt").write_text("not a checkpoint\n")
-    (directory / "truncated.pt").write_bytes((run_dir / "best.pt").read_bytes()[:50_000])
+    whole = (run_dir / "best.pt").read_bytes()
+    (directory / "truncated.pt").write_bytes(whole[:len(whole) // 2])  # a save cut off half-way
     torch.save({**best, "model_args": {"hidden_units": [128, 32], "dropout_rate": 0.2}}, directory / "shape.pt")
     return {"not ours": (directory / "other.pt", "is not a pcam-mlp checkpoint"),
             "text": (directory / "notes.pt", "cannot load checkpoint"),
@@ -867,13 +868,20 @@ def test_runs_table_lists_running_stopped_and_unreadable_runs(sweep_runs, tmp_pa
         (root / name / "run.json").write_text(json.dumps({**record, "status": status}))
     (root / "going" / "metrics.csv").write_text(",".join(read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]))
     (root / "no-metrics" / "metrics.csv").unlink()
+    first_epoch = read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]
+    worse_epoch = {**first_epoch, "epoch": "2", "val_loss": str(float(first_epoch["val_loss"]) + 0.1), "val_acc": "0.5"}
+    with open(root / "stopped" / "metrics.csv", "a") as metrics_file:
+        metrics_file.write(",".join(worse_epoch.values()) + "\n")
     (root / "empty").mkdir()
     (root / "damaged").mkdir()
     (root / "damaged" / "run.json").write_text('{"args": ')
     result = subprocess.run(["make", "-s", "runs", f"RUNS={root}/*/"], cwd=HERE, capture_output=True, text=True,
                             check=False, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    statuses = {row["run"]: row["status"] for row in read_csv_rows(root / "runs_summary.csv")}
+    table = {row["run"]: row for row in read_csv_rows(root / "runs_summary.csv")}
+    statuses = {name: row["status"] for name, row in table.items()}
+    assert (table["stopped"]["epochs_done"], table["stopped"]["best_epoch"]) == ("2", "1")
+    assert float(table["stopped"]["val_acc"]) == float(first_epoch["val_acc"])  # at the best epoch, not the last
     assert statuses == {"damaged": "unreadable: run.json", "empty": "unreadable: run.json", "going": "running",
                         "no-metrics": "unreadable: metrics.csv", "stopped": "stopped by SIGTERM"}
     for line in result.stdout.splitlines()[1:-1]:
