@@ -191,8 +191,9 @@ def plot_confusion(confusion, path):
     for (true_class, predicted_class), count in np.ndenumerate(counts):
         axes.text(predicted_class, true_class, f"{count:,}\n{count / counts[true_class].sum():.1%}" if count else "0",
                   ha="center", va="center", color="white" if count > counts.max() / 2 else "black")
-    axes.set(title="Confusion matrix", xlabel="predicted class", ylabel="true class", xticks=[0, 1], yticks=[0, 1],
-             xticklabels=["0 normal", "1 tumour"], yticklabels=["0 normal", "1 tumour"])
+    class_names = ["0 normal", "1 tumour"]
+    axes.set(title="Confusion matrix: count, share of the true class", xlabel="predicted class", ylabel="true class",
+             xticks=[0, 1], yticks=[0, 1], xticklabels=class_names, yticklabels=class_names)
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -246,7 +247,7 @@ def run(args):
     dataset = data.load_split(args.data_dir, args.split, args.filter_data)
     loader = data.batch_loader(dataset, torch.utils.data.SequentialSampler(dataset), args.batch_size,
                                args.num_workers, pin_memory=device.type == "cuda")
-    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval-{args.split}")
+    out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval-{args.split}")
     about = describe(args.checkpoint, checkpoint, args.data_dir, args.split, args.filter_data, device)
     prepare_out_dir(out_dir, about)
     metrics = evaluate_split(model, loader, dataset.indices, device, out_dir, about)

@@ -24,7 +24,7 @@ TABLE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_auc", "epoch
 RESULTS = ("epochs_done", "best_epoch", "best_val_loss", "val_acc", "val_auc", "test_acc", "test_auc", "images_per_s",
            "wall_s")
 AVERAGED = RESULTS[2:]  # the metrics a group of seeds gets a mean and std of
-UNCOMPARED_SETTINGS = ("out_dir", "resume")  # differ between runs without changing what they compute
+UNCOMPARED_SETTINGS = ("out_dir", "resume", "log_every")  # differ without changing what a run computes
 
 
 class PlotError(Exception):
