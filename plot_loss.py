@@ -112,6 +112,8 @@ def plot_runs(paths, out_path):
 def summarize_run(path):
     """One row of the runs table from a run folder's run.json and metrics.csv."""
     name = os.path.basename(os.path.abspath(run_folder(path)))
+    if not os.path.exists(path):
+        return {"run": path, "settings": None, "status": "unreadable: not found"}
     try:
         with open(os.path.join(run_folder(path), "run.json")) as source:
             record = json.load(source)
@@ -160,7 +162,7 @@ def cell(row, column):
     value = row.get(column)
     if value is None:
         return ""
-    if column in ("images_per_s",):
+    if column == "images_per_s":
         return f"{value:,.0f}"
     if column == "wall_s":
         return f"{value:.1f}"

@@ -832,8 +832,9 @@ def test_runs_table_shows_what_differs_and_the_spread_over_seeds(sweep_runs):
     import statistics
     result = run_script("plot_loss.py", "--table", str(sweep_runs / "*"), check=True)
     table = read_csv_rows(sweep_runs / "runs_summary.csv")
+    # of the settings, only those that differ
     assert list(table[0]) == ["run", "lr", "seed", "epochs_done", "best_epoch", "best_val_loss", "val_acc", "val_auc",
-                              "test_acc", "test_auc", "images_per_s", "wall_s", "status"]  # only the settings that differ
+                              "test_acc", "test_auc", "images_per_s", "wall_s", "status"]
     assert [row["run"] for row in table] == ["lr-1e-3", "lr-3e-4", "seed-1", "seed-2", "seed-3",
                                              "mean of 3 seeds", "std of 3 seeds"]
     by_run = {row["run"]: row for row in table}
@@ -886,6 +887,9 @@ def test_runs_table_lists_running_stopped_and_unreadable_runs(sweep_runs, tmp_pa
                         "no-metrics": "unreadable: metrics.csv", "stopped": "stopped by SIGTERM"}
     for line in result.stdout.splitlines()[1:-1]:
         assert line.endswith(statuses[line.split()[0]])
+    missing = run_script("plot_loss.py", "--table", str(root / "nowhere"), "--out", str(tmp_path / "out.png"),
+                         check=True)
+    assert "unreadable: not found" in missing.stdout
 
 
 # ---- eda.py ----
