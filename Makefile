@@ -7,6 +7,7 @@ SYNTH_DIR ?= data/synth
 RUFF_VERSION ?= 0.17.6
 ARGS ?=
 RUN ?= $(firstword $(shell ls -td $(wildcard runs/*/) 2>/dev/null))
+RUNS ?= runs/*/
 # Slurm resources for make train and make sweep (sbatch options override train_job.sh's #SBATCH lines)
 PARTITION ?= gpu_course
 TIME ?= 01:00:00
@@ -16,12 +17,12 @@ MEM ?= 32G
 SEEDS ?=
 LRS ?=
 # these reach commands as environment variables: split into words or quoted, never run by the shell
-export ARGS RUN PARTITION TIME GPUS CPUS MEM SEEDS LRS DATA_DIR
+export ARGS RUN RUNS PARTITION TIME GPUS CPUS MEM SEEDS LRS DATA_DIR
 SHELL := /bin/bash
 .SHELLFLAGS := -f -e -o pipefail -c
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint bench synth data eda demo train-local plot hello train sweep status logs env clean
+.PHONY: help install test lint bench synth data eda demo train-local plot runs hello train sweep status logs env clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -57,7 +58,7 @@ demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in ab
 	test -f $(SYNTH_DIR)/camelyonpatch_level_2_split_test_y.h5 || $(PY) data.py synth --data-dir $(SYNTH_DIR)
 	rm -rf runs/demo
 	$(PY) train.py --data-dir $(SYNTH_DIR) --epochs 5 --device cpu --out-dir runs/demo --log-every 8
-	@echo "demo: metrics in runs/demo/metrics.csv, plot in runs/demo/loss.png"
+	@echo "demo: metrics in runs/demo/metrics.csv, plot in runs/demo/loss.png, test evaluation in runs/demo/eval-test/"
 
 train-local: $(VENV)/.installed ## python train.py $$ARGS right here (laptop, salloc session)
 	$(PY) train.py $$ARGS
@@ -65,6 +66,9 @@ train-local: $(VENV)/.installed ## python train.py $$ARGS right here (laptop, sa
 plot: $(VENV)/.installed ## loss plot of RUN (default: newest run; several overlay) to assets/loss_plot.png
 	test -n "$$RUN" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }
 	$(PY) plot_loss.py $$RUN --out assets/loss_plot.png
+
+runs: $(VENV)/.installed ## table of RUNS (default: every run under runs/), mean and std over seeds; runs_summary.csv
+	$(PY) plot_loss.py --table $$RUNS
 
 hello: ## submit first_job.sh, the course's hello-world batch job
 	sbatch first_job.sh

@@ -1,11 +1,17 @@
-"""Plot training curves: `python plot_loss.py RUN_DIR_OR_CSV [MORE ...] [--out PNG]`.
+"""Plot training curves: `python plot_loss.py RUN_DIR_OR_CSV [MORE ...] [--out PNG]`, and compare runs.
 
 Train and validation loss per epoch on the left, validation accuracy on the right; several runs
-(three seeds, say) are overlaid, each named in the legend by its run folder.
+(three seeds, say) are overlaid, one colour each, named in the legend by the settings that differ
+between them (by their folders when none do). `--table` also prints one row of results per run, with
+the mean and std over runs that differ only in --seed, and writes them to runs_summary.csv.
 """
 import argparse
 import csv
+import glob
+import json
 import os
+import re
+import statistics
 import sys
 
 import matplotlib
@@ -14,13 +20,18 @@ matplotlib.use("Agg")  # files only, no display: works on login and compute node
 import matplotlib.pyplot as plt
 
 COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc")
+TABLE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_auc", "epoch_s", "images_per_s")
+RESULTS = ("epochs_done", "best_epoch", "best_val_loss", "val_acc", "val_auc", "test_acc", "test_auc", "images_per_s",
+           "wall_s")
+AVERAGED = RESULTS[2:]  # the metrics a group of seeds gets a mean and std of
+UNCOMPARED_SETTINGS = ("out_dir", "resume", "log_every")  # differ without changing what a run computes
 
 
 class PlotError(Exception):
     """A missing, empty or malformed metrics file."""
 
 
-def read_metrics(path):
+def read_metrics(path, columns=COLUMNS):
     """A run folder or metrics.csv -> (run name, {column: list of floats})."""
     csv_path = os.path.join(path, "metrics.csv") if os.path.isdir(path) else path
     name = os.path.basename(os.path.dirname(os.path.abspath(csv_path)))
@@ -28,21 +39,59 @@ def read_metrics(path):
         raise PlotError(f"{csv_path} not found: pass a run folder (runs/...) or its metrics.csv")
     with open(csv_path, newline="") as source:
         rows = list(csv.DictReader(source))
-    missing = [column for column in COLUMNS if rows and column not in rows[0]]
+    missing = [column for column in columns if rows and column not in rows[0]]
     if not rows or missing:
         raise PlotError(f"{csv_path} has no epoch rows" if not rows else
                         f"{csv_path} lacks the columns {', '.join(missing)}; is it a train.py metrics.csv?")
     try:
-        return name, {column: [float(row[column]) for row in rows] for column in COLUMNS}
+        return name, {column: [float(row[column]) for row in rows] for column in columns}
     except (TypeError, ValueError):
         raise PlotError(f"{csv_path} has a row that is not numbers; the file may be damaged") from None
+
+
+def run_folder(path):
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
+def read_settings(path):
+    """The arguments a run recorded in its run.json; None when that file is missing or damaged."""
+    try:
+        with open(os.path.join(run_folder(path), "run.json")) as source:
+            settings = json.load(source)["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def setting_text(value):
+    if isinstance(value, float):
+        return f"{value:g}"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def differing_settings(all_settings):
+    """The names of the settings whose values are not the same in every run (None: a run without run.json)."""
+    known = [settings for settings in all_settings if settings is not None]
+    names = dict.fromkeys(name for settings in known for name in settings if name not in UNCOMPARED_SETTINGS)
+    return [name for name in names if len({json.dumps(settings.get(name)) for settings in known}) > 1]
+
+
+def legend_names(paths, names):
+    """Each run named by what differs between the runs (`lr=0.001 seed=1`), or by its folder."""
+    all_settings = [read_settings(path) for path in paths]
+    differing = differing_settings(all_settings)
+    labels = [" ".join(f"{name}={setting_text(settings.get(name))}" for name in differing) if settings else ""
+              for settings in all_settings]
+    return [name if not label else f"{name} {label}" if labels.count(label) > 1 else label
+            for label, name in zip(labels, names)]
 
 
 def plot_runs(paths, out_path):
     """Draw the runs' curves to out_path; returns the (closed) figure, whose lines tests can read."""
     runs = [read_metrics(path) for path in paths]
+    names = legend_names(paths, [name for name, _ in runs])
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for index, (name, metrics) in enumerate(runs):
+    for index, ((_, metrics), name) in enumerate(zip(runs, names)):
         color = f"C{index % 10}"
         label = f"{name} " if len(runs) > 1 else ""
         loss_axes.plot(metrics["epoch"], metrics["train_loss"], "--", color=color, marker="o", label=f"{label}train")
@@ -61,19 +110,148 @@ def plot_runs(paths, out_path):
     return figure
 
 
+def summarize_run(path):
+    """One row of the runs table from a run folder's run.json and metrics.csv."""
+    name = os.path.basename(os.path.abspath(run_folder(path)))
+    if not os.path.exists(path):
+        return {"run": path, "settings": None, "status": "unreadable: not found"}
+    try:
+        with open(os.path.join(run_folder(path), "run.json")) as source:
+            record = json.load(source)
+        settings, status, test = record["args"], str(record.get("status", "unknown")), record.get("test") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {"run": name, "settings": None, "status": "unreadable: run.json"}
+    try:
+        _, metrics = read_metrics(run_folder(path), TABLE_COLUMNS)
+    except PlotError:
+        # a run still in its first epoch has no metrics.csv yet
+        status = status if status == "running" else "unreadable: metrics.csv"
+        return {"run": name, "settings": settings, "status": status}
+    best = metrics["val_loss"].index(min(metrics["val_loss"]))
+    return {"run": name, "settings": settings, "status": status, "epochs_done": len(metrics["epoch"]),
+            "best_epoch": int(metrics["epoch"][best]), "best_val_loss": metrics["val_loss"][best],
+            "val_acc": metrics["val_acc"][best], "val_auc": metrics["val_auc"][best],
+            "test_acc": test.get("accuracy"), "test_auc": test.get("auc"),
+            "images_per_s": statistics.fmean(metrics["images_per_s"]), "wall_s": sum(metrics["epoch_s"])}
+
+
+def seed_groups(rows, differing):
+    """Runs whose settings are the same but for --seed, two or more of them: lists of rows."""
+    if "seed" not in differing:
+        return []
+    groups = {}
+    for row in rows:
+        if row["settings"] is not None and "best_epoch" in row:
+            key = json.dumps({name: row["settings"].get(name) for name in differing if name != "seed"}, sort_keys=True)
+            groups.setdefault(key, []).append(row)
+    return [group for group in groups.values() if len({row["settings"].get("seed") for row in group}) > 1]
+
+
+def spread_rows(group, differing):
+    """A mean row and a std row (n - 1 in the denominator) over a group of seeds."""
+    settings = {name: group[0]["settings"].get(name) for name in differing if name != "seed"}
+    mean_row, std_row = ({"run": f"{what} of {len(group)} seeds", "settings": settings, "status": ""}
+                         for what in ("mean", "std"))
+    for column in AVERAGED:
+        values = [row[column] for row in group if row.get(column) is not None]
+        mean_row[column] = statistics.fmean(values) if values else None
+        std_row[column] = statistics.stdev(values) if len(values) > 1 else None
+    return [mean_row, std_row]
+
+
+def cell(row, column):
+    value = row.get(column)
+    if value is None:
+        return ""
+    if column == "images_per_s":
+        return f"{value:,.0f}"
+    if column == "wall_s":
+        return f"{value:.1f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def runs_table(summaries):
+    """(header, rows of text cells, rows of raw values): one row per run, then mean and std per group of seeds."""
+    rows = list(summaries)
+    differing = differing_settings([row["settings"] for row in rows])
+    rows += [spread for group in seed_groups(rows, differing) for spread in spread_rows(group, differing)]
+    header = ["run", *differing, *RESULTS, "status"]
+    text_rows, raw_rows = [], []
+    for row in rows:
+        settings = row["settings"] or {}
+        shown = [setting_text(settings[name]) if name in settings else "" for name in differing]
+        text_rows.append([row["run"], *shown, *(cell(row, column) for column in RESULTS), row["status"]])
+        raw_rows.append([row["run"], *shown, *("" if row.get(column) is None else row[column] for column in RESULTS),
+                         row["status"]])
+    return header, text_rows, raw_rows
+
+
+def print_table(header, text_rows):
+    widths = [max(len(line[index]) for line in [header, *text_rows]) for index in range(len(header))]
+    for line in [header, *text_rows]:
+        print("  ".join(text.ljust(width) if index in (0, len(line) - 1) else text.rjust(width)
+                        for index, (text, width) in enumerate(zip(line, widths))).rstrip())
+
+
+def write_summary(header, raw_rows, path):
+    with open(path + ".partial", "w", newline="") as target:
+        writer = csv.writer(target)
+        writer.writerow(header)
+        writer.writerows(raw_rows)
+    os.replace(path + ".partial", path)
+
+
+def expand(patterns):
+    """Run paths as given, each pattern that names no path expanded like a shell glob (runs/*/), in natural order."""
+    def natural(path):
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+    paths = []
+    for pattern in patterns:
+        matches = [] if os.path.exists(pattern) else sorted(glob.glob(pattern), key=natural)
+        paths += [os.path.normpath(match) for match in matches] or [pattern]
+    return paths
+
+
+def table_main(args):
+    """Print the runs table, write runs_summary.csv, and overlay the readable runs in the plot beside it."""
+    paths = expand(args.runs)
+    summaries = [summarize_run(path) for path in paths]
+    header, text_rows, raw_rows = runs_table(summaries)
+    print_table(header, text_rows)
+    out_path = args.out or os.path.join(os.path.dirname(os.path.normpath(run_folder(paths[0]))) or ".", "runs.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    summary_path = os.path.join(os.path.dirname(out_path) or ".", "runs_summary.csv")
+    write_summary(header, raw_rows, summary_path)
+    plotted = [path for path, summary in zip(paths, summaries) if "best_epoch" in summary]
+    if plotted:
+        plot_runs(plotted, out_path)
+    print(f"wrote {summary_path}" + (f" and {out_path}" if plotted else ""))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot loss and validation accuracy per epoch from train.py runs.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_CSV", help="run folders or metrics.csv files")
     parser.add_argument("--out", metavar="PNG",
-                        help="output image (default: loss.png in the first run's folder), e.g. assets/loss_plot.png")
+                        help="output image (default: loss.png in the first run's folder, or with --table runs.png "
+                             "in the folder holding the first run), e.g. assets/loss_plot.png")
+    parser.add_argument("--table", action="store_true",
+                        help="also print a table of the runs' results (patterns such as 'runs/*/' are expanded) "
+                             "and write it to runs_summary.csv beside the plot")
     args = parser.parse_args(argv)
     first = args.runs[0]
     out_path = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".", "loss.png")
     try:
-        plot_runs(args.runs, out_path)
-        print(f"wrote {out_path}")
+        if args.table:
+            table_main(args)
+        else:
+            plot_runs(args.runs, out_path)
+            print(f"wrote {out_path}")
     except PlotError as error:
         sys.exit(f"plot_loss.py: error: {error}")
+    except OSError as error:
+        if error.filename is None:  # not a file we write (a closed pipe, say)
+            raise
+        sys.exit(f"plot_loss.py: error: cannot write {error.filename}: {error.strerror}; choose a writable --out")
 
 
 if __name__ == "__main__":

@@ -851,6 +851,208 @@ def test_plot_rejects_bad_metrics_files(tmp_path, content, fragment):
     assert result.returncode == 1 and fragment in result.stderr and "Traceback" not in result.stderr
 
 
+# ---- evaluate.py and the runs table ----
+
+def read_predictions(path):
+    rows = read_csv_rows(path)
+    assert list(rows[0]) == ["index", "label", "score", "pred"]
+    return (np.array([int(row["index"]) for row in rows]), np.array([int(row["label"]) for row in rows]),
+            np.array([float(row["score"]) for row in rows]), np.array([int(row["pred"]) for row in rows]))
+
+
+def auc_by_pairs(scores, labels):
+    """The share of (positive, negative) pairs the scores order correctly, a tie counting half."""
+    positive, negative = scores[labels == 1][:, None], scores[labels == 0][None, :]
+    return float(((positive > negative) + 0.5 * (positive == negative)).mean())
+
+
+def test_evaluate_writes_predictions_metrics_and_figures_that_agree(straight_run, synth_dir, tmp_path):
+    import json
+    out = tmp_path / "eval"
+    result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--split", "valid",
+                        "--out-dir", str(out), "--device", "cpu", check=True)
+    assert result.stdout.startswith("valid: 512 images, loss ") and str(out) in result.stdout
+    rows, labels, scores, predicted = read_predictions(out / "predictions.csv")
+    assert rows.tolist() == list(range(512))
+    assert labels.tolist() == data.read_labels(data.split_paths(synth_dir, "valid")[1]).tolist()
+    assert predicted.tolist() == (scores >= 0.5).astype(int).tolist()
+    tp, fn = int(((predicted == 1) & (labels == 1)).sum()), int(((predicted == 0) & (labels == 1)).sum())
+    fp, tn = int(((predicted == 1) & (labels == 0)).sum()), int(((predicted == 0) & (labels == 0)).sum())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["confusion"] == [[tn, fp], [fn, tp]] and tn and fp and fn and tp
+    assert metrics["accuracy"] == (tp + tn) / 512
+    assert metrics["sensitivity"] == tp / (tp + fn) and metrics["specificity"] == tn / (tn + fp)
+    assert metrics["balanced_accuracy"] == pytest.approx((tp / (tp + fn) + tn / (tn + fp)) / 2, abs=1e-12)
+    assert metrics["auc"] == pytest.approx(auc_by_pairs(scores, labels), abs=1e-12)
+    class_probability = np.where(labels == 1, scores, 1 - scores)
+    assert metrics["loss"] == pytest.approx(-np.log(class_probability).mean(), abs=1e-5)
+    x_path, y_path = data.split_paths(synth_dir, "valid")
+    assert metrics["data"]["files"] == {os.path.basename(p): os.path.getsize(p) for p in (x_path, y_path)}
+    assert metrics["checkpoint"]["sha256"] == hashlib.sha256((straight_run / "best.pt").read_bytes()).hexdigest()
+    assert metrics["versions"]["torch"] == torch.__version__ and metrics["split"] == "valid"
+    assert is_nonblank_png(out / "roc.png") and is_nonblank_png(out / "confusion.png")
+
+
+def test_evaluate_with_filter_data_names_the_rows_of_the_split_file(straight_run, tmp_path):
+    images = tissue(40, seed=5)
+    images[[3, 17]], images[30] = 0, 255  # two black tiles and a white one
+    write_split(tmp_path / "data", "test", images, labels_of(40, 16))
+    run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(tmp_path / "data"), "--filter-data",
+               "--out-dir", str(tmp_path / "eval"), "--batch-size", "16", check=True)
+    rows, labels, _, _ = read_predictions(tmp_path / "eval" / "predictions.csv")
+    assert rows.tolist() == [row for row in range(40) if row not in (3, 17, 30)]
+    assert labels.tolist() == labels_of(40, 16).ravel()[rows].tolist()
+
+
+def test_evaluate_scores_equal_those_of_train_py_test_evaluation(straight_run, synth_dir):
+    import json
+
+    import evaluate
+    by_train = (straight_run / "eval-test" / "predictions.csv").read_text()
+    record_test = json.loads((straight_run / "run.json").read_text())["test"]
+    evaluate.main([str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--split", "test",
+                   "--batch-size", "64", "--device", "cpu"])  # default out-dir: the run's own eval-test/
+    assert (straight_run / "eval-test" / "predictions.csv").read_text() == by_train
+    metrics = json.loads((straight_run / "eval-test" / "metrics.json").read_text())
+    assert {key: metrics[key] for key in ("loss", "accuracy", "auc")} == \
+        {key: record_test[key] for key in ("loss", "accuracy", "auc")}
+    assert record_test["epoch"] == metrics["checkpoint"]["epoch"]
+
+
+def test_roc_auc_counts_tied_scores_as_half():
+    import evaluate
+    assert evaluate.roc_auc(np.array([0.1, 0.4, 0.4, 0.8]), np.array([0, 0, 1, 1])) == 3.5 / 4
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.random(300) * 0.6 + 0.4 * labels, 1)  # ten distinct values: many ties
+    assert evaluate.roc_auc(scores, labels) == pytest.approx(auc_by_pairs(scores, labels), abs=1e-12)
+    false_positive_rate, true_positive_rate = evaluate.roc_points(scores, labels)
+    assert (false_positive_rate[-1], true_positive_rate[-1]) == (1, 1)
+    area = np.sum(np.diff(false_positive_rate) * (true_positive_rate[1:] + true_positive_rate[:-1]) / 2)
+    assert area == pytest.approx(auc_by_pairs(scores, labels), abs=1e-12)  # the drawn curve has that area
+
+
+def bad_checkpoints(run_dir, directory):
+    """Files evaluate.py must refuse: name -> (path, what the error line says)."""
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    torch.save({"weights": torch.zeros(3)}, directory / "other.pt")
+    (directory / "notes.pt").write_text("not a checkpoint\n")
+    whole = (run_dir / "best.pt").read_bytes()
+    (directory / "truncated.pt").write_bytes(whole[:len(whole) // 2])  # a save cut off half-way
+    torch.save({**best, "model_args": {"hidden_units": [128, 32], "dropout_rate": 0.2}}, directory / "shape.pt")
+    return {"not ours": (directory / "other.pt", "is not a pcam-mlp checkpoint"),
+            "text": (directory / "notes.pt", "cannot load checkpoint"),
+            "truncated": (directory / "truncated.pt", "cannot load checkpoint"),
+            "other shape": (directory / "shape.pt", "do not fit the MLP"),
+            "missing": (directory / "nowhere.pt", "not found")}
+
+
+@pytest.mark.parametrize("name", ["not ours", "text", "truncated", "other shape", "missing"])
+def test_evaluate_refuses_a_bad_checkpoint_in_one_line(straight_run, synth_dir, tmp_path, name):
+    path, fragment = bad_checkpoints(straight_run, tmp_path)[name]
+    result = run_script("evaluate.py", str(path), "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "eval"))
+    assert result.returncode == 1 and fragment in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
+
+
+def test_evaluate_reports_a_missing_split_and_another_evaluation_in_one_line(straight_run, synth_dir, tmp_path):
+    write_split(tmp_path / "data", "train", tissue(8), labels_of(8, 4))
+    result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(tmp_path / "data"))
+    with pytest.raises(data.MissingDataError) as missing:
+        data.require_split(tmp_path / "data", "test")
+    assert result.returncode == 1 and result.stderr == f"evaluate.py: error: {missing.value}\n"
+    result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--filter-data")
+    assert result.returncode == 1 and "holds an evaluation of another checkpoint or other data" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def sweep_runs(tmp_path_factory):
+    """Five 1-epoch runs on a small set: seeds 1, 2, 3 at the default lr, and lr 1e-3 and 3e-4 at seed 1."""
+    import train
+    data_dir, root = tmp_path_factory.mktemp("small_synth"), tmp_path_factory.mktemp("sweep")
+    data.main(["synth", "--data-dir", str(data_dir), "--n-train", "256", "--n-valid", "128", "--n-test", "128"])
+    runs = {"seed-1": ["--seed", "1"], "seed-2": ["--seed", "2"], "seed-3": ["--seed", "3"],
+            "lr-1e-3": ["--seed", "1", "--lr", "1e-3"], "lr-3e-4": ["--seed", "1", "--lr", "3e-4"]}
+    for name, flags in runs.items():
+        train.main(train_args(data_dir, root / name, "--epochs", "1", *flags))
+    return root
+
+
+def expected_row(run_dir):
+    import json
+    metrics = read_csv_rows(run_dir / "metrics.csv")
+    best = min(metrics, key=lambda row: float(row["val_loss"]))
+    test = json.loads((run_dir / "run.json").read_text())["test"]
+    return {"epochs_done": len(metrics), "best_epoch": int(best["epoch"]), "best_val_loss": float(best["val_loss"]),
+            "val_acc": float(best["val_acc"]), "val_auc": float(best["val_auc"]), "test_acc": test["accuracy"],
+            "test_auc": test["auc"], "images_per_s": float(best["images_per_s"]), "wall_s": float(best["epoch_s"])}
+
+
+def test_runs_table_shows_what_differs_and_the_spread_over_seeds(sweep_runs):
+    import statistics
+    result = run_script("plot_loss.py", "--table", str(sweep_runs / "*"), check=True)
+    table = read_csv_rows(sweep_runs / "runs_summary.csv")
+    # of the settings, only those that differ
+    assert list(table[0]) == ["run", "lr", "seed", "epochs_done", "best_epoch", "best_val_loss", "val_acc", "val_auc",
+                              "test_acc", "test_auc", "images_per_s", "wall_s", "status"]
+    assert [row["run"] for row in table] == ["lr-1e-3", "lr-3e-4", "seed-1", "seed-2", "seed-3",
+                                             "mean of 3 seeds", "std of 3 seeds"]
+    by_run = {row["run"]: row for row in table}
+    assert (by_run["lr-1e-3"]["lr"], by_run["seed-2"]["seed"], by_run["seed-2"]["lr"]) == ("0.001", "2", "0.0001")
+    for name in ("lr-1e-3", "lr-3e-4", "seed-1", "seed-2", "seed-3"):
+        expected = expected_row(sweep_runs / name)
+        assert {column: float(by_run[name][column]) for column in expected} == pytest.approx(expected)
+        assert by_run[name]["status"] == "finished" and name in result.stdout
+    seeds = [expected_row(sweep_runs / f"seed-{seed}") for seed in (1, 2, 3)]
+    for column in ("best_val_loss", "val_acc", "val_auc", "test_acc", "test_auc", "images_per_s", "wall_s"):
+        values = [row[column] for row in seeds]
+        assert float(by_run["mean of 3 seeds"][column]) == pytest.approx(statistics.fmean(values))
+        assert float(by_run["std of 3 seeds"][column]) == pytest.approx(statistics.stdev(values))
+    assert by_run["mean of 3 seeds"]["lr"] == "0.0001" and by_run["mean of 3 seeds"]["seed"] == ""
+    assert "mean of 3 seeds" in result.stdout and is_nonblank_png(sweep_runs / "runs.png")
+
+
+def test_runs_are_named_in_the_legend_by_what_differs(sweep_runs):
+    import plot_loss
+    names = plot_loss.legend_names([sweep_runs / "seed-1", sweep_runs / "seed-2", sweep_runs / "lr-1e-3"],
+                                   ["seed-1", "seed-2", "lr-1e-3"])
+    assert names == ["lr=0.0001 seed=1", "lr=0.0001 seed=2", "lr=0.001 seed=1"]
+
+
+def test_runs_table_lists_running_stopped_and_unreadable_runs(sweep_runs, tmp_path):
+    import json
+    import shutil
+    root = tmp_path / "runs"
+    for name, status in (("going", "running"), ("stopped", "stopped by SIGTERM"), ("no-metrics", "finished")):
+        shutil.copytree(sweep_runs / "seed-1", root / name)
+        record = json.loads((root / name / "run.json").read_text())
+        (root / name / "run.json").write_text(json.dumps({**record, "status": status}))
+    (root / "going" / "metrics.csv").write_text(",".join(read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]))
+    (root / "no-metrics" / "metrics.csv").unlink()
+    first_epoch = read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]
+    worse_epoch = {**first_epoch, "epoch": "2", "val_loss": str(float(first_epoch["val_loss"]) + 0.1), "val_acc": "0.5"}
+    with open(root / "stopped" / "metrics.csv", "a") as metrics_file:
+        metrics_file.write(",".join(worse_epoch.values()) + "\n")
+    (root / "empty").mkdir()
+    (root / "damaged").mkdir()
+    (root / "damaged" / "run.json").write_text('{"args": ')
+    result = subprocess.run(["make", "-s", "runs", f"RUNS={root}/*/"], cwd=HERE, capture_output=True, text=True,
+                            check=False, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    table = {row["run"]: row for row in read_csv_rows(root / "runs_summary.csv")}
+    statuses = {name: row["status"] for name, row in table.items()}
+    assert (table["stopped"]["epochs_done"], table["stopped"]["best_epoch"]) == ("2", "1")
+    assert float(table["stopped"]["val_acc"]) == float(first_epoch["val_acc"])  # at the best epoch, not the last
+    assert statuses == {"damaged": "unreadable: run.json", "empty": "unreadable: run.json", "going": "running",
+                        "no-metrics": "unreadable: metrics.csv", "stopped": "stopped by SIGTERM"}
+    for line in result.stdout.splitlines()[1:-1]:
+        assert line.endswith(statuses[line.split()[0]])
+    missing = run_script("plot_loss.py", "--table", str(root / "nowhere"), "--out", str(tmp_path / "out.png"),
+                         check=True)
+    assert "unreadable: not found" in missing.stdout
+
+
 # ---- eda.py ----
 
 @pytest.fixture(scope="module")
@@ -941,8 +1143,8 @@ def slurm_is_up():
 
 
 needs_slurm = pytest.mark.skipif(not slurm_is_up(), reason="no Slurm here (start one with .ci/slurm-up.sh)")
-PROJECT_FILES = ("data.py", "model.py", "train.py", "plot_loss.py", "eda.py", "first_job.sh", "train_job.sh",
-                 "Makefile", "requirements.txt")
+PROJECT_FILES = ("data.py", "model.py", "train.py", "evaluate.py", "plot_loss.py", "eda.py", "first_job.sh",
+                 "train_job.sh", "Makefile", "requirements.txt")
 SMALL_JOB = {"CPUS": "1", "MEM": "1500M", "TIME": "00:10:00"}
 
 

@@ -1,9 +1,10 @@
 """Train the PCAM MLP: `python train.py --epochs 5`, on a laptop, in salloc, or inside train_job.sh.
 
 Each run writes to its --out-dir: metrics.csv (a row per epoch), last.pt (end of every epoch, and
-before the first), best.pt (lowest validation loss), run.json (settings, versions, data, results)
-and loss.png. SIGTERM or SIGUSR1 stop the run after the current step with exit code 75; `--resume`
-then restarts the interrupted epoch from last.pt, and the result equals an uninterrupted run.
+before the first), best.pt (lowest validation loss), run.json (settings, versions, data, results),
+loss.png, and eval-test/ (best.pt scored on the test split, as by evaluate.py). SIGTERM or SIGUSR1
+stop the run after the current step with exit code 75; `--resume` then restarts the interrupted epoch
+from last.pt, and the result equals an uninterrupted run.
 """
 import argparse
 import contextlib
@@ -12,7 +13,6 @@ import datetime
 import json
 import math
 import os
-import pickle
 import platform
 import random
 import signal
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import evaluate as evaluation
 import plot_loss
 from model import MLP
 
@@ -136,13 +137,6 @@ def prepare_out_dir(args):
         raise UsageError(f"cannot write to --out-dir {args.out_dir}: {error.strerror}; choose a writable folder") from None
 
 
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise UsageError(f"cannot load checkpoint {path} ({type(error).__name__}); it may be incomplete") from None
-
-
 def adopt_checkpoint_settings(args, checkpoint):
     """A resumed run continues with the settings it started with; an explicit different value is an error."""
     saved = checkpoint["args"]
@@ -223,40 +217,16 @@ def channel_stats(dataset):
     return mean.float(), (total_sq / count - mean ** 2).clamp_min(1e-6).sqrt().float()
 
 
-def roc_auc(scores, labels):
-    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties counted half."""
-    positives, negatives = int(labels.sum()), int(len(labels) - labels.sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # average 1-based rank of each tie group
-    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 def to_device(images, labels, device):
     """Batches travel as uint8; the model turns them into normalised floats on the device."""
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-@torch.no_grad()
 def evaluate(model, loader, device, autocast, max_batches=None):
     """Loss, accuracy and ROC AUC over a loader, in order."""
-    model.eval()
-    loss_sum, scores, labels_seen = torch.zeros((), device=device, dtype=torch.float64), [], []
-    for step, (images, labels) in enumerate(loader, 1):
-        images, labels = to_device(images, labels, device)
-        with autocast():
-            logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        scores.append(torch.softmax(logits, dim=1)[:, 1])
-        labels_seen.append(labels)
-        if max_batches and step >= max_batches:
-            break
-    scores, labels_seen = torch.cat(scores).cpu().numpy(), torch.cat(labels_seen).cpu().numpy()
-    accuracy = float(((scores >= 0.5) == (labels_seen == 1)).mean())
-    return loss_sum.item() / len(labels_seen), accuracy, roc_auc(scores, labels_seen)
+    loss, scores, labels = evaluation.predict(model, loader, device, autocast, max_batches)
+    accuracy = float(((scores >= evaluation.THRESHOLD) == (labels == 1)).mean())
+    return loss, accuracy, evaluation.roc_auc(scores, labels)
 
 
 class StopRequest:
@@ -356,7 +326,7 @@ def run(args):
     checkpoint = None
     if args.resume:
         prepare_out_dir(args)
-        checkpoint = load_checkpoint(os.path.join(args.out_dir, "last.pt"))
+        checkpoint = evaluation.load_checkpoint(os.path.join(args.out_dir, "last.pt"))
         adopt_checkpoint_settings(args, checkpoint)
     elif not args.dry_run:
         prepare_out_dir(args)
@@ -436,30 +406,32 @@ def run(args):
                    "best_val_loss": best_val_loss})
     write_json(record, paths["run.json"])
     plot_loss.plot_runs([paths["metrics.csv"]], os.path.join(args.out_dir, "loss.png"))
-    print(f"done: {args.out_dir} (metrics.csv, best.pt, last.pt, run.json, loss.png)", flush=True)
+    print(f"done: {args.out_dir} (metrics.csv, best.pt, last.pt, run.json, loss.png, eval-test/)", flush=True)
 
 
 def evaluate_test(args, device, autocast, best_path):
-    """best.pt on the test split when its files exist; None otherwise."""
+    """best.pt on the test split when its files exist (evaluate.py's files in <run>/eval-test/); None otherwise."""
     try:
         test_loader = data.get_test_loader(args.data_dir, args.batch_size, args.num_workers, args.filter_data,
                                            args.preload, pin_memory=device.type == "cuda")
     except data.MissingDataError:
         print("test: no test split in the data dir, skipped", flush=True)
         return None
-    best = load_checkpoint(best_path)
-    model = MLP(hidden_units=tuple(best["model_args"]["hidden_units"]), dropout_rate=best["model_args"]["dropout_rate"])
-    model.load_state_dict(best["model"])
-    loss, accuracy, auc = evaluate(model.to(device), test_loader, device, autocast)
-    print(f"test (best.pt, epoch {best['epoch']}): loss {loss:.4f} accuracy {accuracy:.4f} auc {auc:.4f}", flush=True)
-    return {"epoch": best["epoch"], "loss": loss, "accuracy": accuracy, "auc": auc}
+    best = evaluation.load_checkpoint(best_path)
+    model = evaluation.model_from_checkpoint(best, best_path).to(device)
+    about = evaluation.describe(best_path, best, args.data_dir, "test", args.filter_data, device)
+    metrics = evaluation.evaluate_split(model, test_loader, test_loader.dataset.indices, device,
+                             os.path.join(args.out_dir, "eval-test"), about, autocast)
+    print(f"test (best.pt, epoch {best['epoch']}): loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+          f"auc {metrics['auc']:.4f} -> {os.path.join(args.out_dir, 'eval-test')}", flush=True)
+    return {"epoch": best["epoch"], **{key: metrics[key] for key in ("loss", "accuracy", "auc")}}
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (UsageError, data.PCAMError) as error:
+    except (UsageError, evaluation.EvaluationError, data.PCAMError) as error:
         sys.exit(f"train.py: error: {error}")
     except FloatingPointError as error:
         sys.exit(f"train.py: error: {error}; stopped, last.pt keeps the last good epoch. Try a lower --lr")
