@@ -499,6 +499,30 @@ def test_normalisation_travels_in_the_state_dict():
     assert torch.equal(model(images), clone(images))
 
 
+def test_mlp_gives_the_same_logits_whatever_the_dtype_and_layout():
+    from model import MLP
+    torch.manual_seed(0)
+    model = MLP().eval()
+    model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
+    stored = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8)  # (B, H, W, C), as in the files
+    channels_last = stored.permute(0, 3, 1, 2)  # what data.py yields
+    forms = [channels_last, channels_last.contiguous(), channels_last.float(), channels_last.float().contiguous(),
+             channels_last.transpose(2, 3).contiguous().transpose(2, 3)]  # (B, C, W, H) in memory: a third layout
+    logits = [model(images) for images in forms]
+    assert all(torch.allclose(other, logits[0], rtol=0, atol=1e-5) for other in logits[1:])
+
+
+def test_mlp_normalises_then_flattens_in_hwc_order():
+    from model import MLP
+    torch.manual_seed(0)
+    model = MLP().eval()
+    model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
+    stored = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8)
+    normalised = (stored.float() - torch.tensor([150.0, 120.0, 170.0])) / torch.tensor([40.0, 50.0, 30.0])
+    expected = model.layers(normalised.flatten(1))  # the checkpoints' meaning: (H, W, C) pixel order
+    assert torch.allclose(model(stored.permute(0, 3, 1, 2)), expected, rtol=0, atol=1e-5)
+
+
 # ---- train.py ----
 
 @pytest.fixture(scope="module")
