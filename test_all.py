@@ -689,6 +689,52 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(synth
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
 
 
+def test_device_batches_draw_the_same_indices_as_the_loader(tmp_path):
+    images = tissue(300, seed=3)
+    images[[5, 77, 140]] = 0  # blackouts: the filter drops them, so positions and file rows differ
+    write_split(tmp_path, "train", images, labels_of(300, 90))
+    write_split(tmp_path, "valid", tissue(70, seed=4), labels_of(70, 30))
+    loaders = data.get_dataloaders(tmp_path, batch_size=32, filter_data=True, seed=5, preload=True)
+    streamed = data.get_dataloaders(tmp_path, batch_size=32, filter_data=True, seed=5, preload=True)
+    resident = [data.DeviceBatches(loader, torch.device("cpu")) for loader in loaders]
+    for _ in range(2):  # two epochs: the sampler's generator carries on from one to the next
+        for loader, gathered in zip(streamed, resident):
+            pairs = list(zip(loader, gathered, strict=True))
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
+    assert torch.equal(data.sampler_generator(streamed[0]).get_state(), data.sampler_generator(resident[0]).get_state())
+    assert torch.equal(streamed[0].generator.get_state(), resident[0].generator.get_state())
+
+
+def test_the_resident_and_loader_paths_train_identically(synth_dir, straight_run, tmp_path, capsys):
+    import train
+    train.main(train_args(synth_dir, tmp_path / "streamed", "--epochs", "3", "--data-on-device", "no"))
+    assert "data path: loader (--data-on-device no)" in capsys.readouterr().out
+    assert loss_columns(tmp_path / "streamed") == loss_columns(straight_run)
+    assert_same_weights(tmp_path / "streamed", straight_run)
+
+
+def test_resident_path_stops_after_epoch_1_and_resumes_exactly(synth_dir, straight_run, tmp_path, capsys):
+    import train
+    train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1", "--data-on-device", "yes"))
+    train.main(train_args(synth_dir, tmp_path / "split", "--resume", "--epochs", "3", "--data-on-device", "yes"))
+    assert capsys.readouterr().out.count("data path: resident (") == 2
+    assert loss_columns(tmp_path / "split") == loss_columns(straight_run)
+    assert_same_weights(tmp_path / "split", straight_run)
+
+
+def test_the_data_path_follows_free_memory(synth_dir, tmp_path, monkeypatch, capsys):
+    import train
+    needed = (1536 + 512) * data.IMAGE_BYTES
+    for free, path in ((needed / train.RESIDENT_SHARE * 1.01, "resident"), (needed / train.RESIDENT_SHARE * 0.99, "loader")):
+        monkeypatch.setattr(data, "available_memory_bytes", lambda free=free: int(free))
+        train.main(train_args(synth_dir, tmp_path / path, "--epochs", "1"))
+        assert f"data path: {path} (uint8 train+valid" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_args(synth_dir, tmp_path / "forced", "--epochs", "1", "--data-on-device", "yes"))
+    assert "--data-on-device yes: uint8 train+valid 0.05 GiB over 70% of 0.1 GiB free RAM" in str(stop.value.code)
+    assert not (tmp_path / "forced" / "metrics.csv").exists()
+
+
 # ---- plot_loss.py ----
 
 def test_plot_overlays_runs_and_writes_where_asked(straight_run, tmp_path):
