@@ -735,6 +735,19 @@ def test_the_data_path_follows_free_memory(synth_dir, tmp_path, monkeypatch, cap
     assert not (tmp_path / "forced" / "metrics.csv").exists()
 
 
+def test_gpu_check_runs_end_to_end_on_a_tiny_set_on_the_cpu(tmp_path):
+    result = run_script("bench.py", "--gpu-check", "--device", "cpu", "--images", "512", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for row in ("| data path                          | resident (uint8 train+valid", "| training, batch 1024, bf16",
+                "| validation, batch 256, fp32", "| peak device memory", "| resumed run equals uninterrupted   | yes"):
+        assert row in result.stdout
+    if not torch.cuda.is_available():
+        without_cuda = run_script("bench.py", "--gpu-check", "--dir", str(tmp_path))
+        assert without_cuda.returncode == 1 and without_cuda.stderr.strip().splitlines() == [
+            "bench.py --gpu-check: CUDA is not available here (no GPU, or a CPU build of torch); "
+            "run it on a GPU node, e.g. srun --gpus=1 make gpu-check"]
+
+
 # ---- plot_loss.py ----
 
 def test_plot_overlays_runs_and_writes_where_asked(straight_run, tmp_path):
