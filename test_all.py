@@ -743,9 +743,8 @@ def test_gpu_check_runs_end_to_end_on_a_tiny_set_on_the_cpu(tmp_path):
         assert row in result.stdout
     if not torch.cuda.is_available():
         without_cuda = run_script("bench.py", "--gpu-check", "--dir", str(tmp_path))
-        assert without_cuda.returncode == 1 and without_cuda.stderr.strip().splitlines() == [
-            "bench.py --gpu-check: CUDA is not available here (no GPU, or a CPU build of torch); "
-            "run it on a GPU node, e.g. srun --gpus=1 make gpu-check"]
+        lines = without_cuda.stderr.strip().splitlines()
+        assert without_cuda.returncode == 1 and len(lines) == 1 and "CUDA is not available here" in lines[0]
 
 
 # ---- plot_loss.py ----
