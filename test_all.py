@@ -523,6 +523,21 @@ def test_mlp_normalises_then_flattens_in_hwc_order():
     assert torch.allclose(model(stored.permute(0, 3, 1, 2)), expected, rtol=0, atol=1e-5)
 
 
+def test_mlp_gradients_are_those_of_normalising_the_input():
+    from model import MLP
+    torch.manual_seed(0)
+    model = MLP(dropout_rate=0.0)
+    model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
+    stored, labels = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8), torch.tensor([0, 1, 1, 0])
+    normalised = (stored.float() - torch.tensor([150.0, 120.0, 170.0])) / torch.tensor([40.0, 50.0, 30.0])
+    gradients = []
+    for logits in (lambda: model(stored.permute(0, 3, 1, 2)), lambda: model.layers(normalised.flatten(1))):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(logits(), labels).backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*gradients))
+
+
 # ---- train.py ----
 
 @pytest.fixture(scope="module")
