@@ -22,7 +22,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -f -e -o pipefail -c
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint bench synth data eda demo train-local plot runs hello train sweep status logs env clean
+.PHONY: help install test lint bench gpu-check synth data eda demo train-local plot runs hello train sweep status logs env clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ lint: $(VENV)/.installed ## ruff check on every Python file
 
 bench: $(VENV)/.installed ## data pipeline and training speed against a reference (writes bench_data/)
 	$(PY) bench.py
+
+gpu-check: $(VENV)/.installed ## on a GPU node: train.py's speed, memory and exact resume on CUDA, one table
+	$(PY) bench.py --gpu-check
 
 synth: $(VENV)/.installed ## write a small synthetic PCAM set to data/synth (SYNTH_DIR=...)
 	$(PY) data.py synth --data-dir $(SYNTH_DIR)

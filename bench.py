@@ -7,16 +7,21 @@ Every figure comes from this one run on this machine, with the files in the page
 ratios are what to compare. Usage: `python bench.py [--n-train N] [--dir bench_data]`.
 """
 import argparse
+import contextlib
+import csv
+import io
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import h5py
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 import data
@@ -24,6 +29,7 @@ import eda
 from model import MLP
 
 BATCH_SIZE = 256
+GPU_CHECK_IMAGES = 262144  # --gpu-check's synthetic train split, as large as PCAM's
 
 
 class ReferencePCAM(Dataset):
@@ -82,28 +88,65 @@ def read_in_blocks(x_path):
             dset[start:start + step]
 
 
-def compute_rates(steps=60):
-    """Images/s of the MLP alone on in-memory tensors: training (fwd + bwd + SGD) and forward only."""
-    model = MLP()
+def plain_mlp(hidden_units=(64, 32)):
+    """The MLP a user would write: nn.Sequential of the same widths, float (B, 3, 96, 96) input."""
+    layers, in_features = [nn.Flatten()], 3 * 96 * 96
+    for width in hidden_units:
+        layers += [nn.Linear(in_features, width), nn.ReLU(), nn.Dropout(0.2)]
+        in_features = width
+    return nn.Sequential(*layers, nn.Linear(in_features, 2))
+
+
+def sgd_step(model, optimizer, images, labels):
+    loss = nn.functional.cross_entropy(model(images), labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def step_rate(model, batches, steps=60):
+    """Images/s of forward + backward + SGD over in-memory batches, taken in turn, after 10 warm-up steps."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    images = torch.randint(0, 256, (BATCH_SIZE, 96, 96, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # as loaded
-    labels = torch.randint(0, 2, (BATCH_SIZE,))
-    rates = []
-    for train in (True, False):
-        model.train(train)
+    model.train()
+    for step in range(steps + 10):
+        if step == 10:
+            started = time.perf_counter()
+        sgd_step(model, optimizer, *batches[step % len(batches)])
+    return steps * len(batches[0][1]) / (time.perf_counter() - started)
+
+
+def forward_rate(model, images, steps=60):
+    model.eval()
+    with torch.no_grad():
         for step in range(steps + 10):
             if step == 10:
                 started = time.perf_counter()
-            if train:
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            else:
-                with torch.no_grad():
-                    model(images)
-        rates.append(steps * BATCH_SIZE / (time.perf_counter() - started))
-    return rates
+            model(images)
+    return steps * len(images) / (time.perf_counter() - started)
+
+
+def plain_rates():
+    """The physical reference: the plain MLP on float input already in memory, training and forward only."""
+    images, labels = torch.rand(BATCH_SIZE, 3, 96, 96), torch.randint(0, 2, (BATCH_SIZE,))
+    return step_rate(plain_mlp(), [(images, labels)]), forward_rate(plain_mlp(), images)
+
+
+def project_step_rate(data_dir):
+    """The project's MLP training on the uint8 channels-last batches its own loader yields."""
+    train_loader, _ = data.get_dataloaders(data_dir, batch_size=BATCH_SIZE)
+    batches = [batch for batch, _ in zip(train_loader, range(8))]
+    return step_rate(MLP(), batches)
+
+
+def reference_end_to_end(x_path, y_path):
+    """Images/s of a course-style epoch: the reference loader and the plain model's step, taken in turn."""
+    model = plain_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen, started = 0, time.perf_counter()
+    for images, labels in reference_loader(x_path, y_path):
+        sgd_step(model, optimizer, images, labels)
+        seen += len(labels)
+    return seen / (time.perf_counter() - started)
 
 
 def seconds(work, repeats=2):
@@ -145,36 +188,135 @@ def peak_rss_probe(data_dir):
         print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)
 
 
-def end_to_end(data_dir, train_rate, forward_rate, n_train):
-    """Seconds of `train.py --epochs 1` from the start of train.main to its return, in a fresh process:
-    the run less interpreter start-up and exit (loading and tearing down torch, h5py and matplotlib take
-    seconds, and vary by seconds here). Best of two, against the compute-only bound."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        argv = ["--data-dir", data_dir, "--epochs", "1", "--device", "cpu", "--optimizer", "sgd", "--momentum", "0",
-                "--out-dir", os.path.join(out_dir, "run"), "--log-every", "1000"]  # SGD: as the compute-only rate
-        # torch imports torch._dynamo (about 2 s here) when the first optimiser is made: start-up, not training
-        timed = ("import shutil, sys, time, torch._dynamo, train\nstarted = time.perf_counter()\n"
-                 "train.main(sys.argv[1:])\nprint(time.perf_counter() - started)\nshutil.rmtree(sys.argv[-3])")
-        runs = [subprocess.run([sys.executable, "-c", timed, *argv], check=True, capture_output=True, text=True)
-                for _ in range(2)]
-    run_s = min(float(run.stdout.split()[-1]) for run in runs)
+def end_to_end(data_dir):
+    """`train.py --epochs 1` in a fresh process: (its training images/s from metrics.csv, seconds from the start
+    of train.main to its return). The seconds leave out interpreter start-up and exit (loading and tearing down
+    torch, h5py and matplotlib take seconds, and vary by seconds here). Best of two."""
+    timed = ("import sys, time, torch._dynamo, train\nstarted = time.perf_counter()\n"
+             "train.main(sys.argv[1:])\nprint(time.perf_counter() - started)")
+    runs = []
+    for attempt in range(2):
+        with tempfile.TemporaryDirectory() as out_dir:
+            # SGD, as the plain step; torch imports torch._dynamo (about 2 s here) when the first optimiser is
+            # made: start-up, not training
+            argv = ["--data-dir", data_dir, "--epochs", "1", "--device", "cpu", "--optimizer", "sgd", "--momentum",
+                    "0", "--out-dir", os.path.join(out_dir, "run"), "--log-every", "1000"]
+            run = subprocess.run([sys.executable, "-c", timed, *argv], check=True, capture_output=True, text=True)
+            with open(os.path.join(out_dir, "run", "metrics.csv"), newline="") as metrics:
+                rate = float(next(csv.DictReader(metrics))["images_per_s"])
+            runs.append((rate, float(run.stdout.split()[-1])))
+    return max(rate for rate, _ in runs), min(seconds for _, seconds in runs)
+
+
+def training_rows(data_dir, n_train, plain_train, plain_forward):
+    """The project's step, a train.py epoch and the course-style epoch, each against the plain float step."""
+    x_path, y_path = data.split_paths(data_dir, "train")
+    label = f"uint8 {os.path.getsize(x_path) / 2**30:.2f} GiB"
+    project_rate = project_step_rate(data_dir)
+    reference_rate = reference_end_to_end(x_path, y_path)
+    epoch_rate, run_s = end_to_end(data_dir)
+    plain_train_now, plain_forward_now = plain_rates()  # again, next to the end-to-end runs; the faster counts
+    plain_train, plain_forward = max(plain_train, plain_train_now), max(plain_forward, plain_forward_now)
     n_valid = len(data.read_labels(data.split_paths(data_dir, "valid")[1]))
-    bound = n_train / train_rate + n_valid / forward_rate
-    return ("train.py 1 epoch (SGD), less start-up", "uint8", run_s, "s",
-            f"{run_s / bound:.2f}x compute bound ({bound:.1f} s)")
+    bound = n_train / plain_train + n_valid / plain_forward
+    return [("plain MLP (64, 32) step: fwd+bwd+SGD", "float, in memory", plain_train, "images/s", "the compute bound"),
+            ("plain MLP (64, 32) forward", "float, in memory", plain_forward, "images/s", ""),
+            ("pcam-mlp step on its loader's batches", label, project_rate, "images/s",
+             f"{project_rate / plain_train:.2f}x plain step (target 0.75)"),
+            ("train.py epoch (SGD), metrics.csv rate", label, epoch_rate, "images/s",
+             f"{epoch_rate / plain_train:.2f}x plain step (target 0.65)"),
+            ("reference epoch: its loader + plain step", label, reference_rate, "images/s",
+             f"train.py {epoch_rate / reference_rate:.1f}x this (target 3)"),
+            ("train.py 1 epoch (SGD), less start-up", label, run_s, "s",
+             f"{run_s / bound:.2f}x plain bound ({bound:.1f} s)")]
+
+
+def timed_epochs(device, data_dir, batch_size, n_valid):
+    """One build of train.py at this batch size; per precision a warm-up epoch, then a timed epoch and validation."""
+    import train
+    args = train.parse_args(["--data-dir", data_dir, "--batch-size", str(batch_size), "--device", device.type,
+                             "--log-every", str(10**9)])
+    train.seed_everything(args.seed)
+    train_loader, val_loader, model, optimizer = train.build(args, device)
+    model.set_normalization(*train.channel_stats(train_loader.dataset))
+    stop, rows = types.SimpleNamespace(signal_name=None), []
+    for precision in ("fp32", "bf16"):
+        def autocast(precision=precision):
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        for epoch in (1, 2):  # the first one warms up kernels and allocator
+            _, _, train_rate = train.train_one_epoch(model, train_loader, optimizer, device, autocast, epoch, args, stop)
+        started = time.perf_counter()
+        train.evaluate(model, val_loader, device, autocast)  # ends in a copy to the host: a device sync
+        val_s = time.perf_counter() - started
+        rows.append((f"training, batch {batch_size}, {precision}", f"{train_rate:,.0f} images/s"))
+        rows.append((f"validation, batch {batch_size}, {precision}", f"{n_valid / val_s:,.0f} images/s"))
+        rows.append((f"epoch + validation, batch {batch_size}, {precision}",
+                     f"{len(train_loader.dataset) / train_rate + val_s:.2f} s"))
+    return rows
+
+
+def resume_is_exact(device, data_dir):
+    """train.py on the device: 2 epochs straight, and 1 epoch then --resume; same metrics and weights?"""
+    import train
+    with tempfile.TemporaryDirectory() as out_dir:
+        runs = {name: os.path.join(out_dir, name) for name in ("straight", "resumed")}
+        common = ["--data-dir", data_dir, "--device", device.type, "--batch-size", "1024", "--log-every", str(10**9)]
+        train.main([*common, "--out-dir", runs["straight"], "--epochs", "2"])
+        train.main([*common, "--out-dir", runs["resumed"], "--epochs", "1"])
+        train.main([*common, "--out-dir", runs["resumed"], "--epochs", "2", "--resume"])
+        checkpoints = [torch.load(os.path.join(run, "last.pt"), weights_only=True) for run in runs.values()]
+        weights, histories = ([checkpoint[key] for checkpoint in checkpoints] for key in ("model", "history"))
+        same_weights = all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+        return same_weights and [row[:7] for row in histories[0]] == [row[:7] for row in histories[1]]  # not timings
+
+
+def gpu_check(device, n_images, data_dir):
+    """`make gpu-check`: train.py's data path, speed, memory and exact resume on a GPU, as one table."""
+    import train
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py --gpu-check: CUDA is not available here (no GPU, or a CPU build of torch); "
+                 "run it on a GPU node, e.g. srun --gpus=1 make gpu-check")
+    ensure_set(data_dir, n_images, "uint8", 0.0)
+    n_valid = len(data.read_labels(data.split_paths(data_dir, "valid")[1]))
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    path, reason = train.choose_data_path(train.parse_args(["--data-dir", data_dir]), device)
+    rows = [("device", name), ("torch / CUDA", f"{torch.__version__} / {torch.version.cuda}"),
+            ("data path", f"{path} ({reason})")]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.redirect_stdout(io.StringIO()):  # train.py's own lines; the table says what counts
+        for batch_size in (256, 1024):
+            rows += timed_epochs(device, data_dir, batch_size, n_valid)
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "n/a on the CPU"
+        exact = resume_is_exact(device, data_dir)
+    rows += [("peak device memory", peak), ("resumed run equals uninterrupted", "yes" if exact else "NO")]
+    print(f"\npcam-mlp gpu-check, {time.strftime('%Y-%m-%d')}, {platform.node()}, {n_images:,} synthetic train images, "
+          f"{n_valid:,} valid, MLP (64, 32), Adam")
+    print(f"| {'measure':<34} | {'value':<70} |")
+    print(f"|{'-' * 36}|{'-' * 72}|")
+    for what, value in rows:
+        print(f"| {what:<34} | {value:<70} |")
+    return 0 if exact else 1
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Benchmark the PCAM data pipeline against a per-image reference.")
+    parser = argparse.ArgumentParser(description="Benchmark the PCAM data pipeline and training against plain PyTorch.")
     parser.add_argument("--n-train", type=int, default=32768, metavar="N",
                         help="train images in each synthetic set (default: 32768)")
     parser.add_argument("--n-packed", type=int, default=16384, metavar="N",
                         help="train images in the chunked gzip set, twice the chunk cache (default: 16384)")
     parser.add_argument("--dir", default="bench_data", metavar="DIR", help="where the sets are written (default: bench_data)")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help=f"train.py's speed, memory and exact resume on CUDA, {GPU_CHECK_IMAGES:,} synthetic images")
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # --gpu-check on the CPU, for tests
+    parser.add_argument("--images", type=int, default=GPU_CHECK_IMAGES, help=argparse.SUPPRESS)
     parser.add_argument("--rss-probe", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_probe:
         return peak_rss_probe(args.rss_probe)
+    if args.gpu_check:
+        return gpu_check(torch.device(args.device), args.images, os.path.join(args.dir, f"gpu_{args.images}"))
     torch.manual_seed(0)
     sets = {"uint8": os.path.join(args.dir, "uint8"), "float32": os.path.join(args.dir, "float32_poisoned"),
             "packed": os.path.join(args.dir, "uint8_gzip")}
@@ -183,7 +325,7 @@ def main(argv=None):
     ensure_set(sets["packed"], args.n_packed, "uint8", 0.0, chunks=(32, 96, 96, 3), compression="gzip")
 
     rows = []  # (what, file, value, unit, ratio)
-    train_rate, forward_rate = compute_rates()
+    plain_train, plain_forward = plain_rates()
     for name, filtered in (("uint8", False), ("float32", True), ("packed", False)):
         x_path, y_path = data.split_paths(sets[name], "train")
         read_in_blocks(x_path)  # into the page cache, for both contenders alike
@@ -194,7 +336,7 @@ def main(argv=None):
         rows.append(("data-only train epoch, reference", label, reference, "images/s", ""))
         rows.append(("data-only train epoch, pcam-mlp", label, ours, "images/s", f"{ours / reference:.1f}x reference"))
         if name == "uint8":
-            rows.append(("  vs MLP compute-only training", label, ours, "images/s", f"{ours / train_rate:.1f}x compute"))
+            rows.append(("  vs plain MLP training step", label, ours, "images/s", f"{ours / plain_train:.1f}x plain step"))
         if name != "packed":
             read = seconds(lambda x_path=x_path: read_in_blocks(x_path))
             mask = seconds(lambda x_path=x_path: data.outlier_mask(x_path))
@@ -203,11 +345,7 @@ def main(argv=None):
             rows.append(("filter pass, reference", label, ref_filter, "s", f"{ref_filter / mask:.1f}x pcam-mlp"))
             scan = seconds(lambda x_path=x_path: eda.scan_split(os.path.dirname(x_path), "train", 8, 5.0, 250.0))
             rows.append(("eda.py scan", label, scan, "s", f"{scan / read:.2f}x block read"))
-    rows.append(("MLP (64, 32) compute only: fwd+bwd+SGD", "in memory", train_rate, "images/s", ""))
-    rows.append(("MLP (64, 32) compute only: forward", "in memory", forward_rate, "images/s", ""))
-    train_rate_now, forward_rate_now = compute_rates()  # again, next to the end-to-end run; the faster counts
-    rows.append(end_to_end(sets["uint8"], max(train_rate, train_rate_now), max(forward_rate, forward_rate_now),
-                           args.n_train))
+    rows += training_rows(sets["uint8"], args.n_train, plain_train, plain_forward)
     probe = subprocess.run([sys.executable, __file__, "--rss-probe", sets["float32"]], capture_output=True,
                            text=True, check=True)
     size = os.path.getsize(data.split_paths(sets["float32"], "train")[0]) / 2**30
@@ -216,11 +354,11 @@ def main(argv=None):
 
     print(f"\npcam-mlp bench, {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH_SIZE}, num_workers 0")
-    print(f"| {'measure':<42} | {'file':<28} | {'value':>10} | {'unit':<8} | {'ratio':<32} |")
-    print(f"|{'-' * 44}|{'-' * 30}|{'-' * 12}:|{'-' * 10}|{'-' * 34}|")
+    print(f"| {'measure':<42} | {'file':<28} | {'value':>10} | {'unit':<8} | {'ratio':<34} |")
+    print(f"|{'-' * 44}|{'-' * 30}|{'-' * 12}:|{'-' * 10}|{'-' * 36}|")
     for what, label, value, unit, ratio in rows:
-        print(f"| {what:<42} | {label:<28} | {value:>10,.{2 if unit == 's' else 0}f} | {unit:<8} | {ratio:<32} |")
+        print(f"| {what:<42} | {label:<28} | {value:>10,.{2 if unit == 's' else 0}f} | {unit:<8} | {ratio:<34} |")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

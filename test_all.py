@@ -567,6 +567,45 @@ def test_normalisation_travels_in_the_state_dict():
     assert not torch.allclose(model(images), plain(images), rtol=1e-2, atol=1e-2)
 
 
+def test_mlp_gives_the_same_logits_whatever_the_dtype_and_layout():
+    from model import MLP
+    torch.manual_seed(0)
+    model = MLP().eval()
+    model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
+    stored = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8)  # (B, H, W, C), as in the files
+    channels_last = stored.permute(0, 3, 1, 2)  # what data.py yields
+    forms = [channels_last, channels_last.contiguous(), channels_last.float(), channels_last.float().contiguous(),
+             channels_last.transpose(2, 3).contiguous().transpose(2, 3)]  # (B, C, W, H) in memory: a third layout
+    logits = [model(images) for images in forms]
+    assert all(torch.allclose(other, logits[0], rtol=0, atol=1e-5) for other in logits[1:])
+
+
+def test_mlp_normalises_then_flattens_in_hwc_order():
+    from model import MLP
+    torch.manual_seed(0)
+    model = MLP().eval()
+    model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
+    stored = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8)
+    normalised = (stored.float() - torch.tensor([150.0, 120.0, 170.0])) / torch.tensor([40.0, 50.0, 30.0])
+    expected = model.layers(normalised.flatten(1))  # the checkpoints' meaning: (H, W, C) pixel order
+    assert torch.allclose(model(stored.permute(0, 3, 1, 2)), expected, rtol=0, atol=1e-5)
+
+
+def test_mlp_gradients_are_those_of_normalising_the_input():
+    from model import MLP
+    torch.manual_seed(0)
+    model = MLP(dropout_rate=0.0)
+    model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
+    stored, labels = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8), torch.tensor([0, 1, 1, 0])
+    normalised = (stored.float() - torch.tensor([150.0, 120.0, 170.0])) / torch.tensor([40.0, 50.0, 30.0])
+    gradients = []
+    for logits in (lambda: model(stored.permute(0, 3, 1, 2)), lambda: model.layers(normalised.flatten(1))):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(logits(), labels).backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*gradients))
+
+
 # ---- train.py ----
 
 @pytest.fixture(scope="module")
@@ -800,6 +839,64 @@ def test_a_checkpoint_write_that_fails_part_way_keeps_the_previous_one(tmp_path)
     previous = torch.load(path, weights_only=True)
     assert previous["epoch"] == 1 and torch.equal(previous["weights"], torch.arange(1000.0))
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_device_batches_draw_the_same_indices_as_the_loader(tmp_path):
+    images = tissue(300, seed=3)
+    images[[5, 77, 140]] = 0  # blackouts: the filter drops them, so positions and file rows differ
+    write_split(tmp_path, "train", images, labels_of(300, 90))
+    write_split(tmp_path, "valid", tissue(70, seed=4), labels_of(70, 30))
+    loaders = data.get_dataloaders(tmp_path, batch_size=32, filter_data=True, seed=5, preload=True)
+    streamed = data.get_dataloaders(tmp_path, batch_size=32, filter_data=True, seed=5, preload=True)
+    resident = [data.DeviceBatches(loader, torch.device("cpu")) for loader in loaders]
+    for _ in range(2):  # two epochs: the sampler's generator carries on from one to the next
+        for loader, gathered in zip(streamed, resident):
+            pairs = list(zip(loader, gathered, strict=True))
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
+    assert torch.equal(data.sampler_generator(streamed[0]).get_state(), data.sampler_generator(resident[0]).get_state())
+    assert torch.equal(streamed[0].generator.get_state(), resident[0].generator.get_state())
+
+
+def test_the_resident_and_loader_paths_train_identically(synth_dir, straight_run, tmp_path, capsys):
+    import train
+    train.main(train_args(synth_dir, tmp_path / "streamed", "--epochs", "3", "--data-on-device", "no"))
+    assert "data path: loader (--data-on-device no)" in capsys.readouterr().out
+    assert loss_columns(tmp_path / "streamed") == loss_columns(straight_run)
+    assert_same_weights(tmp_path / "streamed", straight_run)
+
+
+def test_resident_path_stops_after_epoch_1_and_resumes_exactly(synth_dir, straight_run, tmp_path, capsys):
+    import train
+    train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1", "--data-on-device", "yes"))
+    train.main(train_args(synth_dir, tmp_path / "split", "--resume", "--epochs", "3", "--data-on-device", "yes"))
+    assert capsys.readouterr().out.count("data path: resident (") == 2
+    assert loss_columns(tmp_path / "split") == loss_columns(straight_run)
+    assert_same_weights(tmp_path / "split", straight_run)
+
+
+def test_the_data_path_follows_free_memory(synth_dir, tmp_path, monkeypatch, capsys):
+    import train
+    needed = (1536 + 512) * data.IMAGE_BYTES
+    for free, path in ((needed / train.RESIDENT_SHARE * 1.01, "resident"), (needed / train.RESIDENT_SHARE * 0.99, "loader")):
+        monkeypatch.setattr(data, "available_memory_bytes", lambda free=free: int(free))
+        train.main(train_args(synth_dir, tmp_path / path, "--epochs", "1"))
+        assert f"data path: {path} (uint8 train+valid" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_args(synth_dir, tmp_path / "forced", "--epochs", "1", "--data-on-device", "yes"))
+    assert "--data-on-device yes: uint8 train+valid 0.05 GiB over 70% of 0.1 GiB free RAM" in str(stop.value.code)
+    assert not (tmp_path / "forced" / "metrics.csv").exists()
+
+
+def test_gpu_check_runs_end_to_end_on_a_tiny_set_on_the_cpu(tmp_path):
+    result = run_script("bench.py", "--gpu-check", "--device", "cpu", "--images", "512", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for row in ("| data path                          | resident (uint8 train+valid", "| training, batch 1024, bf16",
+                "| validation, batch 256, fp32", "| peak device memory", "| resumed run equals uninterrupted   | yes"):
+        assert row in result.stdout
+    if not torch.cuda.is_available():
+        without_cuda = run_script("bench.py", "--gpu-check", "--dir", str(tmp_path))
+        lines = without_cuda.stderr.strip().splitlines()
+        assert without_cuda.returncode == 1 and len(lines) == 1 and "CUDA is not available here" in lines[0]
 
 
 # ---- plot_loss.py ----

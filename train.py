@@ -61,6 +61,9 @@ def parse_args(argv=None):
     data_group.add_argument("--num-workers", type=int, default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
                             metavar="W", help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)")
     data_group.add_argument("--preload", action="store_true", help="clean each split into RAM once, serve from memory")
+    data_group.add_argument("--data-on-device", choices=("auto", "yes", "no"), default="auto",
+                            help="hold the uint8 train and valid splits in device memory (RAM on the CPU) and "
+                                 "gather each batch there; auto does when they fit")
     model_group = parser.add_argument_group("model")
     model_group.add_argument("--hidden-units", type=int, nargs="+", default=[64, 32], metavar="H",
                              help="width of each hidden layer")
@@ -298,15 +301,52 @@ def describe_environment(device):
 
 def build(args, device):
     """Loaders, model and optimiser for these settings."""
-    pin = device.type == "cuda"
+    path, reason = choose_data_path(args, device)
+    resident = path == "resident"
     train_loader, val_loader = data.get_dataloaders(args.data_dir, args.batch_size, args.num_workers, args.filter_data,
-                                                    args.seed, args.preload, pin_memory=pin)
+                                                    args.seed, args.preload or resident,
+                                                    pin_memory=device.type == "cuda" and not resident)
+    if resident:
+        train_loader, val_loader = data.DeviceBatches(train_loader, device), data.DeviceBatches(val_loader, device)
+    elif device.type == "cuda":
+        train_loader, val_loader = data.PrefetchBatches(train_loader, device), data.PrefetchBatches(val_loader, device)
+    print(f"data path: {path} ({reason})", flush=True)
     model = MLP(hidden_units=tuple(args.hidden_units), dropout_rate=args.dropout).to(device)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return train_loader, val_loader, model, optimizer
+
+
+# ---- where batches come from: resident in device memory, or streamed by the loader ----
+
+RESIDENT_SHARE = 0.7  # the splits go resident when they take at most this share of free memory
+
+
+def free_memory(device):
+    """(where, free bytes) that limits a resident copy: RAM, which the splits pass through, and the GPU's."""
+    limits = {"RAM": data.available_memory_bytes()}
+    if device.type == "cuda":
+        limits["device memory"] = torch.cuda.mem_get_info(device)[0]
+    return min(limits.items(), key=lambda limit: limit[1])
+
+
+def choose_data_path(args, device):
+    """('resident' or 'loader', why) for --data-on-device: resident when the uint8 train and valid splits fit."""
+    if args.data_on_device == "no":
+        return "loader", "--data-on-device no"
+    if args.dry_run and args.data_on_device == "auto":
+        return "loader", "--dry-run reads one batch of each split"
+    rows = sum(len(data.read_labels(data.require_split(args.data_dir, split)[1])) for split in ("train", "valid"))
+    needed = rows * data.IMAGE_BYTES
+    where, free = free_memory(device)
+    fits = needed <= RESIDENT_SHARE * free
+    reason = (f"uint8 train+valid {needed / 2**30:.2f} GiB {'within' if fits else 'over'} {RESIDENT_SHARE:.0%} "
+              f"of {free / 2**30:.1f} GiB free {where}")
+    if args.data_on_device == "yes" and not fits:
+        raise UsageError(f"--data-on-device yes: {reason}; use --data-on-device auto or no to stream from the files")
+    return ("resident" if fits else "loader"), f"{reason}, {device.type}"
 
 
 def print_startup(args, environment, model, train_loader, val_loader):
