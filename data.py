@@ -530,7 +530,7 @@ def is_synthetic(x_path):
     """Whether an x file was written by `data.py synth` (it marks its files)."""
     try:
         with h5py.File(x_path, "r") as h5file:
-            return "x" in h5file and bool(h5file["x"].attrs.get("synthetic", False))
+            return bool(h5file.attrs.get("synthetic", False))
     except OSError:
         return False
 
@@ -587,7 +587,7 @@ def write_synth_split(data_dir, split, n, rng, fraction, dtype):
                     counts[kind] = counts.get(kind, 0) + count
                 dset[start:start + len(block)] = block
             dset.attrs.update({f"poison_{kind}": count for kind, count in counts.items()})
-            dset.attrs["synthetic"] = True  # synth --force may overwrite this file; it overwrites nothing else
+            h5file.attrs["synthetic"] = True  # synth --force may overwrite this file; it overwrites nothing else
 
     def write_y(path):
         with h5py.File(path, "w") as h5file:
