@@ -517,13 +517,11 @@ def write_atomically(path, write):
 
 def os_reason(error):
     """The OS's words for an OSError, also when h5py wraps it (h5py's messages carry errno = N)."""
-    if error.strerror:
-        return error.strerror
     text = str(error)
-    for code in (28, 30, 13, 122):  # ENOSPC, EROFS, EACCES, EDQUOT: what a user's disk or folder can cause
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):  # what a user's disk or folder can cause
         if f"errno = {code}," in text:
             return os.strerror(code)
-    return text
+    return (error.strerror or text).strip().splitlines()[0]
 
 
 def is_synthetic(x_path):

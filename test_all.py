@@ -993,6 +993,8 @@ def test_a_full_disk_is_one_line_everywhere(small_disk, synth_dir, pcam_server):
     one_line_error(result, "last.pt: No space left on device")
     assert no_partial_files(small_disk)
     shutil.rmtree(small_disk / "run")
+    free = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(bytes(free.f_bavail * free.f_frsize - 100_000))  # 0.1 MB left
     result = download(pcam_server, small_disk / "pcam", "train")
     one_line_error(result, "No space left on device")
     assert "attempt" not in result.stdout  # a full disk is not retried

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import datetime
 import fcntl
+import io
 import json
 import math
 import os
@@ -219,16 +220,24 @@ def write_atomically(path, write):
     try:
         write(temp_path)
         os.replace(temp_path, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1]
-        raise UsageError(f"cannot write {path}: {reason}; free some space or choose another --out-dir") from None
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}; free some space or choose another "
+                         "--out-dir") from None
     finally:
         if os.path.exists(temp_path):
             os.remove(temp_path)
 
 
 def save_atomically(obj, path):
-    write_atomically(path, lambda temp_path: torch.save(obj, temp_path))
+    """torch.save into memory first: a failed file write is then an OSError that names its cause (a full disk)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+
+    def write(temp_path):
+        with open(temp_path, "wb") as target:
+            target.write(buffer.getbuffer())
+
+    write_atomically(path, write)
 
 
 def write_json(obj, path):
@@ -546,10 +555,8 @@ def finish_record(outcome, status, **details):
     if record is None:
         return
     record.update(status=status, finished_at=datetime.datetime.now().isoformat(timespec="seconds"), **details)
-    try:
+    with contextlib.suppress(UsageError):  # a full disk: run.json keeps its last state, the error line says why
         write_json(record, outcome["record_path"])
-    except UsageError as error:  # a full disk: the error line already says what failed
-        print(f"train.py: note: run.json keeps its last state ({error})", file=sys.stderr, flush=True)
 
 
 def error_line(error):
