@@ -63,7 +63,7 @@ demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in ab
 train-local: $(VENV)/.installed ## python train.py $$ARGS right here (laptop, salloc session)
 	$(PY) train.py $$ARGS
 
-plot: $(VENV)/.installed ## loss plot of RUN (default: newest run; several overlay) to assets/loss_plot.png
+plot: $(VENV)/.installed ## loss plot of RUN (default: newest run with metrics; several overlay) to assets/loss_plot.png
 	test -n "$$RUN" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }
 	$(PY) plot_loss.py $$RUN --out assets/loss_plot.png
 

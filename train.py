@@ -213,21 +213,6 @@ def restore_rng_state(state, train_loader):
     train_loader.generator.set_state(state["loader"])
 
 
-def write_atomically(path, write):
-    """write(temp_path), then os.replace: a killed job never leaves half a file. The temporary name carries the
-    PID, so no two writers share it; a failure removes it and becomes one line naming the path."""
-    temp_path = f"{path}.{os.getpid()}.partial"
-    try:
-        write(temp_path)
-        os.replace(temp_path, path)
-    except OSError as error:
-        raise UsageError(f"cannot write {path}: {error.strerror or error}; free some space or choose another "
-                         "--out-dir") from None
-    finally:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-
-
 def save_atomically(obj, path):
     """torch.save into memory first: a failed file write is then an OSError that names its cause (a full disk)."""
     buffer = io.BytesIO()
@@ -237,7 +222,7 @@ def save_atomically(obj, path):
         with open(temp_path, "wb") as target:
             target.write(buffer.getbuffer())
 
-    write_atomically(path, write)
+    data.write_atomically(path, write)
 
 
 def write_json(obj, path):
@@ -245,7 +230,7 @@ def write_json(obj, path):
         with open(temp_path, "w") as target:
             json.dump(obj, target, indent=2, default=str)
 
-    write_atomically(path, write)
+    data.write_atomically(path, write)
 
 
 def read_json(path):
@@ -264,7 +249,7 @@ def write_metrics(history, path):
             for row in history:
                 writer.writerow([row[0], *(f"{value:.6f}" for value in row[1:7]), f"{row[7]:.2f}", f"{row[8]:.0f}"])
 
-    write_atomically(path, write)
+    data.write_atomically(path, write)
 
 
 def channel_stats(dataset):
@@ -555,7 +540,7 @@ def finish_record(outcome, status, **details):
     if record is None:
         return
     record.update(status=status, finished_at=datetime.datetime.now().isoformat(timespec="seconds"), **details)
-    with contextlib.suppress(UsageError):  # a full disk: run.json keeps its last state, the error line says why
+    with contextlib.suppress(data.PCAMError):  # a full disk: run.json keeps its last state, the error line says why
         write_json(record, outcome["record_path"])
 
 
