@@ -1003,7 +1003,8 @@ def test_a_full_disk_is_one_line_everywhere(small_disk, synth_dir, pcam_server):
     assert "attempt" not in result.stdout  # a full disk is not retried
 
 
-def test_read_only_folders_and_files_in_the_way_are_one_line(read_only_dir, small_set, straight_run, tmp_path):
+def test_read_only_folders_and_files_in_the_way_are_one_line(read_only_dir, small_set, straight_run, tmp_path,
+                                                             pcam_server):
     one_line_error(run_script("data.py", "synth", "--data-dir", str(read_only_dir / "synth")), "Read-only file system")
     one_line_error(run_script("data.py", "prepare", "--data-dir", str(small_set), "--out", str(read_only_dir)),
                    "Read-only file system")
@@ -1013,8 +1014,13 @@ def test_read_only_folders_and_files_in_the_way_are_one_line(read_only_dir, smal
                    "Read-only file system")
     one_line_error(run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
                    "Read-only file system")
+    result = download(pcam_server, read_only_dir, "valid")
+    one_line_error(result, "Read-only file system")
+    assert "attempt" not in result.stdout  # a read-only folder is not retried
     (tmp_path / "a_file").write_text("")
     one_line_error(run_script("data.py", "synth", "--data-dir", str(tmp_path / "a_file" / "synth")), "Not a directory")
+    one_line_error(run_script("data.py", "manifest", "--data-dir", str(small_set), "--manifest",
+                              str(tmp_path / "no_such_folder" / "m.json")), "No such file or directory")
 
 
 def test_a_corrupt_compressed_chunk_names_the_file(tmp_path):
