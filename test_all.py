@@ -1073,6 +1073,22 @@ def test_make_plot_skips_failed_runs_and_make_eda_takes_a_folder_with_spaces(sma
     assert is_nonblank_png(tmp_path / "assets" / "pcam.png")
 
 
+def test_a_staged_job_names_the_users_folder_for_a_half_split(project, synth_dir, tmp_path):
+    if not slurm_is_up():
+        pytest.skip("no Slurm here (start one with .ci/slurm-up.sh)")
+    user_dir = linked_set(synth_dir, tmp_path / "user_data")
+    write_split(user_dir, "test", tissue(8), labels_of(8, 4))
+    os.remove(data.split_paths(user_dir, "test")[1])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 1", "STAGE": "yes", "TMPDIR": str(scratch),
+                                         "DATA_DIR": str(user_dir)})
+    job = submitted_job(output)[0]
+    assert wait_for_job(job) == ["FAILED"]
+    log = (project / "logs" / f"pcam_train_{job}.out").read_text()
+    assert f"test split missing in {user_dir}" in log and "Traceback" not in log
+
+
 # ---- Slurm: first_job.sh, train_job.sh and the Makefile against a real local Slurm (.ci/slurm-up.sh) ----
 
 def slurm_is_up():

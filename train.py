@@ -2,8 +2,10 @@
 
 Each run writes to its --out-dir: metrics.csv (a row per epoch), last.pt (end of every epoch, and
 before the first), best.pt (lowest validation loss), run.json (settings, versions, data, results)
-and loss.png. SIGTERM or SIGUSR1 stop the run after the current step with exit code 75; `--resume`
-then restarts the interrupted epoch from last.pt, and the result equals an uninterrupted run.
+and loss.png. SIGTERM or SIGUSR1 stop the run after the current step with exit code 75 (Ctrl-C: 130);
+`--resume` then restarts the interrupted epoch from last.pt, and the result equals an uninterrupted run.
+A run holds a lock on its folder (train.lock), and run.json ends with status done, stopped, interrupted
+or failed.
 """
 import argparse
 import contextlib
