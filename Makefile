@@ -6,7 +6,8 @@ DATA_DIR ?= $(or $(PCAM_DIR),data)
 SYNTH_DIR ?= data/synth
 RUFF_VERSION ?= 0.17.6
 ARGS ?=
-RUN ?= $(firstword $(shell ls -td $(wildcard runs/*/) 2>/dev/null))
+# the newest run with a metrics.csv: a run that failed before its first epoch has nothing to plot
+RUN ?= $(patsubst %/metrics.csv,%,$(firstword $(if $(wildcard runs/*/metrics.csv),$(shell ls -t $(wildcard runs/*/metrics.csv)))))
 RUNS ?= runs/*/
 # Slurm resources for make train and make sweep (sbatch options override train_job.sh's #SBATCH lines)
 PARTITION ?= gpu_course
@@ -52,10 +53,10 @@ synth: $(VENV)/.installed ## write a small synthetic PCAM set to data/synth (SYN
 	$(PY) data.py synth --data-dir $(SYNTH_DIR)
 
 data: $(VENV)/.installed ## download the official PCAM files (about 7 GB) to data/ or $PCAM_DIR
-	$(PY) data.py download --data-dir $(DATA_DIR)
+	$(PY) data.py download --data-dir "$$DATA_DIR"
 
 eda: $(VENV)/.installed ## defect counts and figures of the data in DATA_DIR, PNGs to assets/
-	$(PY) eda.py --data-dir $(DATA_DIR) --out-dir assets
+	$(PY) eda.py --data-dir "$$DATA_DIR" --out-dir assets
 
 demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in about a minute (runs/demo)
 	test -f $(SYNTH_DIR)/camelyonpatch_level_2_split_test_y.h5 || $(PY) data.py synth --data-dir $(SYNTH_DIR)
@@ -66,7 +67,7 @@ demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in ab
 train-local: $(VENV)/.installed ## python train.py $$ARGS right here (laptop, salloc session)
 	$(PY) train.py $$ARGS
 
-plot: $(VENV)/.installed ## loss plot of RUN (default: newest run; several overlay) to assets/loss_plot.png
+plot: $(VENV)/.installed ## loss plot of RUN (default: newest run with metrics; several overlay) to assets/loss_plot.png
 	test -n "$$RUN" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }
 	$(PY) plot_loss.py $$RUN --out assets/loss_plot.png
 

@@ -168,7 +168,7 @@ def ensure_set(directory, n_train, dtype, poison, **x_options):
                 return
     source = directory + "_source" if x_options else directory
     args = ["synth", "--data-dir", source, "--n-train", str(n_train), "--n-valid", str(max(n_train // 8, 256)),
-            "--n-test", "0", "--dtype", dtype, "--poison", str(poison)]
+            "--n-test", "0", "--dtype", dtype, "--poison", str(poison), "--force"]
     data.main(args)
     if x_options:
         os.makedirs(directory, exist_ok=True)

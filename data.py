@@ -5,15 +5,18 @@ contiguous files, one h5py selection otherwise) and keeps images uint8 until the
 training device. Command line: `python data.py {download,synth,prepare,info,manifest,verify,env} -h`.
 """
 import argparse
+import errno
 import gzip
 import hashlib
 import json
 import mmap
 import os
 import shutil
+import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +40,8 @@ BLOCK_BYTES = 64 * 2**20  # streaming passes read about this many raw bytes at a
 CHUNK_CACHE_BYTES = 256 * 2**20  # HDF5 chunk cache per open chunked file (per worker)
 MAPPED_BYTES_BEFORE_RELEASE = 2**30  # unmap a memory map's pages after this much reading (see MappedRows)
 MANIFEST_NAME = "pcam_manifest.json"
+PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
+SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
 ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
@@ -69,6 +74,9 @@ def split_paths(data_dir, split):
 
 def require_split(data_dir, split):
     """The split's (x, y) paths, or a MissingDataError naming what is missing and how to get it."""
+    if str(data_dir) == "":
+        raise MissingDataError("the data folder is an empty string (is $PCAM_DIR set but empty?); "
+                               "pass --data-dir DIR or set PCAM_DIR to the PCAM folder")
     if not os.path.isdir(data_dir):
         raise MissingDataError(
             f"data directory {data_dir} does not exist: pass --data-dir (or set PCAM_DIR), or create it "
@@ -91,11 +99,23 @@ def open_h5(path, **kwargs):
                         "download or copy it again") from None
 
 
+def unreadable(x_path, error):
+    """The error for rows h5py cannot read: a corrupt compressed chunk, or a truncated file."""
+    return PCAMError(f"cannot read images of {x_path} ({str(error).splitlines()[0]}): a chunk is corrupt or the "
+                     "file is truncated; download or copy it again")
+
+
 def dataset_in(h5file, key, path):
     if key not in h5file:
         raise PCAMError(f"{path} has no dataset '{key}' (found: {', '.join(h5file.keys()) or 'nothing'}); "
                         f"PCAM files store images as 'x' and labels as 'y'")
-    return h5file[key]
+    dset = h5file[key]
+    if not isinstance(dset, h5py.Dataset):
+        raise PCAMError(f"{path}: '{key}' is a {type(dset).__name__.lower()}, not a dataset; "
+                        "PCAM files store images as 'x' and labels as 'y', each one array")
+    if dset.dtype == np.bool_ or not (np.issubdtype(dset.dtype, np.integer) or np.issubdtype(dset.dtype, np.floating)):
+        raise PCAMError(f"{path}: '{key}' holds {dset.dtype} values; expected integers or floats")
+    return dset
 
 
 def clean(images, scratch=False):
@@ -178,7 +198,10 @@ def iter_raw_blocks(x_path):
             with ThreadPoolExecutor(max_workers=1) as reader:
                 pending = reader.submit(dset.__getitem__, slice(0, step))
                 for start in range(0, len(dset), step):
-                    block = pending.result()
+                    try:
+                        block = pending.result()
+                    except OSError as error:
+                        raise unreadable(x_path, error) from None
                     if not block.dtype.isnative:  # a big-endian file: torch and bit-level checks want native
                         block = block.astype(block.dtype.newbyteorder("="))
                     if start + step < len(dset):
@@ -214,6 +237,30 @@ def read_labels(y_path):
         bad = np.unique(raw[~((raw == 0) | (raw == 1))])[:5]
         raise PCAMError(f"{y_path}: labels must be 0 or 1, found {', '.join(map(str, bad))}")
     return raw.astype(np.int64)
+
+
+def check_pixel_scale(x_path):
+    """Refuse an x file plainly on another scale than 0..255, judged from SCALE_SAMPLE_ROWS evenly spaced rows:
+    floats all within 0..1, or integers wider than a byte above 255. (The course copy's float32 NaN and 1e5
+    pixels are defects of single pixels on the 0..255 scale; cleaning handles them.) Reading the first and
+    last rows also finds a truncated or corrupt file before training."""
+    with open_h5(x_path) as h5file:
+        dset = dataset_in(h5file, "x", x_path)
+        if len(dset) == 0 or contiguous_offset(x_path, dset) is not None and dset.dtype == np.uint8:
+            return  # a contiguous file's size was checked; a byte holds 0..255 only
+        rows = np.unique(np.linspace(0, len(dset) - 1, min(len(dset), SCALE_SAMPLE_ROWS)).astype(np.int64))
+        try:
+            sample = dset[rows]
+        except OSError as error:
+            raise unreadable(x_path, error) from None
+    if np.issubdtype(sample.dtype, np.floating):
+        finite = sample[np.isfinite(sample)]
+        if finite.size and finite.min() >= 0 and finite.max() <= 1:
+            raise PCAMError(f"{x_path}: pixel values are all within 0..1 in {len(rows)} sampled images; expected "
+                            "the 0..255 scale: write the images multiplied by 255")
+    elif sample.dtype.itemsize > 1 and sample.max() > 255:
+        raise PCAMError(f"{x_path}: {sample.dtype} pixel values up to {sample.max()} in {len(rows)} sampled images; "
+                        "expected the 0..255 scale of 8-bit images: convert them to 0..255 first")
 
 
 def read_split_labels(x_path, y_path):
@@ -286,11 +333,18 @@ class ChunkedRows:
     """
 
     def __init__(self, x_path):
+        self.x_path = x_path
         self.h5file = open_h5(x_path, rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100003, rdcc_w0=1.0)
         self.dset = self.h5file["x"]
         self.chunk_rows = self.dset.chunks[0] if self.dset.chunks else 1
 
     def read(self, rows):
+        try:
+            return self._read(rows)
+        except OSError as error:
+            raise unreadable(self.x_path, error) from None
+
+    def _read(self, rows):
         if is_consecutive(rows):
             return self.dset[rows[0]:rows[-1] + 1]
         batch = np.empty((len(rows),) + self.dset.shape[1:], self.dset.dtype)
@@ -330,6 +384,9 @@ class PCAMDataset(Dataset):
             if not os.path.isfile(path):
                 raise MissingDataError(f"{path} not found")
         all_labels = read_split_labels(self.x_path, self.y_path)
+        if len(all_labels) == 0:
+            raise PCAMError(f"{self.x_path} holds no images; a PCAM split needs at least one row")
+        check_pixel_scale(self.x_path)
         self.indices = np.arange(len(all_labels))
         if filter_data:
             self.indices = np.flatnonzero(~outlier_mask(self.x_path, black_threshold, white_threshold))
@@ -403,6 +460,10 @@ def balanced_sampler(labels, seed):
 
 
 def seed_worker(worker_id):
+    """Seed a DataLoader worker; it leaves stop signals to the main process, so a signal sent to the whole
+    process group (scancel, preemption, Ctrl-C) stops the run cleanly instead of killing the workers under it."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     np.random.seed(torch.initial_seed() % 2**32)
 
 
@@ -494,14 +555,35 @@ class PrefetchBatches:
 # ---- command line: synth, prepare, info, manifest, verify, download ----
 
 def write_atomically(path, write):
-    """Call write(temp_path), then move the finished file into place; a failure leaves no file at path."""
-    temp_path = path + ".partial"
+    """Call write(temp_path), then move the finished file into place; a failure leaves no file at path, and no
+    temporary file. The temporary name carries the PID, so two writers never share one."""
+    temp_path = f"{path}.{os.getpid()}.partial"
     try:
         write(temp_path)
         os.replace(temp_path, path)
+    except OSError as error:
+        raise PCAMError(f"cannot write {path}: {os_reason(error)}") from None
     finally:
         if os.path.exists(temp_path):
             os.remove(temp_path)
+
+
+def os_reason(error):
+    """The OS's words for an OSError, also when h5py wraps it (h5py's messages carry errno = N)."""
+    text = str(error)
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):  # what a user's disk or folder can cause
+        if f"errno = {code}," in text:
+            return os.strerror(code)
+    return (error.strerror or text).strip().splitlines()[0]
+
+
+def is_synthetic(x_path):
+    """Whether an x file was written by `data.py synth` (it marks its files)."""
+    try:
+        with h5py.File(x_path, "r") as h5file:
+            return bool(h5file.attrs.get("synthetic", False))
+    except OSError:
+        return False
 
 
 def synth_images(rng, labels):
@@ -556,6 +638,7 @@ def write_synth_split(data_dir, split, n, rng, fraction, dtype):
                     counts[kind] = counts.get(kind, 0) + count
                 dset[start:start + len(block)] = block
             dset.attrs.update({f"poison_{kind}": count for kind, count in counts.items()})
+            h5file.attrs["synthetic"] = True  # synth --force may overwrite this file; it overwrites nothing else
 
     def write_y(path):
         with h5py.File(path, "w") as h5file:
@@ -568,6 +651,15 @@ def write_synth_split(data_dir, split, n, rng, fraction, dtype):
 
 
 def cmd_synth(args):
+    existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
+    if existing and not args.force:
+        raise PCAMError(f"{args.data_dir} already holds PCAM split files ({os.path.basename(existing[0])}, ...); "
+                        "synth writes only into a folder without them: choose another --data-dir, or add --force "
+                        "to overwrite a synthetic set")
+    real = [p for p in existing if p.endswith("_x.h5") and not is_synthetic(p)]
+    if real:
+        raise PCAMError(f"{real[0]} was not written by data.py synth; --force overwrites synthetic sets only: "
+                        "choose another --data-dir")
     os.makedirs(args.data_dir, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     for split, n in (("train", args.n_train), ("valid", args.n_valid), ("test", args.n_test)):
@@ -575,15 +667,59 @@ def cmd_synth(args):
             write_synth_split(args.data_dir, split, n, rng, args.poison, np.dtype(args.dtype))
 
 
+def source_identity(paths):
+    """What tells a source file apart from another, cheaply: its path, size and mtime."""
+    return [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns}
+            for p in paths]
+
+
+def read_prepared_record(out_dir):
+    try:
+        with open(os.path.join(out_dir, PREPARED_NAME)) as source:
+            record = json.load(source)
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def prepared_copy_is_current(out_dir, split, sources):
+    """True when out_dir holds split's copy of exactly these sources; False when it holds nothing of the split
+    (or a copy of an earlier version of the same files, to rebuild). A copy of other files, or split files
+    prepare did not write, are refused: prepare never replaces what it cannot recreate."""
+    outputs = [p for p in split_paths(out_dir, split) if os.path.exists(p)]
+    recorded = read_prepared_record(out_dir).get(split)
+    if not outputs:
+        return False
+    if recorded is None:
+        raise PCAMError(f"{out_dir} already holds {split} split files that prepare did not write; choose an "
+                        "empty --out folder")
+    if recorded == source_identity(sources):
+        return True
+    recorded_paths = [entry["path"] for entry in recorded]  # none: an earlier prepare stopped while writing
+    if recorded_paths and recorded_paths != [os.path.abspath(p) for p in sources]:
+        raise PCAMError(f"{out_dir} holds a prepared copy of {recorded[0]['path']}, not of "
+                        f"{os.path.abspath(sources[0])}; choose another --out folder")
+    return False
+
+
+def record_prepared(out_dir, split, sources):
+    record = {**read_prepared_record(out_dir), split: source_identity(sources)}
+
+    def write_record(path):
+        with open(path, "w") as target:
+            json.dump(record, target, indent=2)
+
+    write_atomically(os.path.join(out_dir, PREPARED_NAME), write_record)
+
+
 def prepare_split(data_dir, out_dir, split):
     x_src, y_src = require_split(data_dir, split)
     x_out, y_out = split_paths(out_dir, split)
     labels = read_split_labels(x_src, y_src)
-    if all(os.path.isfile(p) and os.path.getmtime(p) >= os.path.getmtime(x_src) for p in (x_out, y_out)):
-        with open_h5(x_out) as h5file:
-            if h5file["x"].shape[0] == len(labels) and h5file["x"].dtype == np.uint8:
-                log(f"prepare {split}: {x_out} is already a prepared copy, kept")
-                return
+    check_pixel_scale(x_src)
+    if prepared_copy_is_current(out_dir, split, (x_src, y_src)):
+        log(f"prepare {split}: {x_out} is already a prepared copy of {x_src}, kept")
+        return
 
     def write_x(path):
         started = time.time()
@@ -599,14 +735,20 @@ def prepare_split(data_dir, out_dir, split):
         with h5py.File(path, "w") as h5file:
             h5file.create_dataset("y", data=labels.astype(np.uint8).reshape(-1, 1, 1, 1))
 
+    record_prepared(out_dir, split, ())  # while the files change, the record names no source
     write_atomically(x_out, write_x)
     write_atomically(y_out, write_y)
+    record_prepared(out_dir, split, (x_src, y_src))
     log(f"prepare {split}: wrote {x_out} ({os.path.getsize(x_out) / 2**20:.0f} MiB, uint8, contiguous)")
 
 
 def present_splits(data_dir):
+    """The splits whose x and y files are both there; a split with only one of them is an error."""
     if not os.path.isdir(data_dir):
         require_split(data_dir, "train")  # raises the data-dir message
+    for split in SPLITS:
+        if sum(os.path.isfile(p) for p in split_paths(data_dir, split)) == 1:
+            require_split(data_dir, split)  # raises the message naming the missing file
     splits = [s for s in SPLITS if all(os.path.isfile(p) for p in split_paths(data_dir, s))]
     if not splits:
         require_split(data_dir, "train")  # raises the missing-files message
@@ -656,6 +798,7 @@ def pcam_files(data_dir):
 def cmd_manifest(args):
     manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
     files = {name: {"bytes": os.path.getsize(os.path.join(args.data_dir, name)),
+                    "mtime": os.path.getmtime(os.path.join(args.data_dir, name)),
                     "sha256": file_digest(os.path.join(args.data_dir, name), show_progress=True)}
              for name in pcam_files(args.data_dir)}
     def write_json(path):
@@ -666,14 +809,48 @@ def cmd_manifest(args):
     log(f"manifest: {len(files)} files -> {manifest_path}")
 
 
-def cmd_verify(args):
-    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
+def read_manifest(manifest_path, data_dir):
+    """{file name: {"bytes", "sha256", and "mtime" when recorded}} from a manifest, checked for its shape."""
+    fix = f"write it anew with `python data.py manifest --data-dir {data_dir}`"
     try:
         with open(manifest_path) as source:
-            expected = json.load(source)["files"]
-    except (OSError, ValueError, KeyError) as error:
-        raise PCAMError(f"cannot read manifest {manifest_path} ({error}); write one with "
-                        f"`python data.py manifest --data-dir {args.data_dir}`") from None
+            files = json.load(source)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PCAMError(f"cannot read manifest {manifest_path} ({type(error).__name__}: {error}); {fix}") from None
+    well_formed = isinstance(files, dict) and all(
+        isinstance(record, dict) and type(record.get("bytes")) is int and isinstance(record.get("sha256"), str)
+        and isinstance(record.get("mtime", 0.0), (int, float)) and os.path.basename(name) == name
+        for name, record in files.items())
+    if not well_formed:
+        raise PCAMError(f"manifest {manifest_path} is malformed (each file needs integer 'bytes' and a 'sha256' "
+                        f"string); {fix}")
+    return files
+
+
+def check_manifest(data_dir):
+    """Compare each file's size and mtime with the data folder's manifest, if it has one: None without a
+    manifest, True when all match, a PCAMError naming the files that differ otherwise."""
+    manifest_path = os.path.join(data_dir, MANIFEST_NAME)
+    if not os.path.isfile(manifest_path):
+        return None
+    differing = []
+    for name, record in sorted(read_manifest(manifest_path, data_dir).items()):
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path):
+            differing.append(f"{name} (missing)")
+        elif os.path.getsize(path) != record["bytes"] or record.get("mtime", os.path.getmtime(path)) != \
+                os.path.getmtime(path):
+            differing.append(f"{name} (size or mtime changed)")
+    if differing:
+        raise PCAMError(f"{', '.join(differing)} differ from {manifest_path}; check the contents with "
+                        f"`python data.py verify --data-dir {data_dir}`, or record the files as they are now with "
+                        f"`python data.py manifest --data-dir {data_dir}`")
+    return True
+
+
+def cmd_verify(args):
+    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
+    expected = read_manifest(manifest_path, args.data_dir)
     differing = []
     for name, record in sorted(expected.items()):
         path = os.path.join(args.data_dir, name)
@@ -686,6 +863,9 @@ def cmd_verify(args):
     if differing:
         raise PCAMError(f"{len(differing)} of {len(expected)} files differ from {manifest_path}: {', '.join(differing)}")
     log(f"verify: all {len(expected)} files match {manifest_path}")
+
+
+LOCAL_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
 
 
 def fetch(url, part_path, attempts=5):
@@ -716,6 +896,8 @@ def fetch(url, part_path, attempts=5):
                 return
             raise PCAMError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
         except (OSError, ConnectionError) as error:
+            if error.errno in LOCAL_WRITE_ERRORS and not isinstance(error, urllib.error.URLError):
+                raise PCAMError(f"cannot write {part_path}: {error.strerror}; retrying cannot help") from None
             if attempt == attempts:
                 raise PCAMError(f"download of {url} failed after {attempts} attempts ({error}); "
                                 "run the same command again to resume") from None
@@ -733,6 +915,8 @@ def read_checksums(path):
 
 
 def cmd_download(args):
+    if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https", "file"):
+        raise PCAMError(f"--base-url {args.base_url!r} has no http:// or https:// scheme; give the full URL")
     os.makedirs(args.data_dir, exist_ok=True)
     checksums = read_checksums(args.checksums) if args.checksums else ZENODO_MD5
     for split in args.splits:
@@ -812,6 +996,8 @@ def parse_args(argv=None):
                        help="stored pixel type: uint8 like the official files, float32 like the course copy "
                             "(default: uint8)")
     synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    synth.add_argument("--force", action="store_true",
+                       help="overwrite the synthetic set already in the folder (never files synth did not write)")
     prepare = command("prepare", "write a cleaned, contiguous uint8 copy of every split present")
     prepare.add_argument("--out", required=True, metavar="DIR", help="folder for the prepared copy (e.g. node-local scratch)")
     command("info", "print rows, dtype, layout, size and class balance per split")
@@ -837,6 +1023,8 @@ def main(argv=None):
         commands[args.command](args)
     except PCAMError as error:
         sys.exit(f"data.py {args.command}: error: {error}")
+    except OSError as error:  # a folder that cannot be made or read: read-only, a file in the way, no space
+        sys.exit(f"data.py {args.command}: error: {error.filename or args.data_dir}: {os_reason(error)}")
 
 
 if __name__ == "__main__":

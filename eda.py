@@ -220,13 +220,18 @@ def main(argv=None):
             print(f"scanning {split} ...", flush=True)
             scans.append(scan_split(args.data_dir, split, args.sample_grid, args.black_threshold, args.white_threshold))
         os.makedirs(args.out_dir, exist_ok=True)
-    except (data.PCAMError, OSError) as error:
+    except data.PCAMError as error:
         sys.exit(f"eda.py: error: {error}")
+    except OSError as error:
+        sys.exit(f"eda.py: error: {error.filename or args.out_dir}: {data.os_reason(error)}")
     print_table(scans)
-    plot_intensity_outliers(scans, os.path.join(args.out_dir, "pcam.png"))
-    plot_class_balance(scans, os.path.join(args.out_dir, "class_balance.png"))
-    plot_sample_grid(scans[0], os.path.join(args.out_dir, "sample_grid.png"))
-    plot_channel_histograms(scans[0], os.path.join(args.out_dir, "channel_histograms.png"))
+    try:
+        plot_intensity_outliers(scans, os.path.join(args.out_dir, "pcam.png"))
+        plot_class_balance(scans, os.path.join(args.out_dir, "class_balance.png"))
+        plot_sample_grid(scans[0], os.path.join(args.out_dir, "sample_grid.png"))
+        plot_channel_histograms(scans[0], os.path.join(args.out_dir, "channel_histograms.png"))
+    except OSError as error:
+        sys.exit(f"eda.py: error: cannot write {error.filename or args.out_dir}: {data.os_reason(error)}")
 
 
 if __name__ == "__main__":

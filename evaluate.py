@@ -75,16 +75,16 @@ def roc_points(scores, labels):
     return np.r_[0, false_positives] / negatives, np.r_[0, true_positives] / positives
 
 
-def load_checkpoint(path):
-    """A train.py checkpoint dict, loaded on the CPU with weights_only=True, or an EvaluationError."""
+def load_checkpoint(path, required=("model", "model_args")):
+    """A train.py checkpoint dict holding the required keys, loaded on the CPU with weights_only=True."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise EvaluationError(f"checkpoint {path} not found; pass a run's best.pt or last.pt") from None
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise EvaluationError(f"cannot load checkpoint {path} ({type(error).__name__}); it may be incomplete") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= set(checkpoint):
-        raise EvaluationError(f"{path} is not a pcam-mlp checkpoint (no model and model_args in it); "
+    if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
+        raise EvaluationError(f"{path} is not a train.py checkpoint (it lacks {', '.join(required)}); "
                               "pass a best.pt or last.pt written by train.py")
     return checkpoint
 

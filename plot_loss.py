@@ -37,8 +37,13 @@ def read_metrics(path, columns=COLUMNS):
     name = os.path.basename(os.path.dirname(os.path.abspath(csv_path)))
     if not os.path.isfile(csv_path):
         raise PlotError(f"{csv_path} not found: pass a run folder (runs/...) or its metrics.csv")
-    with open(csv_path, newline="") as source:
-        rows = list(csv.DictReader(source))
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as source:
+            rows = list(csv.DictReader(source))
+    except UnicodeDecodeError:
+        raise PlotError(f"{csv_path} is not UTF-8 text; is it a train.py metrics.csv?") from None
+    except OSError as error:
+        raise PlotError(f"cannot read {csv_path}: {error.strerror}") from None
     missing = [column for column in columns if rows and column not in rows[0]]
     if not rows or missing:
         raise PlotError(f"{csv_path} has no epoch rows" if not rows else
@@ -104,9 +109,13 @@ def plot_runs(paths, out_path):
         axes.legend(fontsize="small")
         axes.xaxis.get_major_locator().set_params(integer=True)
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    figure.savefig(out_path, dpi=120)
-    plt.close(figure)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        figure.savefig(out_path, dpi=120)
+    except OSError as error:
+        raise PlotError(f"cannot write {out_path}: {error.strerror or error}") from None
+    finally:
+        plt.close(figure)
     return figure
 
 

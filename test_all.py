@@ -663,7 +663,7 @@ def test_a_run_learns_and_leaves_a_complete_record(straight_run, capsys):
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     assert float(rows[-1]["val_loss"]) < 0.6 < float(rows[0]["train_loss"]) + 0.1
     record = json.loads((straight_run / "run.json").read_text())
-    assert record["status"] == "finished" and record["test"]["auc"] > 0.7
+    assert record["status"] == "done" and record["test"]["auc"] > 0.7
     assert record["environment"]["torch"] == torch.__version__ and record["args"]["epochs"] == 3
     assert "camelyonpatch_level_2_split_train_x.h5" in record["data"]["files"]
     for name in ("best.pt", "last.pt"):
@@ -1037,7 +1037,7 @@ def bad_checkpoints(run_dir, directory):
     whole = (run_dir / "best.pt").read_bytes()
     (directory / "truncated.pt").write_bytes(whole[:len(whole) // 2])  # a save cut off half-way
     torch.save({**best, "model_args": {"hidden_units": [128, 32], "dropout_rate": 0.2}}, directory / "shape.pt")
-    return {"not ours": (directory / "other.pt", "is not a pcam-mlp checkpoint"),
+    return {"not ours": (directory / "other.pt", "is not a train.py checkpoint"),
             "text": (directory / "notes.pt", "cannot load checkpoint"),
             "truncated": (directory / "truncated.pt", "cannot load checkpoint"),
             "other shape": (directory / "shape.pt", "do not fit the MLP"),
@@ -1230,6 +1230,347 @@ def test_eda_reports_bad_input_in_one_line(tmp_path):
     assert result.returncode == 1 and "labels must be 0 or 1" in result.stderr
 
 
+# ---- failures: nothing lost, nothing silent ----
+
+WORKER_FLAGS = ["--num-workers", "2"]  # the loader path the signal tests run with DataLoader workers
+
+
+def one_line_error(result, fragment):
+    """A user's mistake: non-zero exit, one line on stderr holding fragment, no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def linked_set(source_dir, target_dir, splits=("train", "valid")):
+    """A data folder whose good splits are symbolic links to source_dir's (tests then add a broken one)."""
+    os.makedirs(target_dir, exist_ok=True)
+    for split in splits:
+        for source, target in zip(data.split_paths(source_dir, split), data.split_paths(target_dir, split)):
+            os.symlink(source, target)
+    return target_dir
+
+
+def start_run(args):
+    """train.py in its own process group, as sbatch and a terminal start it; returns once step 10 is logged."""
+    process = subprocess.Popen([sys.executable, "-u", "train.py", *args], cwd=HERE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in process.stdout:
+        if " step 10/" in line:
+            return process
+    raise AssertionError(f"train.py ended before step 10 with {process.wait()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs: a full disk that tests can fill. Needs root (mount)."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
+                             capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root): the full-disk cases are untested")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def read_only_dir(small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    return small_disk
+
+
+def test_synth_never_overwrites_a_data_set(small_set, tmp_path):
+    x_train = data.split_paths(small_set, "train")[0]
+    before = hashlib.sha256(Path(x_train).read_bytes()).hexdigest()
+    for extra in ([], ["--force"]):
+        one_line_error(run_script("data.py", "synth", "--data-dir", str(small_set), *extra), str(small_set))
+    assert hashlib.sha256(Path(x_train).read_bytes()).hexdigest() == before
+    synthetic = tmp_path / "synthetic"
+    run_script("data.py", "synth", "--data-dir", str(synthetic), "--n-train", "20", "--n-valid", "8", "--n-test", "0",
+               check=True)
+    one_line_error(run_script("data.py", "synth", "--data-dir", str(synthetic), "--n-train", "30"), "--force")
+    run_script("data.py", "synth", "--data-dir", str(synthetic), "--n-train", "30", "--n-test", "0", "--force",
+               check=True)
+    assert len(data.load_split(synthetic, "train")) == 30
+
+
+def test_prepare_follows_its_source_not_mtimes(tmp_path):
+    def synth(directory, seed):
+        run_script("data.py", "synth", "--data-dir", str(directory), "--n-train", "40", "--n-valid", "16",
+                   "--n-test", "0", "--seed", str(seed), "--force", check=True)
+
+    source, other, out = tmp_path / "source", tmp_path / "other", tmp_path / "out"
+    synth(source, 0)
+    run_script("data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
+    synth(source, 1)  # set B written over set A, with A's old mtimes (as cp -p or rsync -t leave them)
+    for path in (p for split in ("train", "valid") for p in data.split_paths(source, split)):
+        os.utime(path, (1e9, 1e9))
+    again = run_script("data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
+    assert "already a prepared copy" not in again.stdout
+    assert torch.equal(data.load_split(out, "train")[list(range(40))][0],
+                       data.load_split(source, "train")[list(range(40))][0])
+    synth(other, 2)
+    one_line_error(run_script("data.py", "prepare", "--data-dir", str(other), "--out", str(out)), str(source))
+
+
+def bad_test_splits():
+    """name -> (writer(data_dir), message fragment): a test split broken in one way each."""
+    def truncated(d):
+        x_path, _ = write_split(d, "test", tissue(64), labels_of(64, 20), chunks=(8, 96, 96, 3), compression="gzip")
+        with open(x_path, "r+b") as x_file:
+            x_file.truncate(os.path.getsize(x_path) * 2 // 3)
+
+    def half(d):
+        write_split(d, "test", tissue(8), labels_of(8, 4))
+        os.remove(data.split_paths(d, "test")[1])
+
+    return {
+        "zero rows": (lambda d: write_split(d, "test", np.zeros((0, 96, 96, 3), np.uint8), labels_of(0, 0)),
+                      "holds no images"),
+        "truncated": (truncated, "test_x.h5"),
+        "x without y": (half, "camelyonpatch_level_2_split_test_y.h5 not found"),
+        "scale 0..1": (lambda d: write_split(d, "test", tissue(8, dtype=np.float32) / 255, labels_of(8, 4)), "0..1"),
+    }
+
+
+@pytest.mark.parametrize("name", list(bad_test_splits()))
+def test_every_split_is_checked_before_the_first_step(synth_dir, tmp_path, name):
+    write, fragment = bad_test_splits()[name]
+    write(linked_set(synth_dir, tmp_path / "data"))
+    result = run_script("train.py", *train_args(tmp_path / "data", tmp_path / "run", "--epochs", "1"))
+    one_line_error(result, fragment)
+    assert "epoch 1/1" not in result.stdout
+    assert not (tmp_path / "run").exists()  # nothing for make plot to pick up
+
+
+def test_a_zero_row_validation_split_is_one_line_before_training(synth_dir, tmp_path):
+    linked_set(synth_dir, tmp_path / "data", splits=("train",))
+    write_split(tmp_path / "data", "valid", np.zeros((0, 96, 96, 3), np.uint8), labels_of(0, 0))
+    result = run_script("train.py", *train_args(tmp_path / "data", tmp_path / "run"))
+    one_line_error(result, "valid_x.h5 holds no images")
+    assert "step 1/" not in result.stdout
+
+
+def test_one_run_per_folder(synth_dir, tmp_path):
+    import signal
+    import socket
+    args = train_args(synth_dir, tmp_path / "run", "--epochs", "50")
+    first = start_run(args)
+    try:
+        for extra in ([], ["--resume"]):
+            one_line_error(run_script("train.py", *args, *extra), f"PID {first.pid} on {socket.gethostname()}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    epoch = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"]
+    resumed = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", str(epoch + 1)), "--resume",
+                         check=True)
+    assert f"resuming {tmp_path / 'run'} after epoch {epoch}" in resumed.stdout  # the killed run left no lock
+
+
+def test_temporary_files_carry_the_writers_pid(synth_dir, tmp_path):
+    import train
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    others = [run_dir / f"{name}.partial" for name in ("last.pt", "best.pt", "metrics.csv", "run.json")]
+    for path in others:
+        path.write_text("another writer's file")
+    train.main(train_args(synth_dir, run_dir, "--epochs", "1"))
+    assert [path.read_text() for path in others] == ["another writer's file"] * 4
+    assert len(read_csv_rows(run_dir / "metrics.csv")) == 1
+
+
+@pytest.mark.parametrize("signal_name, exit_code, status", [
+    ("SIGTERM", 75, "stopped"), ("SIGUSR1", 75, "stopped"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_to_the_process_group_with_workers_stops_cleanly(synth_dir, tmp_path, signal_name, exit_code, status):
+    import json
+    import signal
+    process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "50", *WORKER_FLAGS))
+    os.killpg(process.pid, getattr(signal, signal_name))  # what scancel, preemption and Ctrl-C do
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == exit_code, output
+    assert "Traceback" not in output and "Error" not in output
+    assert len([line for line in output.splitlines() if line.startswith(("stopped by", "interrupted by"))]) == 1
+    if exit_code == 75:
+        assert f"stopped by {signal_name}" in output
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == status
+
+
+def test_non_finite_weights_or_validation_loss_never_reach_a_checkpoint(synth_dir, tmp_path):
+    import json
+    # one step per epoch: the step's own loss is finite, the weights it leaves behind are not
+    result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", "2", "--optimizer", "sgd",
+                                                "--lr", "1e30"), "--batch-size", "2048")
+    one_line_error(result, "in epoch 1")
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["epoch"] == 0 and all(torch.isfinite(t).all() for t in last["model"].values())
+    assert not (tmp_path / "run" / "best.pt").exists()
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "failed" and "in epoch 1" in record["error"]
+
+
+def test_non_finite_or_negative_numbers_are_refused_up_front(synth_dir, tmp_path):
+    for flags in (["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "-1"], ["--momentum", "-1"],
+                  ["--weight-decay", "inf"], ["--momentum", "nan"]):
+        result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", *flags))
+        one_line_error(result, flags[0])
+        assert not (tmp_path / "run").exists()
+
+
+def test_pixel_scale_is_checked_from_a_sample(tmp_path, poisoned_dir, small_set):
+    write_split(tmp_path / "unit", "train", tissue(40, dtype=np.float32) / 255, labels_of(40, 10))
+    write_split(tmp_path / "wide", "train", tissue(40, dtype=np.uint16) * 16, labels_of(40, 10))
+    for name, fragment in (("unit", "all within 0..1"), ("wide", "uint16 pixel values up to")):
+        with pytest.raises(data.PCAMError, match=fragment):
+            data.load_split(tmp_path / name, "train")
+        result = run_script("data.py", "prepare", "--data-dir", str(tmp_path / name), "--out", str(tmp_path / "out"))
+        one_line_error(result, "expected the 0..255 scale")
+    assert len(data.load_split(poisoned_dir, "train")) == 600  # float32 0..255 with NaN and 1e5 pixels
+    assert len(data.load_split(small_set, "train")) == 200  # the official files' uint8
+
+
+def test_a_split_with_x_but_no_y_is_an_error_everywhere(small_set, tmp_path):
+    os.remove(data.split_paths(small_set, "test")[1])
+    missing = "camelyonpatch_level_2_split_test_y.h5 not found"
+    for command in ("info", "manifest"):
+        one_line_error(run_script("data.py", command, "--data-dir", str(small_set)), missing)
+    one_line_error(run_script("data.py", "prepare", "--data-dir", str(small_set), "--out", str(tmp_path / "out")),
+                   missing)
+    one_line_error(run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures")), missing)
+
+
+def test_train_honours_the_manifest(small_set, tmp_path):
+    import json
+    run_script("data.py", "manifest", "--data-dir", str(small_set), check=True)
+    run_script("train.py", *train_args(small_set, tmp_path / "run", "--epochs", "1"), check=True)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["manifest_matched"] is True
+    x_valid = data.split_paths(small_set, "valid")[0]
+    os.utime(x_valid, (1e9, 1e9))
+    result = run_script("train.py", *train_args(small_set, tmp_path / "again", "--epochs", "1"))
+    one_line_error(result, "camelyonpatch_level_2_split_valid_x.h5 (size or mtime changed)")
+    assert "data.py verify" in result.stderr and "data.py manifest" in result.stderr
+    assert "step 1/" not in result.stdout
+
+
+@pytest.mark.parametrize("entry", ['[]', '"a string"', '{"bytes": SIZE}', '{"bytes": SIZE, "sha256": 5}'])
+def test_verify_reads_a_hand_edited_manifest_in_one_line(small_set, entry):
+    name = "camelyonpatch_level_2_split_train_y.h5"
+    entry = entry.replace("SIZE", str(os.path.getsize(small_set / name)))
+    (small_set / data.MANIFEST_NAME).write_text(f'{{"files": {{"{name}": {entry}}}}}')
+    one_line_error(run_script("data.py", "verify", "--data-dir", str(small_set)), data.MANIFEST_NAME)
+    (small_set / data.MANIFEST_NAME).write_text(f'{{"files": [{entry}]}}')
+    one_line_error(run_script("data.py", "verify", "--data-dir", str(small_set)), data.MANIFEST_NAME)
+
+
+def no_partial_files(directory):
+    return not [name for _, _, names in os.walk(directory) for name in names if ".partial" in name]
+
+
+def test_a_full_disk_is_one_line_everywhere(small_disk, synth_dir, pcam_server):
+    import shutil
+    one_line_error(run_script("data.py", "synth", "--data-dir", str(small_disk / "synth")), "No space left on device")
+    assert no_partial_files(small_disk)
+    for path in list(small_disk.rglob("*.h5")):
+        path.unlink()
+    result = run_script("train.py", *train_args(synth_dir, small_disk / "run", "--epochs", "1"))
+    one_line_error(result, "last.pt: No space left on device")
+    assert no_partial_files(small_disk)
+    shutil.rmtree(small_disk / "run")
+    free = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(bytes(free.f_bavail * free.f_frsize - 100_000))  # 0.1 MB left
+    result = download(pcam_server, small_disk / "pcam", "train")
+    one_line_error(result, "No space left on device")
+    assert "attempt" not in result.stdout  # a full disk is not retried
+
+
+def test_read_only_folders_and_files_in_the_way_are_one_line(read_only_dir, small_set, straight_run, tmp_path,
+                                                             pcam_server):
+    one_line_error(run_script("data.py", "synth", "--data-dir", str(read_only_dir / "synth")), "Read-only file system")
+    one_line_error(run_script("data.py", "prepare", "--data-dir", str(small_set), "--out", str(read_only_dir)),
+                   "Read-only file system")
+    one_line_error(run_script("data.py", "manifest", "--data-dir", str(small_set), "--manifest",
+                              str(read_only_dir / "m.json")), "Read-only file system")
+    one_line_error(run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(read_only_dir)),
+                   "Read-only file system")
+    one_line_error(run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
+                   "Read-only file system")
+    result = download(pcam_server, read_only_dir, "valid")
+    one_line_error(result, "Read-only file system")
+    assert "attempt" not in result.stdout  # a read-only folder is not retried
+    (tmp_path / "a_file").write_text("")
+    one_line_error(run_script("data.py", "synth", "--data-dir", str(tmp_path / "a_file" / "synth")), "Not a directory")
+    one_line_error(run_script("data.py", "manifest", "--data-dir", str(small_set), "--manifest",
+                              str(tmp_path / "no_such_folder" / "m.json")), "No such file or directory")
+
+
+def test_a_corrupt_compressed_chunk_names_the_file(tmp_path):
+    x_path, _ = write_split(tmp_path, "train", tissue(64), labels_of(64, 20), chunks=(8, 96, 96, 3),
+                            compression="gzip")
+    with open(x_path, "r+b") as x_file:  # scramble the middle of the file: compressed chunks, not the header
+        x_file.seek(os.path.getsize(x_path) // 2)
+        x_file.write(os.urandom(4096))
+    one_line_error(run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures")),
+                   "train_x.h5")
+
+
+@pytest.mark.parametrize("name, x", [("bool", np.ones((4, 96, 96, 3), bool)),
+                                     ("strings", np.array([b"abc"] * 4)), ("group", None)])
+def test_x_of_a_kind_that_is_not_images_is_one_line(tmp_path, name, x):
+    if x is None:
+        write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
+        with h5py.File(data.split_paths(tmp_path, "train")[0], "w") as h5file:
+            h5file.create_group("x")
+    else:
+        write_split(tmp_path, "train", x, labels_of(4, 2))
+    one_line_error(run_script("data.py", "info", "--data-dir", str(tmp_path)), "'x'")
+
+
+def test_other_typing_mistakes_are_one_line(synth_dir, small_set, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"weights": torch.zeros(3)}, run_dir / "last.pt")
+    one_line_error(run_script("train.py", *train_args(synth_dir, run_dir, "--resume")), "not a train.py checkpoint")
+    (tmp_path / "metrics.csv").write_bytes(b"\xff\xfe\x00e\x00p\x00o\x00c\x00h")
+    one_line_error(run_script("plot_loss.py", str(tmp_path / "metrics.csv")), "not UTF-8 text")
+    for script in (("data.py", "info"), ("train.py",), ("eda.py",)):
+        one_line_error(run_script(*script, env={"PCAM_DIR": ""}), "empty")
+    one_line_error(run_script("data.py", "download", "--data-dir", str(tmp_path / "d"), "--base-url", "example.org/f"),
+                   "--base-url")
+
+
+def test_make_plot_skips_failed_runs_and_make_eda_takes_a_folder_with_spaces(small_set, tmp_path):
+    import shutil
+    for name in PROJECT_FILES:
+        shutil.copy2(os.path.join(HERE, name), tmp_path / name)
+    os.symlink(os.path.join(HERE, ".venv"), tmp_path / ".venv")
+    (tmp_path / "runs" / "failed-before-epoch-1").mkdir(parents=True)
+    result = subprocess.run(["make", "-s", "plot"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and "no run found" in result.stderr
+    shutil.copytree(small_set, tmp_path / "a folder with spaces")
+    result = subprocess.run(["make", "-s", "eda", "DATA_DIR=a folder with spaces"], cwd=tmp_path, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert is_nonblank_png(tmp_path / "assets" / "pcam.png")
+
+
+def test_a_staged_job_names_the_users_folder_for_a_half_split(project, synth_dir, tmp_path):
+    if not slurm_is_up():
+        pytest.skip("no Slurm here (start one with .ci/slurm-up.sh)")
+    user_dir = linked_set(synth_dir, tmp_path / "user_data")
+    write_split(user_dir, "test", tissue(8), labels_of(8, 4))
+    os.remove(data.split_paths(user_dir, "test")[1])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 1", "STAGE": "yes", "TMPDIR": str(scratch),
+                                         "DATA_DIR": str(user_dir)})
+    job = submitted_job(output)[0]
+    assert wait_for_job(job) == ["FAILED"]
+    log = (project / "logs" / f"pcam_train_{job}.out").read_text()
+    assert f"test split missing in {user_dir}" in log and "Traceback" not in log
+
+
 # ---- Slurm: first_job.sh, train_job.sh and the Makefile against a real local Slurm (.ci/slurm-up.sh) ----
 
 def slurm_is_up():
@@ -1393,7 +1734,7 @@ def test_the_job_stages_data_to_node_local_scratch_when_asked(project, synth_dir
     job = submitted_job(output)[0]
     assert wait_for_job(job) == ["COMPLETED"]
     staged = scratch / f"pcam_{job}"
-    assert sorted(os.listdir(staged)) == sorted(os.listdir(synth_dir))
+    assert sorted(os.listdir(staged)) == sorted(os.listdir(synth_dir) + [data.PREPARED_NAME])
     import json
     record = json.loads((project / "runs" / f"slurm-{job}" / "run.json").read_text())
     assert record["args"]["data_dir"] == str(staged)

@@ -3,13 +3,16 @@
 Each run writes to its --out-dir: metrics.csv (a row per epoch), last.pt (end of every epoch, and
 before the first), best.pt (lowest validation loss), run.json (settings, versions, data, results),
 loss.png, and eval-test/ (best.pt scored on the test split, as by evaluate.py). SIGTERM or SIGUSR1
-stop the run after the current step with exit code 75; `--resume` then restarts the interrupted epoch
-from last.pt, and the result equals an uninterrupted run.
+stop the run after the current step with exit code 75 (Ctrl-C: 130); `--resume` then restarts the
+interrupted epoch from last.pt, and the result equals an uninterrupted run. A run holds a lock on its
+folder (train.lock), and run.json ends with status done, stopped, interrupted or failed.
 """
 import argparse
 import contextlib
 import csv
 import datetime
+import fcntl
+import io
 import json
 import math
 import os
@@ -32,6 +35,8 @@ import plot_loss
 from model import MLP
 
 REQUEUE_EXIT_CODE = 75  # stopped by a signal with last.pt on disk: run again with --resume
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (SIGINT), as a shell reports it
+LOCK_NAME = "train.lock"  # held with flock by the run using the folder; the kernel releases it when the run dies
 METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "epoch_s", "images_per_s"]
 RESUMED_SETTINGS = ("batch_size", "lr", "optimizer", "momentum", "weight_decay", "hidden_units", "dropout",
                     "seed", "filter_data")  # a resumed run takes these from its checkpoint
@@ -99,9 +104,14 @@ def settings(args):
 
 
 def check_args(args):
+    if args.data_dir == "":
+        raise UsageError("--data-dir is empty (is $PCAM_DIR set to an empty string?); name the PCAM data folder")
     for name in ("epochs", "batch_size", "lr", "log_every"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "momentum", "weight_decay", "dropout"):
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, 0 or more, got {getattr(args, name)}")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be 0 or more, got {args.num_workers}")
     if not 0 <= args.dropout < 1:
@@ -123,21 +133,40 @@ def pick_device(requested):
     return torch.device("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def prepare_out_dir(args):
+def prepare_out_dir(args, outcome):
+    """Create --out-dir when needed and hold its lock (in outcome) before looking at what it holds."""
     args.out_dir = args.out_dir or default_out_dir()
+    outcome["created_dir"] = args.out_dir if not os.path.isdir(args.out_dir) else None
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        outcome["lock"] = lock_out_dir(args.out_dir)
+    except OSError as error:
+        raise UsageError(f"cannot write to --out-dir {args.out_dir}: {error.strerror}; choose a writable folder") from None
     last_path = os.path.join(args.out_dir, "last.pt")
     if args.resume and not os.path.isfile(last_path):
         raise UsageError(f"--resume: no checkpoint {last_path}; start the run without --resume")
     if not args.resume and os.path.isfile(last_path):
         raise UsageError(f"{args.out_dir} already holds a run; add --resume to continue it or choose another --out-dir")
+
+
+def lock_out_dir(out_dir):
+    """An open lock file holding an exclusive flock on the folder, or a UsageError naming the run that holds it."""
+    lock = open(os.path.join(out_dir, LOCK_NAME), "a+")  # noqa: SIM115 (held open for the whole run)
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        probe = os.path.join(args.out_dir, ".write_test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise UsageError(f"cannot write to --out-dir {args.out_dir}: {error.strerror}; choose a writable folder") from None
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not written its PID yet"
+        lock.close()
+        raise UsageError(f"{out_dir} is in use by another run ({holder}); wait for it to end, "
+                         "or choose another --out-dir") from None
+    lock.truncate(0)
+    lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best_val_loss", "history", "rng", "model_args", "args")
 
 
 def adopt_checkpoint_settings(args, checkpoint):
@@ -179,15 +208,23 @@ def restore_rng_state(state, train_loader):
 
 
 def save_atomically(obj, path):
-    """torch.save to a temporary name, then os.replace: a killed job never leaves half a checkpoint, and a
-    failed write (a full disk) leaves the previous file and no temporary one."""
-    data.write_atomically(path, lambda temp_path: torch.save(obj, temp_path))
+    """torch.save into memory first: a failed file write is then an OSError that names its cause (a full disk)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+
+    def write(temp_path):
+        with open(temp_path, "wb") as target:
+            target.write(buffer.getbuffer())
+
+    data.write_atomically(path, write)
 
 
 def write_json(obj, path):
-    with open(path + ".partial", "w") as target:
-        json.dump(obj, target, indent=2, default=str)
-    os.replace(path + ".partial", path)
+    def write(temp_path):
+        with open(temp_path, "w") as target:
+            json.dump(obj, target, indent=2, default=str)
+
+    data.write_atomically(path, write)
 
 
 def read_json(path):
@@ -199,12 +236,14 @@ def read_json(path):
 
 
 def write_metrics(history, path):
-    with open(path + ".partial", "w", newline="") as target:
-        writer = csv.writer(target)
-        writer.writerow(METRICS_HEADER)
-        for row in history:
-            writer.writerow([row[0], *(f"{value:.6f}" for value in row[1:7]), f"{row[7]:.2f}", f"{row[8]:.0f}"])
-    os.replace(path + ".partial", path)
+    def write(temp_path):
+        with open(temp_path, "w", newline="") as target:
+            writer = csv.writer(target)
+            writer.writerow(METRICS_HEADER)
+            for row in history:
+                writer.writerow([row[0], *(f"{value:.6f}" for value in row[1:7]), f"{row[7]:.2f}", f"{row[8]:.0f}"])
+
+    data.write_atomically(path, write)
 
 
 def channel_stats(dataset):
@@ -233,14 +272,18 @@ def evaluate(model, loader, device, autocast, max_batches=None):
 
 
 class StopRequest:
-    """Turns SIGTERM and SIGUSR1 into a flag the training loop checks after every step."""
+    """Turns SIGTERM, SIGUSR1 and a first SIGINT into a flag the training loop checks after every step; a second
+    SIGINT (Ctrl-C twice) stops at once. DataLoader workers ignore these signals (data.seed_worker), so a signal
+    to the whole process group (scancel, preemption, Ctrl-C) reaches the run through this process alone."""
 
     def __init__(self):
         self.signal_name = None
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(signum, self.request)
 
     def request(self, signum, frame):
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
         print(f"received {self.signal_name}: stopping after the current step", flush=True)
 
@@ -359,18 +402,41 @@ def print_startup(args, environment, model, train_loader, val_loader):
               f"({100 * counts[1] / counts.sum():.1f}% positive)", flush=True)
 
 
-def run(args):
+def check_splits(args):
+    """What build and the end-of-run test evaluation will read, checked before the first step: the manifest when
+    there is one, and the test split when any of its files is there (build checks train and valid).
+    Returns whether the data matched its manifest (None without one)."""
+    manifest_matched = data.check_manifest(args.data_dir)
+    if any(os.path.exists(path) for path in data.split_paths(args.data_dir, "test")):
+        data.load_split(args.data_dir, "test", args.filter_data)
+    return manifest_matched
+
+
+def check_finite(model, train_loss, val_loss, epoch):
+    """A non-finite loss or weight stops the run before its checkpoint is written."""
+    for name, value in (("training loss", train_loss), ("validation loss", val_loss)):
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{name} became {value} in epoch {epoch}")
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise FloatingPointError(f"weights {', '.join(broken)} became non-finite in epoch {epoch}")
+
+
+def run(args, outcome):
+    """Train as args say. outcome receives the out-dir lock and the run record, for main to close and finish."""
     stop = StopRequest()  # first: a signal during start-up must not kill the run without a word
     check_args(args)
     device = pick_device(args.device)
     checkpoint = None
     if args.resume:
-        prepare_out_dir(args)
-        checkpoint = evaluation.load_checkpoint(os.path.join(args.out_dir, "last.pt"))
+        prepare_out_dir(args, outcome)
+        checkpoint = evaluation.load_checkpoint(os.path.join(args.out_dir, "last.pt"), CHECKPOINT_KEYS)
         adopt_checkpoint_settings(args, checkpoint)
     elif not args.dry_run:
-        prepare_out_dir(args)
+        prepare_out_dir(args, outcome)
     seed_everything(args.seed)
+    manifest_matched = check_splits(args)
     train_loader, val_loader, model, optimizer = build(args, device)
     environment = describe_environment(device)
     print_startup(args, environment, model, train_loader, val_loader)
@@ -402,8 +468,11 @@ def run(args):
         record = {"started_at": datetime.datetime.now().isoformat(timespec="seconds")}
     print(f"normalisation: mean {model.channel_mean.flatten().tolist()} std {model.channel_std.flatten().tolist()}", flush=True)
     record.update({"args": settings(args), "environment": environment,
-                   "data": data_record(args.data_dir), "status": "running"})
+                   "data": {**data_record(args.data_dir), "manifest_matched": manifest_matched}, "status": "running"})
+    for stale in ("error", "stop_signal"):  # from the attempt this run resumes
+        record.pop(stale, None)
     write_json(record, paths["run.json"])
+    outcome.update(record=record, record_path=paths["run.json"])
 
     def checkpoint_now(epoch):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -422,6 +491,7 @@ def run(args):
             break
         train_loss, train_acc, images_per_s = trained
         val_loss, val_acc, val_auc = evaluate(model, val_loader, device, autocast)
+        check_finite(model, train_loss, val_loss, epoch)
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         history.append([epoch, train_loss, train_acc, val_loss, val_acc, val_auc, optimizer.param_groups[0]["lr"],
@@ -435,17 +505,23 @@ def run(args):
               f"val_acc {val_acc:.4f} val_auc {val_auc:.4f} time {history[-1][7]:.1f}s {images_per_s:,.0f} images/s"
               + (" (best)" if improved else ""), flush=True)
 
+    if stop.signal_name == "SIGINT":
+        finish_record(outcome, "interrupted")
+        print(f"interrupted by SIGINT: {paths['last.pt']} holds epoch {len(history)}; continue with "
+              f"--resume --out-dir {args.out_dir} (exit code {INTERRUPTED_EXIT_CODE})", flush=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     if stop.signal_name:
-        record["status"] = f"stopped by {stop.signal_name}"
-        write_json(record, paths["run.json"])
+        finish_record(outcome, "stopped", stop_signal=stop.signal_name)
         print(f"stopped by {stop.signal_name}: {paths['last.pt']} holds epoch {len(history)}; continue with "
               f"--resume --out-dir {args.out_dir} (exit code {REQUEUE_EXIT_CODE})", flush=True)
         sys.exit(REQUEUE_EXIT_CODE)
     record["test"] = evaluate_test(args, device, autocast, paths["best.pt"])
-    record.update({"status": "finished", "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
-                   "best_val_loss": best_val_loss})
-    write_json(record, paths["run.json"])
-    plot_loss.plot_runs([paths["metrics.csv"]], os.path.join(args.out_dir, "loss.png"))
+    record["best_val_loss"] = best_val_loss
+    finish_record(outcome, "done")
+    try:
+        plot_loss.plot_runs([paths["metrics.csv"]], os.path.join(args.out_dir, "loss.png"))
+    except plot_loss.PlotError as error:
+        print(f"train.py: note: loss.png not drawn: {error}", file=sys.stderr, flush=True)
     print(f"done: {args.out_dir} (metrics.csv, best.pt, last.pt, run.json, loss.png, eval-test/)", flush=True)
 
 
@@ -467,14 +543,58 @@ def evaluate_test(args, device, autocast, best_path):
     return {"epoch": best["epoch"], **{key: metrics[key] for key in ("loss", "accuracy", "auc")}}
 
 
+def finish_record(outcome, status, **details):
+    """run.json's final status: done, stopped, interrupted or failed (with the error line)."""
+    record = outcome.get("record")
+    if record is None:
+        return
+    record.update(status=status, finished_at=datetime.datetime.now().isoformat(timespec="seconds"), **details)
+    with contextlib.suppress(data.PCAMError):  # a full disk: run.json keeps its last state, the error line says why
+        write_json(record, outcome["record_path"])
+
+
+def error_line(error):
+    """An error's message on one line; one re-raised from a DataLoader worker carries the worker's traceback,
+    whose last line is the original 'module.Error: message'."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[-1].split(": ", 1)[-1] if len(lines) > 1 else lines[0]
+
+
+def release_out_dir(outcome):
+    """Let go of the out-dir lock; a folder this run created and left without a record goes again."""
+    lock = outcome.pop("lock", None)
+    if lock is None:
+        return
+    if outcome.get("created_dir") and outcome.get("record") is None:
+        os.remove(lock.name)
+        with contextlib.suppress(OSError):
+            os.rmdir(outcome["created_dir"])  # only when empty: nothing of value goes
+    lock.close()
+
+
+def fail(outcome, message):
+    finish_record(outcome, "failed", error=message)
+    sys.exit(message)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    outcome = {}
     try:
-        run(args)
+        run(args, outcome)
     except (UsageError, evaluation.EvaluationError, data.PCAMError) as error:
-        sys.exit(f"train.py: error: {error}")
+        fail(outcome, f"train.py: error: {error_line(error)}")
     except FloatingPointError as error:
-        sys.exit(f"train.py: error: {error}; stopped, last.pt keeps the last good epoch. Try a lower --lr")
+        fail(outcome, f"train.py: error: {error}; stopped, last.pt keeps the last good epoch. Try a lower --lr")
+    except KeyboardInterrupt:
+        finish_record(outcome, "interrupted")
+        print("train.py: interrupted by SIGINT; last.pt keeps the last completed epoch", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    except Exception as error:  # a bug: the traceback follows, and run.json says the run failed
+        finish_record(outcome, "failed", error=f"{type(error).__name__}: {error_line(error)}")
+        raise
+    finally:
+        release_out_dir(outcome)
 
 
 if __name__ == "__main__":
