@@ -1100,7 +1100,7 @@ def test_runs_table_shows_what_differs_and_the_spread_over_seeds(sweep_runs):
     for name in ("lr-1e-3", "lr-3e-4", "seed-1", "seed-2", "seed-3"):
         expected = expected_row(sweep_runs / name)
         assert {column: float(by_run[name][column]) for column in expected} == pytest.approx(expected)
-        assert by_run[name]["status"] == "finished" and name in result.stdout
+        assert by_run[name]["status"] == "done" and name in result.stdout
     seeds = [expected_row(sweep_runs / f"seed-{seed}") for seed in (1, 2, 3)]
     for column in ("best_val_loss", "val_acc", "val_auc", "test_acc", "test_auc", "images_per_s", "wall_s"):
         values = [row[column] for row in seeds]
@@ -1121,7 +1121,7 @@ def test_runs_table_lists_running_stopped_and_unreadable_runs(sweep_runs, tmp_pa
     import json
     import shutil
     root = tmp_path / "runs"
-    for name, status in (("going", "running"), ("stopped", "stopped by SIGTERM"), ("no-metrics", "finished")):
+    for name, status in (("going", "running"), ("stopped", "stopped"), ("no-metrics", "done")):
         shutil.copytree(sweep_runs / "seed-1", root / name)
         record = json.loads((root / name / "run.json").read_text())
         (root / name / "run.json").write_text(json.dumps({**record, "status": status}))
@@ -1142,7 +1142,7 @@ def test_runs_table_lists_running_stopped_and_unreadable_runs(sweep_runs, tmp_pa
     assert (table["stopped"]["epochs_done"], table["stopped"]["best_epoch"]) == ("2", "1")
     assert float(table["stopped"]["val_acc"]) == float(first_epoch["val_acc"])  # at the best epoch, not the last
     assert statuses == {"damaged": "unreadable: run.json", "empty": "unreadable: run.json", "going": "running",
-                        "no-metrics": "unreadable: metrics.csv", "stopped": "stopped by SIGTERM"}
+                        "no-metrics": "unreadable: metrics.csv", "stopped": "stopped"}
     for line in result.stdout.splitlines()[1:-1]:
         assert line.endswith(statuses[line.split()[0]])
     missing = run_script("plot_loss.py", "--table", str(root / "nowhere"), "--out", str(tmp_path / "out.png"),
@@ -1232,7 +1232,7 @@ def test_eda_reports_bad_input_in_one_line(tmp_path):
 
 # ---- failures: nothing lost, nothing silent ----
 
-WORKER_FLAGS = ["--num-workers", "2"]  # the loader path the signal tests run with DataLoader workers
+WORKER_FLAGS = ["--num-workers", "2", "--data-on-device", "no"]  # the loader path the signal tests run with DataLoader workers
 
 
 def one_line_error(result, fragment):
