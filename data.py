@@ -241,7 +241,7 @@ def read_labels(y_path):
 
 def check_pixel_scale(x_path):
     """Refuse an x file plainly on another scale than 0..255, judged from SCALE_SAMPLE_ROWS evenly spaced rows:
-    floats all within 0..1, or integers wider than a byte above 255. (The course copy's float32 NaN and 1e5
+    floats all within 0..1, or integers wider than a byte mostly above 255. (The course copy's float32 NaN and 1e5
     pixels are defects of single pixels on the 0..255 scale; cleaning handles them.) Reading the first and
     last rows also finds a truncated or corrupt file before training."""
     with open_h5(x_path) as h5file:
@@ -258,8 +258,9 @@ def check_pixel_scale(x_path):
         if finite.size and finite.min() >= 0 and finite.max() <= 1:
             raise PCAMError(f"{x_path}: pixel values are all within 0..1 in {len(rows)} sampled images; expected "
                             "the 0..255 scale: write the images multiplied by 255")
-    elif sample.dtype.itemsize > 1 and sample.max() > 255:
-        raise PCAMError(f"{x_path}: {sample.dtype} pixel values up to {sample.max()} in {len(rows)} sampled images; "
+    elif sample.dtype.itemsize > 1 and np.median(sample) > 255:  # stray values above 255 are clipped, not refused
+        raise PCAMError(f"{x_path}: {sample.dtype} pixel values up to {sample.max()} (median {np.median(sample):g}) "
+                        f"in {len(rows)} sampled images; "
                         "expected the 0..255 scale of 8-bit images: convert them to 0..255 first")
 
 
