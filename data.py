@@ -1,23 +1,16 @@
-"""PCAM data: HDF5 reading, cleaning, outlier filter, balanced loaders, and data acquisition.
+"""PCAM data for training: HDF5 reading, cleaning, the outlier filter, class-balanced loaders.
 
 The hot path reads a whole batch of rows in one array operation (numpy.memmap for uncompressed
 contiguous files, one h5py selection otherwise) and keeps images uint8 until they reach the
-training device. Command line: `python data.py {download,synth,prepare,info,manifest,verify,env} -h`.
+training device. The data commands (download, synth, prepare, ...) are in manage_data.py.
 """
-import argparse
+
 import errno
-import gzip
 import hashlib
 import json
 import mmap
 import os
-import shutil
 import signal
-import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
@@ -40,18 +33,7 @@ BLOCK_BYTES = 64 * 2**20  # streaming passes read about this many raw bytes at a
 CHUNK_CACHE_BYTES = 256 * 2**20  # HDF5 chunk cache per open chunked file (per worker)
 MAPPED_BYTES_BEFORE_RELEASE = 2**30  # unmap a memory map's pages after this much reading (see MappedRows)
 MANIFEST_NAME = "pcam_manifest.json"
-PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
 SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
-
-ZENODO_URL = "https://zenodo.org/records/2546921/files"
-ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
-    "camelyonpatch_level_2_split_train_x.h5.gz": "1571f514728f59376b705fc836ff4b63",
-    "camelyonpatch_level_2_split_train_y.h5.gz": "35c2d7259d906cfc8143347bb8e05be7",
-    "camelyonpatch_level_2_split_valid_x.h5.gz": "d5b63470df7cfa627aeec8b9dc0c066e",
-    "camelyonpatch_level_2_split_valid_y.h5.gz": "2b85f58b927af9964a4c15b8f7e8f179",
-    "camelyonpatch_level_2_split_test_x.h5.gz": "d8c2d60d490dbd479f8199bdfa0cf6ec",
-    "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
-}
 
 
 class PCAMError(ValueError):
@@ -66,6 +48,16 @@ def log(message):
     print(message, flush=True)
 
 
+def add_data_dir_argument(parser):
+    """--data-dir, the same in every script: $PCAM_DIR when set, else data/."""
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("PCAM_DIR", "data"),
+        metavar="DIR",
+        help="folder of the camelyonpatch_level_2_split_*.h5 files (default: $PCAM_DIR if set, else data)",
+    )
+
+
 def split_paths(data_dir, split):
     """The (x, y) file paths of one split in PCAM's naming."""
     name = os.path.join(str(data_dir), f"camelyonpatch_level_2_split_{split}_{{}}.h5")
@@ -75,19 +67,24 @@ def split_paths(data_dir, split):
 def require_split(data_dir, split):
     """The split's (x, y) paths, or a MissingDataError naming what is missing and how to get it."""
     if str(data_dir) == "":
-        raise MissingDataError("the data folder is an empty string (is $PCAM_DIR set but empty?); "
-                               "pass --data-dir DIR or set PCAM_DIR to the PCAM folder")
+        raise MissingDataError(
+            "the data folder is an empty string (is $PCAM_DIR set but empty?); "
+            "pass --data-dir DIR or set PCAM_DIR to the PCAM folder"
+        )
     if not os.path.isdir(data_dir):
         raise MissingDataError(
             f"data directory {data_dir} does not exist: pass --data-dir (or set PCAM_DIR), or create it "
-            f"with `python data.py download --data-dir {data_dir}` or `python data.py synth --data-dir {data_dir}`")
+            f"with `python manage_data.py download --data-dir {data_dir}` or "
+            f"`python manage_data.py synth --data-dir {data_dir}`"
+        )
     paths = split_paths(data_dir, split)
     missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
     if missing:
         raise MissingDataError(
             f"{split} split missing in {data_dir}: {', '.join(missing)} not found; get them with "
-            f"`python data.py download --data-dir {data_dir}` or make a synthetic set with "
-            f"`python data.py synth --data-dir {data_dir}`")
+            f"`python manage_data.py download --data-dir {data_dir}` or make a synthetic set with "
+            f"`python manage_data.py synth --data-dir {data_dir}`"
+        )
     return paths
 
 
@@ -95,24 +92,31 @@ def open_h5(path, **kwargs):
     try:
         return h5py.File(path, "r", **kwargs)
     except OSError as error:
-        raise PCAMError(f"{path} is not a readable HDF5 file ({error}); it may be truncated: "
-                        "download or copy it again") from None
+        raise PCAMError(
+            f"{path} is not a readable HDF5 file ({error}); it may be truncated: download or copy it again"
+        ) from None
 
 
 def unreadable(x_path, error):
     """The error for rows h5py cannot read: a corrupt compressed chunk, or a truncated file."""
-    return PCAMError(f"cannot read images of {x_path} ({str(error).splitlines()[0]}): a chunk is corrupt or the "
-                     "file is truncated; download or copy it again")
+    return PCAMError(
+        f"cannot read images of {x_path} ({str(error).splitlines()[0]}): a chunk is corrupt or the "
+        "file is truncated; download or copy it again"
+    )
 
 
 def dataset_in(h5file, key, path):
     if key not in h5file:
-        raise PCAMError(f"{path} has no dataset '{key}' (found: {', '.join(h5file.keys()) or 'nothing'}); "
-                        f"PCAM files store images as 'x' and labels as 'y'")
+        raise PCAMError(
+            f"{path} has no dataset '{key}' (found: {', '.join(h5file.keys()) or 'nothing'}); "
+            f"PCAM files store images as 'x' and labels as 'y'"
+        )
     dset = h5file[key]
     if not isinstance(dset, h5py.Dataset):
-        raise PCAMError(f"{path}: '{key}' is a {type(dset).__name__.lower()}, not a dataset; "
-                        "PCAM files store images as 'x' and labels as 'y', each one array")
+        raise PCAMError(
+            f"{path}: '{key}' is a {type(dset).__name__.lower()}, not a dataset; "
+            "PCAM files store images as 'x' and labels as 'y', each one array"
+        )
     if dset.dtype == np.bool_ or not (np.issubdtype(dset.dtype, np.integer) or np.issubdtype(dset.dtype, np.floating)):
         raise PCAMError(f"{path}: '{key}' holds {dset.dtype} values; expected integers or floats")
     return dset
@@ -213,7 +217,7 @@ def iter_raw_blocks(x_path):
         mapping = mmap.mmap(raw_file.fileno(), 0, access=mmap.ACCESS_READ)
     images = np.frombuffer(mapping, dtype, int(np.prod(shape)), offset).reshape(shape)
     for start in range(0, len(images), step):
-        yield start, images[start:start + step]
+        yield start, images[start : start + step]
         mapping.madvise(mmap.MADV_DONTNEED)  # only this block was touched; the page cache keeps the data
 
 
@@ -256,12 +260,16 @@ def check_pixel_scale(x_path):
     if np.issubdtype(sample.dtype, np.floating):
         finite = sample[np.isfinite(sample)]
         if finite.size and finite.min() >= 0 and finite.max() <= 1:
-            raise PCAMError(f"{x_path}: pixel values are all within 0..1 in {len(rows)} sampled images; expected "
-                            "the 0..255 scale: write the images multiplied by 255")
+            raise PCAMError(
+                f"{x_path}: pixel values are all within 0..1 in {len(rows)} sampled images; expected "
+                "the 0..255 scale: write the images multiplied by 255"
+            )
     elif sample.dtype.itemsize > 1 and np.median(sample) > 255:  # stray values above 255 are clipped, not refused
-        raise PCAMError(f"{x_path}: {sample.dtype} pixel values up to {sample.max()} (median {np.median(sample):g}) "
-                        f"in {len(rows)} sampled images; "
-                        "expected the 0..255 scale of 8-bit images: convert them to 0..255 first")
+        raise PCAMError(
+            f"{x_path}: {sample.dtype} pixel values up to {sample.max()} (median {np.median(sample):g}) "
+            f"in {len(rows)} sampled images; "
+            "expected the 0..255 scale of 8-bit images: convert them to 0..255 first"
+        )
 
 
 def read_split_labels(x_path, y_path):
@@ -272,8 +280,10 @@ def read_split_labels(x_path, y_path):
         if dset.shape[1:] != IMAGE_SHAPE:
             raise PCAMError(f"{x_path}: images have shape {dset.shape[1:]}; expected {IMAGE_SHAPE} (H, W, C)")
         if len(dset) != len(labels):
-            raise PCAMError(f"{x_path} has {len(dset)} images but {y_path} has {len(labels)} labels; "
-                            "the two files of a split must match row for row")
+            raise PCAMError(
+                f"{x_path} has {len(dset)} images but {y_path} has {len(labels)} labels; "
+                "the two files of a split must match row for row"
+            )
     return labels
 
 
@@ -319,7 +329,9 @@ class PositionalRows:
             os.preadv(self.fd, [buffer], self.offset + int(rows[0]) * self.row_bytes)
             return batch
         for i, row in enumerate(rows.tolist()):  # one system call per row, no per-row numpy work
-            os.preadv(self.fd, [buffer[i * self.row_bytes:(i + 1) * self.row_bytes]], self.offset + row * self.row_bytes)
+            os.preadv(
+                self.fd, [buffer[i * self.row_bytes : (i + 1) * self.row_bytes]], self.offset + row * self.row_bytes
+            )
         return batch
 
     def __del__(self):
@@ -347,13 +359,13 @@ class ChunkedRows:
 
     def _read(self, rows):
         if is_consecutive(rows):
-            return self.dset[rows[0]:rows[-1] + 1]
+            return self.dset[rows[0] : rows[-1] + 1]
         batch = np.empty((len(rows),) + self.dset.shape[1:], self.dset.dtype)
         order = np.argsort(rows, kind="stable")
         chunk_starts = rows[order] // self.chunk_rows * self.chunk_rows
         groups = np.split(order, np.flatnonzero(np.diff(chunk_starts)) + 1)
-        for group, start in zip(groups, chunk_starts[np.r_[0, np.cumsum([len(g) for g in groups])[:-1]]]):
-            block = self.dset[start:start + self.chunk_rows]
+        for group, start in zip(groups, chunk_starts[np.r_[0, np.cumsum([len(g) for g in groups])[:-1]]], strict=True):
+            block = self.dset[start : start + self.chunk_rows]
             batch[group] = block[rows[group] - start]
         return batch
 
@@ -378,8 +390,16 @@ class PCAMDataset(Dataset):
     workers. See open_rows for how rows are read.
     """
 
-    def __init__(self, x_path, y_path, transform=None, filter_data=False,
-                 black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD, preload=False):
+    def __init__(
+        self,
+        x_path,
+        y_path,
+        transform=None,
+        filter_data=False,
+        black_threshold=BLACK_THRESHOLD,
+        white_threshold=WHITE_THRESHOLD,
+        preload=False,
+    ):
         self.x_path, self.y_path, self.transform = str(x_path), str(y_path), transform
         for path in (self.x_path, self.y_path):
             if not os.path.isfile(path):
@@ -392,8 +412,10 @@ class PCAMDataset(Dataset):
         if filter_data:
             self.indices = np.flatnonzero(~outlier_mask(self.x_path, black_threshold, white_threshold))
             if len(self.indices) == 0:
-                raise PCAMError(f"{self.x_path}: the outlier filter removed every image (thresholds "
-                                f"{black_threshold}, {white_threshold}); the file holds only black or white tiles")
+                raise PCAMError(
+                    f"{self.x_path}: the outlier filter removed every image (thresholds "
+                    f"{black_threshold}, {white_threshold}); the file holds only black or white tiles"
+                )
         self.labels = all_labels[self.indices]
         self._reader, self._reader_pid = None, None
         self._memory = self._load_all() if preload else None
@@ -411,8 +433,9 @@ class PCAMDataset(Dataset):
         rows = self.indices[positions]
         images = self._memory[positions] if self._memory is not None else clean(self._read_rows(rows), scratch=True)
         if self.transform is not None:
-            return torch.stack([torch.as_tensor(self.transform(image)) for image in images]), \
-                torch.from_numpy(self.labels[positions])
+            return torch.stack([torch.as_tensor(self.transform(image)) for image in images]), torch.from_numpy(
+                self.labels[positions]
+            )
         return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(self.labels[positions])
 
     def _read_rows(self, rows):
@@ -424,8 +447,10 @@ class PCAMDataset(Dataset):
         needed = len(self.indices) * IMAGE_BYTES
         available = available_memory_bytes()
         if needed > 0.8 * available:
-            raise PCAMError(f"--preload needs {needed / 2**30:.1f} GiB for {self.x_path} but only "
-                            f"{available / 2**30:.1f} GiB is available; drop --preload or ask for more memory")
+            raise PCAMError(
+                f"--preload needs {needed / 2**30:.1f} GiB for {self.x_path} but only "
+                f"{available / 2**30:.1f} GiB is available; drop --preload or ask for more memory"
+            )
         memory = np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
         for start, block in iter_raw_blocks(self.x_path):
             first, end = np.searchsorted(self.indices, [start, start + len(block)])
@@ -453,11 +478,17 @@ def balanced_sampler(labels, seed):
     """Draws len(labels) kept rows with replacement, each class equally likely, from a seeded generator."""
     class_counts = np.bincount(labels, minlength=2)
     if (class_counts == 0).any():
-        raise PCAMError(f"the training split holds a single class (counts {class_counts.tolist()}); "
-                        "a class-balanced sampler needs both")
+        raise PCAMError(
+            f"the training split holds a single class (counts {class_counts.tolist()}); "
+            "a class-balanced sampler needs both"
+        )
     class_weights = 1.0 / class_counts
-    return WeightedRandomSampler(torch.from_numpy(class_weights[labels]), num_samples=len(labels),
-                                 replacement=True, generator=torch.Generator().manual_seed(seed))
+    return WeightedRandomSampler(
+        torch.from_numpy(class_weights[labels]),
+        num_samples=len(labels),
+        replacement=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def seed_worker(worker_id):
@@ -470,26 +501,36 @@ def seed_worker(worker_id):
 
 def batch_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, seed=0):
     """A DataLoader that fetches whole batches with one dataset[list_of_positions] call."""
-    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
-                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed + 1))
+    return DataLoader(
+        dataset,
+        sampler=BatchSampler(sampler, batch_size, drop_last=False),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
 
 
-def get_dataloaders(data_dir, batch_size=256, num_workers=0, filter_data=False, seed=0, preload=False,
-                    pin_memory=False, **thresholds):
+def get_dataloaders(
+    data_dir, batch_size=256, num_workers=0, filter_data=False, seed=0, preload=False, pin_memory=False, **thresholds
+):
     """(train_loader, val_loader): class-balanced seeded draws from train, every valid row once in order."""
     if batch_size < 1:
         raise PCAMError(f"batch size must be positive, got {batch_size}")
     train_set = load_split(data_dir, "train", filter_data, preload, **thresholds)
     val_set = load_split(data_dir, "valid", filter_data, preload, **thresholds)
-    train_loader = batch_loader(train_set, balanced_sampler(train_set.labels, seed), batch_size,
-                                num_workers, pin_memory, seed)
+    train_loader = batch_loader(
+        train_set, balanced_sampler(train_set.labels, seed), batch_size, num_workers, pin_memory, seed
+    )
     val_loader = batch_loader(val_set, SequentialSampler(val_set), batch_size, num_workers, pin_memory, seed)
     return train_loader, val_loader
 
 
-def get_test_loader(data_dir, batch_size=256, num_workers=0, filter_data=False, preload=False,
-                    pin_memory=False, **thresholds):
+def get_test_loader(
+    data_dir, batch_size=256, num_workers=0, filter_data=False, preload=False, pin_memory=False, **thresholds
+):
     """Every test row once, in order; a MissingDataError when the test files are absent."""
     test_set = load_split(data_dir, "test", filter_data, preload, **thresholds)
     return batch_loader(test_set, SequentialSampler(test_set), batch_size, num_workers, pin_memory)
@@ -522,7 +563,7 @@ class DeviceBatches:
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = torch.tensor(list(self.sampler.sampler), device=self.images.device)  # one copy per pass
         for start in range(0, len(order), self.sampler.batch_size):
-            positions = order[start:start + self.sampler.batch_size]
+            positions = order[start : start + self.sampler.batch_size]
             # index_select copies whole rows; images[positions] goes byte by byte on the CPU (30x slower)
             yield self.images.index_select(0, positions).permute(0, 3, 1, 2), self.labels.index_select(0, positions)
 
@@ -553,7 +594,8 @@ class PrefetchBatches:
             yield current
 
 
-# ---- command line: synth, prepare, info, manifest, verify, download ----
+# ---- shared by the scripts: atomic writes, the splits present, the manifest ----
+
 
 def write_atomically(path, write):
     """Call write(temp_path), then move the finished file into place; a failure leaves no file at path, and no
@@ -578,171 +620,6 @@ def os_reason(error):
     return (error.strerror or text).strip().splitlines()[0]
 
 
-def is_synthetic(x_path):
-    """Whether an x file was written by `data.py synth` (it marks its files)."""
-    try:
-        with h5py.File(x_path, "r") as h5file:
-            return bool(h5file.attrs.get("synthetic", False))
-    except OSError:
-        return False
-
-
-def synth_images(rng, labels):
-    """Learnable stand-ins for PCAM patches: pink tissue noise with a faint darker blob, in the central
-    32x32 region (where PCAM's label is defined) for positives and in the periphery for negatives.
-    One label in twenty is flipped, so the validation loss falls over epochs instead of hitting zero."""
-    n = len(labels)
-    tissue = np.array([205, 150, 190], dtype=np.int16)
-    images = tissue + rng.integers(-60, 61, size=(n, 96, 96, 3), dtype=np.int16)
-    shown = labels ^ (rng.random(n) < 0.05)
-    centre = rng.uniform(36, 60, size=(n, 2))
-    periphery = rng.uniform(6, 30, size=(n, 2)) + rng.integers(0, 2, size=(n, 2)) * 60
-    blob_yx = np.where(shown[:, None] == 1, centre, periphery)
-    radius = rng.uniform(6, 12, size=n)
-    yy, xx = np.mgrid[0:96, 0:96]
-    inside = (yy - blob_yx[:, 0, None, None]) ** 2 + (xx - blob_yx[:, 1, None, None]) ** 2 < radius[:, None, None] ** 2
-    images[inside] -= np.array([45, 45, 15], dtype=np.int16)
-    return np.clip(images, 0, 255)
-
-
-def poison(images, rng, fraction, dtype):
-    """Put the course copy's defects into a block in place; returns the count of each defect."""
-    n_poisoned = round(fraction * len(images))
-    kinds = ("black", "white", "nan", "1e5") if dtype != np.uint8 else ("black", "white")
-    rows = rng.choice(len(images), size=n_poisoned, replace=False)
-    counts = dict.fromkeys(kinds, 0)
-    for i, row in enumerate(rows):
-        kind = kinds[i % len(kinds)]
-        counts[kind] += 1
-        if kind == "black":
-            images[row] = 0
-        elif kind == "white":
-            images[row] = 255
-        else:
-            pixels = rng.integers(0, 96, size=(3, 2))
-            images[row, pixels[:, 0], pixels[:, 1], rng.integers(0, 3, size=3)] = np.nan if kind == "nan" else 1e5
-    return counts
-
-
-def write_synth_split(data_dir, split, n, rng, fraction, dtype):
-    x_path, y_path = split_paths(data_dir, split)
-    labels = (rng.permutation(n) < round(0.4 * n)).astype(np.uint8)  # 40% positives, like a skewed copy
-    counts = {}
-
-    def write_x(path):
-        with h5py.File(path, "w") as h5file:
-            dset = h5file.create_dataset("x", shape=(n,) + IMAGE_SHAPE, dtype=dtype)
-            step = 1024
-            for start in range(0, n, step):
-                block = synth_images(rng, labels[start:start + step]).astype(dtype)
-                for kind, count in poison(block, rng, fraction, dtype).items():
-                    counts[kind] = counts.get(kind, 0) + count
-                dset[start:start + len(block)] = block
-            dset.attrs.update({f"poison_{kind}": count for kind, count in counts.items()})
-            h5file.attrs["synthetic"] = True  # synth --force may overwrite this file; it overwrites nothing else
-
-    def write_y(path):
-        with h5py.File(path, "w") as h5file:
-            h5file.create_dataset("y", data=labels.reshape(n, 1, 1, 1))
-
-    write_atomically(x_path, write_x)
-    write_atomically(y_path, write_y)
-    defects = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "no defects"
-    log(f"synth {split}: {n} images ({labels.sum()} positive), {np.dtype(dtype).name}, {defects} -> {x_path}")
-
-
-def cmd_synth(args):
-    existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
-    if existing and not args.force:
-        raise PCAMError(f"{args.data_dir} already holds PCAM split files ({os.path.basename(existing[0])}, ...); "
-                        "synth writes only into a folder without them: choose another --data-dir, or add --force "
-                        "to overwrite a synthetic set")
-    real = [p for p in existing if p.endswith("_x.h5") and not is_synthetic(p)]
-    if real:
-        raise PCAMError(f"{real[0]} was not written by data.py synth; --force overwrites synthetic sets only: "
-                        "choose another --data-dir")
-    os.makedirs(args.data_dir, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    for split, n in (("train", args.n_train), ("valid", args.n_valid), ("test", args.n_test)):
-        if n > 0:
-            write_synth_split(args.data_dir, split, n, rng, args.poison, np.dtype(args.dtype))
-
-
-def source_identity(paths):
-    """What tells a source file apart from another, cheaply: its path, size and mtime."""
-    return [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns}
-            for p in paths]
-
-
-def read_prepared_record(out_dir):
-    try:
-        with open(os.path.join(out_dir, PREPARED_NAME)) as source:
-            record = json.load(source)
-        return record if isinstance(record, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def prepared_copy_is_current(out_dir, split, sources):
-    """True when out_dir holds split's copy of exactly these sources; False when it holds nothing of the split
-    (or a copy of an earlier version of the same files, to rebuild). A copy of other files, or split files
-    prepare did not write, are refused: prepare never replaces what it cannot recreate."""
-    outputs = [p for p in split_paths(out_dir, split) if os.path.exists(p)]
-    recorded = read_prepared_record(out_dir).get(split)
-    if not outputs:
-        return False
-    if recorded is None:
-        raise PCAMError(f"{out_dir} already holds {split} split files that prepare did not write; choose an "
-                        "empty --out folder")
-    if recorded == source_identity(sources):
-        return True
-    recorded_paths = [entry["path"] for entry in recorded]  # none: an earlier prepare stopped while writing
-    if recorded_paths and recorded_paths != [os.path.abspath(p) for p in sources]:
-        raise PCAMError(f"{out_dir} holds a prepared copy of {recorded[0]['path']}, not of "
-                        f"{os.path.abspath(sources[0])}; choose another --out folder")
-    return False
-
-
-def record_prepared(out_dir, split, sources):
-    record = {**read_prepared_record(out_dir), split: source_identity(sources)}
-
-    def write_record(path):
-        with open(path, "w") as target:
-            json.dump(record, target, indent=2)
-
-    write_atomically(os.path.join(out_dir, PREPARED_NAME), write_record)
-
-
-def prepare_split(data_dir, out_dir, split):
-    x_src, y_src = require_split(data_dir, split)
-    x_out, y_out = split_paths(out_dir, split)
-    labels = read_split_labels(x_src, y_src)
-    check_pixel_scale(x_src)
-    if prepared_copy_is_current(out_dir, split, (x_src, y_src)):
-        log(f"prepare {split}: {x_out} is already a prepared copy of {x_src}, kept")
-        return
-
-    def write_x(path):
-        started = time.time()
-        with h5py.File(path, "w") as h5file:
-            dset = h5file.create_dataset("x", shape=(len(labels),) + IMAGE_SHAPE, dtype=np.uint8)
-            for start, block in iter_raw_blocks(x_src):
-                dset[start:start + len(block)] = clean(block, scratch=True)
-                done = start + len(block)
-                log(f"prepare {split}: {done}/{len(labels)} images ({100 * done // len(labels)}%), "
-                    f"{done / max(time.time() - started, 1e-9):.0f} images/s")
-
-    def write_y(path):
-        with h5py.File(path, "w") as h5file:
-            h5file.create_dataset("y", data=labels.astype(np.uint8).reshape(-1, 1, 1, 1))
-
-    record_prepared(out_dir, split, ())  # while the files change, the record names no source
-    write_atomically(x_out, write_x)
-    write_atomically(y_out, write_y)
-    record_prepared(out_dir, split, (x_src, y_src))
-    log(f"prepare {split}: wrote {x_out} ({os.path.getsize(x_out) / 2**20:.0f} MiB, uint8, contiguous)")
-
-
 def present_splits(data_dir):
     """The splits whose x and y files are both there; a split with only one of them is an error."""
     if not os.path.isdir(data_dir):
@@ -754,30 +631,6 @@ def present_splits(data_dir):
     if not splits:
         require_split(data_dir, "train")  # raises the missing-files message
     return splits
-
-
-def cmd_prepare(args):
-    if os.path.realpath(args.out) == os.path.realpath(args.data_dir):
-        raise PCAMError("--out must differ from --data-dir: prepare writes a cleaned copy beside the original")
-    os.makedirs(args.out, exist_ok=True)
-    for split in present_splits(args.data_dir):
-        prepare_split(args.data_dir, args.out, split)
-
-
-def cmd_info(args):
-    log(f"{'split':<6} {'rows':>8} {'dtype':>8} {'shape':>16} {'layout':>22} {'MiB':>8} {'class 0':>8} {'class 1':>8}")
-    for split in present_splits(args.data_dir):
-        x_path, y_path = split_paths(args.data_dir, split)
-        labels = read_split_labels(x_path, y_path)
-        with open_h5(x_path) as h5file:
-            dset = h5file["x"]
-            layout = "contiguous" if dset.chunks is None else f"chunks {dset.chunks[0]}"
-            if dset.compression:
-                layout += f", {dset.compression}"
-            shape, dtype = str(tuple(dset.shape[1:])), dset.dtype.name
-        mib = (os.path.getsize(x_path) + os.path.getsize(y_path)) / 2**20
-        counts = np.bincount(labels, minlength=2)
-        log(f"{split:<6} {len(labels):>8} {dtype:>8} {shape:>16} {layout:>22} {mib:>8.1f} {counts[0]:>8} {counts[1]:>8}")
 
 
 def file_digest(path, algorithm="sha256", show_progress=False):
@@ -792,39 +645,26 @@ def file_digest(path, algorithm="sha256", show_progress=False):
     return digest.hexdigest()
 
 
-def pcam_files(data_dir):
-    return sorted(os.path.basename(p) for s in present_splits(data_dir) for p in split_paths(data_dir, s))
-
-
-def cmd_manifest(args):
-    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
-    files = {name: {"bytes": os.path.getsize(os.path.join(args.data_dir, name)),
-                    "mtime": os.path.getmtime(os.path.join(args.data_dir, name)),
-                    "sha256": file_digest(os.path.join(args.data_dir, name), show_progress=True)}
-             for name in pcam_files(args.data_dir)}
-    def write_json(path):
-        with open(path, "w") as target:
-            json.dump({"files": files}, target, indent=2)
-
-    write_atomically(manifest_path, write_json)
-    log(f"manifest: {len(files)} files -> {manifest_path}")
-
-
 def read_manifest(manifest_path, data_dir):
     """{file name: {"bytes", "sha256", and "mtime" when recorded}} from a manifest, checked for its shape."""
-    fix = f"write it anew with `python data.py manifest --data-dir {data_dir}`"
+    fix = f"write it anew with `python manage_data.py manifest --data-dir {data_dir}`"
     try:
         with open(manifest_path) as source:
             files = json.load(source)["files"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise PCAMError(f"cannot read manifest {manifest_path} ({type(error).__name__}: {error}); {fix}") from None
     well_formed = isinstance(files, dict) and all(
-        isinstance(record, dict) and type(record.get("bytes")) is int and isinstance(record.get("sha256"), str)
-        and isinstance(record.get("mtime", 0.0), (int, float)) and os.path.basename(name) == name
-        for name, record in files.items())
+        isinstance(record, dict)
+        and type(record.get("bytes")) is int
+        and isinstance(record.get("sha256"), str)
+        and isinstance(record.get("mtime", 0.0), (int, float))
+        and os.path.basename(name) == name
+        for name, record in files.items()
+    )
     if not well_formed:
-        raise PCAMError(f"manifest {manifest_path} is malformed (each file needs integer 'bytes' and a 'sha256' "
-                        f"string); {fix}")
+        raise PCAMError(
+            f"manifest {manifest_path} is malformed (each file needs integer 'bytes' and a 'sha256' string); {fix}"
+        )
     return files
 
 
@@ -839,193 +679,24 @@ def check_manifest(data_dir):
         path = os.path.join(data_dir, name)
         if not os.path.isfile(path):
             differing.append(f"{name} (missing)")
-        elif os.path.getsize(path) != record["bytes"] or record.get("mtime", os.path.getmtime(path)) != \
-                os.path.getmtime(path):
+        elif os.path.getsize(path) != record["bytes"] or record.get(
+            "mtime", os.path.getmtime(path)
+        ) != os.path.getmtime(path):
             differing.append(f"{name} (size or mtime changed)")
     if differing:
-        raise PCAMError(f"{', '.join(differing)} differ from {manifest_path}; check the contents with "
-                        f"`python data.py verify --data-dir {data_dir}`, or record the files as they are now with "
-                        f"`python data.py manifest --data-dir {data_dir}`")
+        raise PCAMError(
+            f"{', '.join(differing)} differ from {manifest_path}; check the contents with "
+            f"`python manage_data.py verify --data-dir {data_dir}`, or record the files as they are now with "
+            f"`python manage_data.py manifest --data-dir {data_dir}`"
+        )
     return True
 
 
-def cmd_verify(args):
-    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
-    expected = read_manifest(manifest_path, args.data_dir)
-    differing = []
-    for name, record in sorted(expected.items()):
-        path = os.path.join(args.data_dir, name)
-        if not os.path.isfile(path):
-            differing.append(f"{name} (missing)")
-        elif os.path.getsize(path) != record["bytes"] or file_digest(path, show_progress=True) != record["sha256"]:
-            differing.append(f"{name} (contents differ)")
-        else:
-            log(f"verify: {name} ok")
-    if differing:
-        raise PCAMError(f"{len(differing)} of {len(expected)} files differ from {manifest_path}: {', '.join(differing)}")
-    log(f"verify: all {len(expected)} files match {manifest_path}")
-
-
-LOCAL_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
-
-
-def fetch(url, part_path, attempts=5):
-    """Download url into part_path, resuming from what is there (HTTP Range), retrying cut connections."""
-    for attempt in range(1, attempts + 1):
-        have = os.path.getsize(part_path) if os.path.exists(part_path) else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                resumed = response.status == 206
-                total = have * resumed + int(response.headers.get("Content-Length", 0)) or None
-                done, next_report, started = have * resumed, 0.0, time.time()
-                log(f"download {url}: {'resuming at' if resumed else 'starting'} {done / 2**20:.1f} MiB"
-                    + (f" of {total / 2**20:.1f} MiB" if total else ""))
-                with open(part_path, "ab" if resumed else "wb") as target:
-                    while chunk := response.read(2**20):
-                        target.write(chunk)
-                        done += len(chunk)
-                        if total and done / total >= next_report:
-                            rate = (done - have * resumed) / max(time.time() - started, 1e-9) / 2**20
-                            log(f"download {os.path.basename(part_path)}: {100 * done // total}%, {rate:.1f} MiB/s")
-                            next_report += 0.05
-                if total and done < total:
-                    raise ConnectionError(f"connection closed at {done} of {total} bytes")
-                return
-        except urllib.error.HTTPError as error:
-            if error.code == 416 and have:  # the part file is already complete
-                return
-            raise PCAMError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
-        except (OSError, ConnectionError) as error:
-            if error.errno in LOCAL_WRITE_ERRORS and not isinstance(error, urllib.error.URLError):
-                raise PCAMError(f"cannot write {part_path}: {error.strerror}; retrying cannot help") from None
-            if attempt == attempts:
-                raise PCAMError(f"download of {url} failed after {attempts} attempts ({error}); "
-                                "run the same command again to resume") from None
-            log(f"download interrupted ({error}); resuming (attempt {attempt + 1} of {attempts})")
-            time.sleep(min(2 ** attempt, 30) * float(os.environ.get("PCAM_RETRY_DELAY_SCALE", "1")))
-
-
-def read_checksums(path):
-    """md5sum-style file ("<md5>  <name>" per line) -> {name: md5}."""
-    try:
-        with open(path) as source:
-            return {name.strip().lstrip("*"): md5 for md5, name in (line.split(None, 1) for line in source if line.strip())}
-    except (OSError, ValueError) as error:
-        raise PCAMError(f"cannot read checksums file {path} ({error}); expected '<md5>  <file name>' lines") from None
-
-
-def cmd_download(args):
-    if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https", "file"):
-        raise PCAMError(f"--base-url {args.base_url!r} has no http:// or https:// scheme; give the full URL")
-    os.makedirs(args.data_dir, exist_ok=True)
-    checksums = read_checksums(args.checksums) if args.checksums else ZENODO_MD5
-    for split in args.splits:
-        for h5_path in split_paths(args.data_dir, split):
-            if os.path.isfile(h5_path):
-                log(f"download: {h5_path} already present, skipped")
-                continue
-            gz_name = os.path.basename(h5_path) + ".gz"
-            gz_path, part_path = h5_path + ".gz", h5_path + ".gz.part"
-            if gz_name not in checksums:
-                raise PCAMError(f"no checksum for {gz_name} in {args.checksums}")
-            if not os.path.isfile(gz_path):
-                fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", part_path)
-                if file_digest(part_path, "md5") != checksums[gz_name]:
-                    os.remove(part_path)
-                    raise PCAMError(f"{gz_name}: md5 does not match {checksums[gz_name]}; the corrupt download "
-                                    "was deleted, run the same command again to fetch it anew")
-                os.replace(part_path, gz_path)
-            log(f"download: {gz_name} md5 ok, unpacking")
-
-            def unpack(path, gz_path=gz_path):
-                with gzip.open(gz_path, "rb") as source, open(path, "wb") as target:
-                    shutil.copyfileobj(source, target, 16 * 2**20)
-
-            write_atomically(h5_path, unpack)
-            os.remove(gz_path)
-            log(f"download: {h5_path} ready ({os.path.getsize(h5_path) / 2**20:.0f} MiB)")
-
-
-def cmd_env(args):
-    """The course's verification step: the software stack, the accelerator, and the data files."""
-    log(f"python {sys.version.split()[0]} ({sys.executable})")
-    log(f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none (CPU build)'}")
-    if torch.cuda.is_available():
-        log(f"CUDA available: yes, {torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}")
-    else:
-        log("CUDA available: no, training runs on the CPU")
-    log(f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), numpy {np.__version__}")
-    for split in SPLITS:
-        paths = split_paths(args.data_dir, split)
-        found = [p for p in paths if os.path.isfile(p)]
-        sizes = ", ".join(f"{os.path.basename(p)} {os.path.getsize(p) / 2**20:,.0f} MiB" for p in found)
-        log(f"data {split}: " + (sizes if len(found) == 2 else "missing " + ", ".join(
-            os.path.basename(p) for p in paths if p not in found)))
-    for split in ("train", "valid"):
-        require_split(args.data_dir, split)
-    log(f"ok: {args.data_dir} holds the train and valid splits")
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="PCAM data: fetch, make, clean, inspect and version the HDF5 files.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    default_dir = os.environ.get("PCAM_DIR", "data")
-
-    def command(name, help_text):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--data-dir", default=default_dir, metavar="DIR",
-                         help=f"folder of the PCAM .h5 files (default: $PCAM_DIR or data; now {default_dir})")
-        return sub
-
-    download = command("download", "fetch the official PCAM files (about 7 GB), verify their md5, unpack")
-    download.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), metavar="SPLIT",
-                          help="which splits to fetch: train valid test (default: all three)")
-    download.add_argument("--base-url", default=os.environ.get("PCAM_BASE_URL", ZENODO_URL), metavar="URL",
-                          help="where the .h5.gz files live (default: $PCAM_BASE_URL or Zenodo record 2546921)")
-    download.add_argument("--checksums", default=os.environ.get("PCAM_CHECKSUMS"), metavar="FILE",
-                          help="md5sum-style file of expected .gz checksums (default: $PCAM_CHECKSUMS or "
-                               "the published ones)")
-    synth = command("synth", "write a small synthetic PCAM-format set whose classes are learnable")
-    synth.add_argument("--n-train", type=int, default=4096, metavar="N", help="train images (default: 4096)")
-    synth.add_argument("--n-valid", type=int, default=1024, metavar="N", help="valid images (default: 1024)")
-    synth.add_argument("--n-test", type=int, default=1024, metavar="N", help="test images; 0 for none (default: 1024)")
-    synth.add_argument("--poison", type=float, default=0.0, metavar="FRACTION",
-                       help="fraction of images given the course copy's defects: black and white tiles, and "
-                            "with float storage NaN pixels and 1e5 pixels (default: 0)")
-    synth.add_argument("--dtype", choices=("uint8", "float32"), default="uint8",
-                       help="stored pixel type: uint8 like the official files, float32 like the course copy "
-                            "(default: uint8)")
-    synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
-    synth.add_argument("--force", action="store_true",
-                       help="overwrite the synthetic set already in the folder (never files synth did not write)")
-    prepare = command("prepare", "write a cleaned, contiguous uint8 copy of every split present")
-    prepare.add_argument("--out", required=True, metavar="DIR", help="folder for the prepared copy (e.g. node-local scratch)")
-    command("info", "print rows, dtype, layout, size and class balance per split")
-    command("env", "check python, torch, CUDA and its device, h5py, and the PCAM files in the data dir")
-    for name, help_text in (("manifest", "write each PCAM file's size and sha256 to a manifest"),
-                            ("verify", "check the PCAM files against a manifest and name each one that differs")):
-        command(name, help_text).add_argument(
-            "--manifest", metavar="FILE", help=f"manifest path (default: DIR/{MANIFEST_NAME})")
-    args = parser.parse_args(argv)
-    for name in ("n_train", "n_valid", "n_test"):
-        if getattr(args, name, 0) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
-    if not 0 <= getattr(args, "poison", 0) <= 1:
-        parser.error("--poison must be a fraction between 0 and 1")
-    return args
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    commands = {"download": cmd_download, "synth": cmd_synth, "prepare": cmd_prepare, "info": cmd_info,
-                "manifest": cmd_manifest, "verify": cmd_verify, "env": cmd_env}
-    try:
-        commands[args.command](args)
-    except PCAMError as error:
-        sys.exit(f"data.py {args.command}: error: {error}")
-    except OSError as error:  # a folder that cannot be made or read: read-only, a file in the way, no space
-        sys.exit(f"data.py {args.command}: error: {error.filename or args.data_dir}: {os_reason(error)}")
+    """`python manage_data.py COMMAND ...` runs manage_data.py's commands, as it did before they moved there."""
+    import manage_data  # it imports this module, so not at the top
+
+    manage_data.main(argv)
 
 
 if __name__ == "__main__":

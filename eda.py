@@ -7,6 +7,7 @@ class counts as stored in y (not as the balanced sampler draws them); per-channe
 from up to HISTOGRAM_IMAGES evenly spread images per class. Then it draws four PNGs:
 pcam.png (the intensity outliers figure), class_balance.png, sample_grid.png, channel_histograms.png.
 """
+
 import argparse
 import os
 import sys
@@ -40,7 +41,7 @@ class SplitScan:
         for label in (0, 1):
             rows = np.flatnonzero(labels == label)
             self.grid_rows[rng.permutation(rows)[:sample_grid]] = True
-            self.histogram_rows[rows[::max(1, len(rows) // HISTOGRAM_IMAGES)]] = True
+            self.histogram_rows[rows[:: max(1, len(rows) // HISTOGRAM_IMAGES)]] = True
         self.samples = {0: [], 1: []}
         self.outlier_examples = dict.fromkeys(OUTLIER_KINDS)
 
@@ -48,7 +49,7 @@ class SplitScan:
         """Measure one raw block (read-only)."""
         step = max(1, SUB_BLOCK_BYTES // (data.IMAGE_BYTES * raw.dtype.itemsize))
         for offset in range(0, len(raw), step):
-            self.add_sub_block(start + offset, raw[offset:offset + step])
+            self.add_sub_block(start + offset, raw[offset : offset + step])
 
     def add_sub_block(self, start, raw):
         stop = start + len(raw)
@@ -90,11 +91,18 @@ class SplitScan:
         pixels = self.histograms.sum(axis=0)  # channel, value
         values = np.arange(256)
         mean = (pixels * values).sum(axis=1) / pixels.sum(axis=1)
-        std = np.sqrt(np.maximum((pixels * values ** 2).sum(axis=1) / pixels.sum(axis=1) - mean ** 2, 0))
-        return {"rows": len(self.labels), "class_0": int((self.labels == 0).sum()), "class_1": int(self.labels.sum()),
-                "nan": int(self.flags["nan"].sum()), "out_of_range": int(self.flags["out_of_range"].sum()),
-                "black": int(self.flags["black"].sum()), "white": int(self.flags["white"].sum()),
-                "mean": mean.tolist(), "std": std.tolist()}
+        std = np.sqrt(np.maximum((pixels * values**2).sum(axis=1) / pixels.sum(axis=1) - mean**2, 0))
+        return {
+            "rows": len(self.labels),
+            "class_0": int((self.labels == 0).sum()),
+            "class_1": int(self.labels.sum()),
+            "nan": int(self.flags["nan"].sum()),
+            "out_of_range": int(self.flags["out_of_range"].sum()),
+            "black": int(self.flags["black"].sum()),
+            "white": int(self.flags["white"].sum()),
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+        }
 
 
 def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
@@ -107,13 +115,17 @@ def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
 
 
 def print_table(scans):
-    header = f"{'split':<6} {'rows':>8} {'class 0':>8} {'class 1':>8} {'NaN':>6} {'<0|>255':>8} {'black':>6} {'white':>6}"
+    header = (
+        f"{'split':<6} {'rows':>8} {'class 0':>8} {'class 1':>8} {'NaN':>6} {'<0|>255':>8} {'black':>6} {'white':>6}"
+    )
     print(header + f"   channel mean (R, G, B)   channel std (R, G, B) of <= {2 * HISTOGRAM_IMAGES:,} images")
     for scan in scans:
         s = scan.summary()
-        print(f"{scan.split:<6} {s['rows']:>8} {s['class_0']:>8} {s['class_1']:>8} {s['nan']:>6} {s['out_of_range']:>8} "
-              f"{s['black']:>6} {s['white']:>6}   {' '.join(f'{v:6.1f}' for v in s['mean'])}"
-              f"       {' '.join(f'{v:5.1f}' for v in s['std'])}")
+        print(
+            f"{scan.split:<6} {s['rows']:>8} {s['class_0']:>8} {s['class_1']:>8} {s['nan']:>6} {s['out_of_range']:>8} "
+            f"{s['black']:>6} {s['white']:>6}   {' '.join(f'{v:6.1f}' for v in s['mean'])}"
+            f"       {' '.join(f'{v:5.1f}' for v in s['std'])}"
+        )
 
 
 def plot_intensity_outliers(scans, path):
@@ -121,18 +133,34 @@ def plot_intensity_outliers(scans, path):
     bins = np.linspace(0, 255, 103)
     for index, scan in enumerate(scans):
         s = scan.summary()
-        axes.hist(scan.means, bins=bins, histtype="step", linewidth=1.5, color=f"C{index}",
-                  label=f"{scan.split}: {s['rows']:,} tiles, {s['black']:,} black, {s['white']:,} white")
+        axes.hist(
+            scan.means,
+            bins=bins,
+            histtype="step",
+            linewidth=1.5,
+            color=f"C{index}",
+            label=f"{scan.split}: {s['rows']:,} tiles, {s['black']:,} black, {s['white']:,} white",
+        )
     axes.set_yscale("log")
     black, white = scans[0].black_threshold, scans[0].white_threshold
     for threshold, name, kind, align in ((black, "black", "black", "left"), (white, "white", "white", "right")):
         axes.axvline(threshold, color="k", linestyle="--", linewidth=1)
         total = sum(scan.summary()[kind] for scan in scans)
-        axes.annotate(f"{name} ≤ {threshold:g}: {total:,}" if kind == "black" else f"{name} ≥ {threshold:g}: {total:,}",
-                      xy=(threshold, 0.92), xycoords=("data", "axes fraction"), ha=align,
-                      xytext=(4 if align == "left" else -4, 0), textcoords="offset points", fontsize=9)
-    axes.set(title="PCAM intensity outliers: mean intensity per tile", xlabel="mean intensity of the cleaned tile (0-255)",
-             ylabel="tiles (log scale)", xlim=(0, 255))
+        axes.annotate(
+            f"{name} ≤ {threshold:g}: {total:,}" if kind == "black" else f"{name} ≥ {threshold:g}: {total:,}",
+            xy=(threshold, 0.92),
+            xycoords=("data", "axes fraction"),
+            ha=align,
+            xytext=(4 if align == "left" else -4, 0),
+            textcoords="offset points",
+            fontsize=9,
+        )
+    axes.set(
+        title="PCAM intensity outliers: mean intensity per tile",
+        xlabel="mean intensity of the cleaned tile (0-255)",
+        ylabel="tiles (log scale)",
+        xlim=(0, 255),
+    )
     axes.legend(fontsize="small", loc="upper center")
     save(figure, path)
 
@@ -153,7 +181,10 @@ def plot_class_balance(scans, path):
 def plot_sample_grid(scan, path):
     outliers = [(kind, image) for kind, image in scan.outlier_examples.items() if image is not None]
     columns = max(len(scan.samples[0]), len(scan.samples[1]), len(outliers), 1)
-    rows = [("class 0", [(None, image) for image in scan.samples[0]]), ("class 1", [(None, image) for image in scan.samples[1]])]
+    rows = [
+        ("class 0", [(None, image) for image in scan.samples[0]]),
+        ("class 1", [(None, image) for image in scan.samples[1]]),
+    ]
     if outliers:
         rows.append(("outliers", outliers))
     figure, axes = plt.subplots(len(rows), columns, figsize=(1.6 * columns, 1.8 * len(rows)), squeeze=False)
@@ -174,7 +205,7 @@ def plot_sample_grid(scan, path):
 
 def plot_channel_histograms(scan, path):
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
-    for channel, (ax, name) in enumerate(zip(axes, ("red", "green", "blue"))):
+    for channel, (ax, name) in enumerate(zip(axes, ("red", "green", "blue"), strict=True)):
         for label, style in ((0, "-"), (1, "--")):
             counts = scan.histograms[label, channel]
             ax.plot(np.arange(256), counts / max(counts.sum(), 1), style, color=name, label=f"class {label}")
@@ -193,18 +224,35 @@ def save(figure, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Exploratory analysis of PCAM files: exact defect counts and figures.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get("PCAM_DIR", "data"), metavar="DIR",
-                        help="folder with the PCAM .h5 files ($PCAM_DIR if set)")
-    parser.add_argument("--splits", nargs="+", choices=data.SPLITS, default=list(data.SPLITS), metavar="SPLIT",
-                        help="splits to scan; a missing one is skipped with a note while others are present")
+    parser = argparse.ArgumentParser(
+        description="Exploratory analysis of PCAM files: exact defect counts and figures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data.add_data_dir_argument(parser)
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        choices=data.SPLITS,
+        default=list(data.SPLITS),
+        metavar="SPLIT",
+        help="splits to scan; a missing one is skipped with a note while others are present",
+    )
     parser.add_argument("--out-dir", default="assets", metavar="DIR", help="where the PNGs go")
     parser.add_argument("--sample-grid", type=int, default=8, metavar="N", help="sample patches per class in the grid")
-    parser.add_argument("--black-threshold", type=float, default=data.BLACK_THRESHOLD, metavar="T",
-                        help="tiles with a mean at or below this are black (as the filter)")
-    parser.add_argument("--white-threshold", type=float, default=data.WHITE_THRESHOLD, metavar="T",
-                        help="tiles with a mean at or above this are white (as the filter)")
+    parser.add_argument(
+        "--black-threshold",
+        type=float,
+        default=data.BLACK_THRESHOLD,
+        metavar="T",
+        help="tiles with a mean at or below this are black (as the filter)",
+    )
+    parser.add_argument(
+        "--white-threshold",
+        type=float,
+        default=data.WHITE_THRESHOLD,
+        metavar="T",
+        help="tiles with a mean at or above this are white (as the filter)",
+    )
     args = parser.parse_args(argv)
     if args.sample_grid < 1:
         parser.error("--sample-grid must be at least 1")

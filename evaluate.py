@@ -5,6 +5,7 @@ score for class 1, predicted class), metrics.json (loss, accuracy, ROC AUC, bala
 sensitivity, specificity, confusion [[tn, fp], [fn, tp]], the data files, the checkpoint's sha256,
 versions), roc.png and confusion.png. train.py scores its best.pt on the test split with the same code.
 """
+
 import argparse
 import contextlib
 import csv
@@ -37,19 +38,26 @@ class EvaluationError(Exception):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Score a train.py checkpoint on one PCAM split (see README.md).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Score a train.py checkpoint on one PCAM split (see README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's best.pt or last.pt")
-    parser.add_argument("--data-dir", default=os.environ.get("PCAM_DIR", "data"), metavar="DIR",
-                        help="folder with the camelyonpatch_level_2_split_*.h5 files ($PCAM_DIR if set)")
+    data.add_data_dir_argument(parser)
     parser.add_argument("--split", choices=data.SPLITS, default="test", help="the split to score")
     parser.add_argument("--filter-data", action="store_true", help="drop black and white outlier tiles")
     parser.add_argument("--out-dir", metavar="DIR", help="output folder (default: eval-<split> beside the checkpoint)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto takes CUDA when available")
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto takes CUDA when available"
+    )
     parser.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass")
-    parser.add_argument("--num-workers", type=int, default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
-                        metavar="W", help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
+        metavar="W",
+        help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)",
+    )
     return parser.parse_args(argv)
 
 
@@ -84,8 +92,10 @@ def load_checkpoint(path, required=("model", "model_args")):
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise EvaluationError(f"cannot load checkpoint {path} ({type(error).__name__}); it may be incomplete") from None
     if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
-        raise EvaluationError(f"{path} is not a train.py checkpoint (it lacks {', '.join(required)}); "
-                              "pass a best.pt or last.pt written by train.py")
+        raise EvaluationError(
+            f"{path} is not a train.py checkpoint (it lacks {', '.join(required)}); "
+            "pass a best.pt or last.pt written by train.py"
+        )
     return checkpoint
 
 
@@ -96,8 +106,10 @@ def model_from_checkpoint(checkpoint, path):
         model = MLP(hidden_units=tuple(model_args["hidden_units"]), dropout_rate=model_args["dropout_rate"])
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, ValueError, RuntimeError):
-        raise EvaluationError(f"the weights in {path} do not fit the MLP its model_args describe ({model_args}); "
-                              "it was saved by another model, pass a best.pt or last.pt written by train.py") from None
+        raise EvaluationError(
+            f"the weights in {path} do not fit the MLP its model_args describe ({model_args}); "
+            "it was saved by another model, pass a best.pt or last.pt written by train.py"
+        ) from None
     return model
 
 
@@ -129,20 +141,38 @@ def classification_metrics(loss, scores, labels):
     tp, fn = int((predicted & positive).sum()), int((~predicted & positive).sum())
     fp, tn = int((predicted & ~positive).sum()), int((~predicted & ~positive).sum())
     sensitivity, specificity = ratio(tp, tp + fn), ratio(tn, tn + fp)
-    return {"loss": loss, "accuracy": (tp + tn) / len(labels), "auc": roc_auc(scores, labels),
-            "balanced_accuracy": (sensitivity + specificity) / 2, "sensitivity": sensitivity,
-            "specificity": specificity, "confusion": [[tn, fp], [fn, tp]]}
+    return {
+        "loss": loss,
+        "accuracy": (tp + tn) / len(labels),
+        "auc": roc_auc(scores, labels),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "confusion": [[tn, fp], [fn, tp]],
+    }
 
 
 def describe(checkpoint_path, checkpoint, data_dir, split, filter_data, device):
     """What metrics.json records besides the metrics: which data, which checkpoint, which software."""
     files = {os.path.basename(p): os.path.getsize(p) for p in data.split_paths(data_dir, split)}
-    return {"split": split, "data": {"dir": os.path.abspath(data_dir), "files": files}, "filter_data": filter_data,
-            "checkpoint": {"path": os.path.abspath(checkpoint_path), "sha256": data.file_digest(checkpoint_path),
-                           "epoch": checkpoint.get("epoch")},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "numpy": np.__version__, "h5py": h5py.__version__},
-            "device": str(device), "evaluated_at": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "split": split,
+        "data": {"dir": os.path.abspath(data_dir), "files": files},
+        "filter_data": filter_data,
+        "checkpoint": {
+            "path": os.path.abspath(checkpoint_path),
+            "sha256": data.file_digest(checkpoint_path),
+            "epoch": checkpoint.get("epoch"),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "h5py": h5py.__version__,
+        },
+        "device": str(device),
+        "evaluated_at": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def write_predictions(rows, labels, scores, path):
@@ -150,19 +180,22 @@ def write_predictions(rows, labels, scores, path):
         with open(temp_path, "w", newline="") as target:
             writer = csv.writer(target)
             writer.writerow(PREDICTIONS_HEADER)
-            for row, label, score in zip(rows.tolist(), labels.tolist(), scores.tolist()):
+            for row, label, score in zip(rows.tolist(), labels.tolist(), scores.tolist(), strict=True):
                 writer.writerow([row, label, repr(score), int(score >= THRESHOLD)])  # repr: the exact float
+
     data.write_atomically(path, write)
 
 
 def write_json(obj, path):
     """metrics.json, with NaN (an AUC of a one-class split, say) as null so that any JSON reader takes it."""
+
     def plain(value):
         return None if isinstance(value, float) and math.isnan(value) else value
 
     def write(temp_path):
         with open(temp_path, "w") as target:
             json.dump({key: plain(value) for key, value in obj.items()}, target, indent=2)
+
     data.write_atomically(path, write)
 
 
@@ -176,8 +209,13 @@ def plot_roc(scores, labels, auc, path):
     figure, axes = plt.subplots(figsize=(4.8, 4.6))
     axes.plot(false_positive_rate, true_positive_rate, color="C0", label=f"ROC, AUC {auc:.4f}")
     axes.plot([0, 1], [0, 1], "--", color="grey", label="chance (AUC 0.5)")
-    axes.set(title="ROC curve", xlabel="false positive rate (1 - specificity)",
-             ylabel="true positive rate (sensitivity)", xlim=(0, 1), ylim=(0, 1.01))
+    axes.set(
+        title="ROC curve",
+        xlabel="false positive rate (1 - specificity)",
+        ylabel="true positive rate (sensitivity)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
@@ -189,11 +227,24 @@ def plot_confusion(confusion, path):
     figure, axes = plt.subplots(figsize=(4.4, 3.8))
     axes.imshow(counts, cmap="Blues")
     for (true_class, predicted_class), count in np.ndenumerate(counts):
-        axes.text(predicted_class, true_class, f"{count:,}\n{count / counts[true_class].sum():.1%}" if count else "0",
-                  ha="center", va="center", color="white" if count > counts.max() / 2 else "black")
+        axes.text(
+            predicted_class,
+            true_class,
+            f"{count:,}\n{count / counts[true_class].sum():.1%}" if count else "0",
+            ha="center",
+            va="center",
+            color="white" if count > counts.max() / 2 else "black",
+        )
     class_names = ["0 normal", "1 tumour"]
-    axes.set(title="Confusion matrix: count, share of the true class", xlabel="predicted class", ylabel="true class",
-             xticks=[0, 1], yticks=[0, 1], xticklabels=class_names, yticklabels=class_names)
+    axes.set(
+        title="Confusion matrix: count, share of the true class",
+        xlabel="predicted class",
+        ylabel="true class",
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=class_names,
+        yticklabels=class_names,
+    )
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -232,10 +283,12 @@ def prepare_out_dir(out_dir, about):
     except (OSError, ValueError):
         return
     keys = ("split", "data", "filter_data")
-    if [earlier.get(key) for key in keys] != [about[key] for key in keys] or \
-            earlier.get("checkpoint", {}).get("sha256") != about["checkpoint"]["sha256"]:
-        raise EvaluationError(f"{out_dir} holds an evaluation of another checkpoint or other data; "
-                              "pass another --out-dir")
+    if [earlier.get(key) for key in keys] != [about[key] for key in keys] or earlier.get("checkpoint", {}).get(
+        "sha256"
+    ) != about["checkpoint"]["sha256"]:
+        raise EvaluationError(
+            f"{out_dir} holds an evaluation of another checkpoint or other data; pass another --out-dir"
+        )
 
 
 def run(args):
@@ -245,15 +298,23 @@ def run(args):
     checkpoint = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint, args.checkpoint).to(device)
     dataset = data.load_split(args.data_dir, args.split, args.filter_data)
-    loader = data.batch_loader(dataset, torch.utils.data.SequentialSampler(dataset), args.batch_size,
-                               args.num_workers, pin_memory=device.type == "cuda")
+    loader = data.batch_loader(
+        dataset,
+        torch.utils.data.SequentialSampler(dataset),
+        args.batch_size,
+        args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval-{args.split}")
     about = describe(args.checkpoint, checkpoint, args.data_dir, args.split, args.filter_data, device)
     prepare_out_dir(out_dir, about)
     metrics = evaluate_split(model, loader, dataset.indices, device, out_dir, about)
-    print(f"{args.split}: {metrics['images']:,} images, loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-          f"auc {metrics['auc']:.4f} balanced_accuracy {metrics['balanced_accuracy']:.4f} sensitivity "
-          f"{metrics['sensitivity']:.4f} specificity {metrics['specificity']:.4f} -> {out_dir}", flush=True)
+    print(
+        f"{args.split}: {metrics['images']:,} images, loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+        f"auc {metrics['auc']:.4f} balanced_accuracy {metrics['balanced_accuracy']:.4f} sensitivity "
+        f"{metrics['sensitivity']:.4f} specificity {metrics['specificity']:.4f} -> {out_dir}",
+        flush=True,
+    )
 
 
 def main(argv=None):

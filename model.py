@@ -1,4 +1,5 @@
 """The PCAM classifier: a multilayer perceptron over flattened 96x96 RGB patches."""
+
 import math
 
 import torch

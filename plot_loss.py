@@ -5,6 +5,7 @@ Train and validation loss per epoch on the left, validation accuracy on the righ
 between them (by their folders when none do). `--table` also prints one row of results per run, with
 the mean and std over runs that differ only in --seed, and writes them to runs_summary.csv.
 """
+
 import argparse
 import csv
 import glob
@@ -19,10 +20,21 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display: works on login and compute nodes
 import matplotlib.pyplot as plt
 
+import data
+
 COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc")
 TABLE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_auc", "epoch_s", "images_per_s")
-RESULTS = ("epochs_done", "best_epoch", "best_val_loss", "val_acc", "val_auc", "test_acc", "test_auc", "images_per_s",
-           "wall_s")
+RESULTS = (
+    "epochs_done",
+    "best_epoch",
+    "best_val_loss",
+    "val_acc",
+    "val_auc",
+    "test_acc",
+    "test_auc",
+    "images_per_s",
+    "wall_s",
+)
 AVERAGED = RESULTS[2:]  # the metrics a group of seeds gets a mean and std of
 UNCOMPARED_SETTINGS = ("out_dir", "resume", "log_every")  # differ without changing what a run computes
 
@@ -46,8 +58,11 @@ def read_metrics(path, columns=COLUMNS):
         raise PlotError(f"cannot read {csv_path}: {error.strerror}") from None
     missing = [column for column in columns if rows and column not in rows[0]]
     if not rows or missing:
-        raise PlotError(f"{csv_path} has no epoch rows" if not rows else
-                        f"{csv_path} lacks the columns {', '.join(missing)}; is it a train.py metrics.csv?")
+        raise PlotError(
+            f"{csv_path} has no epoch rows"
+            if not rows
+            else f"{csv_path} lacks the columns {', '.join(missing)}; is it a train.py metrics.csv?"
+        )
     try:
         return name, {column: [float(row[column]) for row in rows] for column in columns}
     except (TypeError, ValueError):
@@ -85,10 +100,14 @@ def legend_names(paths, names):
     """Each run named by what differs between the runs (`lr=0.001 seed=1`), or by its folder."""
     all_settings = [read_settings(path) for path in paths]
     differing = differing_settings(all_settings)
-    labels = [" ".join(f"{name}={setting_text(settings.get(name))}" for name in differing) if settings else ""
-              for settings in all_settings]
-    return [name if not label else f"{name} {label}" if labels.count(label) > 1 else label
-            for label, name in zip(labels, names)]
+    labels = [
+        " ".join(f"{name}={setting_text(settings.get(name))}" for name in differing) if settings else ""
+        for settings in all_settings
+    ]
+    return [
+        name if not label else f"{name} {label}" if labels.count(label) > 1 else label
+        for label, name in zip(labels, names, strict=True)
+    ]
 
 
 def plot_runs(paths, out_path):
@@ -96,7 +115,7 @@ def plot_runs(paths, out_path):
     runs = [read_metrics(path) for path in paths]
     names = legend_names(paths, [name for name, _ in runs])
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for index, ((_, metrics), name) in enumerate(zip(runs, names)):
+    for index, ((_, metrics), name) in enumerate(zip(runs, names, strict=True)):
         color = f"C{index % 10}"
         label = f"{name} " if len(runs) > 1 else ""
         loss_axes.plot(metrics["epoch"], metrics["train_loss"], "--", color=color, marker="o", label=f"{label}train")
@@ -111,9 +130,11 @@ def plot_runs(paths, out_path):
     figure.tight_layout()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        figure.savefig(out_path, dpi=120)
+        data.write_atomically(out_path, lambda temp_path: figure.savefig(temp_path, dpi=120, format="png"))
     except OSError as error:
         raise PlotError(f"cannot write {out_path}: {error.strerror or error}") from None
+    except data.PCAMError as error:
+        raise PlotError(str(error)) from None
     finally:
         plt.close(figure)
     return figure
@@ -137,11 +158,20 @@ def summarize_run(path):
         status = status if status == "running" else "unreadable: metrics.csv"
         return {"run": name, "settings": settings, "status": status}
     best = metrics["val_loss"].index(min(metrics["val_loss"]))
-    return {"run": name, "settings": settings, "status": status, "epochs_done": len(metrics["epoch"]),
-            "best_epoch": int(metrics["epoch"][best]), "best_val_loss": metrics["val_loss"][best],
-            "val_acc": metrics["val_acc"][best], "val_auc": metrics["val_auc"][best],
-            "test_acc": test.get("accuracy"), "test_auc": test.get("auc"),
-            "images_per_s": statistics.fmean(metrics["images_per_s"]), "wall_s": sum(metrics["epoch_s"])}
+    return {
+        "run": name,
+        "settings": settings,
+        "status": status,
+        "epochs_done": len(metrics["epoch"]),
+        "best_epoch": int(metrics["epoch"][best]),
+        "best_val_loss": metrics["val_loss"][best],
+        "val_acc": metrics["val_acc"][best],
+        "val_auc": metrics["val_auc"][best],
+        "test_acc": test.get("accuracy"),
+        "test_auc": test.get("auc"),
+        "images_per_s": statistics.fmean(metrics["images_per_s"]),
+        "wall_s": sum(metrics["epoch_s"]),
+    }
 
 
 def seed_groups(rows, differing):
@@ -159,8 +189,9 @@ def seed_groups(rows, differing):
 def spread_rows(group, differing):
     """A mean row and a std row (n - 1 in the denominator) over a group of seeds."""
     settings = {name: group[0]["settings"].get(name) for name in differing if name != "seed"}
-    mean_row, std_row = ({"run": f"{what} of {len(group)} seeds", "settings": settings, "status": ""}
-                         for what in ("mean", "std"))
+    mean_row, std_row = (
+        {"run": f"{what} of {len(group)} seeds", "settings": settings, "status": ""} for what in ("mean", "std")
+    )
     for column in AVERAGED:
         values = [row[column] for row in group if row.get(column) is not None]
         mean_row[column] = statistics.fmean(values) if values else None
@@ -190,30 +221,39 @@ def runs_table(summaries):
         settings = row["settings"] or {}
         shown = [setting_text(settings[name]) if name in settings else "" for name in differing]
         text_rows.append([row["run"], *shown, *(cell(row, column) for column in RESULTS), row["status"]])
-        raw_rows.append([row["run"], *shown, *("" if row.get(column) is None else row[column] for column in RESULTS),
-                         row["status"]])
+        raw_rows.append(
+            [row["run"], *shown, *("" if row.get(column) is None else row[column] for column in RESULTS), row["status"]]
+        )
     return header, text_rows, raw_rows
 
 
 def print_table(header, text_rows):
     widths = [max(len(line[index]) for line in [header, *text_rows]) for index in range(len(header))]
     for line in [header, *text_rows]:
-        print("  ".join(text.ljust(width) if index in (0, len(line) - 1) else text.rjust(width)
-                        for index, (text, width) in enumerate(zip(line, widths))).rstrip())
+        print(
+            "  ".join(
+                text.ljust(width) if index in (0, len(line) - 1) else text.rjust(width)
+                for index, (text, width) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+        )
 
 
 def write_summary(header, raw_rows, path):
-    with open(path + ".partial", "w", newline="") as target:
-        writer = csv.writer(target)
-        writer.writerow(header)
-        writer.writerows(raw_rows)
-    os.replace(path + ".partial", path)
+    def write(temp_path):
+        with open(temp_path, "w", newline="") as target:
+            writer = csv.writer(target)
+            writer.writerow(header)
+            writer.writerows(raw_rows)
+
+    data.write_atomically(path, write)
 
 
 def expand(patterns):
     """Run paths as given, each pattern that names no path expanded like a shell glob (runs/*/), in natural order."""
+
     def natural(path):
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
     paths = []
     for pattern in patterns:
         matches = [] if os.path.exists(pattern) else sorted(glob.glob(pattern), key=natural)
@@ -231,7 +271,7 @@ def table_main(args):
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     summary_path = os.path.join(os.path.dirname(out_path) or ".", "runs_summary.csv")
     write_summary(header, raw_rows, summary_path)
-    plotted = [path for path, summary in zip(paths, summaries) if "best_epoch" in summary]
+    plotted = [path for path, summary in zip(paths, summaries, strict=True) if "best_epoch" in summary]
     if plotted:
         plot_runs(plotted, out_path)
     print(f"wrote {summary_path}" + (f" and {out_path}" if plotted else ""))
@@ -240,12 +280,18 @@ def table_main(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot loss and validation accuracy per epoch from train.py runs.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_CSV", help="run folders or metrics.csv files")
-    parser.add_argument("--out", metavar="PNG",
-                        help="output image (default: loss.png in the first run's folder, or with --table runs.png "
-                             "in the folder holding the first run), e.g. assets/loss_plot.png")
-    parser.add_argument("--table", action="store_true",
-                        help="also print a table of the runs' results (patterns such as 'runs/*/' are expanded) "
-                             "and write it to runs_summary.csv beside the plot")
+    parser.add_argument(
+        "--out",
+        metavar="PNG",
+        help="output image (default: loss.png in the first run's folder, or with --table runs.png "
+        "in the folder holding the first run), e.g. assets/loss_plot.png",
+    )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="also print a table of the runs' results (patterns such as 'runs/*/' are expanded) "
+        "and write it to runs_summary.csv beside the plot",
+    )
     args = parser.parse_args(argv)
     first = args.runs[0]
     out_path = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".", "loss.png")
@@ -255,7 +301,7 @@ def main(argv=None):
         else:
             plot_runs(args.runs, out_path)
             print(f"wrote {out_path}")
-    except PlotError as error:
+    except (PlotError, data.PCAMError) as error:
         sys.exit(f"plot_loss.py: error: {error}")
     except OSError as error:
         if error.filename is None:  # not a file we write (a closed pipe, say)

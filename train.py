@@ -7,11 +7,14 @@ stop the run after the current step with exit code 75 (Ctrl-C: 130); `--resume` 
 interrupted epoch from last.pt, and the result equals an uninterrupted run. A run holds a lock on its
 folder (train.lock), and run.json ends with status done, stopped, interrupted or failed.
 """
+
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
 import fcntl
+import functools
 import io
 import json
 import math
@@ -37,9 +40,30 @@ from model import MLP
 REQUEUE_EXIT_CODE = 75  # stopped by a signal with last.pt on disk: run again with --resume
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (SIGINT), as a shell reports it
 LOCK_NAME = "train.lock"  # held with flock by the run using the folder; the kernel releases it when the run dies
-METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "epoch_s", "images_per_s"]
-RESUMED_SETTINGS = ("batch_size", "lr", "optimizer", "momentum", "weight_decay", "hidden_units", "dropout",
-                    "seed", "filter_data")  # a resumed run takes these from its checkpoint
+METRIC_FORMATS = {
+    "epoch": "{}",
+    "train_loss": "{:.6f}",
+    "train_acc": "{:.6f}",
+    "val_loss": "{:.6f}",
+    "val_acc": "{:.6f}",
+    "val_auc": "{:.6f}",
+    "lr": "{:.6f}",
+    "epoch_s": "{:.2f}",
+    "images_per_s": "{:.0f}",
+}
+METRICS_HEADER = list(METRIC_FORMATS)  # metrics.csv's columns, a row per epoch
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best_val_loss", "history", "rng", "model_args", "args")
+RESUMED_SETTINGS = (
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "hidden_units",
+    "dropout",
+    "seed",
+    "filter_data",
+)  # a resumed run takes these from its checkpoint
 NORMALIZATION_SAMPLE = 2048  # training images the per-channel mean and std are measured on
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,22 +80,33 @@ def default_out_dir():
     return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train an MLP on PCAM patches (see README.md).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train an MLP on PCAM patches (see README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     data_group = parser.add_argument_group("data")
-    data_group.add_argument("--data-dir", default=os.environ.get("PCAM_DIR", "data"), metavar="DIR",
-                            help="folder with the camelyonpatch_level_2_split_*.h5 files ($PCAM_DIR if set)")
+    data.add_data_dir_argument(data_group)
     data_group.add_argument("--filter-data", action="store_true", help="drop black and white outlier tiles")
-    data_group.add_argument("--num-workers", type=int, default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
-                            metavar="W", help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)")
+    data_group.add_argument(
+        "--num-workers",
+        type=int,
+        default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
+        metavar="W",
+        help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)",
+    )
     data_group.add_argument("--preload", action="store_true", help="clean each split into RAM once, serve from memory")
-    data_group.add_argument("--data-on-device", choices=("auto", "yes", "no"), default="auto",
-                            help="hold the uint8 train and valid splits in device memory (RAM on the CPU) and "
-                                 "gather each batch there; auto does when they fit")
+    data_group.add_argument(
+        "--data-on-device",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="hold the uint8 train and valid splits in device memory (RAM on the CPU) and "
+        "gather each batch there; auto does when they fit",
+    )
     model_group = parser.add_argument_group("model")
-    model_group.add_argument("--hidden-units", type=int, nargs="+", default=[64, 32], metavar="H",
-                             help="width of each hidden layer")
+    model_group.add_argument(
+        "--hidden-units", type=int, nargs="+", default=[64, 32], metavar="H", help="width of each hidden layer"
+    )
     model_group.add_argument("--dropout", type=float, default=0.2, metavar="P", help="dropout after each hidden layer")
     opt_group = parser.add_argument_group("optimisation")
     opt_group.add_argument("--epochs", type=int, default=5, metavar="N", help="train up to this epoch")
@@ -80,17 +115,33 @@ def parse_args(argv=None):
     opt_group.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="learning rate (constant)")
     opt_group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum")
     opt_group.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="L2 weight decay")
-    opt_group.add_argument("--seed", type=int, default=0, metavar="S", help="seeds python, numpy, torch and the sampler")
+    opt_group.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seeds python, numpy, torch and the sampler"
+    )
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
-                           help="auto takes CUDA when available and says so when it falls back to CPU")
+    run_group.add_argument(
+        "--device",
+        default="auto",
+        metavar="{auto,cpu,cuda}",
+        help="auto takes CUDA when available and says so when it falls back to CPU",
+    )
     run_group.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
-    run_group.add_argument("--out-dir", metavar="DIR",
-                           help="run folder (default: runs/<date-time>, or runs/slurm-<job id> in a Slurm job)")
+    run_group.add_argument(
+        "--out-dir", metavar="DIR", help="run folder (default: runs/<date-time>, or runs/slurm-<job id> in a Slurm job)"
+    )
     run_group.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
-    run_group.add_argument("--log-every", type=int, default=50, metavar="STEPS", help="a progress line every STEPS steps")
-    run_group.add_argument("--dry-run", action="store_true",
-                           help="one logged batch of train and of validation, then stop; writes nothing")
+    run_group.add_argument(
+        "--log-every", type=int, default=50, metavar="STEPS", help="a progress line every STEPS steps"
+    )
+    run_group.add_argument(
+        "--dry-run", action="store_true", help="one logged batch of train and of validation, then stop; writes nothing"
+    )
+    return parser
+
+
+def parse_args(argv=None):
+    """The arguments, with args.given: the flags given explicitly (a resumed run refuses to change those)."""
+    parser = build_parser()
     not_given = object()
     args = parser.parse_args(argv)
     marked = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), not_given)))
@@ -111,7 +162,9 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("lr", "momentum", "weight_decay", "dropout"):
         if not math.isfinite(getattr(args, name)) or getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, 0 or more, got {getattr(args, name)}")
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be a finite number, 0 or more, got {getattr(args, name)}"
+            )
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be 0 or more, got {args.num_workers}")
     if not 0 <= args.dropout < 1:
@@ -121,8 +174,10 @@ def check_args(args):
     if args.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but CUDA is not available here (no GPU, or a CPU build of torch); "
-                         "use --device cpu or auto, or run on a GPU node")
+        raise UsageError(
+            "--device cuda, but CUDA is not available here (no GPU, or a CPU build of torch); "
+            "use --device cpu or auto, or run on a GPU node"
+        )
     if args.resume and not args.out_dir and not os.environ.get("SLURM_JOB_ID"):
         raise UsageError("--resume needs --out-dir: the run folder to continue (e.g. runs/20260101-120000)")
 
@@ -141,7 +196,9 @@ def prepare_out_dir(args, outcome):
         os.makedirs(args.out_dir, exist_ok=True)
         outcome["lock"] = lock_out_dir(args.out_dir)
     except OSError as error:
-        raise UsageError(f"cannot write to --out-dir {args.out_dir}: {error.strerror}; choose a writable folder") from None
+        raise UsageError(
+            f"cannot write to --out-dir {args.out_dir}: {error.strerror}; choose a writable folder"
+        ) from None
     last_path = os.path.join(args.out_dir, "last.pt")
     if args.resume and not os.path.isfile(last_path):
         raise UsageError(f"--resume: no checkpoint {last_path}; start the run without --resume")
@@ -158,15 +215,13 @@ def lock_out_dir(out_dir):
         lock.seek(0)
         holder = lock.read().strip() or "a process that has not written its PID yet"
         lock.close()
-        raise UsageError(f"{out_dir} is in use by another run ({holder}); wait for it to end, "
-                         "or choose another --out-dir") from None
+        raise UsageError(
+            f"{out_dir} is in use by another run ({holder}); wait for it to end, or choose another --out-dir"
+        ) from None
     lock.truncate(0)
     lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     return lock
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best_val_loss", "history", "rng", "model_args", "args")
 
 
 def adopt_checkpoint_settings(args, checkpoint):
@@ -176,8 +231,10 @@ def adopt_checkpoint_settings(args, checkpoint):
         if name in args.given and getattr(args, name) != saved[name]:
             flag = f"--{name.replace('_', '-')}"
             what = "the model shape" if name in ("hidden_units",) else "the run"
-            raise UsageError(f"--resume: {flag} {getattr(args, name)} does not match {what} in the checkpoint "
-                             f"({flag} {saved[name]}); drop {flag} to continue the run as it started")
+            raise UsageError(
+                f"--resume: {flag} {getattr(args, name)} does not match {what} in the checkpoint "
+                f"({flag} {saved[name]}); drop {flag} to continue the run as it started"
+            )
         setattr(args, name, saved[name])
 
 
@@ -189,11 +246,14 @@ def seed_everything(seed):
 
 def rng_state(train_loader):
     numpy_state = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-            "sampler": data.sampler_generator(train_loader).get_state(),
-            "loader": train_loader.generator.get_state()}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "sampler": data.sampler_generator(train_loader).get_state(),
+        "loader": train_loader.generator.get_state(),
+    }
 
 
 def restore_rng_state(state, train_loader):
@@ -238,10 +298,11 @@ def read_json(path):
 def write_metrics(history, path):
     def write(temp_path):
         with open(temp_path, "w", newline="") as target:
-            writer = csv.writer(target)
-            writer.writerow(METRICS_HEADER)
-            for row in history:
-                writer.writerow([row[0], *(f"{value:.6f}" for value in row[1:7]), f"{row[7]:.2f}", f"{row[8]:.0f}"])
+            writer = csv.DictWriter(target, fieldnames=METRICS_HEADER)
+            writer.writeheader()
+            writer.writerows(
+                {name: METRIC_FORMATS[name].format(row[name]) for name in METRICS_HEADER} for row in history
+            )
 
     data.write_atomically(path, write)
 
@@ -251,12 +312,12 @@ def channel_stats(dataset):
     positions = np.linspace(0, len(dataset) - 1, min(len(dataset), NORMALIZATION_SAMPLE)).astype(np.int64)
     total, total_sq = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(positions), 512):
-        images = dataset[positions[start:start + 512]][0].float()
+        images = dataset[positions[start : start + 512]][0].float()
         total += images.sum(dim=(0, 2, 3)).double()
         total_sq += images.square().sum(dim=(0, 2, 3)).double()
     count = len(positions) * 96 * 96
     mean = total / count
-    return mean.float(), (total_sq / count - mean ** 2).clamp_min(1e-6).sqrt().float()
+    return mean.float(), (total_sq / count - mean**2).clamp_min(1e-6).sqrt().float()
 
 
 def to_device(images, labels, device):
@@ -288,8 +349,10 @@ class StopRequest:
         print(f"received {self.signal_name}: stopping after the current step", flush=True)
 
 
-def train_one_epoch(model, loader, optimizer, device, autocast, epoch, args, stop):
-    """One pass over the train loader. Returns (loss, accuracy, images/s), or None when stopped early."""
+def train_one_epoch(session, epoch):
+    """One pass over the train batches. Returns (loss, accuracy, images/s), or None when stopped early."""
+    model, loader, optimizer, device = session.model, session.train_loader, session.optimizer, session.device
+    args, autocast, stop = session.args, session.autocast, session.stop
     model.train()
     total_steps = len(loader)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -312,8 +375,11 @@ def train_one_epoch(model, loader, optimizer, device, autocast, epoch, args, sto
                 raise FloatingPointError(f"training loss became {running_loss} at epoch {epoch} step {step}")
             rate = seen / (time.perf_counter() - started)
             eta = datetime.timedelta(seconds=round((total_steps - step) * len(labels) / rate))
-            print(f"epoch {epoch}/{args.epochs} step {step}/{total_steps} loss {running_loss:.4f} "
-                  f"{rate:,.0f} images/s eta {eta}", flush=True)
+            print(
+                f"epoch {epoch}/{args.epochs} step {step}/{total_steps} loss {running_loss:.4f} "
+                f"{rate:,.0f} images/s eta {eta}",
+                flush=True,
+            )
         if stop.signal_name or args.dry_run:
             return None
     return loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - started)
@@ -321,34 +387,52 @@ def train_one_epoch(model, loader, optimizer, device, autocast, epoch, args, sto
 
 def git_commit():
     try:
-        return subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def data_record(data_dir):
-    files = {os.path.basename(p): os.path.getsize(p)
-             for split in data.SPLITS for p in data.split_paths(data_dir, split) if os.path.isfile(p)}
+    files = {
+        os.path.basename(p): os.path.getsize(p)
+        for split in data.SPLITS
+        for p in data.split_paths(data_dir, split)
+        if os.path.isfile(p)
+    }
     manifest = os.path.join(data_dir, data.MANIFEST_NAME)
     manifest_sha256 = data.file_digest(manifest) if os.path.isfile(manifest) else None
     return {"dir": os.path.abspath(data_dir), "files": files, "manifest_sha256": manifest_sha256}
 
 
 def describe_environment(device):
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "h5py": h5py.__version__, "numpy": np.__version__, "host": socket.gethostname(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "git_commit": git_commit()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "host": socket.gethostname(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "git_commit": git_commit(),
+    }
 
 
 def build(args, device):
     """Loaders, model and optimiser for these settings."""
     path, reason = choose_data_path(args, device)
     resident = path == "resident"
-    train_loader, val_loader = data.get_dataloaders(args.data_dir, args.batch_size, args.num_workers, args.filter_data,
-                                                    args.seed, args.preload or resident,
-                                                    pin_memory=device.type == "cuda" and not resident)
+    train_loader, val_loader = data.get_dataloaders(
+        args.data_dir,
+        args.batch_size,
+        args.num_workers,
+        args.filter_data,
+        args.seed,
+        args.preload or resident,
+        pin_memory=device.type == "cuda" and not resident,
+    )
     if resident:
         train_loader, val_loader = data.DeviceBatches(train_loader, device), data.DeviceBatches(val_loader, device)
     elif device.type == "cuda":
@@ -356,7 +440,9 @@ def build(args, device):
     print(f"data path: {path} ({reason})", flush=True)
     model = MLP(hidden_units=tuple(args.hidden_units), dropout_rate=args.dropout).to(device)
     if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return train_loader, val_loader, model, optimizer
@@ -385,8 +471,10 @@ def choose_data_path(args, device):
     needed = rows * data.IMAGE_BYTES
     where, free = free_memory(device)
     fits = needed <= RESIDENT_SHARE * free
-    reason = (f"uint8 train+valid {needed / 2**30:.2f} GiB {'within' if fits else 'over'} {RESIDENT_SHARE:.0%} "
-              f"of {free / 2**30:.1f} GiB free {where}")
+    reason = (
+        f"uint8 train+valid {needed / 2**30:.2f} GiB {'within' if fits else 'over'} {RESIDENT_SHARE:.0%} "
+        f"of {free / 2**30:.1f} GiB free {where}"
+    )
     if args.data_on_device == "yes" and not fits:
         raise UsageError(f"--data-on-device yes: {reason}; use --data-on-device auto or no to stream from the files")
     return ("resident" if fits else "loader"), f"{reason}, {device.type}"
@@ -395,11 +483,16 @@ def choose_data_path(args, device):
 def print_startup(args, environment, model, train_loader, val_loader):
     print("arguments: " + " ".join(f"{k}={v}" for k, v in settings(args).items()), flush=True)
     print("environment: " + " ".join(f"{k}={v}" for k, v in environment.items()), flush=True)
-    print(f"model: MLP hidden {args.hidden_units}, {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    print(
+        f"model: MLP hidden {args.hidden_units}, {sum(p.numel() for p in model.parameters()):,} parameters", flush=True
+    )
     for name, loader in (("train", train_loader), ("valid", val_loader)):
         counts = np.bincount(loader.dataset.labels, minlength=2)
-        print(f"{name}: {len(loader.dataset):,} images kept, class 0 {counts[0]:,} / class 1 {counts[1]:,} "
-              f"({100 * counts[1] / counts.sum():.1f}% positive)", flush=True)
+        print(
+            f"{name}: {len(loader.dataset):,} images kept, class 0 {counts[0]:,} / class 1 {counts[1]:,} "
+            f"({100 * counts[1] / counts.sum():.1f}% positive)",
+            flush=True,
+        )
 
 
 def check_splits(args):
@@ -417,106 +510,204 @@ def check_finite(model, train_loss, val_loss, epoch):
     for name, value in (("training loss", train_loss), ("validation loss", val_loss)):
         if not math.isfinite(value):
             raise FloatingPointError(f"{name} became {value} in epoch {epoch}")
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    broken = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
     if broken:
         raise FloatingPointError(f"weights {', '.join(broken)} became non-finite in epoch {epoch}")
 
 
+@dataclasses.dataclass
+class Session:
+    """What the steps of a run share: settings, device, model, optimiser, batches, and the progress so far."""
+
+    args: argparse.Namespace
+    device: torch.device
+    model: MLP
+    optimizer: torch.optim.Optimizer
+    train_loader: object
+    val_loader: object
+    autocast: object
+    stop: StopRequest
+    environment: dict
+    paths: dict = None
+    record: dict = None
+    history: list = dataclasses.field(default_factory=list)  # a dict per epoch, keyed by METRICS_HEADER
+    best_val_loss: float = float("inf")
+    start_epoch: int = 1
+
+
 def run(args, outcome):
-    """Train as args say. outcome receives the out-dir lock and the run record, for main to close and finish."""
+    """Train as args say: set up, then a dry run, or start or resume, the epoch loop, and the finish.
+    outcome receives the out-dir lock and the run record, for main to close and finish."""
     stop = StopRequest()  # first: a signal during start-up must not kill the run without a word
     check_args(args)
     device = pick_device(args.device)
-    checkpoint = None
-    if args.resume:
-        prepare_out_dir(args, outcome)
-        checkpoint = evaluation.load_checkpoint(os.path.join(args.out_dir, "last.pt"), CHECKPOINT_KEYS)
-        adopt_checkpoint_settings(args, checkpoint)
-    elif not args.dry_run:
-        prepare_out_dir(args, outcome)
-    seed_everything(args.seed)
+    checkpoint = claim_out_dir(args, outcome)
     manifest_matched = check_splits(args)
+    session = set_up(args, device, stop)
+    if args.dry_run:
+        dry_run(session)
+        return
+    start_or_resume(session, checkpoint, manifest_matched, outcome)
+    train_epochs(session)
+    finish(session, outcome)
+
+
+def claim_out_dir(args, outcome):
+    """Lock the run folder (not for a dry run, which writes nothing); the checkpoint to resume, or None."""
+    if args.dry_run and not args.resume:
+        return None
+    prepare_out_dir(args, outcome)
+    if not args.resume:
+        return None
+    checkpoint = evaluation.load_checkpoint(os.path.join(args.out_dir, "last.pt"), CHECKPOINT_KEYS)
+    adopt_checkpoint_settings(args, checkpoint)
+    return checkpoint
+
+
+def set_up(args, device, stop):
+    """Seeds, loaders, model and optimiser, and the start-up lines of the log."""
+    seed_everything(args.seed)
     train_loader, val_loader, model, optimizer = build(args, device)
     environment = describe_environment(device)
     print_startup(args, environment, model, train_loader, val_loader)
     autocast = contextlib.nullcontext
     if args.bf16 and device.type == "cuda":
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
     elif args.bf16:
         print("--bf16: autocast applies on CUDA only, ignored on the CPU", flush=True)
+    return Session(args, device, model, optimizer, train_loader, val_loader, autocast, stop, environment)
 
-    if args.dry_run:
-        model.set_normalization(*channel_stats(train_loader.dataset))
-        train_one_epoch(model, train_loader, optimizer, device, autocast, 1, args, stop)
-        val_loss, val_acc, _ = evaluate(model, val_loader, device, autocast, max_batches=1)
-        print(f"dry run: one validation batch, loss {val_loss:.4f} accuracy {val_acc:.3f}; nothing written", flush=True)
-        return
 
-    paths = {name: os.path.join(args.out_dir, name) for name in ("last.pt", "best.pt", "metrics.csv", "run.json")}
+def dry_run(session):
+    """One logged batch of training and one of validation; nothing is written."""
+    session.model.set_normalization(*channel_stats(session.train_loader.dataset))
+    train_one_epoch(session, 1)
+    val_loss, val_acc, _ = evaluate(session.model, session.val_loader, session.device, session.autocast, max_batches=1)
+    print(f"dry run: one validation batch, loss {val_loss:.4f} accuracy {val_acc:.3f}; nothing written", flush=True)
+
+
+def start_or_resume(session, checkpoint, manifest_matched, outcome):
+    """A new run measures its normalisation and writes last.pt before the first epoch; a resumed one takes
+    weights, optimiser, RNG states and history from its checkpoint. Either way run.json says "running"."""
+    args, model = session.args, session.model
+    session.paths = {
+        name: os.path.join(args.out_dir, name) for name in ("last.pt", "best.pt", "metrics.csv", "run.json")
+    }
+    now = datetime.datetime.now().isoformat(timespec="seconds")
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"], train_loader)
-        start_epoch, best_val_loss, history = checkpoint["epoch"] + 1, checkpoint["best_val_loss"], checkpoint["history"]
-        record = read_json(paths["run.json"])
-        record.setdefault("resumed_at", []).append(datetime.datetime.now().isoformat(timespec="seconds"))
+        session.optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"], session.train_loader)
+        session.start_epoch, session.best_val_loss = checkpoint["epoch"] + 1, checkpoint["best_val_loss"]
+        # checkpoints of earlier versions keep each epoch's metrics as a list in METRICS_HEADER's order
+        session.history = [
+            row if isinstance(row, dict) else dict(zip(METRICS_HEADER, row, strict=True))
+            for row in checkpoint["history"]
+        ]
+        session.record = read_json(session.paths["run.json"])
+        session.record.setdefault("resumed_at", []).append(now)
         print(f"resuming {args.out_dir} after epoch {checkpoint['epoch']}", flush=True)
     else:
-        model.set_normalization(*channel_stats(train_loader.dataset))
-        start_epoch, best_val_loss, history = 1, float("inf"), []
-        record = {"started_at": datetime.datetime.now().isoformat(timespec="seconds")}
-    print(f"normalisation: mean {model.channel_mean.flatten().tolist()} std {model.channel_std.flatten().tolist()}", flush=True)
-    record.update({"args": settings(args), "environment": environment,
-                   "data": {**data_record(args.data_dir), "manifest_matched": manifest_matched}, "status": "running"})
+        model.set_normalization(*channel_stats(session.train_loader.dataset))
+        session.record = {"started_at": now}
+    print(
+        f"normalisation: mean {model.channel_mean.flatten().tolist()} std {model.channel_std.flatten().tolist()}",
+        flush=True,
+    )
+    session.record.update(
+        {
+            "args": settings(args),
+            "environment": session.environment,
+            "status": "running",
+            "data": {**data_record(args.data_dir), "manifest_matched": manifest_matched},
+        }
+    )
     for stale in ("error", "stop_signal"):  # from the attempt this run resumes
-        record.pop(stale, None)
-    write_json(record, paths["run.json"])
-    outcome.update(record=record, record_path=paths["run.json"])
-
-    def checkpoint_now(epoch):
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "best_val_loss": best_val_loss, "history": history, "rng": rng_state(train_loader),
-                "model_args": {"hidden_units": list(args.hidden_units), "dropout_rate": args.dropout},
-                "args": settings(args)}
-
+        session.record.pop(stale, None)
+    write_json(session.record, session.paths["run.json"])
+    outcome.update(record=session.record, record_path=session.paths["run.json"])
     if not checkpoint:
-        save_atomically(checkpoint_now(0), paths["last.pt"])
-    for epoch in range(start_epoch, args.epochs + 1):
-        if stop.signal_name:
-            break
-        epoch_started = time.perf_counter()
-        trained = train_one_epoch(model, train_loader, optimizer, device, autocast, epoch, args, stop)
-        if trained is None:
-            break
-        train_loss, train_acc, images_per_s = trained
-        val_loss, val_acc, val_auc = evaluate(model, val_loader, device, autocast)
-        check_finite(model, train_loss, val_loss, epoch)
-        improved = val_loss < best_val_loss
-        best_val_loss = min(best_val_loss, val_loss)
-        history.append([epoch, train_loss, train_acc, val_loss, val_acc, val_auc, optimizer.param_groups[0]["lr"],
-                        time.perf_counter() - epoch_started, images_per_s])
-        state = checkpoint_now(epoch)
-        if improved:
-            save_atomically(state, paths["best.pt"])
-        save_atomically(state, paths["last.pt"])
-        write_metrics(history, paths["metrics.csv"])
-        print(f"epoch {epoch}/{args.epochs} train_loss {train_loss:.4f} train_acc {train_acc:.4f} val_loss {val_loss:.4f} "
-              f"val_acc {val_acc:.4f} val_auc {val_auc:.4f} time {history[-1][7]:.1f}s {images_per_s:,.0f} images/s"
-              + (" (best)" if improved else ""), flush=True)
+        save_atomically(checkpoint_of(session, 0), session.paths["last.pt"])
 
-    if stop.signal_name == "SIGINT":
-        finish_record(outcome, "interrupted")
-        print(f"interrupted by SIGINT: {paths['last.pt']} holds epoch {len(history)}; continue with "
-              f"--resume --out-dir {args.out_dir} (exit code {INTERRUPTED_EXIT_CODE})", flush=True)
-        sys.exit(INTERRUPTED_EXIT_CODE)
-    if stop.signal_name:
-        finish_record(outcome, "stopped", stop_signal=stop.signal_name)
-        print(f"stopped by {stop.signal_name}: {paths['last.pt']} holds epoch {len(history)}; continue with "
-              f"--resume --out-dir {args.out_dir} (exit code {REQUEUE_EXIT_CODE})", flush=True)
-        sys.exit(REQUEUE_EXIT_CODE)
-    record["test"] = evaluate_test(args, device, autocast, paths["best.pt"])
-    record["best_val_loss"] = best_val_loss
+
+def checkpoint_of(session, epoch):
+    """Everything a resumed run needs, after epoch (0: before the first)."""
+    args = session.args
+    return {
+        "model": session.model.state_dict(),
+        "optimizer": session.optimizer.state_dict(),
+        "epoch": epoch,
+        "best_val_loss": session.best_val_loss,
+        "history": session.history,
+        "rng": rng_state(session.train_loader),
+        "args": settings(args),
+        "model_args": {"hidden_units": list(args.hidden_units), "dropout_rate": args.dropout},
+    }
+
+
+def train_epochs(session):
+    """Train and validate epoch by epoch up to --epochs; after each, best.pt (when the validation loss is
+    the lowest yet), last.pt and metrics.csv. A stop signal ends the loop after the current step."""
+    for epoch in range(session.start_epoch, session.args.epochs + 1):
+        if session.stop.signal_name:
+            return
+        epoch_started = time.perf_counter()
+        trained = train_one_epoch(session, epoch)
+        if trained is None:
+            return
+        train_loss, train_acc, images_per_s = trained
+        val_loss, val_acc, val_auc = evaluate(session.model, session.val_loader, session.device, session.autocast)
+        check_finite(session.model, train_loss, val_loss, epoch)
+        improved = val_loss < session.best_val_loss
+        session.best_val_loss = min(session.best_val_loss, val_loss)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "val_auc": val_auc,
+            "lr": session.optimizer.param_groups[0]["lr"],
+            "epoch_s": time.perf_counter() - epoch_started,
+            "images_per_s": images_per_s,
+        }
+        session.history.append(row)
+        state = checkpoint_of(session, epoch)
+        if improved:
+            save_atomically(state, session.paths["best.pt"])
+        save_atomically(state, session.paths["last.pt"])
+        write_metrics(session.history, session.paths["metrics.csv"])
+        print(
+            f"epoch {epoch}/{session.args.epochs} train_loss {train_loss:.4f} train_acc {train_acc:.4f} "
+            f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} val_auc {val_auc:.4f} time {row['epoch_s']:.1f}s "
+            f"{images_per_s:,.0f} images/s" + (" (best)" if improved else ""),
+            flush=True,
+        )
+
+
+def finish(session, outcome):
+    """A stopped run exits 75 (130 for Ctrl-C) with run.json saying so; a complete one scores best.pt on the
+    test split, records "done" and draws loss.png."""
+    args, paths, stopped_by = session.args, session.paths, session.stop.signal_name
+    if stopped_by:
+        interrupted = stopped_by == "SIGINT"
+        exit_code = INTERRUPTED_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE
+        if interrupted:
+            finish_record(outcome, "interrupted")
+        else:
+            finish_record(outcome, "stopped", stop_signal=stopped_by)
+        print(
+            f"{'interrupted' if interrupted else 'stopped'} by {stopped_by}: {paths['last.pt']} holds epoch "
+            f"{len(session.history)}; continue with --resume --out-dir {args.out_dir} (exit code {exit_code})",
+            flush=True,
+        )
+        sys.exit(exit_code)
+    session.record["test"] = evaluate_test(args, session.device, session.autocast, paths["best.pt"])
+    session.record["best_val_loss"] = session.best_val_loss
     finish_record(outcome, "done")
     try:
         plot_loss.plot_runs([paths["metrics.csv"]], os.path.join(args.out_dir, "loss.png"))
@@ -528,18 +719,34 @@ def run(args, outcome):
 def evaluate_test(args, device, autocast, best_path):
     """best.pt on the test split when its files exist (evaluate.py's files in <run>/eval-test/); None otherwise."""
     try:
-        test_loader = data.get_test_loader(args.data_dir, args.batch_size, args.num_workers, args.filter_data,
-                                           args.preload, pin_memory=device.type == "cuda")
+        test_loader = data.get_test_loader(
+            args.data_dir,
+            args.batch_size,
+            args.num_workers,
+            args.filter_data,
+            args.preload,
+            pin_memory=device.type == "cuda",
+        )
     except data.MissingDataError:
         print("test: no test split in the data dir, skipped", flush=True)
         return None
     best = evaluation.load_checkpoint(best_path)
     model = evaluation.model_from_checkpoint(best, best_path).to(device)
     about = evaluation.describe(best_path, best, args.data_dir, "test", args.filter_data, device)
-    metrics = evaluation.evaluate_split(model, test_loader, test_loader.dataset.indices, device,
-                             os.path.join(args.out_dir, "eval-test"), about, autocast)
-    print(f"test (best.pt, epoch {best['epoch']}): loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-          f"auc {metrics['auc']:.4f} -> {os.path.join(args.out_dir, 'eval-test')}", flush=True)
+    metrics = evaluation.evaluate_split(
+        model,
+        test_loader,
+        test_loader.dataset.indices,
+        device,
+        os.path.join(args.out_dir, "eval-test"),
+        about,
+        autocast,
+    )
+    print(
+        f"test (best.pt, epoch {best['epoch']}): loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+        f"auc {metrics['auc']:.4f} -> {os.path.join(args.out_dir, 'eval-test')}",
+        flush=True,
+    )
     return {"epoch": best["epoch"], **{key: metrics[key] for key in ("loss", "accuracy", "auc")}}
 
 

@@ -13,7 +13,7 @@
 # Trains on a GPU node: python train.py [ARGS...] with the run in runs/slurm-<job id>. Submit with
 # `make train ARGS="--epochs 5"` (or sbatch train_job.sh --epochs 5 from the repository folder).
 # Environment: PCAM_DIR (data folder, default data/), STAGE (auto|yes|no: copy the data to node-local
-# $TMPDIR through `data.py prepare`; auto does so when the data is on a shared filesystem),
+# $TMPDIR through `manage_data.py prepare`; auto does so when the data is on a shared filesystem),
 # MAX_REQUEUES (default 3), SWEEP_FLAG and SWEEP_VALUES (set by make sweep for job arrays).
 set -euo pipefail
 
@@ -57,15 +57,12 @@ fi
 if [[ "$stage" == yes ]]; then
     staged="${TMPDIR:-/tmp}/pcam_${SLURM_JOB_ID}"
     echo "staging $data_dir to $staged (a cleaned uint8 copy; kept when already there)"
-    python data.py prepare --data-dir "$data_dir" --out "$staged"
+    python manage_data.py prepare --data-dir "$data_dir" --out "$staged"
     data_dir="$staged"
 fi
 
-if [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]]; then
-    run_dir="$submit_dir/runs/slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
-else
-    run_dir="$submit_dir/runs/slurm-${SLURM_JOB_ID}"
-fi
+# the run folder by train.py's own rule: runs/slurm-<job id>, or runs/slurm-<array id>_<task> in an array
+run_dir="$submit_dir/$(python -c 'import train; print(train.default_out_dir())')"
 args=(--data-dir "$data_dir" --out-dir "$run_dir")
 if [[ -n "${SWEEP_FLAG:-}" ]]; then
     read -r -a sweep_values <<< "${SWEEP_VALUES:-}"

@@ -1,0 +1,517 @@
+"""PCAM data folders from the command line: download, synth, prepare, info, manifest, verify, env.
+
+`python manage_data.py COMMAND -h` for each; `python manage_data.py COMMAND` runs the same commands. What
+training imports (reading, cleaning, the filter, loaders) is in data.py.
+"""
+
+import argparse
+import errno
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import h5py
+import numpy as np
+import torch
+
+from data import (
+    IMAGE_SHAPE,
+    MANIFEST_NAME,
+    SPLITS,
+    PCAMError,
+    add_data_dir_argument,
+    check_pixel_scale,
+    clean,
+    file_digest,
+    iter_raw_blocks,
+    log,
+    open_h5,
+    os_reason,
+    present_splits,
+    read_manifest,
+    read_split_labels,
+    require_split,
+    split_paths,
+    write_atomically,
+)
+
+PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
+
+ZENODO_URL = "https://zenodo.org/records/2546921/files"
+ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
+    "camelyonpatch_level_2_split_train_x.h5.gz": "1571f514728f59376b705fc836ff4b63",
+    "camelyonpatch_level_2_split_train_y.h5.gz": "35c2d7259d906cfc8143347bb8e05be7",
+    "camelyonpatch_level_2_split_valid_x.h5.gz": "d5b63470df7cfa627aeec8b9dc0c066e",
+    "camelyonpatch_level_2_split_valid_y.h5.gz": "2b85f58b927af9964a4c15b8f7e8f179",
+    "camelyonpatch_level_2_split_test_x.h5.gz": "d8c2d60d490dbd479f8199bdfa0cf6ec",
+    "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
+}
+
+
+def is_synthetic(x_path):
+    """Whether an x file was written by `manage_data.py synth` (it marks its files)."""
+    try:
+        with h5py.File(x_path, "r") as h5file:
+            return bool(h5file.attrs.get("synthetic", False))
+    except OSError:
+        return False
+
+
+def synth_images(rng, labels):
+    """Learnable stand-ins for PCAM patches: pink tissue noise with a faint darker blob, in the central
+    32x32 region (where PCAM's label is defined) for positives and in the periphery for negatives.
+    One label in twenty is flipped, so the validation loss falls over epochs instead of hitting zero."""
+    n = len(labels)
+    tissue = np.array([205, 150, 190], dtype=np.int16)
+    images = tissue + rng.integers(-60, 61, size=(n, 96, 96, 3), dtype=np.int16)
+    shown = labels ^ (rng.random(n) < 0.05)
+    centre = rng.uniform(36, 60, size=(n, 2))
+    periphery = rng.uniform(6, 30, size=(n, 2)) + rng.integers(0, 2, size=(n, 2)) * 60
+    blob_yx = np.where(shown[:, None] == 1, centre, periphery)
+    radius = rng.uniform(6, 12, size=n)
+    yy, xx = np.mgrid[0:96, 0:96]
+    inside = (yy - blob_yx[:, 0, None, None]) ** 2 + (xx - blob_yx[:, 1, None, None]) ** 2 < radius[:, None, None] ** 2
+    images[inside] -= np.array([45, 45, 15], dtype=np.int16)
+    return np.clip(images, 0, 255)
+
+
+def poison(images, rng, fraction, dtype):
+    """Put the course copy's defects into a block in place; returns the count of each defect."""
+    n_poisoned = round(fraction * len(images))
+    kinds = ("black", "white", "nan", "1e5") if dtype != np.uint8 else ("black", "white")
+    rows = rng.choice(len(images), size=n_poisoned, replace=False)
+    counts = dict.fromkeys(kinds, 0)
+    for i, row in enumerate(rows):
+        kind = kinds[i % len(kinds)]
+        counts[kind] += 1
+        if kind == "black":
+            images[row] = 0
+        elif kind == "white":
+            images[row] = 255
+        else:
+            pixels = rng.integers(0, 96, size=(3, 2))
+            images[row, pixels[:, 0], pixels[:, 1], rng.integers(0, 3, size=3)] = np.nan if kind == "nan" else 1e5
+    return counts
+
+
+def write_synth_split(data_dir, split, n, rng, fraction, dtype):
+    x_path, y_path = split_paths(data_dir, split)
+    labels = (rng.permutation(n) < round(0.4 * n)).astype(np.uint8)  # 40% positives, like a skewed copy
+    counts = {}
+
+    def write_x(path):
+        with h5py.File(path, "w") as h5file:
+            dset = h5file.create_dataset("x", shape=(n,) + IMAGE_SHAPE, dtype=dtype)
+            step = 1024
+            for start in range(0, n, step):
+                block = synth_images(rng, labels[start : start + step]).astype(dtype)
+                for kind, count in poison(block, rng, fraction, dtype).items():
+                    counts[kind] = counts.get(kind, 0) + count
+                dset[start : start + len(block)] = block
+            dset.attrs.update({f"poison_{kind}": count for kind, count in counts.items()})
+            h5file.attrs["synthetic"] = True  # synth --force may overwrite this file; it overwrites nothing else
+
+    def write_y(path):
+        with h5py.File(path, "w") as h5file:
+            h5file.create_dataset("y", data=labels.reshape(n, 1, 1, 1))
+
+    write_atomically(x_path, write_x)
+    write_atomically(y_path, write_y)
+    defects = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "no defects"
+    log(f"synth {split}: {n} images ({labels.sum()} positive), {np.dtype(dtype).name}, {defects} -> {x_path}")
+
+
+def cmd_synth(args):
+    existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
+    if existing and not args.force:
+        raise PCAMError(
+            f"{args.data_dir} already holds PCAM split files ({os.path.basename(existing[0])}, ...); "
+            "synth writes only into a folder without them: choose another --data-dir, or add --force "
+            "to overwrite a synthetic set"
+        )
+    real = [p for p in existing if p.endswith("_x.h5") and not is_synthetic(p)]
+    if real:
+        raise PCAMError(
+            f"{real[0]} was not written by manage_data.py synth; --force overwrites synthetic sets only: "
+            "choose another --data-dir"
+        )
+    os.makedirs(args.data_dir, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    for split, n in (("train", args.n_train), ("valid", args.n_valid), ("test", args.n_test)):
+        if n > 0:
+            write_synth_split(args.data_dir, split, n, rng, args.poison, np.dtype(args.dtype))
+
+
+def source_identity(paths):
+    """What tells a source file apart from another, cheaply: its path, size and mtime."""
+    return [
+        {"path": os.path.abspath(p), "bytes": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns} for p in paths
+    ]
+
+
+def read_prepared_record(out_dir):
+    try:
+        with open(os.path.join(out_dir, PREPARED_NAME)) as source:
+            record = json.load(source)
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def prepared_copy_is_current(out_dir, split, sources):
+    """True when out_dir holds split's copy of exactly these sources; False when it holds nothing of the split
+    (or a copy of an earlier version of the same files, to rebuild). A copy of other files, or split files
+    prepare did not write, are refused: prepare never replaces what it cannot recreate."""
+    outputs = [p for p in split_paths(out_dir, split) if os.path.exists(p)]
+    recorded = read_prepared_record(out_dir).get(split)
+    if not outputs:
+        return False
+    if recorded is None:
+        raise PCAMError(
+            f"{out_dir} already holds {split} split files that prepare did not write; choose an empty --out folder"
+        )
+    if recorded == source_identity(sources):
+        return True
+    recorded_paths = [entry["path"] for entry in recorded]  # none: an earlier prepare stopped while writing
+    if recorded_paths and recorded_paths != [os.path.abspath(p) for p in sources]:
+        raise PCAMError(
+            f"{out_dir} holds a prepared copy of {recorded[0]['path']}, not of "
+            f"{os.path.abspath(sources[0])}; choose another --out folder"
+        )
+    return False
+
+
+def record_prepared(out_dir, split, sources):
+    record = {**read_prepared_record(out_dir), split: source_identity(sources)}
+
+    def write_record(path):
+        with open(path, "w") as target:
+            json.dump(record, target, indent=2)
+
+    write_atomically(os.path.join(out_dir, PREPARED_NAME), write_record)
+
+
+def prepare_split(data_dir, out_dir, split):
+    x_src, y_src = require_split(data_dir, split)
+    x_out, y_out = split_paths(out_dir, split)
+    labels = read_split_labels(x_src, y_src)
+    check_pixel_scale(x_src)
+    if prepared_copy_is_current(out_dir, split, (x_src, y_src)):
+        log(f"prepare {split}: {x_out} is already a prepared copy of {x_src}, kept")
+        return
+
+    def write_x(path):
+        started = time.time()
+        with h5py.File(path, "w") as h5file:
+            dset = h5file.create_dataset("x", shape=(len(labels),) + IMAGE_SHAPE, dtype=np.uint8)
+            for start, block in iter_raw_blocks(x_src):
+                dset[start : start + len(block)] = clean(block, scratch=True)
+                done = start + len(block)
+                log(
+                    f"prepare {split}: {done}/{len(labels)} images ({100 * done // len(labels)}%), "
+                    f"{done / max(time.time() - started, 1e-9):.0f} images/s"
+                )
+
+    def write_y(path):
+        with h5py.File(path, "w") as h5file:
+            h5file.create_dataset("y", data=labels.astype(np.uint8).reshape(-1, 1, 1, 1))
+
+    record_prepared(out_dir, split, ())  # while the files change, the record names no source
+    write_atomically(x_out, write_x)
+    write_atomically(y_out, write_y)
+    record_prepared(out_dir, split, (x_src, y_src))
+    log(f"prepare {split}: wrote {x_out} ({os.path.getsize(x_out) / 2**20:.0f} MiB, uint8, contiguous)")
+
+
+def cmd_prepare(args):
+    if os.path.realpath(args.out) == os.path.realpath(args.data_dir):
+        raise PCAMError("--out must differ from --data-dir: prepare writes a cleaned copy beside the original")
+    os.makedirs(args.out, exist_ok=True)
+    for split in present_splits(args.data_dir):
+        prepare_split(args.data_dir, args.out, split)
+
+
+def cmd_info(args):
+    log(f"{'split':<6} {'rows':>8} {'dtype':>8} {'shape':>16} {'layout':>22} {'MiB':>8} {'class 0':>8} {'class 1':>8}")
+    for split in present_splits(args.data_dir):
+        x_path, y_path = split_paths(args.data_dir, split)
+        labels = read_split_labels(x_path, y_path)
+        with open_h5(x_path) as h5file:
+            dset = h5file["x"]
+            layout = "contiguous" if dset.chunks is None else f"chunks {dset.chunks[0]}"
+            if dset.compression:
+                layout += f", {dset.compression}"
+            shape, dtype = str(tuple(dset.shape[1:])), dset.dtype.name
+        mib = (os.path.getsize(x_path) + os.path.getsize(y_path)) / 2**20
+        counts = np.bincount(labels, minlength=2)
+        log(
+            f"{split:<6} {len(labels):>8} {dtype:>8} {shape:>16} {layout:>22} {mib:>8.1f} {counts[0]:>8} {counts[1]:>8}"
+        )
+
+
+def pcam_files(data_dir):
+    return sorted(os.path.basename(p) for s in present_splits(data_dir) for p in split_paths(data_dir, s))
+
+
+def cmd_manifest(args):
+    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
+    files = {
+        name: {
+            "bytes": os.path.getsize(os.path.join(args.data_dir, name)),
+            "mtime": os.path.getmtime(os.path.join(args.data_dir, name)),
+            "sha256": file_digest(os.path.join(args.data_dir, name), show_progress=True),
+        }
+        for name in pcam_files(args.data_dir)
+    }
+
+    def write_json(path):
+        with open(path, "w") as target:
+            json.dump({"files": files}, target, indent=2)
+
+    write_atomically(manifest_path, write_json)
+    log(f"manifest: {len(files)} files -> {manifest_path}")
+
+
+def cmd_verify(args):
+    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
+    expected = read_manifest(manifest_path, args.data_dir)
+    differing = []
+    for name, record in sorted(expected.items()):
+        path = os.path.join(args.data_dir, name)
+        if not os.path.isfile(path):
+            differing.append(f"{name} (missing)")
+        elif os.path.getsize(path) != record["bytes"] or file_digest(path, show_progress=True) != record["sha256"]:
+            differing.append(f"{name} (contents differ)")
+        else:
+            log(f"verify: {name} ok")
+    if differing:
+        raise PCAMError(
+            f"{len(differing)} of {len(expected)} files differ from {manifest_path}: {', '.join(differing)}"
+        )
+    log(f"verify: all {len(expected)} files match {manifest_path}")
+
+
+LOCAL_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+
+
+def fetch(url, part_path, attempts=5):
+    """Download url into part_path, resuming from what is there (HTTP Range), retrying cut connections."""
+    for attempt in range(1, attempts + 1):
+        have = os.path.getsize(part_path) if os.path.exists(part_path) else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                resumed = response.status == 206
+                total = have * resumed + int(response.headers.get("Content-Length", 0)) or None
+                done, next_report, started = have * resumed, 0.0, time.time()
+                log(
+                    f"download {url}: {'resuming at' if resumed else 'starting'} {done / 2**20:.1f} MiB"
+                    + (f" of {total / 2**20:.1f} MiB" if total else "")
+                )
+                with open(part_path, "ab" if resumed else "wb") as target:
+                    while chunk := response.read(2**20):
+                        target.write(chunk)
+                        done += len(chunk)
+                        if total and done / total >= next_report:
+                            rate = (done - have * resumed) / max(time.time() - started, 1e-9) / 2**20
+                            log(f"download {os.path.basename(part_path)}: {100 * done // total}%, {rate:.1f} MiB/s")
+                            next_report += 0.05
+                if total and done < total:
+                    raise ConnectionError(f"connection closed at {done} of {total} bytes")
+                return
+        except urllib.error.HTTPError as error:
+            if error.code == 416 and have:  # the part file is already complete
+                return
+            raise PCAMError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
+        except (OSError, ConnectionError) as error:
+            if error.errno in LOCAL_WRITE_ERRORS and not isinstance(error, urllib.error.URLError):
+                raise PCAMError(f"cannot write {part_path}: {error.strerror}; retrying cannot help") from None
+            if attempt == attempts:
+                raise PCAMError(
+                    f"download of {url} failed after {attempts} attempts ({error}); "
+                    "run the same command again to resume"
+                ) from None
+            log(f"download interrupted ({error}); resuming (attempt {attempt + 1} of {attempts})")
+            time.sleep(min(2**attempt, 30) * float(os.environ.get("PCAM_RETRY_DELAY_SCALE", "1")))
+
+
+def read_checksums(path):
+    """md5sum-style file ("<md5>  <name>" per line) -> {name: md5}."""
+    try:
+        with open(path) as source:
+            return {
+                name.strip().lstrip("*"): md5 for md5, name in (line.split(None, 1) for line in source if line.strip())
+            }
+    except (OSError, ValueError) as error:
+        raise PCAMError(f"cannot read checksums file {path} ({error}); expected '<md5>  <file name>' lines") from None
+
+
+def cmd_download(args):
+    if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https", "file"):
+        raise PCAMError(f"--base-url {args.base_url!r} has no http:// or https:// scheme; give the full URL")
+    os.makedirs(args.data_dir, exist_ok=True)
+    checksums = read_checksums(args.checksums) if args.checksums else ZENODO_MD5
+    for split in args.splits:
+        for h5_path in split_paths(args.data_dir, split):
+            if os.path.isfile(h5_path):
+                log(f"download: {h5_path} already present, skipped")
+                continue
+            gz_name = os.path.basename(h5_path) + ".gz"
+            gz_path, part_path = h5_path + ".gz", h5_path + ".gz.part"
+            if gz_name not in checksums:
+                raise PCAMError(f"no checksum for {gz_name} in {args.checksums}")
+            if not os.path.isfile(gz_path):
+                fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", part_path)
+                if file_digest(part_path, "md5") != checksums[gz_name]:
+                    os.remove(part_path)
+                    raise PCAMError(
+                        f"{gz_name}: md5 does not match {checksums[gz_name]}; the corrupt download "
+                        "was deleted, run the same command again to fetch it anew"
+                    )
+                os.replace(part_path, gz_path)
+            log(f"download: {gz_name} md5 ok, unpacking")
+
+            def unpack(path, gz_path=gz_path):
+                with gzip.open(gz_path, "rb") as source, open(path, "wb") as target:
+                    shutil.copyfileobj(source, target, 16 * 2**20)
+
+            write_atomically(h5_path, unpack)
+            os.remove(gz_path)
+            log(f"download: {h5_path} ready ({os.path.getsize(h5_path) / 2**20:.0f} MiB)")
+
+
+def cmd_env(args):
+    """The course's verification step: the software stack, the accelerator, and the data files."""
+    log(f"python {sys.version.split()[0]} ({sys.executable})")
+    log(f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none (CPU build)'}")
+    if torch.cuda.is_available():
+        log(f"CUDA available: yes, {torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}")
+    else:
+        log("CUDA available: no, training runs on the CPU")
+    log(f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), numpy {np.__version__}")
+    for split in SPLITS:
+        paths = split_paths(args.data_dir, split)
+        found = [p for p in paths if os.path.isfile(p)]
+        sizes = ", ".join(f"{os.path.basename(p)} {os.path.getsize(p) / 2**20:,.0f} MiB" for p in found)
+        log(
+            f"data {split}: "
+            + (
+                sizes
+                if len(found) == 2
+                else "missing " + ", ".join(os.path.basename(p) for p in paths if p not in found)
+            )
+        )
+    for split in ("train", "valid"):
+        require_split(args.data_dir, split)
+    log(f"ok: {args.data_dir} holds the train and valid splits")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="PCAM data: fetch, make, clean, inspect and version the HDF5 files.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_data_dir_argument(sub)
+        return sub
+
+    add_download_arguments(command("download", "fetch the official PCAM files (about 7 GB), verify their md5, unpack"))
+    add_synth_arguments(command("synth", "write a small synthetic PCAM-format set whose classes are learnable"))
+    prepare = command("prepare", "write a cleaned, contiguous uint8 copy of every split present")
+    prepare.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the prepared copy (e.g. node-local scratch)"
+    )
+    command("info", "print rows, dtype, layout, size and class balance per split")
+    command("env", "check python, torch, CUDA and its device, h5py, and the PCAM files in the data dir")
+    for name, help_text in (
+        ("manifest", "write each PCAM file's size and sha256 to a manifest"),
+        ("verify", "check the PCAM files against a manifest and name each one that differs"),
+    ):
+        command(name, help_text).add_argument(
+            "--manifest", metavar="FILE", help=f"manifest path (default: DIR/{MANIFEST_NAME})"
+        )
+    args = parser.parse_args(argv)
+    for name in ("n_train", "n_valid", "n_test"):
+        if getattr(args, name, 0) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if not 0 <= getattr(args, "poison", 0) <= 1:
+        parser.error("--poison must be a fraction between 0 and 1")
+    return args
+
+
+def add_download_arguments(download):
+    download.add_argument(
+        "--splits",
+        nargs="+",
+        choices=SPLITS,
+        default=list(SPLITS),
+        metavar="SPLIT",
+        help="which splits to fetch: train valid test (default: all three)",
+    )
+    download.add_argument(
+        "--base-url",
+        default=os.environ.get("PCAM_BASE_URL", ZENODO_URL),
+        metavar="URL",
+        help="where the .h5.gz files live (default: $PCAM_BASE_URL or Zenodo record 2546921)",
+    )
+    download.add_argument(
+        "--checksums",
+        default=os.environ.get("PCAM_CHECKSUMS"),
+        metavar="FILE",
+        help="md5sum-style file of expected .gz checksums (default: $PCAM_CHECKSUMS or the published ones)",
+    )
+
+
+def add_synth_arguments(synth):
+    synth.add_argument("--n-train", type=int, default=4096, metavar="N", help="train images (default: 4096)")
+    synth.add_argument("--n-valid", type=int, default=1024, metavar="N", help="valid images (default: 1024)")
+    synth.add_argument("--n-test", type=int, default=1024, metavar="N", help="test images; 0 for none (default: 1024)")
+    synth.add_argument(
+        "--poison",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of images given the course copy's defects: black and white tiles, and "
+        "with float storage NaN pixels and 1e5 pixels (default: 0)",
+    )
+    synth.add_argument(
+        "--dtype",
+        choices=("uint8", "float32"),
+        default="uint8",
+        help="stored pixel type: uint8 like the official files, float32 like the course copy (default: uint8)",
+    )
+    synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    synth.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the synthetic set already in the folder (never files synth did not write)",
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    commands = {
+        "download": cmd_download,
+        "synth": cmd_synth,
+        "prepare": cmd_prepare,
+        "info": cmd_info,
+        "manifest": cmd_manifest,
+        "verify": cmd_verify,
+        "env": cmd_env,
+    }
+    try:
+        commands[args.command](args)
+    except PCAMError as error:
+        sys.exit(f"manage_data.py {args.command}: error: {error}")
+    except OSError as error:  # a folder that cannot be made or read: read-only, a file in the way, no space
+        sys.exit(f"manage_data.py {args.command}: error: {error.filename or args.data_dir}: {os_reason(error)}")
+
+
+if __name__ == "__main__":
+    main()
