@@ -223,7 +223,7 @@ def save(figure, path):
     print(f"wrote {path}", flush=True)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Exploratory analysis of PCAM files: exact defect counts and figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -256,6 +256,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.sample_grid < 1:
         parser.error("--sample-grid must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         present = [s for s in args.splits if s in data.present_splits(args.data_dir)]
         for split in args.splits:
