@@ -1,5 +1,6 @@
 """Fixtures and helpers that test_all.py shares: data written by the tests, the scripts run as a user runs them,
 training runs to compare against, a PCAM server on 127.0.0.1 and a copy of the project to submit to Slurm."""
+
 import contextlib
 import csv
 import gzip
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 import data
+import manage_data
 import plot_loss
 import train
 
@@ -29,15 +31,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: needs the local Slurm (start one with .ci/slurm-up.sh)")
-    config.addinivalue_line("markers", "download: runs data.py download against an HTTP server on 127.0.0.1")
+    config.addinivalue_line("markers", "download: runs manage_data.py download against an HTTP server on 127.0.0.1")
 
 
 # ---- running the scripts as a user does ----
 
+
 def run_script(*args, env=None, check=False):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    result = subprocess.run([sys.executable, *args], check=False, cwd=HERE, capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, *args],
+        check=False,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -51,6 +61,7 @@ def one_line_error(result, fragment):
 
 
 # ---- data sets written by the tests ----
+
 
 def tissue(n, seed=0, dtype=np.uint8):
     """n plausible tissue tiles: mid-range values, never blank."""
@@ -79,7 +90,9 @@ def linked_set(source_dir, target_dir, splits=("train", "valid")):
     """A data folder whose good splits are symbolic links to source_dir's (tests then add a broken one)."""
     os.makedirs(target_dir, exist_ok=True)
     for split in splits:
-        for source, target in zip(data.split_paths(source_dir, split), data.split_paths(target_dir, split)):
+        for source, target in zip(
+            data.split_paths(source_dir, split), data.split_paths(target_dir, split), strict=True
+        ):
             os.symlink(source, target)
     return target_dir
 
@@ -96,7 +109,9 @@ def small_set(tmp_path):
 def synth_dir(tmp_path_factory):
     """A synthetic set of 1,536 train, 512 valid and 256 test images, shared by the module."""
     directory = tmp_path_factory.mktemp("synth")
-    data.main(["synth", "--data-dir", str(directory), "--n-train", "1536", "--n-valid", "512", "--n-test", "256"])
+    manage_data.main(
+        ["synth", "--data-dir", str(directory), "--n-train", "1536", "--n-valid", "512", "--n-test", "256"]
+    )
     return directory
 
 
@@ -104,8 +119,25 @@ def synth_dir(tmp_path_factory):
 def poisoned_dir(tmp_path_factory):
     """A float32 set with known defects: train and valid, no test split."""
     directory = tmp_path_factory.mktemp("poisoned")
-    data.main(["synth", "--data-dir", str(directory), "--n-train", "600", "--n-valid", "200", "--n-test", "0",
-               "--poison", "0.2", "--dtype", "float32", "--seed", "3"])
+    manage_data.main(
+        [
+            "synth",
+            "--data-dir",
+            str(directory),
+            "--n-train",
+            "600",
+            "--n-valid",
+            "200",
+            "--n-test",
+            "0",
+            "--poison",
+            "0.2",
+            "--dtype",
+            "float32",
+            "--seed",
+            "3",
+        ]
+    )
     # synth poisons equal numbers of each kind: more of some, so that no two columns of the table are equal
     add_defects(directory, "train", {"nan": 1, "out_of_range": 2, "black": 3, "white": 4})
     add_defects(directory, "valid", {"nan": 4, "out_of_range": 3, "black": 2, "white": 1})
@@ -118,8 +150,9 @@ def add_defects(directory, split, counts):
     with h5py.File(x_path, "r+") as h5file:
         x = h5file["x"][()]
         means = x.mean(axis=(1, 2, 3))  # NaN for the rows with NaN, so those are not clean
-        clean_rows = iter(np.flatnonzero((x.max(axis=(1, 2, 3)) <= 255) & (x.min(axis=(1, 2, 3)) >= 0)
-                                         & (means > 10) & (means < 245)))
+        clean_rows = iter(
+            np.flatnonzero((x.max(axis=(1, 2, 3)) <= 255) & (x.min(axis=(1, 2, 3)) >= 0) & (means > 10) & (means < 245))
+        )
         for kind, count in counts.items():
             for row in [next(clean_rows) for _ in range(count)]:
                 if kind == "nan":
@@ -133,13 +166,15 @@ def add_defects(directory, split, counts):
 
 # ---- disks that fail: full, read-only (need root to mount) ----
 
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MiB tmpfs: a full disk that tests can fill. Needs root (mount)."""
     mount_point = tmp_path / "small_disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
-                             capture_output=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True, check=False
+    )
     if mounted.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root): the full-disk cases are untested")
     yield mount_point
@@ -155,10 +190,22 @@ def read_only_dir(small_disk):
 
 # ---- training runs and what they leave ----
 
+
 def train_args(synth_dir, out_dir, *extra):
     """train.py arguments for a small, quick run on the CPU; extra flags follow."""
-    return ["--data-dir", str(synth_dir), "--out-dir", str(out_dir), "--batch-size", "64", "--log-every", "10",
-            "--device", "cpu", *extra]
+    return [
+        "--data-dir",
+        str(synth_dir),
+        "--out-dir",
+        str(out_dir),
+        "--batch-size",
+        "64",
+        "--log-every",
+        "10",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +246,7 @@ def is_nonblank_png(path):
 
 # ---- the few internals tests call by name, kept here so a move or rename is adapted in one place ----
 
+
 def evaluate_model(model, loader):
     """(loss, accuracy, AUC) of model over loader, as training evaluates validation and test, on the CPU."""
     return train.evaluate(model, loader, torch.device("cpu"), contextlib.nullcontext)
@@ -212,11 +260,14 @@ def save_checkpoint(checkpoint, path):
 def loss_plot_lines(paths, out_path):
     """[{label: (x, y)} of the loss axes, the same of the accuracy axes] of the figure plot_loss.py draws."""
     figure = plot_loss.plot_runs([str(path) for path in paths], str(out_path))
-    return [{line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.get_lines()}
-            for axes in figure.axes[:2]]
+    return [
+        {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.get_lines()}
+        for axes in figure.axes[:2]
+    ]
 
 
 # ---- download: a PCAM server on 127.0.0.1 ----
+
 
 class PCAMServer(http.server.BaseHTTPRequestHandler):
     """Serves self.server.files {name: bytes}, honours Range, and cuts the first reply of names in cut_once."""
@@ -238,7 +289,7 @@ class PCAMServer(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if name in self.server.cut_once:
             self.server.cut_once.remove(name)
-            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            self.wfile.write(body[start : start + (len(body) - start) // 2])
             self.wfile.flush()
             self.connection.shutdown(2)
             return
@@ -268,13 +319,20 @@ def pcam_server(tmp_path):
 
 
 def download(server, data_dir, *splits):
-    """Run data.py download of splits into data_dir from the test server, without waiting between retries."""
-    return run_script("data.py", "download", "--data-dir", str(data_dir), "--splits", *splits,
-                      env={"PCAM_BASE_URL": server.base_url, "PCAM_CHECKSUMS": server.checksums,
-                           "PCAM_RETRY_DELAY_SCALE": "0"})
+    """Run manage_data.py download of splits into data_dir from the test server, without waiting between retries."""
+    return run_script(
+        "manage_data.py",
+        "download",
+        "--data-dir",
+        str(data_dir),
+        "--splits",
+        *splits,
+        env={"PCAM_BASE_URL": server.base_url, "PCAM_CHECKSUMS": server.checksums, "PCAM_RETRY_DELAY_SCALE": "0"},
+    )
 
 
 # ---- Slurm: a copy of the project to submit from, and the job's end ----
+
 
 def slurm_is_up():
     """sbatch is installed and a Slurm controller answers."""
@@ -284,8 +342,19 @@ def slurm_is_up():
 
 
 needs_slurm = pytest.mark.skipif(not slurm_is_up(), reason="no Slurm here (start one with .ci/slurm-up.sh)")
-PROJECT_FILES = ("data.py", "model.py", "train.py", "evaluate.py", "plot_loss.py", "eda.py", "first_job.sh",
-                 "train_job.sh", "Makefile", "requirements.txt")
+PROJECT_FILES = (
+    "data.py",
+    "manage_data.py",
+    "model.py",
+    "train.py",
+    "evaluate.py",
+    "plot_loss.py",
+    "eda.py",
+    "first_job.sh",
+    "train_job.sh",
+    "Makefile",
+    "requirements.txt",
+)
 SMALL_JOB = {"CPUS": "1", "MEM": "1500M", "TIME": "00:10:00"}
 
 
@@ -301,8 +370,15 @@ def project(tmp_path, synth_dir):
 
 def make(project, *targets, env=None):
     """Run make targets in the project copy; they must succeed. Returns their output."""
-    result = subprocess.run(["make", "-s", *targets], cwd=project, capture_output=True, text=True, check=False,
-                            env={**os.environ, **(env or {})}, timeout=120)
+    result = subprocess.run(
+        ["make", "-s", *targets],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -318,11 +394,14 @@ def wait_for_job(job_id, timeout=300, on_poll=None):
     while time.time() < deadline:
         if on_poll:
             on_poll()
-        lines = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True,
-                               text=True, check=False).stdout.split()
+        lines = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True, check=False
+        ).stdout.split()
         states = [line.split("|")[1] for line in lines]
-        if states and all(s.split()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
-                          for s in states):
+        if states and all(
+            s.split()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+            for s in states
+        ):
             return states
         time.sleep(1)
     raise AssertionError(f"job {job_id} did not finish in {timeout} s")

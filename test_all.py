@@ -3,6 +3,7 @@ files they test: data.py, the data commands, model.py, train.py, evaluate.py, pl
 then the Slurm job scripts and the Makefile. Shared fixtures and helpers are in conftest.py.
 The markers slurm (needs the local Slurm) and download (serves files over HTTP on 127.0.0.1) select those
 areas: pytest test_all.py -m "not slurm and not download" runs everything else."""
+
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import data
 import eda
 import evaluate
+import manage_data
 import plot_loss
 import train
 from conftest import (
@@ -115,7 +117,8 @@ class TestCleaningAndFilter:
         images[[3, 7, 49]] = 0
         paths = write_split(tmp_path, "train", images, labels_of(50, 25))
         assert data.PCAMDataset(*paths, filter_data=True).indices.tolist() == [
-            i for i in range(50) if i not in (3, 7, 49)]
+            i for i in range(50) if i not in (3, 7, 49)
+        ]
 
     def test_filtering_a_float_file_agrees_with_its_uint8_copy_at_the_thresholds(self, tmp_path):
         images = tissue(6, dtype=np.float32)
@@ -156,8 +159,9 @@ class TestStorageAndPreload:
     def test_memmap_and_h5py_paths_read_the_same_images(self, tmp_path):
         images, labels = tissue(64), labels_of(64, 20)
         plain = data.PCAMDataset(*write_split(tmp_path / "plain", "train", images, labels))
-        packed = data.PCAMDataset(*write_split(tmp_path / "packed", "train", images, labels,
-                                               chunks=(8, 96, 96, 3), compression="gzip"))
+        packed = data.PCAMDataset(
+            *write_split(tmp_path / "packed", "train", images, labels, chunks=(8, 96, 96, 3), compression="gzip")
+        )
         rows = [5, 63, 0, 5, 17]
         assert torch.equal(plain[rows][0], packed[rows][0])
         assert torch.equal(plain[rows][1], packed[rows][1])
@@ -235,13 +239,17 @@ class TestLoaders:
     def test_same_seed_same_batches_whatever_the_workers(self, small_set):
         def epochs(num_workers, seed):
             train_loader, _ = data.get_dataloaders(small_set, batch_size=32, num_workers=num_workers, seed=seed)
-            return [torch.cat([labels for _, labels in train_loader]) for _ in range(2)], \
-                [images.sum().item() for images, _ in train_loader]
+            return [torch.cat([labels for _, labels in train_loader]) for _ in range(2)], [
+                images.sum().item() for images, _ in train_loader
+            ]
 
         no_workers = epochs(0, 7)
-        for got, expected in zip(epochs(2, 7), no_workers):
-            assert all(torch.equal(a, b) for a, b in zip(got, expected)) if isinstance(got[0], torch.Tensor) \
+        for got, expected in zip(epochs(2, 7), no_workers, strict=True):
+            assert (
+                all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+                if isinstance(got[0], torch.Tensor)
                 else got == expected
+            )
         assert epochs(1, 7)[1] == no_workers[1]
         assert epochs(0, 8)[1] != no_workers[1]
 
@@ -254,16 +262,18 @@ class TestLoaders:
         streamed = data.get_dataloaders(tmp_path, batch_size=32, filter_data=True, seed=5, preload=True)
         resident = [data.DeviceBatches(loader, torch.device("cpu")) for loader in loaders]
         for _ in range(2):  # two epochs: the sampler's generator carries on from one to the next
-            for loader, gathered in zip(streamed, resident):
+            for loader, gathered in zip(streamed, resident, strict=True):
                 pairs = list(zip(loader, gathered, strict=True))
                 assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
-        assert torch.equal(data.sampler_generator(streamed[0]).get_state(),
-                           data.sampler_generator(resident[0]).get_state())
+        assert torch.equal(
+            data.sampler_generator(streamed[0]).get_state(), data.sampler_generator(resident[0]).get_state()
+        )
         assert torch.equal(streamed[0].generator.get_state(), resident[0].generator.get_state())
 
 
 def bad_sets():
     """name -> (writer(data_dir), message fragment)."""
+
     def with_train(images, labels, **options):
         return lambda d: write_split(d, "train", images, labels, **options)
 
@@ -302,7 +312,7 @@ class TestBadInput:
         with pytest.raises(data.PCAMError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             ds = data.load_split(tmp_path, "train")
             ds[[0, 1]]
-        result = run_script("data.py", "info", "--data-dir", str(tmp_path))
+        result = run_script("manage_data.py", "info", "--data-dir", str(tmp_path))
         assert result.returncode == 1
         assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -312,7 +322,7 @@ class TestBadInput:
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
         with pytest.raises(data.MissingDataError, match="camelyonpatch_level_2_split_valid_x.h5.*data.py download"):
             data.get_dataloaders(tmp_path)
-        result = run_script("data.py", "info", "--data-dir", str(tmp_path / "nowhere"))
+        result = run_script("manage_data.py", "info", "--data-dir", str(tmp_path / "nowhere"))
         assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
     def test_a_split_emptied_by_the_filter_or_of_one_class_is_refused(self, tmp_path):
@@ -330,14 +340,16 @@ class TestBadInput:
         for name, fragment in (("unit", "all within 0..1"), ("wide", "uint16 pixel values up to")):
             with pytest.raises(data.PCAMError, match=fragment):
                 data.load_split(tmp_path / name, "train")
-            result = run_script("data.py", "prepare", "--data-dir", str(tmp_path / name), "--out",
-                                str(tmp_path / "out"))
+            result = run_script(
+                "manage_data.py", "prepare", "--data-dir", str(tmp_path / name), "--out", str(tmp_path / "out")
+            )
             one_line_error(result, "expected the 0..255 scale")
         assert len(data.load_split(poisoned_dir, "train")) == 600  # float32 0..255 with NaN and 1e5 pixels
         assert len(data.load_split(small_set, "train")) == 200  # the official files' uint8
 
-    @pytest.mark.parametrize("name, x", [("bool", np.ones((4, 96, 96, 3), bool)),
-                                         ("strings", np.array([b"abc"] * 4)), ("group", None)])
+    @pytest.mark.parametrize(
+        "name, x", [("bool", np.ones((4, 96, 96, 3), bool)), ("strings", np.array([b"abc"] * 4)), ("group", None)]
+    )
     def test_x_of_a_kind_that_is_not_images_is_one_line(self, tmp_path, name, x):
         if x is None:
             write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
@@ -345,7 +357,7 @@ class TestBadInput:
                 h5file.create_group("x")
         else:
             write_split(tmp_path, "train", x, labels_of(4, 2))
-        one_line_error(run_script("data.py", "info", "--data-dir", str(tmp_path)), "'x'")
+        one_line_error(run_script("manage_data.py", "info", "--data-dir", str(tmp_path)), "'x'")
 
 
 def no_partial_files(directory):
@@ -356,9 +368,46 @@ def no_partial_files(directory):
 class TestDataCommands:
     """The data commands synth, prepare, info, manifest and verify, on good and bad folders."""
 
+    def test_data_py_still_runs_the_data_commands(self, tmp_path):
+        run_script(
+            "data.py",
+            "synth",
+            "--data-dir",
+            str(tmp_path),
+            "--n-train",
+            "40",
+            "--n-valid",
+            "20",
+            "--n-test",
+            "0",
+            check=True,
+        )
+        train_row = next(
+            line
+            for line in run_script("data.py", "info", "--data-dir", str(tmp_path), check=True).stdout.splitlines()
+            if line.startswith("train")
+        )
+        assert train_row.split()[1:3] == ["40", "uint8"]
+        one_line_error(run_script("data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
+
     def test_synth_writes_pcam_files_with_the_defects_asked_for(self, tmp_path):
-        run_script("data.py", "synth", "--data-dir", str(tmp_path), "--n-train", "300", "--n-valid", "50",
-                   "--n-test", "0", "--poison", "0.2", "--dtype", "float32", check=True)
+        run_script(
+            "manage_data.py",
+            "synth",
+            "--data-dir",
+            str(tmp_path),
+            "--n-train",
+            "300",
+            "--n-valid",
+            "50",
+            "--n-test",
+            "0",
+            "--poison",
+            "0.2",
+            "--dtype",
+            "float32",
+            check=True,
+        )
         assert not os.path.exists(data.split_paths(tmp_path, "test")[0])
         with h5py.File(data.split_paths(tmp_path, "train")[0]) as h5file:
             x = h5file["x"][()]
@@ -374,24 +423,62 @@ class TestDataCommands:
         x_train = data.split_paths(small_set, "train")[0]
         before = hashlib.sha256(Path(x_train).read_bytes()).hexdigest()
         for extra in ([], ["--force"]):
-            one_line_error(run_script("data.py", "synth", "--data-dir", str(small_set), *extra), str(small_set))
+            one_line_error(run_script("manage_data.py", "synth", "--data-dir", str(small_set), *extra), str(small_set))
         assert hashlib.sha256(Path(x_train).read_bytes()).hexdigest() == before
         synthetic = tmp_path / "synthetic"
-        run_script("data.py", "synth", "--data-dir", str(synthetic), "--n-train", "20", "--n-valid", "8",
-                   "--n-test", "0", check=True)
-        one_line_error(run_script("data.py", "synth", "--data-dir", str(synthetic), "--n-train", "30"), "--force")
-        run_script("data.py", "synth", "--data-dir", str(synthetic), "--n-train", "30", "--n-test", "0", "--force",
-                   check=True)
+        run_script(
+            "manage_data.py",
+            "synth",
+            "--data-dir",
+            str(synthetic),
+            "--n-train",
+            "20",
+            "--n-valid",
+            "8",
+            "--n-test",
+            "0",
+            check=True,
+        )
+        one_line_error(
+            run_script("manage_data.py", "synth", "--data-dir", str(synthetic), "--n-train", "30"), "--force"
+        )
+        run_script(
+            "manage_data.py",
+            "synth",
+            "--data-dir",
+            str(synthetic),
+            "--n-train",
+            "30",
+            "--n-test",
+            "0",
+            "--force",
+            check=True,
+        )
         assert len(data.load_split(synthetic, "train")) == 30
 
     def test_prepare_writes_a_clean_contiguous_uint8_copy(self, tmp_path):
         source = tmp_path / "course"
-        run_script("data.py", "synth", "--data-dir", str(source), "--n-train", "120", "--n-valid", "40",
-                   "--n-test", "0", "--poison", "0.1", "--dtype", "float32", check=True)
+        run_script(
+            "manage_data.py",
+            "synth",
+            "--data-dir",
+            str(source),
+            "--n-train",
+            "120",
+            "--n-valid",
+            "40",
+            "--n-test",
+            "0",
+            "--poison",
+            "0.1",
+            "--dtype",
+            "float32",
+            check=True,
+        )
         packed = tmp_path / "packed"
         write_split(packed, "train", tissue(30), labels_of(30, 10), chunks=(4, 96, 96, 3), compression="gzip")
         for src, out in ((source, tmp_path / "fast"), (packed, tmp_path / "fast_packed")):
-            result = run_script("data.py", "prepare", "--data-dir", str(src), "--out", str(out), check=True)
+            result = run_script("manage_data.py", "prepare", "--data-dir", str(src), "--out", str(out), check=True)
             assert "images/s" in result.stdout
             assert not [name for name in os.listdir(out) if name.endswith(".partial")]
         x_source, x_fast = data.split_paths(source, "train")[0], data.split_paths(tmp_path / "fast", "train")[0]
@@ -402,67 +489,93 @@ class TestDataCommands:
         unpacked = data.load_split(tmp_path / "fast_packed", "train")
         assert torch.equal(unpacked[[0, 29]][0], data.load_split(packed, "train")[[0, 29]][0])
         assert isinstance(unpacked._reader, data.MappedRows)  # the chunked, compressed file became memmap-able
-        again = run_script("data.py", "prepare", "--data-dir", str(source), "--out", str(tmp_path / "fast"), check=True)
+        again = run_script(
+            "manage_data.py", "prepare", "--data-dir", str(source), "--out", str(tmp_path / "fast"), check=True
+        )
         assert "already a prepared copy" in again.stdout
 
     def test_prepare_follows_its_source_not_mtimes(self, tmp_path):
         def synth(directory, seed):
-            run_script("data.py", "synth", "--data-dir", str(directory), "--n-train", "40", "--n-valid", "16",
-                       "--n-test", "0", "--seed", str(seed), "--force", check=True)
+            run_script(
+                "manage_data.py",
+                "synth",
+                "--data-dir",
+                str(directory),
+                "--n-train",
+                "40",
+                "--n-valid",
+                "16",
+                "--n-test",
+                "0",
+                "--seed",
+                str(seed),
+                "--force",
+                check=True,
+            )
 
         source, other, out = tmp_path / "source", tmp_path / "other", tmp_path / "out"
         synth(source, 0)
-        run_script("data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
+        run_script("manage_data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
         synth(source, 1)  # set B written over set A, with A's old mtimes (as cp -p or rsync -t leave them)
         for path in (p for split in ("train", "valid") for p in data.split_paths(source, split)):
             os.utime(path, (1e9, 1e9))
-        again = run_script("data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
+        again = run_script("manage_data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
         assert "already a prepared copy" not in again.stdout
-        assert torch.equal(data.load_split(out, "train")[list(range(40))][0],
-                           data.load_split(source, "train")[list(range(40))][0])
+        assert torch.equal(
+            data.load_split(out, "train")[list(range(40))][0], data.load_split(source, "train")[list(range(40))][0]
+        )
         synth(other, 2)
-        one_line_error(run_script("data.py", "prepare", "--data-dir", str(other), "--out", str(out)), str(source))
+        one_line_error(
+            run_script("manage_data.py", "prepare", "--data-dir", str(other), "--out", str(out)), str(source)
+        )
 
     def test_info_prints_a_table_per_split(self, small_set):
-        lines = run_script("data.py", "info", "--data-dir", str(small_set), check=True).stdout.splitlines()
+        lines = run_script("manage_data.py", "info", "--data-dir", str(small_set), check=True).stdout.splitlines()
         train = next(line for line in lines if line.startswith("train")).split()
         assert train[1] == "200" and train[2] == "uint8" and train[-2:] == ["120", "80"]
         assert any(line.startswith("test") for line in lines)
 
     def test_manifest_then_verify_names_the_changed_file(self, small_set):
-        run_script("data.py", "manifest", "--data-dir", str(small_set), check=True)
-        assert "all 6 files match" in run_script("data.py", "verify", "--data-dir", str(small_set), check=True).stdout
+        run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
+        assert (
+            "all 6 files match"
+            in run_script("manage_data.py", "verify", "--data-dir", str(small_set), check=True).stdout
+        )
         x_valid = data.split_paths(small_set, "valid")[0]
         with h5py.File(x_valid, "r+") as h5file:
             h5file["x"][0, 0, 0, 0] = 255 - h5file["x"][0, 0, 0, 0]
-        result = run_script("data.py", "verify", "--data-dir", str(small_set))
+        result = run_script("manage_data.py", "verify", "--data-dir", str(small_set))
         assert result.returncode == 1
         assert "camelyonpatch_level_2_split_valid_x.h5 (contents differ)" in result.stderr
         assert "train_x" not in result.stderr
 
-    @pytest.mark.parametrize("entry", ['[]', '"a string"', '{"bytes": SIZE}', '{"bytes": SIZE, "sha256": 5}'])
+    @pytest.mark.parametrize("entry", ["[]", '"a string"', '{"bytes": SIZE}', '{"bytes": SIZE, "sha256": 5}'])
     def test_verify_reads_a_hand_edited_manifest_in_one_line(self, small_set, entry):
         name = "camelyonpatch_level_2_split_train_y.h5"
         entry = entry.replace("SIZE", str(os.path.getsize(small_set / name)))
         (small_set / data.MANIFEST_NAME).write_text(f'{{"files": {{"{name}": {entry}}}}}')
-        one_line_error(run_script("data.py", "verify", "--data-dir", str(small_set)), data.MANIFEST_NAME)
+        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), data.MANIFEST_NAME)
         (small_set / data.MANIFEST_NAME).write_text(f'{{"files": [{entry}]}}')
-        one_line_error(run_script("data.py", "verify", "--data-dir", str(small_set)), data.MANIFEST_NAME)
+        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), data.MANIFEST_NAME)
 
     def test_a_split_with_x_but_no_y_is_an_error_everywhere(self, small_set, tmp_path):
         os.remove(data.split_paths(small_set, "test")[1])
         missing = "camelyonpatch_level_2_split_test_y.h5 not found"
         for command in ("info", "manifest"):
-            one_line_error(run_script("data.py", command, "--data-dir", str(small_set)), missing)
-        one_line_error(run_script("data.py", "prepare", "--data-dir", str(small_set), "--out", str(tmp_path / "out")),
-                       missing)
-        one_line_error(run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures")),
-                       missing)
+            one_line_error(run_script("manage_data.py", command, "--data-dir", str(small_set)), missing)
+        one_line_error(
+            run_script("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(tmp_path / "out")),
+            missing,
+        )
+        one_line_error(
+            run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures")), missing
+        )
 
     @pytest.mark.download
     def test_a_full_disk_is_one_line_everywhere(self, small_disk, synth_dir, pcam_server):
-        one_line_error(run_script("data.py", "synth", "--data-dir", str(small_disk / "synth")),
-                       "No space left on device")
+        one_line_error(
+            run_script("manage_data.py", "synth", "--data-dir", str(small_disk / "synth")), "No space left on device"
+        )
         assert no_partial_files(small_disk)
         for path in list(small_disk.rglob("*.h5")):
             path.unlink()
@@ -477,26 +590,47 @@ class TestDataCommands:
         assert "attempt" not in result.stdout  # a full disk is not retried
 
     @pytest.mark.download
-    def test_read_only_folders_and_files_in_the_way_are_one_line(self, read_only_dir, small_set, straight_run,
-                                                                 tmp_path, pcam_server):
-        one_line_error(run_script("data.py", "synth", "--data-dir", str(read_only_dir / "synth")),
-                       "Read-only file system")
-        one_line_error(run_script("data.py", "prepare", "--data-dir", str(small_set), "--out", str(read_only_dir)),
-                       "Read-only file system")
-        one_line_error(run_script("data.py", "manifest", "--data-dir", str(small_set), "--manifest",
-                                  str(read_only_dir / "m.json")), "Read-only file system")
-        one_line_error(run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(read_only_dir)),
-                       "Read-only file system")
-        one_line_error(run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
-                       "Read-only file system")
+    def test_read_only_folders_and_files_in_the_way_are_one_line(
+        self, read_only_dir, small_set, straight_run, tmp_path, pcam_server
+    ):
+        one_line_error(
+            run_script("manage_data.py", "synth", "--data-dir", str(read_only_dir / "synth")), "Read-only file system"
+        )
+        one_line_error(
+            run_script("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(read_only_dir)),
+            "Read-only file system",
+        )
+        one_line_error(
+            run_script(
+                "manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(read_only_dir / "m.json")
+            ),
+            "Read-only file system",
+        )
+        one_line_error(
+            run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(read_only_dir)), "Read-only file system"
+        )
+        one_line_error(
+            run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
+            "Read-only file system",
+        )
         result = download(pcam_server, read_only_dir, "valid")
         one_line_error(result, "Read-only file system")
         assert "attempt" not in result.stdout  # a read-only folder is not retried
         (tmp_path / "a_file").write_text("")
-        one_line_error(run_script("data.py", "synth", "--data-dir", str(tmp_path / "a_file" / "synth")),
-                       "Not a directory")
-        one_line_error(run_script("data.py", "manifest", "--data-dir", str(small_set), "--manifest",
-                                  str(tmp_path / "no_such_folder" / "m.json")), "No such file or directory")
+        one_line_error(
+            run_script("manage_data.py", "synth", "--data-dir", str(tmp_path / "a_file" / "synth")), "Not a directory"
+        )
+        one_line_error(
+            run_script(
+                "manage_data.py",
+                "manifest",
+                "--data-dir",
+                str(small_set),
+                "--manifest",
+                str(tmp_path / "no_such_folder" / "m.json"),
+            ),
+            "No such file or directory",
+        )
 
 
 @pytest.mark.download
@@ -508,11 +642,13 @@ class TestDownload:
         assert result.returncode == 0, result.stderr
         assert "md5 ok" in result.stdout and "download" in result.stdout
         for split in ("train", "valid"):
-            for got, sent in zip(data.split_paths(tmp_path / "data", split),
-                                 data.split_paths(pcam_server.source, split)):
+            for got, sent in zip(
+                data.split_paths(tmp_path / "data", split), data.split_paths(pcam_server.source, split), strict=True
+            ):
                 assert Path(got).read_bytes() == Path(sent).read_bytes()
         assert sorted(os.listdir(tmp_path / "data")) == sorted(
-            os.path.basename(p) for s in ("train", "valid") for p in data.split_paths(tmp_path, s))
+            os.path.basename(p) for s in ("train", "valid") for p in data.split_paths(tmp_path, s)
+        )
         assert download(pcam_server, tmp_path / "data", "train").stdout.count("already present") == 2
 
     def test_download_resumes_a_cut_connection_with_range(self, pcam_server, tmp_path):
@@ -580,7 +716,7 @@ class TestModel:
         loss = torch.nn.functional.cross_entropy(model(torch.rand(4, 3, 96, 96)), torch.tensor([0, 1, 0, 1]))
         loss.backward()
         optimizer.step()
-        assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
     def test_normalisation_travels_in_the_state_dict(self):
         model = MLP()
@@ -608,8 +744,13 @@ class TestModel:
         model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
         stored = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8)  # (B, H, W, C), as in the files
         channels_last = stored.permute(0, 3, 1, 2)  # what data.py yields
-        forms = [channels_last, channels_last.contiguous(), channels_last.float(), channels_last.float().contiguous(),
-                 channels_last.transpose(2, 3).contiguous().transpose(2, 3)]  # (B, C, W, H) in memory: a third layout
+        forms = [
+            channels_last,
+            channels_last.contiguous(),
+            channels_last.float(),
+            channels_last.float().contiguous(),
+            channels_last.transpose(2, 3).contiguous().transpose(2, 3),
+        ]  # (B, C, W, H) in memory: a third layout
         logits = [model(images) for images in forms]
         assert all(torch.allclose(other, logits[0], rtol=0, atol=1e-5) for other in logits[1:])
 
@@ -633,7 +774,7 @@ class TestModel:
             model.zero_grad()
             torch.nn.functional.cross_entropy(logits(), labels).backward()
             gradients.append([p.grad.clone() for p in model.parameters()])
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*gradients))
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*gradients, strict=True))
 
 
 class TestTraining:
@@ -641,8 +782,17 @@ class TestTraining:
 
     def test_a_run_learns_and_leaves_a_complete_record(self, straight_run, capsys):
         rows = read_csv_rows(straight_run / "metrics.csv")
-        assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr",
-                                 "epoch_s", "images_per_s"]
+        assert list(rows[0]) == [
+            "epoch",
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+            "val_auc",
+            "lr",
+            "epoch_s",
+            "images_per_s",
+        ]
         assert [row["epoch"] for row in rows] == ["1", "2", "3"]
         assert float(rows[-1]["val_loss"]) < 0.6 < float(rows[0]["train_loss"]) + 0.1
         record = json.loads((straight_run / "run.json").read_text())
@@ -673,16 +823,30 @@ class TestTraining:
         assert first == second
         model.eval()
         with torch.no_grad():
-            loss_sum = sum(F.cross_entropy(model(images), labels, reduction="sum").item()
-                           for images, labels in val_loader)
+            loss_sum = sum(
+                F.cross_entropy(model(images), labels, reduction="sum").item() for images, labels in val_loader
+            )
         assert first[0] == pytest.approx(loss_sum / len(val_loader.dataset), rel=1e-5)
 
     def test_best_pt_keeps_the_epoch_of_the_lowest_validation_loss(self, tmp_path):
-        data.main(["synth", "--data-dir", str(tmp_path / "tiny"), "--n-train", "64", "--n-valid", "128",
-                   "--n-test", "0"])
+        manage_data.main(
+            ["synth", "--data-dir", str(tmp_path / "tiny"), "--n-train", "64", "--n-valid", "128", "--n-test", "0"]
+        )
         # 64 images, no dropout, a high learning rate: it overfits within a few epochs, and the validation loss rises
-        train.main(train_args(tmp_path / "tiny", tmp_path / "run", "--epochs", "5", "--batch-size", "16",
-                              "--lr", "0.003", "--dropout", "0"))
+        train.main(
+            train_args(
+                tmp_path / "tiny",
+                tmp_path / "run",
+                "--epochs",
+                "5",
+                "--batch-size",
+                "16",
+                "--lr",
+                "0.003",
+                "--dropout",
+                "0",
+            )
+        )
         val_losses = [float(row["val_loss"]) for row in read_csv_rows(tmp_path / "run" / "metrics.csv")]
         lowest_epoch = 1 + val_losses.index(min(val_losses))
         assert 1 < lowest_epoch < len(val_losses), f"the validation loss must fall, then rise: {val_losses}"
@@ -698,8 +862,16 @@ class TestTraining:
 
     def test_start_up_says_what_it_runs_on(self, synth_dir, tmp_path):
         output = run_script("train.py", *train_args(synth_dir, tmp_path / "r", "--dry-run"), check=True).stdout
-        for expected in ("arguments:", "host=", "slurm_job_id=", "torch=", "device=", "1,771,682 parameters",
-                         "train: 1,536 images kept", "% positive"):
+        for expected in (
+            "arguments:",
+            "host=",
+            "slurm_job_id=",
+            "torch=",
+            "device=",
+            "1,771,682 parameters",
+            "train: 1,536 images kept",
+            "% positive",
+        ):
             assert expected in output
 
     def test_the_resident_and_loader_paths_train_identically(self, synth_dir, straight_run, tmp_path, capsys):
@@ -710,8 +882,10 @@ class TestTraining:
 
     def test_the_data_path_follows_free_memory(self, synth_dir, tmp_path, monkeypatch, capsys):
         needed = (1536 + 512) * data.IMAGE_BYTES
-        for free, path in ((needed / train.RESIDENT_SHARE * 1.01, "resident"),
-                           (needed / train.RESIDENT_SHARE * 0.99, "loader")):
+        for free, path in (
+            (needed / train.RESIDENT_SHARE * 1.01, "resident"),
+            (needed / train.RESIDENT_SHARE * 0.99, "loader"),
+        ):
             monkeypatch.setattr(data, "available_memory_bytes", lambda free=free: int(free))
             train.main(train_args(synth_dir, tmp_path / path, "--epochs", "1"))
             assert f"data path: {path} (uint8 train+valid" in capsys.readouterr().out
@@ -727,8 +901,14 @@ WORKER_FLAGS = ["--num-workers", "2", "--data-on-device", "no"]
 
 def start_run(args):
     """train.py in its own process group, as sbatch and a terminal start it; returns once step 10 is logged."""
-    process = subprocess.Popen([sys.executable, "-u", "train.py", *args], cwd=HERE, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-u", "train.py", *args],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     for line in process.stdout:
         if " step 10/" in line:
             return process
@@ -746,8 +926,13 @@ class TestStopAndResume:
 
     def test_sigterm_mid_epoch_then_resume_matches(self, synth_dir, straight_run, tmp_path):
         args = train_args(synth_dir, tmp_path / "killed", "--epochs", "3")
-        process = subprocess.Popen([sys.executable, "-u", "train.py", *args], cwd=HERE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-u", "train.py", *args],
+            cwd=HERE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in process.stdout:
             if line.startswith("epoch 2/3 step 10/"):
                 process.send_signal(signal.SIGTERM)
@@ -764,8 +949,14 @@ class TestStopAndResume:
     def test_sigusr1_outside_slurm_stops_after_the_step_with_exit_75(self, synth_dir, tmp_path):
         args = train_args(synth_dir, tmp_path / "run", "--epochs", "2")
         outside_slurm = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-        process = subprocess.Popen([sys.executable, "-u", "train.py", *args], cwd=HERE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, env=outside_slurm)
+        process = subprocess.Popen(
+            [sys.executable, "-u", "train.py", *args],
+            cwd=HERE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=outside_slurm,
+        )
         for line in process.stdout:
             if line.startswith("epoch 1/2 step 10/"):
                 process.send_signal(signal.SIGUSR1)
@@ -782,10 +973,13 @@ class TestStopAndResume:
         assert loss_columns(tmp_path / "split") == loss_columns(straight_run)
         assert_same_weights(tmp_path / "split", straight_run)
 
-    @pytest.mark.parametrize("signal_name, exit_code, status", [
-        ("SIGTERM", 75, "stopped"), ("SIGUSR1", 75, "stopped"), ("SIGINT", 130, "interrupted")])
-    def test_a_signal_to_the_process_group_with_workers_stops_cleanly(self, synth_dir, tmp_path, signal_name,
-                                                                      exit_code, status):
+    @pytest.mark.parametrize(
+        "signal_name, exit_code, status",
+        [("SIGTERM", 75, "stopped"), ("SIGUSR1", 75, "stopped"), ("SIGINT", 130, "interrupted")],
+    )
+    def test_a_signal_to_the_process_group_with_workers_stops_cleanly(
+        self, synth_dir, tmp_path, signal_name, exit_code, status
+    ):
         process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "50", *WORKER_FLAGS))
         os.killpg(process.pid, getattr(signal, signal_name))  # what scancel, preemption and Ctrl-C do
         output = process.stdout.read()
@@ -807,8 +1001,9 @@ class TestStopAndResume:
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=60)
         epoch = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"]
-        resumed = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", str(epoch + 1)),
-                             "--resume", check=True)
+        resumed = run_script(
+            "train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", str(epoch + 1)), "--resume", check=True
+        )
         assert f"resuming {tmp_path / 'run'} after epoch {epoch}" in resumed.stdout  # the killed run left no lock
 
     def test_temporary_files_carry_the_writers_pid(self, synth_dir, tmp_path):
@@ -828,7 +1023,7 @@ class TestStopAndResume:
         on_oversize = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
         try:
-            with pytest.raises((OSError, RuntimeError)):
+            with pytest.raises((OSError, RuntimeError, data.PCAMError)):
                 save_checkpoint({"epoch": 2, "weights": torch.zeros(1_000_000)}, path)  # 4 MB
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -844,8 +1039,12 @@ class TestStopAndResume:
 
     def test_non_finite_weights_or_validation_loss_never_reach_a_checkpoint(self, synth_dir, tmp_path):
         # one step per epoch: the step's own loss is finite, the weights it leaves behind are not
-        result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", "2", "--optimizer", "sgd",
-                                                    "--lr", "1e30"), "--batch-size", "2048")
+        result = run_script(
+            "train.py",
+            *train_args(synth_dir, tmp_path / "run", "--epochs", "2", "--optimizer", "sgd", "--lr", "1e30"),
+            "--batch-size",
+            "2048",
+        )
         one_line_error(result, "in epoch 1")
         last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
         assert last["epoch"] == 0 and all(torch.isfinite(t).all() for t in last["model"].values())
@@ -856,6 +1055,7 @@ class TestStopAndResume:
 
 def bad_test_splits():
     """name -> (writer(data_dir), message fragment): a test split broken in one way each."""
+
     def truncated(d):
         x_path, _ = write_split(d, "test", tissue(64), labels_of(64, 20), chunks=(8, 96, 96, 3), compression="gzip")
         with open(x_path, "r+b") as x_file:
@@ -866,8 +1066,10 @@ def bad_test_splits():
         os.remove(data.split_paths(d, "test")[1])
 
     return {
-        "zero rows": (lambda d: write_split(d, "test", np.zeros((0, 96, 96, 3), np.uint8), labels_of(0, 0)),
-                      "holds no images"),
+        "zero rows": (
+            lambda d: write_split(d, "test", np.zeros((0, 96, 96, 3), np.uint8), labels_of(0, 0)),
+            "holds no images",
+        ),
         "truncated": (truncated, "test_x.h5"),
         "x without y": (half, "camelyonpatch_level_2_split_test_y.h5 not found"),
         "scale 0..1": (lambda d: write_split(d, "test", tissue(8, dtype=np.float32) / 255, labels_of(8, 4)), "0..1"),
@@ -877,13 +1079,16 @@ def bad_test_splits():
 class TestTrainRefusals:
     """train.py: a user's mistake ends in one line before the first step."""
 
-    @pytest.mark.parametrize("flags, fragment", [
-        (["--epochs", "0"], "--epochs must be positive"),
-        (["--batch-size", "-4"], "--batch-size must be positive"),
-        (["--lr", "0"], "--lr must be positive"),
-        (["--device", "tpu"], "--device must be auto, cpu or cuda"),
-        (["--resume"], "no checkpoint"),
-    ])
+    @pytest.mark.parametrize(
+        "flags, fragment",
+        [
+            (["--epochs", "0"], "--epochs must be positive"),
+            (["--batch-size", "-4"], "--batch-size must be positive"),
+            (["--lr", "0"], "--lr must be positive"),
+            (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+            (["--resume"], "no checkpoint"),
+        ],
+    )
     def test_bad_arguments_end_in_one_line_before_training(self, synth_dir, tmp_path, flags, fragment):
         args = ["--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "run"), *flags]
         result = run_script("train.py", *args)
@@ -910,8 +1115,9 @@ class TestTrainRefusals:
     def test_resume_names_a_model_shape_mismatch(self, synth_dir, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
         with pytest.raises(SystemExit) as stop:
-            train.main(train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2",
-                                  "--hidden-units", "128", "32"))
+            train.main(
+                train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2", "--hidden-units", "128", "32")
+            )
         assert "--hidden-units [128, 32] does not match the model shape" in str(stop.value.code)
         with pytest.raises(SystemExit) as stop:
             train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "2"))
@@ -934,14 +1140,20 @@ class TestTrainRefusals:
         assert "step 1/" not in result.stdout
 
     def test_non_finite_or_negative_numbers_are_refused_up_front(self, synth_dir, tmp_path):
-        for flags in (["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "-1"], ["--momentum", "-1"],
-                      ["--weight-decay", "inf"], ["--momentum", "nan"]):
+        for flags in (
+            ["--lr", "inf"],
+            ["--lr", "nan"],
+            ["--weight-decay", "-1"],
+            ["--momentum", "-1"],
+            ["--weight-decay", "inf"],
+            ["--momentum", "nan"],
+        ):
             result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", *flags))
             one_line_error(result, flags[0])
             assert not (tmp_path / "run").exists()
 
     def test_train_honours_the_manifest(self, small_set, tmp_path):
-        run_script("data.py", "manifest", "--data-dir", str(small_set), check=True)
+        run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
         run_script("train.py", *train_args(small_set, tmp_path / "run", "--epochs", "1"), check=True)
         assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["manifest_matched"] is True
         x_valid = data.split_paths(small_set, "valid")[0]
@@ -960,16 +1172,22 @@ class TestTrainRefusals:
         one_line_error(run_script("plot_loss.py", str(tmp_path / "metrics.csv")), "not UTF-8 text")
         for script in (("data.py", "info"), ("train.py",), ("eda.py",)):
             one_line_error(run_script(*script, env={"PCAM_DIR": ""}), "empty")
-        one_line_error(run_script("data.py", "download", "--data-dir", str(tmp_path / "d"),
-                                  "--base-url", "example.org/f"), "--base-url")
+        one_line_error(
+            run_script("manage_data.py", "download", "--data-dir", str(tmp_path / "d"), "--base-url", "example.org/f"),
+            "--base-url",
+        )
 
 
 def read_predictions(path):
     """(rows, labels, scores, predictions) of a predictions.csv, whose header must be the contract's."""
     rows = read_csv_rows(path)
     assert list(rows[0]) == ["index", "label", "score", "pred"]
-    return (np.array([int(row["index"]) for row in rows]), np.array([int(row["label"]) for row in rows]),
-            np.array([float(row["score"]) for row in rows]), np.array([int(row["pred"]) for row in rows]))
+    return (
+        np.array([int(row["index"]) for row in rows]),
+        np.array([int(row["label"]) for row in rows]),
+        np.array([float(row["score"]) for row in rows]),
+        np.array([int(row["pred"]) for row in rows]),
+    )
 
 
 def auc_by_pairs(scores, labels):
@@ -984,13 +1202,15 @@ def bad_checkpoints(run_dir, directory):
     torch.save({"weights": torch.zeros(3)}, directory / "other.pt")
     (directory / "notes.pt").write_text("not a checkpoint\n")
     whole = (run_dir / "best.pt").read_bytes()
-    (directory / "truncated.pt").write_bytes(whole[:len(whole) // 2])  # a save cut off half-way
+    (directory / "truncated.pt").write_bytes(whole[: len(whole) // 2])  # a save cut off half-way
     torch.save({**best, "model_args": {"hidden_units": [128, 32], "dropout_rate": 0.2}}, directory / "shape.pt")
-    return {"not ours": (directory / "other.pt", "is not a train.py checkpoint"),
-            "text": (directory / "notes.pt", "cannot load checkpoint"),
-            "truncated": (directory / "truncated.pt", "cannot load checkpoint"),
-            "other shape": (directory / "shape.pt", "do not fit the MLP"),
-            "missing": (directory / "nowhere.pt", "not found")}
+    return {
+        "not ours": (directory / "other.pt", "is not a train.py checkpoint"),
+        "text": (directory / "notes.pt", "cannot load checkpoint"),
+        "truncated": (directory / "truncated.pt", "cannot load checkpoint"),
+        "other shape": (directory / "shape.pt", "do not fit the MLP"),
+        "missing": (directory / "nowhere.pt", "not found"),
+    }
 
 
 class TestEvaluate:
@@ -998,8 +1218,19 @@ class TestEvaluate:
 
     def test_evaluate_writes_predictions_metrics_and_figures_that_agree(self, straight_run, synth_dir, tmp_path):
         out = tmp_path / "eval"
-        result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir),
-                            "--split", "valid", "--out-dir", str(out), "--device", "cpu", check=True)
+        result = run_script(
+            "evaluate.py",
+            str(straight_run / "best.pt"),
+            "--data-dir",
+            str(synth_dir),
+            "--split",
+            "valid",
+            "--out-dir",
+            str(out),
+            "--device",
+            "cpu",
+            check=True,
+        )
         assert result.stdout.startswith("valid: 512 images, loss ") and str(out) in result.stdout
         rows, labels, scores, predicted = read_predictions(out / "predictions.csv")
         assert rows.tolist() == list(range(512))
@@ -1025,8 +1256,18 @@ class TestEvaluate:
         images = tissue(40, seed=5)
         images[[3, 17]], images[30] = 0, 255  # two black tiles and a white one
         write_split(tmp_path / "data", "test", images, labels_of(40, 16))
-        run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(tmp_path / "data"), "--filter-data",
-                   "--out-dir", str(tmp_path / "eval"), "--batch-size", "16", check=True)
+        run_script(
+            "evaluate.py",
+            str(straight_run / "best.pt"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--filter-data",
+            "--out-dir",
+            str(tmp_path / "eval"),
+            "--batch-size",
+            "16",
+            check=True,
+        )
         rows, labels, _, _ = read_predictions(tmp_path / "eval" / "predictions.csv")
         assert rows.tolist() == [row for row in range(40) if row not in (3, 17, 30)]
         assert labels.tolist() == labels_of(40, 16).ravel()[rows].tolist()
@@ -1034,12 +1275,24 @@ class TestEvaluate:
     def test_evaluate_scores_equal_those_of_train_py_test_evaluation(self, straight_run, synth_dir):
         by_train = (straight_run / "eval-test" / "predictions.csv").read_text()
         record_test = json.loads((straight_run / "run.json").read_text())["test"]
-        evaluate.main([str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--split", "test",
-                       "--batch-size", "64", "--device", "cpu"])  # default out-dir: the run's own eval-test/
+        evaluate.main(
+            [
+                str(straight_run / "best.pt"),
+                "--data-dir",
+                str(synth_dir),
+                "--split",
+                "test",
+                "--batch-size",
+                "64",
+                "--device",
+                "cpu",
+            ]
+        )  # default out-dir: the run's own eval-test/
         assert (straight_run / "eval-test" / "predictions.csv").read_text() == by_train
         metrics = json.loads((straight_run / "eval-test" / "metrics.json").read_text())
-        assert {key: metrics[key] for key in ("loss", "accuracy", "auc")} == \
-            {key: record_test[key] for key in ("loss", "accuracy", "auc")}
+        assert {key: metrics[key] for key in ("loss", "accuracy", "auc")} == {
+            key: record_test[key] for key in ("loss", "accuracy", "auc")
+        }
         assert record_test["epoch"] == metrics["checkpoint"]["epoch"]
 
     def test_roc_auc_counts_tied_scores_as_half(self):
@@ -1060,8 +1313,9 @@ class TestEvaluate:
         assert result.returncode == 1 and fragment in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
 
-    def test_evaluate_reports_a_missing_split_and_another_evaluation_in_one_line(self, straight_run, synth_dir,
-                                                                                 tmp_path):
+    def test_evaluate_reports_a_missing_split_and_another_evaluation_in_one_line(
+        self, straight_run, synth_dir, tmp_path
+    ):
         write_split(tmp_path / "data", "train", tissue(8), labels_of(8, 4))
         result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(tmp_path / "data"))
         with pytest.raises(data.MissingDataError) as missing:
@@ -1101,17 +1355,22 @@ class TestLossPlot:
         (other / "metrics.csv").write_text("epoch,train_loss,val_loss,val_acc\n1,0.9,0.8,0.6\n2,0.7,0.75,0.65\n")
         loss_lines, accuracy_lines = loss_plot_lines([straight_run, other], tmp_path / "two.png")
         assert len(loss_lines) == 4 and len(accuracy_lines) == 2
-        assert lines_labelled(loss_lines, "validation") == sorted([(epochs, column(rows, "val_loss")),
-                                                                  ([1.0, 2.0], [0.8, 0.75])])
-        assert lines_labelled(loss_lines, "train") == sorted([(epochs, column(rows, "train_loss")),
-                                                             ([1.0, 2.0], [0.9, 0.7])])
+        assert lines_labelled(loss_lines, "validation") == sorted(
+            [(epochs, column(rows, "val_loss")), ([1.0, 2.0], [0.8, 0.75])]
+        )
+        assert lines_labelled(loss_lines, "train") == sorted(
+            [(epochs, column(rows, "train_loss")), ([1.0, 2.0], [0.9, 0.7])]
+        )
 
-    @pytest.mark.parametrize("content, fragment", [
-        (None, "not found"),
-        ("", "has no epoch rows"),
-        ("epoch,loss\n1,0.5\n", "lacks the columns"),
-        ("epoch,train_loss,val_loss,val_acc\n1,0.5,zero,0.7\n", "not numbers"),
-    ])
+    @pytest.mark.parametrize(
+        "content, fragment",
+        [
+            (None, "not found"),
+            ("", "has no epoch rows"),
+            ("epoch,loss\n1,0.5\n", "lacks the columns"),
+            ("epoch,train_loss,val_loss,val_acc\n1,0.5,zero,0.7\n", "not numbers"),
+        ],
+    )
     def test_plot_rejects_bad_metrics_files(self, tmp_path, content, fragment):
         path = tmp_path / "metrics.csv"
         if content is not None:
@@ -1124,9 +1383,14 @@ class TestLossPlot:
 def sweep_runs(tmp_path_factory):
     """Five 1-epoch runs on a small set: seeds 1, 2, 3 at the default lr, and lr 1e-3 and 3e-4 at seed 1."""
     data_dir, root = tmp_path_factory.mktemp("small_synth"), tmp_path_factory.mktemp("sweep")
-    data.main(["synth", "--data-dir", str(data_dir), "--n-train", "256", "--n-valid", "128", "--n-test", "128"])
-    runs = {"seed-1": ["--seed", "1"], "seed-2": ["--seed", "2"], "seed-3": ["--seed", "3"],
-            "lr-1e-3": ["--seed", "1", "--lr", "1e-3"], "lr-3e-4": ["--seed", "1", "--lr", "3e-4"]}
+    manage_data.main(["synth", "--data-dir", str(data_dir), "--n-train", "256", "--n-valid", "128", "--n-test", "128"])
+    runs = {
+        "seed-1": ["--seed", "1"],
+        "seed-2": ["--seed", "2"],
+        "seed-3": ["--seed", "3"],
+        "lr-1e-3": ["--seed", "1", "--lr", "1e-3"],
+        "lr-3e-4": ["--seed", "1", "--lr", "3e-4"],
+    }
     for name, flags in runs.items():
         train.main(train_args(data_dir, root / name, "--epochs", "1", *flags))
     return root
@@ -1137,9 +1401,17 @@ def expected_row(run_dir):
     metrics = read_csv_rows(run_dir / "metrics.csv")
     best = min(metrics, key=lambda row: float(row["val_loss"]))
     test = json.loads((run_dir / "run.json").read_text())["test"]
-    return {"epochs_done": len(metrics), "best_epoch": int(best["epoch"]), "best_val_loss": float(best["val_loss"]),
-            "val_acc": float(best["val_acc"]), "val_auc": float(best["val_auc"]), "test_acc": test["accuracy"],
-            "test_auc": test["auc"], "images_per_s": float(best["images_per_s"]), "wall_s": float(best["epoch_s"])}
+    return {
+        "epochs_done": len(metrics),
+        "best_epoch": int(best["epoch"]),
+        "best_val_loss": float(best["val_loss"]),
+        "val_acc": float(best["val_acc"]),
+        "val_auc": float(best["val_auc"]),
+        "test_acc": test["accuracy"],
+        "test_auc": test["auc"],
+        "images_per_s": float(best["images_per_s"]),
+        "wall_s": float(best["epoch_s"]),
+    }
 
 
 class TestRunsTable:
@@ -1149,10 +1421,30 @@ class TestRunsTable:
         result = run_script("plot_loss.py", "--table", str(sweep_runs / "*"), check=True)
         table = read_csv_rows(sweep_runs / "runs_summary.csv")
         # of the settings, only those that differ
-        assert list(table[0]) == ["run", "lr", "seed", "epochs_done", "best_epoch", "best_val_loss", "val_acc",
-                                  "val_auc", "test_acc", "test_auc", "images_per_s", "wall_s", "status"]
-        assert [row["run"] for row in table] == ["lr-1e-3", "lr-3e-4", "seed-1", "seed-2", "seed-3",
-                                                 "mean of 3 seeds", "std of 3 seeds"]
+        assert list(table[0]) == [
+            "run",
+            "lr",
+            "seed",
+            "epochs_done",
+            "best_epoch",
+            "best_val_loss",
+            "val_acc",
+            "val_auc",
+            "test_acc",
+            "test_auc",
+            "images_per_s",
+            "wall_s",
+            "status",
+        ]
+        assert [row["run"] for row in table] == [
+            "lr-1e-3",
+            "lr-3e-4",
+            "seed-1",
+            "seed-2",
+            "seed-3",
+            "mean of 3 seeds",
+            "std of 3 seeds",
+        ]
         by_run = {row["run"]: row for row in table}
         assert (by_run["lr-1e-3"]["lr"], by_run["seed-2"]["seed"], by_run["seed-2"]["lr"]) == ("0.001", "2", "0.0001")
         for name in ("lr-1e-3", "lr-3e-4", "seed-1", "seed-2", "seed-3"):
@@ -1168,8 +1460,9 @@ class TestRunsTable:
         assert "mean of 3 seeds" in result.stdout and is_nonblank_png(sweep_runs / "runs.png")
 
     def test_runs_are_named_in_the_legend_by_what_differs(self, sweep_runs):
-        names = plot_loss.legend_names([sweep_runs / "seed-1", sweep_runs / "seed-2", sweep_runs / "lr-1e-3"],
-                                       ["seed-1", "seed-2", "lr-1e-3"])
+        names = plot_loss.legend_names(
+            [sweep_runs / "seed-1", sweep_runs / "seed-2", sweep_runs / "lr-1e-3"], ["seed-1", "seed-2", "lr-1e-3"]
+        )
         assert names == ["lr=0.0001 seed=1", "lr=0.0001 seed=2", "lr=0.001 seed=1"]
 
     def test_runs_table_lists_running_stopped_and_unreadable_runs(self, sweep_runs, tmp_path):
@@ -1181,26 +1474,42 @@ class TestRunsTable:
         (root / "going" / "metrics.csv").write_text(",".join(read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]))
         (root / "no-metrics" / "metrics.csv").unlink()
         first_epoch = read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]
-        worse_epoch = {**first_epoch, "epoch": "2", "val_loss": str(float(first_epoch["val_loss"]) + 0.1),
-                       "val_acc": "0.5"}
+        worse_epoch = {
+            **first_epoch,
+            "epoch": "2",
+            "val_loss": str(float(first_epoch["val_loss"]) + 0.1),
+            "val_acc": "0.5",
+        }
         with open(root / "stopped" / "metrics.csv", "a") as metrics_file:
             metrics_file.write(",".join(worse_epoch.values()) + "\n")
         (root / "empty").mkdir()
         (root / "damaged").mkdir()
         (root / "damaged" / "run.json").write_text('{"args": ')
-        result = subprocess.run(["make", "-s", "runs", f"RUNS={root}/*/"], cwd=HERE, capture_output=True, text=True,
-                                check=False, timeout=120)
+        result = subprocess.run(
+            ["make", "-s", "runs", f"RUNS={root}/*/"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         table = {row["run"]: row for row in read_csv_rows(root / "runs_summary.csv")}
         statuses = {name: row["status"] for name, row in table.items()}
         assert (table["stopped"]["epochs_done"], table["stopped"]["best_epoch"]) == ("2", "1")
         assert float(table["stopped"]["val_acc"]) == float(first_epoch["val_acc"])  # at the best epoch, not the last
-        assert statuses == {"damaged": "unreadable: run.json", "empty": "unreadable: run.json", "going": "running",
-                            "no-metrics": "unreadable: metrics.csv", "stopped": "stopped"}
+        assert statuses == {
+            "damaged": "unreadable: run.json",
+            "empty": "unreadable: run.json",
+            "going": "running",
+            "no-metrics": "unreadable: metrics.csv",
+            "stopped": "stopped",
+        }
         for line in result.stdout.splitlines()[1:-1]:
             assert line.endswith(statuses[line.split()[0]])
-        missing = run_script("plot_loss.py", "--table", str(root / "nowhere"), "--out", str(tmp_path / "out.png"),
-                             check=True)
+        missing = run_script(
+            "plot_loss.py", "--table", str(root / "nowhere"), "--out", str(tmp_path / "out.png"), check=True
+        )
         assert "unreadable: not found" in missing.stdout
 
 
@@ -1211,17 +1520,24 @@ def expected_counts(directory, split):
         x = h5file["x"][()]
     cleaned_means = np.clip(np.nan_to_num(x, nan=0, posinf=255, neginf=0), 0, 255).astype(np.uint8).mean(axis=(1, 2, 3))
     labels = data.read_labels(y_path)
-    return [len(x), int((labels == 0).sum()), int(labels.sum()), int(np.isnan(x).any(axis=(1, 2, 3)).sum()),
-            int(((x < 0) | (x > 255)).any(axis=(1, 2, 3)).sum()), int((cleaned_means <= 5).sum()),
-            int((cleaned_means >= 250).sum())]
+    return [
+        len(x),
+        int((labels == 0).sum()),
+        int(labels.sum()),
+        int(np.isnan(x).any(axis=(1, 2, 3)).sum()),
+        int(((x < 0) | (x > 255)).any(axis=(1, 2, 3)).sum()),
+        int((cleaned_means <= 5).sum()),
+        int((cleaned_means >= 250).sum()),
+    ]
 
 
 class TestEda:
     """eda.py: exact defect counts, bounded memory, its figures, and bad input in one line."""
 
     def test_eda_counts_are_exact_and_its_figures_are_drawn(self, poisoned_dir, tmp_path):
-        result = run_script("eda.py", "--data-dir", str(poisoned_dir), "--out-dir", str(tmp_path / "assets"),
-                            check=True)
+        result = run_script(
+            "eda.py", "--data-dir", str(poisoned_dir), "--out-dir", str(tmp_path / "assets"), check=True
+        )
         assert "note: test split not in" in result.stdout
         for split in ("train", "valid"):
             line = next(line for line in result.stdout.splitlines() if line.startswith(split + " "))
@@ -1250,13 +1566,15 @@ class TestEda:
         assert result.returncode == 1 and "labels must be 0 or 1" in result.stderr
 
     def test_a_corrupt_compressed_chunk_names_the_file(self, tmp_path):
-        x_path, _ = write_split(tmp_path, "train", tissue(64), labels_of(64, 20), chunks=(8, 96, 96, 3),
-                                compression="gzip")
+        x_path, _ = write_split(
+            tmp_path, "train", tissue(64), labels_of(64, 20), chunks=(8, 96, 96, 3), compression="gzip"
+        )
         with open(x_path, "r+b") as x_file:  # scramble the middle of the file: compressed chunks, not the header
             x_file.seek(os.path.getsize(x_path) // 2)
             x_file.write(os.urandom(4096))
-        one_line_error(run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures")),
-                       "train_x.h5")
+        one_line_error(
+            run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures")), "train_x.h5"
+        )
 
 
 class TestGpuCheck:
@@ -1265,9 +1583,13 @@ class TestGpuCheck:
     def test_gpu_check_runs_end_to_end_on_a_tiny_set_on_the_cpu(self, tmp_path):
         result = run_script("bench.py", "--gpu-check", "--device", "cpu", "--images", "512", "--dir", str(tmp_path))
         assert result.returncode == 0, result.stderr
-        for row in ("| data path                          | resident (uint8 train+valid",
-                    "| training, batch 1024, bf16", "| validation, batch 256, fp32", "| peak device memory",
-                    "| resumed run equals uninterrupted   | yes"):
+        for row in (
+            "| data path                          | resident (uint8 train+valid",
+            "| training, batch 1024, bf16",
+            "| validation, batch 256, fp32",
+            "| peak device memory",
+            "| resumed run equals uninterrupted   | yes",
+        ):
             assert row in result.stdout
         if not torch.cuda.is_available():
             without_cuda = run_script("bench.py", "--gpu-check", "--dir", str(tmp_path))
@@ -1282,18 +1604,24 @@ class TestSlurmJobs:
 
     def test_both_job_scripts_are_accepted_by_sbatch(self, project):
         for command in (["first_job.sh"], ["--cpus-per-task=1", "--mem=1500M", "train_job.sh"]):  # a 2-CPU node here
-            result = subprocess.run(["sbatch", "--test-only", *command], cwd=project, capture_output=True, text=True,
-                                    check=False)
+            result = subprocess.run(
+                ["sbatch", "--test-only", *command], cwd=project, capture_output=True, text=True, check=False
+            )
             assert result.returncode == 0 and "to start at" in result.stderr, result.stderr
 
     def test_make_hello_writes_the_hello_world_log_and_loads_the_modules(self, project):
         # what `export -f module` puts in the environment
-        env = {"BASH_FUNC_module%%": "() {  echo \"module $*\" >&2\n}"}
+        env = {"BASH_FUNC_module%%": '() {  echo "module $*" >&2\n}'}
         job = submitted_job(make(project, "hello", env=env))[1]
         assert wait_for_job(job) == ["COMPLETED"]
         log = (project / f"hello_world_{job}.out").read_text()
-        for line in ("module load 2025", "module load Python/3.13.1-GCCcore-14.2.0", f"job id: {job}", "Hello, World!",
-                     "python: Python 3"):
+        for line in (
+            "module load 2025",
+            "module load Python/3.13.1-GCCcore-14.2.0",
+            f"job id: {job}",
+            "Hello, World!",
+            "python: Python 3",
+        ):
             assert line in log
         plain = submitted_job(make(project, "hello"))[1]
         wait_for_job(plain)
@@ -1309,8 +1637,9 @@ class TestSlurmJobs:
         assert (run_dir / "best.pt").exists() and is_nonblank_png(run_dir / "loss.png")
         log = (project / "logs" / f"pcam_train_{job}.out").read_text()
         assert "gpu:" in log and "commit:" in log and "CUDA not available, using CPU" in log
-        partition = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "Partition"], capture_output=True, text=True,
-                                   check=True).stdout.split()
+        partition = subprocess.run(
+            ["sacct", "-n", "-X", "-j", job, "-o", "Partition"], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert partition == ["gpu_course"]
         status = make(project, "status")
         assert job in status and "COMPLETED" in status
@@ -1322,8 +1651,9 @@ class TestSlurmJobs:
         assert not (project / "pwned").exists() and not (project / "pwned2").exists()
         assert "unrecognized arguments" in (project / "logs" / f"pcam_train_{job}.out").read_text()
 
-    def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(self, project, synth_dir,
-                                                                                           tmp_path):
+    def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(
+        self, project, synth_dir, tmp_path
+    ):
         # Slurm checks time limits every 30 s and signals a job once it is within --signal's time + 30 s of its
         # limit, so USR1@75 of a 2-minute limit comes 15-45 s in: after train.py is up (an earlier USR1 finds it
         # still importing torch) and before its 40 epochs end. Both runs use one thread, so they share the 2
@@ -1331,13 +1661,30 @@ class TestSlurmJobs:
         args = ["--epochs", "40", "--batch-size", "16", "--log-every", "50", "--num-workers", "0"]
         one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
         (project / "logs").mkdir()
-        job = subprocess.run(["sbatch", "--parsable", "--partition=gpu_course", "--cpus-per-task=1", "--mem=1500M",
-                              "--time=00:02:00", "--signal=B:USR1@75", "train_job.sh", *args], cwd=project,
-                             capture_output=True, text=True, check=True, env={**one_thread, "PCAM_DIR": str(synth_dir)}
-                             ).stdout.strip()
-        straight = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(synth_dir), "--out-dir",
-                                     str(tmp_path / "straight"), *args], cwd=HERE, stdout=subprocess.DEVNULL,
-                                    env=one_thread)
+        job = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--partition=gpu_course",
+                "--cpus-per-task=1",
+                "--mem=1500M",
+                "--time=00:02:00",
+                "--signal=B:USR1@75",
+                "train_job.sh",
+                *args,
+            ],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**one_thread, "PCAM_DIR": str(synth_dir)},
+        ).stdout.strip()
+        straight = subprocess.Popen(
+            [sys.executable, "train.py", "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "straight"), *args],
+            cwd=HERE,
+            stdout=subprocess.DEVNULL,
+            env=one_thread,
+        )
 
         def extend_after_first_requeue():
             # the requeued job would be signalled again soon after it starts: give it room to finish
@@ -1388,8 +1735,11 @@ class TestSlurmJobs:
         os.remove(data.split_paths(user_dir, "test")[1])
         scratch = tmp_path / "scratch"
         scratch.mkdir()
-        output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 1", "STAGE": "yes", "TMPDIR": str(scratch),
-                                             "DATA_DIR": str(user_dir)})
+        output = make(
+            project,
+            "train",
+            env={**SMALL_JOB, "ARGS": "--epochs 1", "STAGE": "yes", "TMPDIR": str(scratch), "DATA_DIR": str(user_dir)},
+        )
         job = submitted_job(output)[0]
         assert wait_for_job(job) == ["FAILED"]
         log = (project / "logs" / f"pcam_train_{job}.out").read_text()
@@ -1407,14 +1757,24 @@ class TestMakeAndShellScripts:
         result = subprocess.run(["make", "-s", "plot"], cwd=tmp_path, capture_output=True, text=True, check=False)
         assert result.returncode != 0 and "no run found" in result.stderr
         shutil.copytree(small_set, tmp_path / "a folder with spaces")
-        result = subprocess.run(["make", "-s", "eda", "DATA_DIR=a folder with spaces"], cwd=tmp_path,
-                                capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            ["make", "-s", "eda", "DATA_DIR=a folder with spaces"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         assert is_nonblank_png(tmp_path / "assets" / "pcam.png")
 
     def test_job_scripts_pass_shellcheck(self):
         if shutil.which("shellcheck") is None:
             pytest.skip("shellcheck not installed (Debian package shellcheck)")
-        result = subprocess.run(["shellcheck", "first_job.sh", "train_job.sh", ".ci/slurm-up.sh", ".ci/run"], cwd=HERE,
-                                capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            ["shellcheck", "first_job.sh", "train_job.sh", ".ci/slurm-up.sh", ".ci/run"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert result.returncode == 0, result.stdout
