@@ -1723,7 +1723,7 @@ class TestSlurmJobs:
         job = submitted_job(output)[0]
         assert wait_for_job(job) == ["COMPLETED"]
         staged = scratch / f"pcam_{job}"
-        assert sorted(os.listdir(staged)) == sorted(os.listdir(synth_dir) + [data.PREPARED_NAME])
+        assert sorted(os.listdir(staged)) == sorted(os.listdir(synth_dir) + [manage_data.PREPARED_NAME])
         record = json.loads((project / "runs" / f"slurm-{job}" / "run.json").read_text())
         assert record["args"]["data_dir"] == str(staged)
 
