@@ -72,7 +72,7 @@ demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in ab
 	$(PY) train.py --data-dir $(SYNTH_DIR) --epochs 5 --device cpu --out-dir runs/demo --log-every 8
 	@echo "demo: metrics in runs/demo/metrics.csv, plot in runs/demo/loss.png, test evaluation in runs/demo/eval-test/"
 
-train-local: $(VENV)/.installed ## python train.py $$ARGS right here (laptop, salloc session)
+train-local: $(VENV)/.installed ## python train.py $ARGS right here (laptop, salloc session)
 	$(PY) train.py $$ARGS
 
 plot: $(VENV)/.installed ## loss plot of RUN (default: newest run with metrics; several overlay) to assets/loss_plot.png
