@@ -68,8 +68,8 @@ eda: $(VENV)/.installed ## defect counts and figures of the data in DATA_DIR, PN
 
 demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in about a minute (runs/demo)
 	test -f $(SYNTH_DIR)/camelyonpatch_level_2_split_test_y.h5 || $(PY) manage_data.py synth --data-dir $(SYNTH_DIR)
-	rm -rf runs/demo
-	$(PY) train.py --data-dir $(SYNTH_DIR) --epochs 5 --device cpu --out-dir runs/demo --log-every 8
+	resume=$$(test -f runs/demo/last.pt && echo --resume || true); \
+	$(PY) train.py --data-dir $(SYNTH_DIR) --epochs 5 --device cpu --out-dir runs/demo --log-every 8 $$resume
 	@echo "demo: metrics in runs/demo/metrics.csv, plot in runs/demo/loss.png, test evaluation in runs/demo/eval-test/"
 
 train-local: $(VENV)/.installed ## python train.py $ARGS right here (laptop, salloc session)

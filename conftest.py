@@ -368,6 +368,29 @@ def project(tmp_path, synth_dir):
     return tmp_path
 
 
+MAKE_VARIABLES = (
+    "RUN",
+    "RUNS",
+    "ARGS",
+    "DATA_DIR",
+    "PARTITION",
+    "TIME",
+    "GPUS",
+    "CPUS",
+    "MEM",
+    "SEEDS",
+    "LRS",
+    "MAKEFLAGS",
+    "MFLAGS",
+    "MAKELEVEL",
+)  # what an outer `make test` exports; a test sets its own
+
+
+def make_env(env=None):
+    """The environment for a make the test runs: this one, without what an outer make exported, plus env."""
+    return {**{k: v for k, v in os.environ.items() if k not in MAKE_VARIABLES}, **(env or {})}
+
+
 def make(project, *targets, env=None):
     """Run make targets in the project copy; they must succeed. Returns their output."""
     result = subprocess.run(
@@ -376,7 +399,7 @@ def make(project, *targets, env=None):
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, **(env or {})},
+        env=make_env(env),
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -396,7 +419,7 @@ def wait_for_job(job_id, timeout=300, on_poll=None):
             on_poll()
         lines = subprocess.run(
             ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True, check=False
-        ).stdout.split()
+        ).stdout.splitlines()  # a state may hold spaces: "CANCELLED by 0"
         states = [line.split("|")[1] for line in lines]
         if states and all(
             s.split()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")

@@ -54,7 +54,8 @@ def add_data_dir_argument(parser):
         "--data-dir",
         default=os.environ.get("PCAM_DIR", "data"),
         metavar="DIR",
-        help="folder of the camelyonpatch_level_2_split_*.h5 files (default: $PCAM_DIR if set, else data)",
+        help="folder of the camelyonpatch_level_2_split_*.h5 files (default: $PCAM_DIR if set, else data; "
+        "now %(default)s)",
     )
 
 
@@ -245,9 +246,9 @@ def read_labels(y_path):
 
 def check_pixel_scale(x_path):
     """Refuse an x file plainly on another scale than 0..255, judged from SCALE_SAMPLE_ROWS evenly spaced rows:
-    floats all within 0..1, or integers wider than a byte mostly above 255. (The course copy's float32 NaN and 1e5
-    pixels are defects of single pixels on the 0..255 scale; cleaning handles them.) Reading the first and
-    last rows also finds a truncated or corrupt file before training."""
+    floats all within 0..1, no finite value at all, or values wider than a byte mostly outside 0..255. (The
+    course copy's float32 NaN and 1e5 pixels are defects of single pixels on the 0..255 scale; cleaning
+    handles them.) Reading the first and last rows also finds a truncated or corrupt file before training."""
     with open_h5(x_path) as h5file:
         dset = dataset_in(h5file, "x", x_path)
         if len(dset) == 0 or contiguous_offset(x_path, dset) is not None and dset.dtype == np.uint8:
@@ -257,18 +258,20 @@ def check_pixel_scale(x_path):
             sample = dset[rows]
         except OSError as error:
             raise unreadable(x_path, error) from None
-    if np.issubdtype(sample.dtype, np.floating):
-        finite = sample[np.isfinite(sample)]
-        if finite.size and finite.min() >= 0 and finite.max() <= 1:
-            raise PCAMError(
-                f"{x_path}: pixel values are all within 0..1 in {len(rows)} sampled images; expected "
-                "the 0..255 scale: write the images multiplied by 255"
-            )
-    elif sample.dtype.itemsize > 1 and np.median(sample) > 255:  # stray values above 255 are clipped, not refused
+    floating = np.issubdtype(sample.dtype, np.floating)
+    finite = sample[np.isfinite(sample)] if floating else sample
+    if not finite.size:
+        raise PCAMError(f"{x_path}: no finite pixel value in {len(rows)} sampled images; the images are all NaN or inf")
+    if floating and finite.min() >= 0 and finite.max() <= 1:
         raise PCAMError(
-            f"{x_path}: {sample.dtype} pixel values up to {sample.max()} (median {np.median(sample):g}) "
-            f"in {len(rows)} sampled images; "
-            "expected the 0..255 scale of 8-bit images: convert them to 0..255 first"
+            f"{x_path}: pixel values are all within 0..1 in {len(rows)} sampled images; expected "
+            "the 0..255 scale: write the images multiplied by 255"
+        )
+    median = np.median(finite)
+    if sample.dtype.itemsize > 1 and not 0 <= median <= 255:  # stray values outside 0..255 are clipped, not refused
+        raise PCAMError(
+            f"{x_path}: {sample.dtype} pixel values up to {finite.max()} (median {median:g}) "
+            f"in {len(rows)} sampled images; expected the 0..255 scale of 8-bit images: convert them to 0..255 first"
         )
 
 

@@ -58,7 +58,7 @@ class SplitScan:
             suspect = data.suspect_rows(raw)  # NaN or out-of-range pixels can only be in these rows
             has_nan, out_of_range = np.zeros(len(raw), dtype=bool), np.zeros(len(raw), dtype=bool)
             if suspect.any():
-                pixels = torch.from_numpy(raw[suspect]).view(int(suspect.sum()), -1)
+                pixels = torch.from_numpy(raw[suspect].astype(np.float32, copy=False)).view(int(suspect.sum()), -1)
                 has_nan[suspect] = pixels.isnan().any(dim=1).numpy()
                 finite = pixels.nan_to_num(nan=128.0)  # an in-range stand-in: only real pixels count
                 out_of_range[suspect] = ((finite.amax(dim=1) > 255) | (finite.amin(dim=1) < 0)).numpy()

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 
 PREDICTIONS_HEADER = ["index", "label", "score", "pred"]
 THRESHOLD = 0.5  # a score for class 1 at or above this predicts class 1
+OUTPUT_FILES = ("predictions.csv", "metrics.json", "roc.png", "confusion.png")
 
 
 class EvaluationError(Exception):
@@ -280,7 +281,16 @@ def prepare_out_dir(out_dir, about):
     try:
         with open(os.path.join(out_dir, "metrics.json")) as source:
             earlier = json.load(source)
+    except FileNotFoundError:
+        earlier = None
     except (OSError, ValueError):
+        earlier = {}
+    present = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if earlier is None and present or earlier is not None and not isinstance(earlier, dict):
+        raise EvaluationError(
+            f"{out_dir} holds {', '.join(present)} not written by evaluate.py; pass another --out-dir"
+        )
+    if earlier is None:
         return
     keys = ("split", "data", "filter_data")
     if [earlier.get(key) for key in keys] != [about[key] for key in keys] or earlier.get("checkpoint", {}).get(

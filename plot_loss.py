@@ -8,6 +8,7 @@ the mean and std over runs that differ only in --seed, and writes them to runs_s
 
 import argparse
 import csv
+import fcntl
 import glob
 import json
 import os
@@ -36,6 +37,7 @@ RESULTS = (
     "wall_s",
 )
 AVERAGED = RESULTS[2:]  # the metrics a group of seeds gets a mean and std of
+LOCK_NAME = "train.lock"  # train.py holds it with flock while the run is alive
 UNCOMPARED_SETTINGS = ("out_dir", "resume", "log_every")  # differ without changing what a run computes
 
 
@@ -149,8 +151,12 @@ def summarize_run(path):
         with open(os.path.join(run_folder(path), "run.json")) as source:
             record = json.load(source)
         settings, status, test = record["args"], str(record.get("status", "unknown")), record.get("test") or {}
+        if not isinstance(settings, dict) or not isinstance(test, dict):
+            raise TypeError("args and test must be objects")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {"run": name, "settings": None, "status": "unreadable: run.json"}
+    if status == "running" and not is_locked(run_folder(path)):
+        status = "not running (killed?)"
     try:
         _, metrics = read_metrics(run_folder(path), TABLE_COLUMNS)
     except PlotError:
@@ -248,6 +254,18 @@ def write_summary(header, raw_rows, path):
     data.write_atomically(path, write)
 
 
+def is_locked(folder):
+    """Whether a live train.py holds the folder's lock (the kernel drops it when the process dies)."""
+    try:
+        with open(os.path.join(folder, LOCK_NAME)) as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def expand(patterns):
     """Run paths as given, each pattern that names no path expanded like a shell glob (runs/*/), in natural order."""
 
@@ -264,6 +282,10 @@ def expand(patterns):
 def table_main(args):
     """Print the runs table, write runs_summary.csv, and overlay the readable runs in the plot beside it."""
     paths = expand(args.runs)
+    if not any(
+        os.path.isdir(path) or os.path.basename(path) == "metrics.csv" and os.path.isfile(path) for path in paths
+    ):
+        raise PlotError(f"no run found in {' '.join(args.runs)}: pass run folders, e.g. runs/*/ or runs/slurm-123_*")
     summaries = [summarize_run(path) for path in paths]
     header, text_rows, raw_rows = runs_table(summaries)
     print_table(header, text_rows)

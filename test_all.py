@@ -4,6 +4,7 @@ then the Slurm job scripts and the Makefile. Shared fixtures and helpers are in 
 The markers slurm (needs the local Slurm) and download (serves files over HTTP on 127.0.0.1) select those
 areas: pytest test_all.py -m "not slurm and not download" runs everything else."""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from conftest import (
     loss_columns,
     loss_plot_lines,
     make,
+    make_env,
     needs_slurm,
     one_line_error,
     read_csv_rows,
@@ -337,13 +340,22 @@ class TestBadInput:
     def test_pixel_scale_is_checked_from_a_sample(self, tmp_path, poisoned_dir, small_set):
         write_split(tmp_path / "unit", "train", tissue(40, dtype=np.float32) / 255, labels_of(40, 10))
         write_split(tmp_path / "wide", "train", tissue(40, dtype=np.uint16) * 16, labels_of(40, 10))
-        for name, fragment in (("unit", "all within 0..1"), ("wide", "uint16 pixel values up to")):
-            with pytest.raises(data.PCAMError, match=fragment):
+        write_split(tmp_path / "wide float", "train", tissue(40, dtype=np.float32) * 257, labels_of(40, 10))
+        write_split(tmp_path / "negative", "train", tissue(40, dtype=np.float32) - 300, labels_of(40, 10))
+        write_split(tmp_path / "no pixel", "train", np.full((4, 96, 96, 3), np.nan, np.float32), labels_of(4, 2))
+        for name, fragment in (
+            ("unit", "all within 0..1"),
+            ("wide", "uint16 pixel values up to"),
+            ("wide float", "float32 pixel values up to"),
+            ("negative", "(median -"),
+            ("no pixel", "no finite pixel value"),
+        ):
+            with pytest.raises(data.PCAMError, match=re.escape(fragment)):
                 data.load_split(tmp_path / name, "train")
             result = run_script(
                 "manage_data.py", "prepare", "--data-dir", str(tmp_path / name), "--out", str(tmp_path / "out")
             )
-            one_line_error(result, "expected the 0..255 scale")
+            one_line_error(result, fragment)
         assert len(data.load_split(poisoned_dir, "train")) == 600  # float32 0..255 with NaN and 1e5 pixels
         assert len(data.load_split(small_set, "train")) == 200  # the official files' uint8
 
@@ -1087,6 +1099,9 @@ class TestTrainRefusals:
             (["--lr", "0"], "--lr must be positive"),
             (["--device", "tpu"], "--device must be auto, cpu or cuda"),
             (["--resume"], "no checkpoint"),
+            (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
+            (["--seed", str(2**32)], "--seed must be in 0 .. 2**32 - 1"),
+            (["--hidden-units", "10000000000"], "cannot build the model with --hidden-units"),
         ],
     )
     def test_bad_arguments_end_in_one_line_before_training(self, synth_dir, tmp_path, flags, fragment):
@@ -1122,6 +1137,28 @@ class TestTrainRefusals:
         with pytest.raises(SystemExit) as stop:
             train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "2"))
         assert "already holds a run" in str(stop.value.code)
+
+    def test_a_new_run_never_writes_over_a_finished_one(self, synth_dir, tmp_path):
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+        (tmp_path / "run" / "last.pt").unlink()  # a user saving disk space keeps best.pt and the metrics
+        kept = {name: (tmp_path / "run" / name).read_bytes() for name in ("best.pt", "metrics.csv", "run.json")}
+        one_line_error(run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", "1")), "best.pt")
+        assert {name: (tmp_path / "run" / name).read_bytes() for name in kept} == kept
+
+    def test_runs_started_in_the_same_second_get_a_folder_each(self, synth_dir, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(train, "default_out_dir", lambda: os.path.join("runs", "20260101-120000"))
+        args = ["--data-dir", str(synth_dir), "--device", "cpu", "--epochs", "1", "--log-every", "1000"]
+        for _ in range(2):
+            train.main(args)
+        assert sorted(os.listdir(tmp_path / "runs")) == ["20260101-120000", "20260101-120000-2"]
+
+    def test_a_resumed_run_reads_the_data_it_started_on(self, synth_dir, tmp_path, monkeypatch):
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+        monkeypatch.setenv("PCAM_DIR", str(tmp_path / "elsewhere"))
+        train.main(["--out-dir", str(tmp_path / "run"), "--resume", "--epochs", "2", "--device", "cpu"])
+        assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["dir"] == str(synth_dir)
+        assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 2
 
     @pytest.mark.parametrize("name", list(bad_test_splits()))
     def test_every_split_is_checked_before_the_first_step(self, synth_dir, tmp_path, name):
@@ -1324,6 +1361,12 @@ class TestEvaluate:
         result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--filter-data")
         assert result.returncode == 1 and "holds an evaluation of another checkpoint or other data" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+        users = tmp_path / "mine"
+        users.mkdir()
+        (users / "predictions.csv").write_text("my own predictions\n")
+        args = (str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--out-dir", str(users))
+        one_line_error(run_script("evaluate.py", *args), "predictions.csv not written by evaluate.py")
+        assert (users / "predictions.csv").read_text() == "my own predictions\n"
 
 
 class TestLossPlot:
@@ -1467,7 +1510,12 @@ class TestRunsTable:
 
     def test_runs_table_lists_running_stopped_and_unreadable_runs(self, sweep_runs, tmp_path):
         root = tmp_path / "runs"
-        for name, status in (("going", "running"), ("stopped", "stopped"), ("no-metrics", "done")):
+        for name, status in (
+            ("going", "running"),
+            ("killed", "running"),
+            ("stopped", "stopped"),
+            ("no-metrics", "done"),
+        ):
             shutil.copytree(sweep_runs / "seed-1", root / name)
             record = json.loads((root / name / "run.json").read_text())
             (root / name / "run.json").write_text(json.dumps({**record, "status": status}))
@@ -1485,14 +1533,19 @@ class TestRunsTable:
         (root / "empty").mkdir()
         (root / "damaged").mkdir()
         (root / "damaged" / "run.json").write_text('{"args": ')
-        result = subprocess.run(
-            ["make", "-s", "runs", f"RUNS={root}/*/"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        (root / "odd").mkdir()
+        (root / "odd" / "run.json").write_text('{"args": {}, "test": [1]}')
+        with open(root / "going" / "train.lock", "w") as lock:  # a live run holds its folder's lock; "killed" does not
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            result = subprocess.run(
+                ["make", "-s", "runs", f"RUNS={root}/*/"],
+                cwd=HERE,
+                capture_output=True,
+                text=True,
+                check=False,
+                env=make_env(),
+                timeout=120,
+            )
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         table = {row["run"]: row for row in read_csv_rows(root / "runs_summary.csv")}
         statuses = {name: row["status"] for name, row in table.items()}
@@ -1502,15 +1555,29 @@ class TestRunsTable:
             "damaged": "unreadable: run.json",
             "empty": "unreadable: run.json",
             "going": "running",
+            "killed": "not running (killed?)",
+            "odd": "unreadable: run.json",
             "no-metrics": "unreadable: metrics.csv",
             "stopped": "stopped",
         }
         for line in result.stdout.splitlines()[1:-1]:
             assert line.endswith(statuses[line.split()[0]])
         missing = run_script(
-            "plot_loss.py", "--table", str(root / "nowhere"), "--out", str(tmp_path / "out.png"), check=True
+            "plot_loss.py",
+            "--table",
+            str(root / "nowhere"),
+            str(root / "stopped"),
+            "--out",
+            str(tmp_path / "o.png"),
+            check=True,
         )
         assert "unreadable: not found" in missing.stdout
+        (tmp_path / "runs_summary.csv").unlink()
+        for nothing in (str(root / "nowhere"), str(tmp_path / "no-match-*"), os.path.join(HERE, "README.md")):
+            one_line_error(run_script("plot_loss.py", "--table", nothing), "no run found")
+        assert not (tmp_path / "runs_summary.csv").exists() and not os.path.exists(
+            os.path.join(HERE, "runs_summary.csv")
+        )
 
 
 def expected_counts(directory, split):
@@ -1557,6 +1624,14 @@ class TestEda:
         assert x_bytes > 30 * data.BLOCK_BYTES
         assert peak < 8 * data.BLOCK_BYTES, f"peak {peak} bytes for a {x_bytes}-byte file read in {data.BLOCK_BYTES}"
         assert list(scan.summary().values())[:7] == expected_counts(poisoned_dir, "train")
+
+    def test_eda_counts_16_bit_pixels_outside_0_to_255(self, tmp_path):
+        images = tissue(20, dtype=np.uint16)
+        images[[2, 5, 11], 0, 0, 0] = [300, 256, 1000]
+        write_split(tmp_path, "train", images, labels_of(20, 10))
+        result = run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures"), check=True)
+        train_row = next(line for line in result.stdout.splitlines() if line.startswith("train "))
+        assert [int(value) for value in train_row.split()[1:8]] == [20, 10, 10, 0, 3, 0, 0]
 
     def test_eda_reports_bad_input_in_one_line(self, tmp_path):
         result = run_script("eda.py", "--data-dir", str(tmp_path / "nowhere"))
@@ -1650,6 +1725,21 @@ class TestSlurmJobs:
         wait_for_job(job)
         assert not (project / "pwned").exists() and not (project / "pwned2").exists()
         assert "unrecognized arguments" in (project / "logs" / f"pcam_train_{job}.out").read_text()
+
+    def test_scancel_stops_a_job_for_good(self, project):
+        output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 50 --batch-size 16 --log-every 1"})
+        job = submitted_job(output)[0]
+        log = project / "logs" / f"pcam_train_{job}.out"
+        deadline = time.time() + 120
+        while "epoch 1/50 step" not in (log.read_text() if log.exists() else ""):
+            assert time.time() < deadline, "the job did not start training in 120 s"
+            time.sleep(1)
+        subprocess.run(["scancel", job], check=True)
+        wait_for_job(job)
+        time.sleep(3)  # a requeued job would be pending again by now
+        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
+        assert "Restarts=0" in show and "JobState=CANCELLED" in show, show
+        assert "requeueing" not in log.read_text() and "stopped by SIGTERM" in log.read_text()
 
     def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(
         self, project, synth_dir, tmp_path
@@ -1754,7 +1844,9 @@ class TestMakeAndShellScripts:
             shutil.copy2(os.path.join(HERE, name), tmp_path / name)
         os.symlink(os.path.join(HERE, ".venv"), tmp_path / ".venv")
         (tmp_path / "runs" / "failed-before-epoch-1").mkdir(parents=True)
-        result = subprocess.run(["make", "-s", "plot"], cwd=tmp_path, capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            ["make", "-s", "plot"], cwd=tmp_path, capture_output=True, text=True, check=False, env=make_env()
+        )
         assert result.returncode != 0 and "no run found" in result.stderr
         shutil.copytree(small_set, tmp_path / "a folder with spaces")
         result = subprocess.run(
@@ -1763,6 +1855,7 @@ class TestMakeAndShellScripts:
             capture_output=True,
             text=True,
             check=False,
+            env=make_env(),
         )
         assert result.returncode == 0, result.stderr
         assert is_nonblank_png(tmp_path / "assets" / "pcam.png")

@@ -52,6 +52,7 @@ METRIC_FORMATS = {
     "images_per_s": "{:.0f}",
 }
 METRICS_HEADER = list(METRIC_FORMATS)  # metrics.csv's columns, a row per epoch
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "run.json", "loss.png", "eval-test")  # what a run writes
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best_val_loss", "history", "rng", "model_args", "args")
 RESUMED_SETTINGS = (
     "batch_size",
@@ -165,6 +166,8 @@ def check_args(args):
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a finite number, 0 or more, got {getattr(args, name)}"
             )
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in 0 .. 2**32 - 1 (numpy's range), got {args.seed}")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be 0 or more, got {args.num_workers}")
     if not 0 <= args.dropout < 1:
@@ -189,11 +192,15 @@ def pick_device(requested):
 
 
 def prepare_out_dir(args, outcome):
-    """Create --out-dir when needed and hold its lock (in outcome) before looking at what it holds."""
-    args.out_dir = args.out_dir or default_out_dir()
-    outcome["created_dir"] = args.out_dir if not os.path.isdir(args.out_dir) else None
+    """Create --out-dir when needed and hold its lock (in outcome) before looking at what it holds. A new run
+    never writes over a folder holding any file a run writes."""
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
+        if args.out_dir is None and not args.resume:
+            args.out_dir = outcome["created_dir"] = new_run_folder(default_out_dir())
+        else:
+            args.out_dir = args.out_dir or default_out_dir()
+            outcome["created_dir"] = args.out_dir if not os.path.isdir(args.out_dir) else None
+            os.makedirs(args.out_dir, exist_ok=True)
         outcome["lock"] = lock_out_dir(args.out_dir)
     except OSError as error:
         raise UsageError(
@@ -202,8 +209,25 @@ def prepare_out_dir(args, outcome):
     last_path = os.path.join(args.out_dir, "last.pt")
     if args.resume and not os.path.isfile(last_path):
         raise UsageError(f"--resume: no checkpoint {last_path}; start the run without --resume")
-    if not args.resume and os.path.isfile(last_path):
-        raise UsageError(f"{args.out_dir} already holds a run; add --resume to continue it or choose another --out-dir")
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out_dir, name))]
+    if not args.resume and present:
+        raise UsageError(
+            f"{args.out_dir} already holds a run ({', '.join(present)}); add --resume to continue it "
+            "or choose another --out-dir"
+        )
+
+
+def new_run_folder(path):
+    """path, else path-2, path-3, ...: the first that does not exist yet, created here, so that two runs started
+    in the same second each get a folder of their own."""
+    candidate, number = path, 1
+    while True:
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = f"{path}-{number}"
 
 
 def lock_out_dir(out_dir):
@@ -236,6 +260,8 @@ def adopt_checkpoint_settings(args, checkpoint):
                 f"({flag} {saved[name]}); drop {flag} to continue the run as it started"
             )
         setattr(args, name, saved[name])
+    if "data_dir" not in args.given:  # the data the run started on, not what $PCAM_DIR says today
+        args.data_dir = saved["data_dir"]
 
 
 def seed_everything(seed):
@@ -438,7 +464,13 @@ def build(args, device):
     elif device.type == "cuda":
         train_loader, val_loader = data.PrefetchBatches(train_loader, device), data.PrefetchBatches(val_loader, device)
     print(f"data path: {path} ({reason})", flush=True)
-    model = MLP(hidden_units=tuple(args.hidden_units), dropout_rate=args.dropout).to(device)
+    try:
+        model = MLP(hidden_units=tuple(args.hidden_units), dropout_rate=args.dropout).to(device)
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError too
+        raise UsageError(
+            f"cannot build the model with --hidden-units {args.hidden_units} on {device}: {error_line(error)}; "
+            "choose smaller widths"
+        ) from None
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(
             model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
@@ -694,6 +726,8 @@ def finish(session, outcome):
     test split, records "done" and draws loss.png."""
     args, paths, stopped_by = session.args, session.paths, session.stop.signal_name
     if stopped_by:
+        for signum in (signal.SIGTERM, signal.SIGUSR1):  # a second signal while exiting must not change the code
+            signal.signal(signum, signal.SIG_IGN)
         interrupted = stopped_by == "SIGINT"
         exit_code = INTERRUPTED_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE
         if interrupted:

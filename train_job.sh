@@ -63,6 +63,12 @@ fi
 
 # the run folder by train.py's own rule: runs/slurm-<job id>, or runs/slurm-<array id>_<task> in an array
 run_dir="$submit_dir/$(python -c 'import train; print(train.default_out_dir())')"
+previous=""
+for arg in "$@"; do  # unless the user names one: make train ARGS="--out-dir ..."
+    [[ "$previous" == --out-dir ]] && run_dir="$arg"
+    [[ "$arg" == --out-dir=* ]] && run_dir="${arg#--out-dir=}"
+    previous="$arg"
+done
 args=(--data-dir "$data_dir" --out-dir "$run_dir")
 if [[ -n "${SWEEP_FLAG:-}" ]]; then
     read -r -a sweep_values <<< "${SWEEP_VALUES:-}"
@@ -75,7 +81,8 @@ echo "run: python train.py ${args[*]} $*"
 
 python train.py "${args[@]}" "$@" &
 train_pid=$!
-trap 'echo "USR1: time limit near, asking train.py to checkpoint"; kill -USR1 "$train_pid" 2>/dev/null || true' USR1
+time_limit=no
+trap 'time_limit=yes; echo "USR1: time limit near, asking train.py to checkpoint"; kill -USR1 "$train_pid" 2>/dev/null || true' USR1
 trap 'kill -TERM "$train_pid" 2>/dev/null || true' TERM
 status=0
 wait "$train_pid" || status=$?
@@ -84,8 +91,9 @@ while kill -0 "$train_pid" 2>/dev/null; do  # wait returns early when a trapped 
     wait "$train_pid" || status=$?
 done
 
+# requeued only at the time limit (USR1), not on scancel's TERM (a preempted job Slurm requeues itself);
 # 75: train.py stopped on the signal with last.pt on disk; 138: USR1 came while python was still starting
-if [[ "$status" -eq 75 || "$status" -eq 138 ]]; then
+if [[ "$time_limit" == yes && ( "$status" -eq 75 || "$status" -eq 138 ) ]]; then
     restarts="${SLURM_RESTART_COUNT:-0}"
     if (( restarts < ${MAX_REQUEUES:-3} )); then
         echo "checkpoint written; requeueing job ${SLURM_JOB_ID} (requeue $((restarts + 1)) of ${MAX_REQUEUES:-3})"
