@@ -1719,6 +1719,15 @@ class TestSlurmJobs:
         status = make(project, "status")
         assert job in status and "COMPLETED" in status
 
+    def test_a_job_continues_the_run_in_the_out_dir_its_args_name(self, project, synth_dir):
+        run_dir = project / "mine" / "first"
+        train.main(train_args(synth_dir, run_dir, "--epochs", "1"))
+        output = make(project, "train", env={**SMALL_JOB, "ARGS": f"--out-dir {run_dir} --epochs 2 --batch-size 64"})
+        job = submitted_job(output)[0]
+        assert wait_for_job(job) == ["COMPLETED"], (project / "logs" / f"pcam_train_{job}.out").read_text()
+        assert [row["epoch"] for row in read_csv_rows(run_dir / "metrics.csv")] == ["1", "2"]
+        assert not (project / "runs" / f"slurm-{job}").exists()
+
     def test_make_train_passes_arguments_without_running_them(self, project):
         output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 1 --dry-run; touch pwned $(touch pwned2)"})
         job = submitted_job(output)[0]
