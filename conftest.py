@@ -119,25 +119,8 @@ def synth_dir(tmp_path_factory):
 def poisoned_dir(tmp_path_factory):
     """A float32 set with known defects: train and valid, no test split."""
     directory = tmp_path_factory.mktemp("poisoned")
-    manage_data.main(
-        [
-            "synth",
-            "--data-dir",
-            str(directory),
-            "--n-train",
-            "600",
-            "--n-valid",
-            "200",
-            "--n-test",
-            "0",
-            "--poison",
-            "0.2",
-            "--dtype",
-            "float32",
-            "--seed",
-            "3",
-        ]
-    )
+    options = "--n-train 600 --n-valid 200 --n-test 0 --poison 0.2 --dtype float32 --seed 3".split()
+    manage_data.main(["synth", "--data-dir", str(directory), *options])
     # synth poisons equal numbers of each kind: more of some, so that no two columns of the table are equal
     add_defects(directory, "train", {"nan": 1, "out_of_range": 2, "black": 3, "white": 4})
     add_defects(directory, "valid", {"nan": 4, "out_of_range": 3, "black": 2, "white": 1})

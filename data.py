@@ -48,6 +48,17 @@ def log(message):
     print(message, flush=True)
 
 
+def add_num_workers_argument(parser):
+    """--num-workers, the same in every script: $SLURM_CPUS_PER_TASK in a Slurm job, else 0."""
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
+        metavar="W",
+        help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)",
+    )
+
+
 def add_data_dir_argument(parser):
     """--data-dir, the same in every script: $PCAM_DIR when set, else data/."""
     parser.add_argument(

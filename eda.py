@@ -239,20 +239,14 @@ def parse_args(argv=None):
     )
     parser.add_argument("--out-dir", default="assets", metavar="DIR", help="where the PNGs go")
     parser.add_argument("--sample-grid", type=int, default=8, metavar="N", help="sample patches per class in the grid")
-    parser.add_argument(
-        "--black-threshold",
-        type=float,
-        default=data.BLACK_THRESHOLD,
-        metavar="T",
-        help="tiles with a mean at or below this are black (as the filter)",
-    )
-    parser.add_argument(
-        "--white-threshold",
-        type=float,
-        default=data.WHITE_THRESHOLD,
-        metavar="T",
-        help="tiles with a mean at or above this are white (as the filter)",
-    )
+    for colour, default, side in (("black", data.BLACK_THRESHOLD, "below"), ("white", data.WHITE_THRESHOLD, "above")):
+        parser.add_argument(
+            f"--{colour}-threshold",
+            type=float,
+            default=default,
+            metavar="T",
+            help=f"tiles with a mean at or {side} this are {colour} (as the filter)",
+        )
     args = parser.parse_args(argv)
     if args.sample_grid < 1:
         parser.error("--sample-grid must be at least 1")

@@ -52,13 +52,7 @@ def parse_args(argv=None):
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto takes CUDA when available"
     )
     parser.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass")
-    parser.add_argument(
-        "--num-workers",
-        type=int,
-        default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
-        metavar="W",
-        help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)",
-    )
+    data.add_num_workers_argument(parser)
     return parser.parse_args(argv)
 
 

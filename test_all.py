@@ -403,23 +403,8 @@ class TestDataCommands:
         one_line_error(run_script("data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
 
     def test_synth_writes_pcam_files_with_the_defects_asked_for(self, tmp_path):
-        run_script(
-            "manage_data.py",
-            "synth",
-            "--data-dir",
-            str(tmp_path),
-            "--n-train",
-            "300",
-            "--n-valid",
-            "50",
-            "--n-test",
-            "0",
-            "--poison",
-            "0.2",
-            "--dtype",
-            "float32",
-            check=True,
-        )
+        options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.2 --dtype float32".split()
+        run_script("manage_data.py", "synth", "--data-dir", str(tmp_path), *options, check=True)
         assert not os.path.exists(data.split_paths(tmp_path, "test")[0])
         with h5py.File(data.split_paths(tmp_path, "train")[0]) as h5file:
             x = h5file["x"][()]
@@ -438,34 +423,13 @@ class TestDataCommands:
             one_line_error(run_script("manage_data.py", "synth", "--data-dir", str(small_set), *extra), str(small_set))
         assert hashlib.sha256(Path(x_train).read_bytes()).hexdigest() == before
         synthetic = tmp_path / "synthetic"
-        run_script(
-            "manage_data.py",
-            "synth",
-            "--data-dir",
-            str(synthetic),
-            "--n-train",
-            "20",
-            "--n-valid",
-            "8",
-            "--n-test",
-            "0",
-            check=True,
-        )
+        options = "--n-train 20 --n-valid 8 --n-test 0".split()
+        run_script("manage_data.py", "synth", "--data-dir", str(synthetic), *options, check=True)
         one_line_error(
             run_script("manage_data.py", "synth", "--data-dir", str(synthetic), "--n-train", "30"), "--force"
         )
-        run_script(
-            "manage_data.py",
-            "synth",
-            "--data-dir",
-            str(synthetic),
-            "--n-train",
-            "30",
-            "--n-test",
-            "0",
-            "--force",
-            check=True,
-        )
+        options = "--n-train 30 --n-test 0 --force".split()
+        run_script("manage_data.py", "synth", "--data-dir", str(synthetic), *options, check=True)
         assert len(data.load_split(synthetic, "train")) == 30
 
     def test_prepare_writes_a_clean_contiguous_uint8_copy(self, tmp_path):
@@ -911,20 +875,35 @@ class TestTraining:
 WORKER_FLAGS = ["--num-workers", "2", "--data-on-device", "no"]
 
 
-def start_run(args):
-    """train.py in its own process group, as sbatch and a terminal start it; returns once step 10 is logged."""
+def train_until(args, marker, env=None, new_session=False):
+    """train.py in a process of its own, returned once it has logged a line holding marker; new_session: in its
+    own process group, as sbatch and a terminal start it."""
     process = subprocess.Popen(
         [sys.executable, "-u", "train.py", *args],
         cwd=HERE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
+        env=env,
+        start_new_session=new_session,
     )
     for line in process.stdout:
-        if " step 10/" in line:
+        if marker in line:
             return process
-    raise AssertionError(f"train.py ended before step 10 with {process.wait()}")
+    raise AssertionError(f"train.py ended before logging {marker!r}, with exit code {process.wait()}")
+
+
+def signal_at(args, marker, signum, env=None):
+    """Send train.py signum once it has logged marker; (exit code, the rest of its log)."""
+    process = train_until(args, marker, env)
+    process.send_signal(signum)
+    output = process.stdout.read()
+    return process.wait(timeout=120), output
+
+
+def start_run(args):
+    """train.py in its own process group, returned once step 10 is logged."""
+    return train_until(args, " step 10/", new_session=True)
 
 
 class TestStopAndResume:
@@ -938,19 +917,8 @@ class TestStopAndResume:
 
     def test_sigterm_mid_epoch_then_resume_matches(self, synth_dir, straight_run, tmp_path):
         args = train_args(synth_dir, tmp_path / "killed", "--epochs", "3")
-        process = subprocess.Popen(
-            [sys.executable, "-u", "train.py", *args],
-            cwd=HERE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for line in process.stdout:
-            if line.startswith("epoch 2/3 step 10/"):
-                process.send_signal(signal.SIGTERM)
-                break
-        output = process.stdout.read()
-        assert process.wait(timeout=120) == 75, output
+        exit_code, output = signal_at(args, "epoch 2/3 step 10/", signal.SIGTERM)
+        assert exit_code == 75, output
         assert "stopped by SIGTERM" in output and "epoch 2/3 train_loss" not in output
         assert len(read_csv_rows(tmp_path / "killed" / "metrics.csv")) == 1
         resumed = run_script("train.py", *args, "--resume", check=True)
@@ -961,20 +929,8 @@ class TestStopAndResume:
     def test_sigusr1_outside_slurm_stops_after_the_step_with_exit_75(self, synth_dir, tmp_path):
         args = train_args(synth_dir, tmp_path / "run", "--epochs", "2")
         outside_slurm = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-        process = subprocess.Popen(
-            [sys.executable, "-u", "train.py", *args],
-            cwd=HERE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=outside_slurm,
-        )
-        for line in process.stdout:
-            if line.startswith("epoch 1/2 step 10/"):
-                process.send_signal(signal.SIGUSR1)
-                break
-        output = process.stdout.read()
-        assert process.wait(timeout=120) == 75, output
+        exit_code, output = signal_at(args, "epoch 1/2 step 10/", signal.SIGUSR1, env=outside_slurm)
+        assert exit_code == 75, output
         assert "stopped by SIGUSR1" in output and "epoch 1/2 train_loss" not in output
         assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
 
@@ -1464,21 +1420,10 @@ class TestRunsTable:
         result = run_script("plot_loss.py", "--table", str(sweep_runs / "*"), check=True)
         table = read_csv_rows(sweep_runs / "runs_summary.csv")
         # of the settings, only those that differ
-        assert list(table[0]) == [
-            "run",
-            "lr",
-            "seed",
-            "epochs_done",
-            "best_epoch",
-            "best_val_loss",
-            "val_acc",
-            "val_auc",
-            "test_acc",
-            "test_auc",
-            "images_per_s",
-            "wall_s",
-            "status",
-        ]
+        columns = (
+            "run lr seed epochs_done best_epoch best_val_loss val_acc val_auc test_acc test_auc images_per_s wall_s"
+        )
+        assert list(table[0]) == [*columns.split(), "status"]
         assert [row["run"] for row in table] == [
             "lr-1e-3",
             "lr-3e-4",
@@ -1562,20 +1507,16 @@ class TestRunsTable:
         }
         for line in result.stdout.splitlines()[1:-1]:
             assert line.endswith(statuses[line.split()[0]])
+
+    def test_runs_table_names_what_it_cannot_find(self, sweep_runs, tmp_path):
+        out = str(tmp_path / "o.png")
         missing = run_script(
-            "plot_loss.py",
-            "--table",
-            str(root / "nowhere"),
-            str(root / "stopped"),
-            "--out",
-            str(tmp_path / "o.png"),
-            check=True,
+            "plot_loss.py", "--table", str(tmp_path / "nowhere"), str(sweep_runs / "seed-1"), "--out", out
         )
-        assert "unreadable: not found" in missing.stdout
-        (tmp_path / "runs_summary.csv").unlink()
-        for nothing in (str(root / "nowhere"), str(tmp_path / "no-match-*"), os.path.join(HERE, "README.md")):
+        assert missing.returncode == 0 and "unreadable: not found" in missing.stdout
+        for nothing in (str(tmp_path / "nowhere"), str(tmp_path / "no-match-*"), os.path.join(HERE, "README.md")):
             one_line_error(run_script("plot_loss.py", "--table", nothing), "no run found")
-        assert not (tmp_path / "runs_summary.csv").exists() and not os.path.exists(
+        assert not (tmp_path.parent / "runs_summary.csv").exists() and not os.path.exists(
             os.path.join(HERE, "runs_summary.csv")
         )
 

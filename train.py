@@ -89,13 +89,7 @@ def build_parser():
     data_group = parser.add_argument_group("data")
     data.add_data_dir_argument(data_group)
     data_group.add_argument("--filter-data", action="store_true", help="drop black and white outlier tiles")
-    data_group.add_argument(
-        "--num-workers",
-        type=int,
-        default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
-        metavar="W",
-        help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)",
-    )
+    data.add_num_workers_argument(data_group)
     data_group.add_argument("--preload", action="store_true", help="clean each split into RAM once, serve from memory")
     data_group.add_argument(
         "--data-on-device",
