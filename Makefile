@@ -57,8 +57,9 @@ bench: $(VENV)/.installed ## data pipeline and training speed against a referenc
 gpu-check: $(VENV)/.installed ## on a GPU node: train.py's speed, memory and exact resume on CUDA, one table
 	$(PY) bench.py --gpu-check
 
-synth: $(VENV)/.installed ## write a small synthetic PCAM set to data/synth (SYNTH_DIR=...)
-	$(PY) manage_data.py synth --data-dir $(SYNTH_DIR)
+synth: $(VENV)/.installed ## write a small synthetic PCAM set to data/synth (SYNTH_DIR=...) unless it is there
+	test -f $(SYNTH_DIR)/camelyonpatch_level_2_split_test_y.h5 && echo "make synth: $(SYNTH_DIR) holds a set already" \
+		|| $(PY) manage_data.py synth --data-dir $(SYNTH_DIR)
 
 data: $(VENV)/.installed ## download the official PCAM files (about 7 GB) to data/ or $PCAM_DIR
 	$(PY) manage_data.py download --data-dir "$$DATA_DIR"
@@ -67,7 +68,7 @@ eda: $(VENV)/.installed ## defect counts and figures of the data in DATA_DIR, PN
 	$(PY) eda.py --data-dir "$$DATA_DIR" --out-dir assets
 
 demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in about a minute (runs/demo)
-	test -f $(SYNTH_DIR)/camelyonpatch_level_2_split_test_y.h5 || $(PY) manage_data.py synth --data-dir $(SYNTH_DIR)
+	$(MAKE) -s synth
 	resume=$$(test -f runs/demo/last.pt && echo --resume || true); \
 	$(PY) train.py --data-dir $(SYNTH_DIR) --epochs 5 --device cpu --out-dir runs/demo --log-every 8 $$resume
 	@echo "demo: metrics in runs/demo/metrics.csv, plot in runs/demo/loss.png, test evaluation in runs/demo/eval-test/"

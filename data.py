@@ -538,7 +538,7 @@ def get_dataloaders(
     train_loader = batch_loader(
         train_set, balanced_sampler(train_set.labels, seed), batch_size, num_workers, pin_memory, seed
     )
-    val_loader = batch_loader(val_set, SequentialSampler(val_set), batch_size, num_workers, pin_memory, seed)
+    val_loader = in_order(val_set, batch_size, num_workers, pin_memory, seed)
     return train_loader, val_loader
 
 
@@ -547,7 +547,12 @@ def get_test_loader(
 ):
     """Every test row once, in order; a MissingDataError when the test files are absent."""
     test_set = load_split(data_dir, "test", filter_data, preload, **thresholds)
-    return batch_loader(test_set, SequentialSampler(test_set), batch_size, num_workers, pin_memory)
+    return in_order(test_set, batch_size, num_workers, pin_memory)
+
+
+def in_order(dataset, batch_size, num_workers=0, pin_memory=False, seed=0):
+    """A loader of every kept row of dataset once, in order: validation, test and evaluate.py's passes."""
+    return batch_loader(dataset, SequentialSampler(dataset), batch_size, num_workers, pin_memory, seed)
 
 
 def sampler_generator(train_loader):

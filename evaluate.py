@@ -302,13 +302,7 @@ def run(args):
     checkpoint = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint, args.checkpoint).to(device)
     dataset = data.load_split(args.data_dir, args.split, args.filter_data)
-    loader = data.batch_loader(
-        dataset,
-        torch.utils.data.SequentialSampler(dataset),
-        args.batch_size,
-        args.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = data.in_order(dataset, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval-{args.split}")
     about = describe(args.checkpoint, checkpoint, args.data_dir, args.split, args.filter_data, device)
     prepare_out_dir(out_dir, about)

@@ -524,11 +524,13 @@ def print_startup(args, environment, model, train_loader, val_loader):
 def check_splits(args):
     """What build and the end-of-run test evaluation will read, checked before the first step: the manifest when
     there is one, and the test split when any of its files is there (build checks train and valid).
-    Returns whether the data matched its manifest (None without one)."""
+    Returns whether the data matched its manifest (None without one), and the test split opened (or None),
+    which the end-of-run evaluation then reads."""
     manifest_matched = data.check_manifest(args.data_dir)
+    test_set = None
     if any(os.path.exists(path) for path in data.split_paths(args.data_dir, "test")):
-        data.load_split(args.data_dir, "test", args.filter_data)
-    return manifest_matched
+        test_set = data.load_split(args.data_dir, "test", args.filter_data)
+    return manifest_matched, test_set
 
 
 def check_finite(model, train_loss, val_loss, epoch):
@@ -572,14 +574,14 @@ def run(args, outcome):
     check_args(args)
     device = pick_device(args.device)
     checkpoint = claim_out_dir(args, outcome)
-    manifest_matched = check_splits(args)
+    manifest_matched, test_set = check_splits(args)
     session = set_up(args, device, stop)
     if args.dry_run:
         dry_run(session)
         return
     start_or_resume(session, checkpoint, manifest_matched, outcome)
     train_epochs(session)
-    finish(session, outcome)
+    finish(session, outcome, test_set)
 
 
 def claim_out_dir(args, outcome):
@@ -715,7 +717,7 @@ def train_epochs(session):
         )
 
 
-def finish(session, outcome):
+def finish(session, outcome, test_set):
     """A stopped run exits 75 (130 for Ctrl-C) with run.json saying so; a complete one scores best.pt on the
     test split, records "done" and draws loss.png."""
     args, paths, stopped_by = session.args, session.paths, session.stop.signal_name
@@ -734,7 +736,7 @@ def finish(session, outcome):
             flush=True,
         )
         sys.exit(exit_code)
-    session.record["test"] = evaluate_test(args, session.device, session.autocast, paths["best.pt"])
+    session.record["test"] = evaluate_test(args, session.device, session.autocast, paths["best.pt"], test_set)
     session.record["best_val_loss"] = session.best_val_loss
     finish_record(outcome, "done")
     try:
@@ -744,20 +746,12 @@ def finish(session, outcome):
     print(f"done: {args.out_dir} (metrics.csv, best.pt, last.pt, run.json, loss.png, eval-test/)", flush=True)
 
 
-def evaluate_test(args, device, autocast, best_path):
-    """best.pt on the test split when its files exist (evaluate.py's files in <run>/eval-test/); None otherwise."""
-    try:
-        test_loader = data.get_test_loader(
-            args.data_dir,
-            args.batch_size,
-            args.num_workers,
-            args.filter_data,
-            args.preload,
-            pin_memory=device.type == "cuda",
-        )
-    except data.MissingDataError:
+def evaluate_test(args, device, autocast, best_path, test_set):
+    """best.pt on the test split check_splits opened (evaluate.py's files in <run>/eval-test/); None without one."""
+    if test_set is None:
         print("test: no test split in the data dir, skipped", flush=True)
         return None
+    test_loader = data.in_order(test_set, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
     best = evaluation.load_checkpoint(best_path)
     model = evaluation.model_from_checkpoint(best, best_path).to(device)
     about = evaluation.describe(best_path, best, args.data_dir, "test", args.filter_data, device)
