@@ -9,10 +9,11 @@ ARGS ?=
 # the newest run with a metrics.csv: a run that failed before its first epoch has nothing to plot
 RUN ?= $(patsubst %/metrics.csv,%,$(firstword $(if $(wildcard runs/*/metrics.csv),$(shell ls -t $(wildcard runs/*/metrics.csv)))))
 RUNS ?= runs/*/
-# Slurm resources for make train and make sweep (sbatch options override train_job.sh's #SBATCH lines)
-PARTITION ?= gpu_course
-TIME ?= 01:00:00
+# Slurm resources for make train and make sweep (sbatch options override train_job.sh's #SBATCH lines);
+# GPUS=0 asks for no GPU, on the CPU partition unless PARTITION says otherwise
 GPUS ?= 1
+PARTITION ?= $(if $(filter 0,$(GPUS)),thin_course,gpu_course)
+TIME ?= 01:00:00
 CPUS ?= 8
 MEM ?= 32G
 SEEDS ?=
@@ -54,8 +55,8 @@ lint: $(VENV)/.installed $(VENV)/.lint-tools ## ruff check and ruff format --che
 bench: $(VENV)/.installed ## data pipeline and training speed against a reference (writes bench_data/)
 	$(PY) bench.py
 
-gpu-check: $(VENV)/.installed ## on a GPU node: train.py's speed, memory and exact resume on CUDA, one table
-	$(PY) bench.py --gpu-check
+gpu-check: $(VENV)/.installed ## on a GPU node: exact resume, portable checkpoints, speed and memory on CUDA, one table
+	$(PY) gpu_check.py
 
 synth: $(VENV)/.installed ## write a small synthetic PCAM set to data/synth (SYNTH_DIR=...) unless it is there
 	test -f $(SYNTH_DIR)/camelyonpatch_level_2_split_test_y.h5 && echo "make synth: $(SYNTH_DIR) holds a set already" \

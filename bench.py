@@ -8,16 +8,13 @@ ratios are what to compare. Usage: `python bench.py [--n-train N] [--dir bench_d
 """
 
 import argparse
-import contextlib
 import csv
-import io
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
-import types
 
 import h5py
 import numpy as np
@@ -31,7 +28,6 @@ import manage_data
 from model import MLP
 
 BATCH_SIZE = 256
-GPU_CHECK_IMAGES = 262144  # --gpu-check's synthetic train split, as large as PCAM's
 
 
 class ReferencePCAM(Dataset):
@@ -285,95 +281,6 @@ def training_rows(data_dir, n_train, plain_train, plain_forward):
     ]
 
 
-def timed_epochs(device, data_dir, batch_size, n_valid):
-    """One build of train.py at this batch size; per precision a warm-up epoch, then a timed epoch and validation."""
-    import train
-
-    args = train.parse_args(
-        ["--data-dir", data_dir, "--batch-size", str(batch_size), "--device", device.type, "--log-every", str(10**9)]
-    )
-    train.seed_everything(args.seed)
-    train_loader, val_loader, model, optimizer = train.build(args, device)
-    model.set_normalization(*train.channel_stats(train_loader.dataset))
-    no_stop, rows = types.SimpleNamespace(signal_name=None), []
-    session = train.Session(args, device, model, optimizer, train_loader, val_loader, None, no_stop, environment={})
-    for precision in ("fp32", "bf16"):
-
-        def autocast(precision=precision):
-            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-        session.autocast = autocast
-        for epoch in (1, 2):  # the first one warms up kernels and allocator
-            _, _, train_rate = train.train_one_epoch(session, epoch)
-        started = time.perf_counter()
-        train.evaluate(model, val_loader, device, autocast)  # ends in a copy to the host: a device sync
-        val_s = time.perf_counter() - started
-        rows.append((f"training, batch {batch_size}, {precision}", f"{train_rate:,.0f} images/s"))
-        rows.append((f"validation, batch {batch_size}, {precision}", f"{n_valid / val_s:,.0f} images/s"))
-        rows.append(
-            (
-                f"epoch + validation, batch {batch_size}, {precision}",
-                f"{len(train_loader.dataset) / train_rate + val_s:.2f} s",
-            )
-        )
-    return rows
-
-
-def resume_is_exact(device, data_dir):
-    """train.py on the device: 2 epochs straight, and 1 epoch then --resume; same metrics and weights?"""
-    import train
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        runs = {name: os.path.join(out_dir, name) for name in ("straight", "resumed")}
-        common = ["--data-dir", data_dir, "--device", device.type, "--batch-size", "1024", "--log-every", str(10**9)]
-        train.main([*common, "--out-dir", runs["straight"], "--epochs", "2"])
-        train.main([*common, "--out-dir", runs["resumed"], "--epochs", "1"])
-        train.main([*common, "--out-dir", runs["resumed"], "--epochs", "2", "--resume"])
-        checkpoints = [torch.load(os.path.join(run, "last.pt"), weights_only=True) for run in runs.values()]
-        weights, histories = ([checkpoint[key] for checkpoint in checkpoints] for key in ("model", "history"))
-        same_weights = all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
-        untimed = [[{name: row[name] for name in train.METRICS_HEADER[:7]} for row in history] for history in histories]
-        return same_weights and untimed[0] == untimed[1]
-
-
-def gpu_check(device, n_images, data_dir):
-    """`make gpu-check`: train.py's data path, speed, memory and exact resume on a GPU, as one table."""
-    import train
-
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(
-            "bench.py --gpu-check: CUDA is not available here (no GPU, or a CPU build of torch); "
-            "run it on a GPU node, e.g. srun --gpus=1 make gpu-check"
-        )
-    ensure_set(data_dir, n_images, "uint8", 0.0)
-    n_valid = len(data.read_labels(data.split_paths(data_dir, "valid")[1]))
-    cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    path, reason = train.choose_data_path(train.parse_args(["--data-dir", data_dir]), device)
-    rows = [
-        ("device", name),
-        ("torch / CUDA", f"{torch.__version__} / {torch.version.cuda}"),
-        ("data path", f"{path} ({reason})"),
-    ]
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.redirect_stdout(io.StringIO()):  # train.py's own lines; the table says what counts
-        for batch_size in (256, 1024):
-            rows += timed_epochs(device, data_dir, batch_size, n_valid)
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if cuda else "n/a on the CPU"
-        exact = resume_is_exact(device, data_dir)
-    rows += [("peak device memory", peak), ("resumed run equals uninterrupted", "yes" if exact else "NO")]
-    print(
-        f"\npcam-mlp gpu-check, {time.strftime('%Y-%m-%d')}, {platform.node()}, {n_images:,} synthetic train images, "
-        f"{n_valid:,} valid, MLP (64, 32), Adam"
-    )
-    print(f"| {'measure':<34} | {'value':<70} |")
-    print(f"|{'-' * 36}|{'-' * 72}|")
-    for what, value in rows:
-        print(f"| {what:<34} | {value:<70} |")
-    return 0 if exact else 1
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark the PCAM data pipeline and training against plain PyTorch.")
     parser.add_argument(
@@ -389,13 +296,6 @@ def parse_args(argv=None):
     parser.add_argument(
         "--dir", default="bench_data", metavar="DIR", help="where the sets are written (default: bench_data)"
     )
-    parser.add_argument(
-        "--gpu-check",
-        action="store_true",
-        help=f"train.py's speed, memory and exact resume on CUDA, {GPU_CHECK_IMAGES:,} synthetic images",
-    )
-    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # --gpu-check on the CPU, for tests
-    parser.add_argument("--images", type=int, default=GPU_CHECK_IMAGES, help=argparse.SUPPRESS)
     parser.add_argument("--rss-probe", metavar="DIR", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -453,8 +353,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.rss_probe:
         return peak_rss_probe(args.rss_probe)
-    if args.gpu_check:
-        return gpu_check(torch.device(args.device), args.images, os.path.join(args.dir, f"gpu_{args.images}"))
     torch.manual_seed(0)
     sets = {
         "uint8": os.path.join(args.dir, "uint8"),

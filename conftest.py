@@ -335,10 +335,11 @@ PROJECT_FILES = (
     "eda.py",
     "first_job.sh",
     "train_job.sh",
+    "gpu_check.py",
     "Makefile",
     "requirements.txt",
 )
-SMALL_JOB = {"CPUS": "1", "MEM": "1500M", "TIME": "00:10:00"}
+SMALL_JOB = {"GPUS": "0", "CPUS": "1", "MEM": "1500M", "TIME": "00:10:00"}  # the local GPU has no device
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import data
 import eda
 import evaluate
+import gpu_check
 import manage_data
 import plot_loss
 import train
@@ -1594,23 +1595,28 @@ class TestEda:
 
 
 class TestGpuCheck:
-    """bench.py --gpu-check: the end-to-end check of a GPU node, run here on the CPU."""
+    """gpu_check.py, the end-to-end check of a GPU node, run here on the CPU."""
 
-    def test_gpu_check_runs_end_to_end_on_a_tiny_set_on_the_cpu(self, tmp_path):
-        result = run_script("bench.py", "--gpu-check", "--device", "cpu", "--images", "512", "--dir", str(tmp_path))
-        assert result.returncode == 0, result.stderr
-        for row in (
-            "| data path                          | resident (uint8 train+valid",
-            "| training, batch 1024, bf16",
-            "| validation, batch 256, fp32",
-            "| peak device memory",
-            "| resumed run equals uninterrupted   | yes",
-        ):
-            assert row in result.stdout
+    def test_gpu_check_runs_every_check_on_a_tiny_set_on_the_cpu(self, tmp_path):
+        result = run_script("gpu_check.py", "--device", "cpu", "--images", "256", "--dir", str(tmp_path))
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in result.stdout.splitlines()[3:]}
+        for precision in ("fp32", "bf16"):
+            for path in ("resident", "loader"):
+                assert rows[f"resume equals straight run, {precision}, {path}"] == "yes"
+            for batch_size in (256, 1024):
+                assert rows[f"training, batch {batch_size}, {precision}, resident"].endswith("images/s")
+        assert rows["best.pt loads with weights_only, no GPU visible"].startswith("yes")
+        assert rows["eval-test/ equals evaluate.py (predictions.csv)"] == "yes"
+        assert os.listdir(tmp_path) == ["gpu_check_256"]  # the runs went with their temporary folder
         if not torch.cuda.is_available():
-            without_cuda = run_script("bench.py", "--gpu-check", "--dir", str(tmp_path))
-            lines = without_cuda.stderr.strip().splitlines()
-            assert without_cuda.returncode == 1 and len(lines) == 1 and "CUDA is not available here" in lines[0]
+            one_line_error(run_script("gpu_check.py", "--dir", str(tmp_path)), "CUDA is not available here")
+
+    def test_a_resumed_run_that_differs_is_a_mismatch(self, straight_run, synth_dir, tmp_path):
+        other = tmp_path / "other"
+        train.main(train_args(synth_dir, other, "--seed", "7"))
+        assert gpu_check.same_run(straight_run, straight_run)
+        assert not gpu_check.same_run(straight_run, other)
 
 
 @pytest.mark.slurm
@@ -1643,7 +1649,7 @@ class TestSlurmJobs:
         wait_for_job(plain)
         assert "skipped loading the course modules" in (project / f"hello_world_{plain}.out").read_text()
 
-    def test_make_train_runs_on_gpu_course_and_leaves_a_complete_run(self, project):
+    def test_make_train_gpus_0_trains_on_the_cpu_partition_and_leaves_a_complete_run(self, project):
         output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 2 --batch-size 128"})
         job = submitted_job(output)[0]
         assert f"logs/pcam_train_{job}.out" in output
@@ -1653,12 +1659,26 @@ class TestSlurmJobs:
         assert (run_dir / "best.pt").exists() and is_nonblank_png(run_dir / "loss.png")
         log = (project / "logs" / f"pcam_train_{job}.out").read_text()
         assert "gpu:" in log and "commit:" in log and "CUDA not available, using CPU" in log
-        partition = subprocess.run(
-            ["sacct", "-n", "-X", "-j", job, "-o", "Partition"], capture_output=True, text=True, check=True
-        ).stdout.split()
-        assert partition == ["gpu_course"]
+        accounted = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job, "-o", "Partition,AllocTRES"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("|")
+        assert accounted[0] == "thin_course" and "gpu" not in accounted[1], accounted
         status = make(project, "status")
         assert job in status and "COMPLETED" in status
+
+    def test_a_gpu_job_without_a_usable_gpu_fails_in_one_line_and_is_not_requeued(self, project):
+        output = make(project, "train", env={**SMALL_JOB, "GPUS": "1", "ARGS": "--epochs 1"})
+        job = submitted_job(output)[0]
+        assert wait_for_job(job) == ["FAILED"]
+        log = (project / "logs" / f"pcam_train_{job}.out").read_text()
+        errors = [line for line in log.splitlines() if line.startswith("train.py: error:")]
+        assert len(errors) == 1 and "CUDA" in errors[0] and "Traceback" not in log, log
+        assert "epoch 1/1" not in log and "requeueing" not in log
+        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
+        assert "Restarts=0" in show and "Partition=gpu_course" in show, show
 
     def test_a_job_continues_the_run_in_the_out_dir_its_args_name(self, project, synth_dir):
         run_dir = project / "mine" / "first"
@@ -1706,6 +1726,7 @@ class TestSlurmJobs:
                 "sbatch",
                 "--parsable",
                 "--partition=gpu_course",
+                "--gpus=0",
                 "--cpus-per-task=1",
                 "--mem=1500M",
                 "--time=00:02:00",
