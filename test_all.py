@@ -754,6 +754,26 @@ class TestModel:
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*gradients, strict=True))
 
 
+# 64 images, no dropout, a high learning rate: it overfits within a few epochs, and the validation loss rises
+OVERFIT_FLAGS = ["--batch-size", "16", "--lr", "0.003", "--dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory):
+    """A run whose validation loss falls, then rises: (run folder, validation losses, best epoch, stdout)."""
+    base = tmp_path_factory.mktemp("overfit")
+    manage_data.main(
+        ["synth", "--data-dir", str(base / "tiny"), "--n-train", "64", "--n-valid", "128", "--n-test", "64"]
+    )
+    result = run_script(
+        "train.py", *train_args(base / "tiny", base / "run", *OVERFIT_FLAGS, "--epochs", "5"), check=True
+    )
+    val_losses = [float(row["val_loss"]) for row in read_csv_rows(base / "run" / "metrics.csv")]
+    lowest_epoch = 1 + val_losses.index(min(val_losses))
+    assert 1 < lowest_epoch < len(val_losses), f"the validation loss must fall, then rise: {val_losses}"
+    return base / "run", val_losses, lowest_epoch, result.stdout
+
+
 class TestTraining:
     """train.py: a run learns, repeats itself from a seed and leaves a complete record."""
 
@@ -805,32 +825,41 @@ class TestTraining:
             )
         assert first[0] == pytest.approx(loss_sum / len(val_loader.dataset), rel=1e-5)
 
-    def test_best_pt_keeps_the_epoch_of_the_lowest_validation_loss(self, tmp_path):
-        manage_data.main(
-            ["synth", "--data-dir", str(tmp_path / "tiny"), "--n-train", "64", "--n-valid", "128", "--n-test", "0"]
-        )
-        # 64 images, no dropout, a high learning rate: it overfits within a few epochs, and the validation loss rises
-        train.main(
-            train_args(
-                tmp_path / "tiny",
-                tmp_path / "run",
-                "--epochs",
-                "5",
-                "--batch-size",
-                "16",
-                "--lr",
-                "0.003",
-                "--dropout",
-                "0",
-            )
-        )
-        val_losses = [float(row["val_loss"]) for row in read_csv_rows(tmp_path / "run" / "metrics.csv")]
-        lowest_epoch = 1 + val_losses.index(min(val_losses))
-        assert 1 < lowest_epoch < len(val_losses), f"the validation loss must fall, then rise: {val_losses}"
-        best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    def test_best_pt_keeps_the_epoch_of_the_lowest_validation_loss(self, overfit_run):
+        run_dir, val_losses, lowest_epoch, output = overfit_run
+        best = torch.load(run_dir / "best.pt", weights_only=True)
         assert best["epoch"] == lowest_epoch
         assert best["best_val_loss"] == pytest.approx(min(val_losses), abs=1e-6)
-        assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == len(val_losses)
+        assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == len(val_losses)
+        marked = [int(line.split()[1].split("/")[0]) for line in output.splitlines() if line.endswith("(best)")]
+        assert marked == [
+            epoch for epoch in range(1, lowest_epoch + 1) if val_losses[epoch - 1] == min(val_losses[:epoch])
+        ]
+
+    def test_every_consumer_of_best_reads_the_best_epoch_not_the_last(self, overfit_run):
+        run_dir, val_losses, lowest_epoch, _ = overfit_run
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["test"]["epoch"] == lowest_epoch
+        assert record["best_val_loss"] == pytest.approx(min(val_losses), abs=1e-6)
+        evaluated = json.loads((run_dir / "eval-test" / "metrics.json").read_text())
+        assert evaluated["checkpoint"]["epoch"] == lowest_epoch
+        assert evaluated["checkpoint"]["sha256"] == data.file_digest(run_dir / "best.pt")
+        summary = plot_loss.summarize_run(str(run_dir))
+        assert summary["best_epoch"] == lowest_epoch and summary["best_val_loss"] == pytest.approx(min(val_losses))
+        rows = read_csv_rows(run_dir / "metrics.csv")
+        assert summary["val_acc"] == pytest.approx(float(rows[lowest_epoch - 1]["val_acc"]))
+        assert summary["val_auc"] == pytest.approx(float(rows[lowest_epoch - 1]["val_auc"]))
+
+    def test_a_run_resumed_after_its_best_epoch_keeps_that_best_pt(self, overfit_run, tmp_path):
+        run_dir, val_losses, lowest_epoch, _ = overfit_run
+        data_dir = run_dir.parent / "tiny"
+        resumed = tmp_path / "resumed"
+        train.main(train_args(data_dir, resumed, *OVERFIT_FLAGS, "--epochs", str(lowest_epoch + 1)))
+        train.main(train_args(data_dir, resumed, *OVERFIT_FLAGS, "--epochs", str(len(val_losses)), "--resume"))
+        assert loss_columns(resumed) == loss_columns(run_dir)
+        best = torch.load(resumed / "best.pt", weights_only=True)
+        assert best["epoch"] == lowest_epoch
+        assert json.loads((resumed / "run.json").read_text())["test"]["epoch"] == lowest_epoch
 
     def test_dry_run_takes_one_batch_each_and_writes_nothing(self, synth_dir, tmp_path):
         result = run_script("train.py", *train_args(synth_dir, tmp_path / "dry", "--dry-run"), check=True)
