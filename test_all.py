@@ -360,6 +360,23 @@ class TestBadInput:
         assert len(data.load_split(poisoned_dir, "train")) == 600  # float32 0..255 with NaN and 1e5 pixels
         assert len(data.load_split(small_set, "train")) == 200  # the official files' uint8
 
+    def test_the_pixel_scale_limits_hold_on_both_sides(self, tmp_path):
+        unit = tissue(40, dtype=np.float32) / 255
+        unit[20, 0, 0, 0] = 1.01  # one value above 1: the 0..255 scale with dark images
+        wide_median_255 = np.full((40, 96, 96, 3), 255, np.uint16)
+        wide_median_256 = np.full((40, 96, 96, 3), 256, np.uint16)
+        for name, images, accepted in (
+            ("just above 1", unit, True),
+            ("median 255", wide_median_255, True),
+            ("median 256", wide_median_256, False),
+        ):
+            write_split(tmp_path / name, "train", images, labels_of(40, 10))
+            if accepted:
+                assert len(data.load_split(tmp_path / name, "train")) == 40
+            else:
+                with pytest.raises(data.PCAMError, match="expected the 0..255 scale"):
+                    data.load_split(tmp_path / name, "train")
+
     @pytest.mark.parametrize(
         "name, x", [("bool", np.ones((4, 96, 96, 3), bool)), ("strings", np.array([b"abc"] * 4)), ("group", None)]
     )
@@ -989,6 +1006,30 @@ class TestStopAndResume:
         assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
         assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == status
 
+    def test_a_second_ctrl_c_stops_at_once(self, synth_dir, tmp_path):
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        try:
+            stop = train.StopRequest()
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal_name == "SIGINT"  # the first asks for a stop after the step
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        process = train_until(train_args(synth_dir, tmp_path / "run", "--epochs", "50"), " step 10/")
+        process.send_signal(signal.SIGINT)
+        output = ""
+        for line in process.stdout:
+            output += line
+            if "received SIGINT" in line:
+                process.send_signal(signal.SIGINT)
+        output += process.stdout.read()
+        assert process.wait(timeout=120) == 130, output
+        assert "Traceback" not in output and "interrupted by SIGINT" in output
+        assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
+        assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
+
     def test_one_run_per_folder(self, synth_dir, tmp_path):
         args = train_args(synth_dir, tmp_path / "run", "--epochs", "50")
         first = start_run(args)
@@ -1186,6 +1227,24 @@ class TestTrainRefusals:
         assert "data.py verify" in result.stderr and "data.py manifest" in result.stderr
         assert "step 1/" not in result.stdout
 
+    def test_a_manifest_naming_a_file_that_is_gone_stops_train_and_verify(self, small_set, tmp_path):
+        run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
+        for path in data.split_paths(small_set, "test"):
+            os.remove(path)
+        result = run_script("train.py", *train_args(small_set, tmp_path / "run", "--epochs", "1"))
+        one_line_error(result, "camelyonpatch_level_2_split_test_x.h5 (missing)")
+        assert "step 1/" not in result.stdout and not (tmp_path / "run").exists()
+        one_line_error(
+            run_script("manage_data.py", "verify", "--data-dir", str(small_set)),
+            "camelyonpatch_level_2_split_test_y.h5 (missing)",
+        )
+
+    def test_the_largest_valid_values_are_accepted(self, synth_dir, tmp_path):
+        for flags in (["--seed", str(2**32 - 1)], ["--dropout", "0.99"], ["--momentum", "0.99", "--optimizer", "sgd"]):
+            result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--dry-run", *flags))
+            assert result.returncode == 0 and "dry run: one validation batch" in result.stdout, result.stderr
+        one_line_error(run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--dropout", "1")), "--dropout")
+
     def test_other_typing_mistakes_are_one_line(self, synth_dir, small_set, tmp_path):
         run_dir = tmp_path / "run"
         run_dir.mkdir()
@@ -1294,6 +1353,25 @@ class TestEvaluate:
         rows, labels, _, _ = read_predictions(tmp_path / "eval" / "predictions.csv")
         assert rows.tolist() == [row for row in range(40) if row not in (3, 17, 30)]
         assert labels.tolist() == labels_of(40, 16).ravel()[rows].tolist()
+
+    def test_train_py_scores_the_filtered_test_split_as_evaluate_py_does(self, synth_dir, tmp_path):
+        data_dir = linked_set(synth_dir, tmp_path / "data")
+        images = tissue(40, seed=5)
+        images[[3, 17]], images[30] = 0, 255  # two black tiles and a white one
+        write_split(data_dir, "test", images, labels_of(40, 16))
+        run_dir = tmp_path / "run"
+        run_script("train.py", *train_args(data_dir, run_dir, "--epochs", "1", "--filter-data"), check=True)
+        rows, labels, scores, _ = read_predictions(run_dir / "eval-test" / "predictions.csv")
+        assert rows.tolist() == [row for row in range(40) if row not in (3, 17, 30)]
+        assert labels.tolist() == labels_of(40, 16).ravel()[rows].tolist()
+        assert json.loads((run_dir / "eval-test" / "metrics.json").read_text())["filter_data"] is True
+        evaluated = tmp_path / "evaluated"
+        run_script(
+            *("evaluate.py", str(run_dir / "best.pt"), "--data-dir", str(data_dir), "--filter-data"),
+            *("--out-dir", str(evaluated), "--batch-size", "64"),
+            check=True,
+        )
+        assert (evaluated / "predictions.csv").read_text() == (run_dir / "eval-test" / "predictions.csv").read_text()
 
     def test_evaluate_scores_equal_those_of_train_py_test_evaluation(self, straight_run, synth_dir):
         by_train = (straight_run / "eval-test" / "predictions.csv").read_text()
