@@ -1821,43 +1821,26 @@ class TestSlurmJobs:
     def test_a_job_near_its_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(
         self, project, synth_dir, tmp_path
     ):
+        # Submitted as make train submits it, so train_job.sh's own --signal=B:USR1@120 line is what stops it.
         # Slurm checks time limits every 30 s and signals a job once it is within --signal's time + 30 s of its
-        # limit, so USR1@75 of a 2-minute limit comes 15-45 s in: after train.py is up (an earlier USR1 finds it
-        # still importing torch) and before its 40 epochs end. Both runs use one thread, so they share the 2
-        # CPUs here without slowing each other down, and compute the same numbers.
-        args = ["--epochs", "40", "--batch-size", "16", "--log-every", "50", "--num-workers", "0"]
-        one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
-        (project / "logs").mkdir()
-        job = subprocess.run(
-            [
-                "sbatch",
-                "--parsable",
-                "--partition=gpu_course",
-                "--gpus=0",
-                "--cpus-per-task=1",
-                "--mem=1500M",
-                "--time=00:02:00",
-                "--signal=B:USR1@75",
-                "train_job.sh",
-                *args,
-            ],
-            cwd=project,
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**one_thread, "PCAM_DIR": str(synth_dir)},
-        ).stdout.strip()
+        # limit, so USR1@120 of a 3-minute limit comes 30-60 s in: after train.py is up (an earlier USR1 finds it
+        # still importing torch) and before its 90 epochs (a second or more each) end. Both runs use one thread,
+        # so they share the 2 CPUs here without slowing each other down, and compute the same numbers.
+        args = ["--epochs", "90", "--batch-size", "16", "--log-every", "50", "--num-workers", "0"]
+        one_thread = {"OMP_NUM_THREADS": "1"}
+        output = make(project, "train", env={**SMALL_JOB, **one_thread, "TIME": "00:03:00", "ARGS": " ".join(args)})
+        job = submitted_job(output)[0]
         straight = subprocess.Popen(
             [sys.executable, "train.py", "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "straight"), *args],
             cwd=HERE,
             stdout=subprocess.DEVNULL,
-            env=one_thread,
+            env={**os.environ, **one_thread},
         )
 
         def extend_after_first_requeue():
             # the requeued job would be signalled again soon after it starts: give it room to finish
             show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
-            if "Restarts=1" in show and "TimeLimit=00:02:00" in show:
+            if "Restarts=1" in show and "TimeLimit=00:03:00" in show:
                 subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=00:10:00"], check=True)
 
         assert wait_for_job(job, timeout=480, on_poll=extend_after_first_requeue) == ["COMPLETED"]
