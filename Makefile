@@ -9,6 +9,7 @@ ARGS ?=
 # the newest run with a metrics.csv: a run that failed before its first epoch has nothing to plot
 RUN ?= $(patsubst %/metrics.csv,%,$(firstword $(if $(wildcard runs/*/metrics.csv),$(shell ls -t $(wildcard runs/*/metrics.csv)))))
 RUNS ?= runs/*/
+OUT ?=
 # Slurm resources for make train and make sweep (sbatch options override train_job.sh's #SBATCH lines);
 # GPUS=0 asks for no GPU, on the CPU partition unless PARTITION says otherwise
 GPUS ?= 1
@@ -18,13 +19,14 @@ CPUS ?= 8
 MEM ?= 32G
 SEEDS ?=
 LRS ?=
-# these reach commands as environment variables: split into words or quoted, never run by the shell
-export ARGS RUN RUNS PARTITION TIME GPUS CPUS MEM SEEDS LRS DATA_DIR
+# these reach commands as environment variables, never run by the shell: ARGS is split into words, the paths
+# (RUN, RUNS, OUT, DATA_DIR) are quoted, so they may hold spaces; RUN and RUNS may be patterns ('runs/slurm-123_*')
+export ARGS RUN RUNS OUT PARTITION TIME GPUS CPUS MEM SEEDS LRS DATA_DIR
 SHELL := /bin/bash
 .SHELLFLAGS := -f -e -o pipefail -c
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint bench gpu-check synth data eda demo train-local plot runs hello train sweep status logs env clean
+.PHONY: help install test test-fast lint bench gpu-check synth data eda figures demo train-local plot runs hello train sweep status logs env clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -65,8 +67,13 @@ synth: $(VENV)/.installed ## write a small synthetic PCAM set to data/synth (SYN
 data: $(VENV)/.installed ## download the official PCAM files (about 7 GB) to data/ or $PCAM_DIR
 	$(PY) manage_data.py download --data-dir "$$DATA_DIR"
 
-eda: $(VENV)/.installed ## defect counts and figures of the data in DATA_DIR, PNGs to assets/
-	$(PY) eda.py --data-dir "$$DATA_DIR" --out-dir assets
+eda: $(VENV)/.installed ## defect counts and figures of the data in DATA_DIR, PNGs to runs/eda/ (OUT=DIR)
+	$(PY) eda.py --data-dir "$$DATA_DIR" --out-dir "$${OUT:-runs/eda}"
+
+figures: $(VENV)/.installed ## rewrite the README's figures in assets/: eda of DATA_DIR and the loss plot of RUN
+	test -n "$$RUN" || { echo "make figures: no run found; pass RUN=runs/<name>" >&2; exit 1; }
+	$(PY) eda.py --data-dir "$$DATA_DIR" --out-dir assets --force
+	$(PY) plot_loss.py "$$RUN" --out assets/loss_plot.png --force
 
 demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in about a minute (runs/demo)
 	$(MAKE) -s synth
@@ -77,12 +84,12 @@ demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in ab
 train-local: $(VENV)/.installed ## python train.py $ARGS right here (laptop, salloc session)
 	$(PY) train.py $$ARGS
 
-plot: $(VENV)/.installed ## loss plot of RUN (default: newest run with metrics; several overlay) to assets/loss_plot.png
+plot: $(VENV)/.installed ## loss plot of RUN (default: the newest run; a pattern overlays) to its loss.png (OUT=PNG)
 	test -n "$$RUN" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }
-	$(PY) plot_loss.py $$RUN --out assets/loss_plot.png
+	$(PY) plot_loss.py "$$RUN" $${OUT:+--out "$$OUT"}
 
 runs: $(VENV)/.installed ## table of RUNS (default: every run under runs/), mean and std over seeds; runs_summary.csv
-	$(PY) plot_loss.py --table $$RUNS
+	$(PY) plot_loss.py --table "$$RUNS"
 
 hello: ## submit first_job.sh, the course's hello-world batch job
 	sbatch first_job.sh

@@ -253,7 +253,8 @@ def loss_plot_lines(paths, out_path):
 
 
 class PCAMServer(http.server.BaseHTTPRequestHandler):
-    """Serves self.server.files {name: bytes}, honours Range, and cuts the first reply of names in cut_once."""
+    """Serves self.server.files {name: bytes}, honours Range (unless ignore_range: then 200 and the whole body),
+    and cuts the first reply of names in cut_once."""
 
     def do_GET(self):
         name = self.path.split("?")[0].rsplit("/", 1)[-1]
@@ -262,7 +263,7 @@ class PCAMServer(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         body, start = self.server.files[name], 0
-        if self.headers.get("Range"):
+        if self.headers.get("Range") and not self.server.ignore_range:
             start = int(self.headers["Range"].split("=")[1].rstrip("-"))
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -293,12 +294,20 @@ def pcam_server(tmp_path):
     checksums = tmp_path / "md5.txt"
     checksums.write_text("".join(f"{hashlib.md5(body).hexdigest()}  {name}\n" for name, body in files.items()))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PCAMServer)
-    server.files, server.cut_once, server.requests = files, set(), []
+    server.files, server.cut_once, server.requests, server.ignore_range = files, set(), [], False
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.base_url = f"http://127.0.0.1:{server.server_address[1]}/records/2546921/files"
     server.checksums, server.source = str(checksums), source
     yield server
     server.shutdown()
+
+
+def serve(server, name, body):
+    """Serve body as name from now on, with its md5 in the server's checksums file (a bad archive that matches)."""
+    server.files[name] = body
+    Path(server.checksums).write_text(
+        "".join(f"{hashlib.md5(served).hexdigest()}  {served_name}\n" for served_name, served in server.files.items())
+    )
 
 
 def download(server, data_dir, *splits):
@@ -355,6 +364,7 @@ def project(tmp_path, synth_dir):
 MAKE_VARIABLES = (
     "RUN",
     "RUNS",
+    "OUT",
     "ARGS",
     "DATA_DIR",
     "PARTITION",

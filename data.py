@@ -630,6 +630,41 @@ def write_atomically(path, write):
             os.remove(temp_path)
 
 
+def is_data_file(path):
+    """A split file, or what download makes of one: no command's output may take such a name."""
+    name = os.path.basename(str(path))
+    return name.startswith("camelyonpatch_") or name.endswith((".h5", ".h5.gz", ".hdf5"))
+
+
+def check_output(path, written_here, force=False):
+    """Refuse an output path that would replace what this command did not write: a data file whatever the
+    flags, any other existing file unless force. written_here(path) tells the command's own earlier output."""
+    if is_data_file(path):
+        raise PCAMError(f"{path} is a data file, never an output: choose another output path")
+    if os.path.isfile(path) and not force and not written_here(path):
+        raise PCAMError(f"{path} exists and this command did not write it: choose another path, or add --force")
+
+
+def png_software(path):
+    """The Software text of a PNG file (what wrote it), or None for anything else. PNG: an 8-byte signature,
+    then chunks of (length, type, data, crc); savefig's metadata comes as tEXt chunks before the pixels."""
+    try:
+        with open(path, "rb") as source:
+            if source.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while len(header := source.read(8)) == 8:
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                body = source.read(length + 4)[:length]
+                keyword, _, text = body.partition(b"\0")
+                if kind == b"tEXt" and keyword == b"Software":
+                    return text.decode("latin-1")
+    except OSError:
+        return None
+    return None
+
+
 def os_reason(error):
     """The OS's words for an OSError, also when h5py wraps it (h5py's messages carry errno = N)."""
     text = str(error)
@@ -650,6 +685,15 @@ def present_splits(data_dir):
     if not splits:
         require_split(data_dir, "train")  # raises the missing-files message
     return splits
+
+
+def split_labels(data_dir, split):
+    """The labels of a split that is there, checked, and holds at least one image."""
+    x_path, y_path = require_split(data_dir, split)
+    labels = read_split_labels(x_path, y_path)
+    if not len(labels):
+        raise PCAMError(f"{x_path} holds no images; a PCAM split needs at least one row: write or fetch it again")
+    return labels
 
 
 def file_digest(path, algorithm="sha256", show_progress=False):

@@ -1,4 +1,4 @@
-"""Look at a PCAM folder before training on it: `python eda.py --data-dir DIR [--out-dir assets]`.
+"""Look at a PCAM folder before training on it: `python eda.py --data-dir DIR [--out-dir runs/eda]`.
 
 One streaming pass over each split's x file (data.iter_raw_blocks, the filter's block reader) counts
 the stored defects exactly: NaN-bearing images, values outside 0..255, black and white tiles by the
@@ -9,6 +9,7 @@ pcam.png (the intensity outliers figure), class_balance.png, sample_grid.png, ch
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -24,6 +25,8 @@ import matplotlib.pyplot as plt
 SUB_BLOCK_BYTES = 8 * 2**20  # the checks run over sub-blocks this size, so their passes hit the CPU cache
 HISTOGRAM_IMAGES = 256  # per class, evenly spread over the file: channel histograms, mean and std
 OUTLIER_KINDS = ("black", "white", "nan", "out_of_range")
+FIGURES = ("pcam.png", "class_balance.png", "sample_grid.png", "channel_histograms.png")
+SOFTWARE = "pcam-mlp eda.py"  # the PNG text that marks a figure as this script's to redraw
 
 
 class SplitScan:
@@ -218,8 +221,12 @@ def plot_channel_histograms(scan, path):
 
 def save(figure, path):
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        data.write_atomically(
+            path, lambda temp_path: figure.savefig(temp_path, dpi=110, format="png", metadata={"Software": SOFTWARE})
+        )
+    finally:
+        plt.close(figure)
     print(f"wrote {path}", flush=True)
 
 
@@ -237,7 +244,10 @@ def parse_args(argv=None):
         metavar="SPLIT",
         help="splits to scan; a missing one is skipped with a note while others are present",
     )
-    parser.add_argument("--out-dir", default="assets", metavar="DIR", help="where the PNGs go")
+    parser.add_argument("--out-dir", default=os.path.join("runs", "eda"), metavar="DIR", help="where the PNGs go")
+    parser.add_argument(
+        "--force", action="store_true", help="replace PNGs in --out-dir that eda.py did not write (never a data file)"
+    )
     parser.add_argument("--sample-grid", type=int, default=8, metavar="N", help="sample patches per class in the grid")
     for colour, default, side in (("black", data.BLACK_THRESHOLD, "below"), ("white", data.WHITE_THRESHOLD, "above")):
         parser.add_argument(
@@ -249,8 +259,17 @@ def parse_args(argv=None):
         )
     args = parser.parse_args(argv)
     if args.sample_grid < 1:
-        parser.error("--sample-grid must be at least 1")
+        sys.exit("eda.py: error: --sample-grid must be at least 1")
+    for name, value in (("--black-threshold", args.black_threshold), ("--white-threshold", args.white_threshold)):
+        if not (math.isfinite(value) and 0 <= value <= 255):
+            sys.exit(f"eda.py: error: {name} {value:g} is not a mean intensity: give a number from 0 to 255")
+    if args.black_threshold >= args.white_threshold:
+        sys.exit("eda.py: error: --black-threshold must be below --white-threshold: black tiles are the dark ones")
     return args
+
+
+def is_own_figure(path):
+    return data.png_software(path) == SOFTWARE
 
 
 def main(argv=None):
@@ -262,6 +281,10 @@ def main(argv=None):
                 print(f"note: {split} split not in {args.data_dir}, skipped", flush=True)
         if not present:
             data.require_split(args.data_dir, args.splits[0])  # raises the missing-files message
+        for split in present:  # every split and output is checked before the first scan
+            data.split_labels(args.data_dir, split)
+        for name in FIGURES:
+            data.check_output(os.path.join(args.out_dir, name), is_own_figure, args.force)
         scans = []
         for split in present:
             print(f"scanning {split} ...", flush=True)
@@ -272,13 +295,14 @@ def main(argv=None):
     except OSError as error:
         sys.exit(f"eda.py: error: {error.filename or args.out_dir}: {data.os_reason(error)}")
     print_table(scans)
+    outliers, balance, grid, histograms = (os.path.join(args.out_dir, name) for name in FIGURES)
     try:
-        plot_intensity_outliers(scans, os.path.join(args.out_dir, "pcam.png"))
-        plot_class_balance(scans, os.path.join(args.out_dir, "class_balance.png"))
-        plot_sample_grid(scans[0], os.path.join(args.out_dir, "sample_grid.png"))
-        plot_channel_histograms(scans[0], os.path.join(args.out_dir, "channel_histograms.png"))
-    except OSError as error:
-        sys.exit(f"eda.py: error: cannot write {error.filename or args.out_dir}: {data.os_reason(error)}")
+        plot_intensity_outliers(scans, outliers)
+        plot_class_balance(scans, balance)
+        plot_sample_grid(scans[0], grid)
+        plot_channel_histograms(scans[0], histograms)
+    except data.PCAMError as error:
+        sys.exit(f"eda.py: error: {error}")
 
 
 if __name__ == "__main__":

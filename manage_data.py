@@ -6,15 +6,18 @@ training imports (reading, cleaning, the filter, loaders) is in data.py.
 
 import argparse
 import errno
+import fcntl
 import gzip
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 
 import h5py
 import numpy as np
@@ -26,6 +29,7 @@ from data import (
     SPLITS,
     PCAMError,
     add_data_dir_argument,
+    check_output,
     check_pixel_scale,
     clean,
     file_digest,
@@ -37,11 +41,13 @@ from data import (
     read_manifest,
     read_split_labels,
     require_split,
+    split_labels,
     split_paths,
     write_atomically,
 )
 
 PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
+LOCK_NAME = "pcam.lock"  # synth and prepare hold it with flock while they write the folder
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
 ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
@@ -52,6 +58,26 @@ ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
     "camelyonpatch_level_2_split_test_x.h5.gz": "d8c2d60d490dbd479f8199bdfa0cf6ec",
     "camelyonpatch_level_2_split_test_y.h5.gz": "60a7035772fbdb7f34eb86d4420cf66a",
 }
+
+
+def lock_folder(folder):
+    """An open lock file holding an exclusive flock on a data folder (closing it lets go), or a PCAMError naming
+    the command that holds it: one writer at a time, so two sets or two sources never mix in one folder."""
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, LOCK_NAME), "a+")  # noqa: SIM115 (held open while the command writes)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not written its PID yet"
+        lock.close()
+        raise PCAMError(
+            f"{folder} is being written by another command ({holder}); wait for it to end, or choose another folder"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 def is_synthetic(x_path):
@@ -128,6 +154,11 @@ def write_synth_split(data_dir, split, n, rng, fraction, dtype):
 
 
 def cmd_synth(args):
+    with lock_folder(args.data_dir):
+        write_synth_set(args)
+
+
+def write_synth_set(args):
     existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
     if existing and not args.force:
         raise PCAMError(
@@ -141,7 +172,6 @@ def cmd_synth(args):
             f"{real[0]} was not written by manage_data.py synth; --force overwrites synthetic sets only: "
             "choose another --data-dir"
         )
-    os.makedirs(args.data_dir, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     for split, n in (("train", args.n_train), ("valid", args.n_valid), ("test", args.n_test)):
         if n > 0:
@@ -232,16 +262,19 @@ def prepare_split(data_dir, out_dir, split):
 def cmd_prepare(args):
     if os.path.realpath(args.out) == os.path.realpath(args.data_dir):
         raise PCAMError("--out must differ from --data-dir: prepare writes a cleaned copy beside the original")
-    os.makedirs(args.out, exist_ok=True)
-    for split in present_splits(args.data_dir):
-        prepare_split(args.data_dir, args.out, split)
+    splits = present_splits(args.data_dir)
+    for split in splits:  # an empty split is refused before anything is copied
+        split_labels(args.data_dir, split)
+    with lock_folder(args.out):
+        for split in splits:
+            prepare_split(args.data_dir, args.out, split)
 
 
 def cmd_info(args):
     log(f"{'split':<6} {'rows':>8} {'dtype':>8} {'shape':>16} {'layout':>22} {'MiB':>8} {'class 0':>8} {'class 1':>8}")
     for split in present_splits(args.data_dir):
         x_path, y_path = split_paths(args.data_dir, split)
-        labels = read_split_labels(x_path, y_path)
+        labels = split_labels(args.data_dir, split)
         with open_h5(x_path) as h5file:
             dset = h5file["x"]
             layout = "contiguous" if dset.chunks is None else f"chunks {dset.chunks[0]}"
@@ -259,8 +292,19 @@ def pcam_files(data_dir):
     return sorted(os.path.basename(p) for s in present_splits(data_dir) for p in split_paths(data_dir, s))
 
 
+def is_manifest(path):
+    """Whether path holds what cmd_manifest writes: a JSON object with "files" and nothing else."""
+    try:
+        with open(path) as source:
+            manifest = json.load(source)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and list(manifest) == ["files"] and isinstance(manifest["files"], dict)
+
+
 def cmd_manifest(args):
     manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
+    check_output(manifest_path, is_manifest, args.force)
     files = {
         name: {
             "bytes": os.path.getsize(os.path.join(args.data_dir, name)),
@@ -300,10 +344,14 @@ def cmd_verify(args):
 LOCAL_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
 
 
+def bytes_in(path):
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
 def fetch(url, part_path, attempts=5):
     """Download url into part_path, resuming from what is there (HTTP Range), retrying cut connections."""
     for attempt in range(1, attempts + 1):
-        have = os.path.getsize(part_path) if os.path.exists(part_path) else 0
+        have = bytes_in(part_path)
         request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
@@ -337,7 +385,8 @@ def fetch(url, part_path, attempts=5):
                     f"download of {url} failed after {attempts} attempts ({error}); "
                     "run the same command again to resume"
                 ) from None
-            log(f"download interrupted ({error}); resuming (attempt {attempt + 1} of {attempts})")
+            next_try = f"resuming at {bytes_in(part_path) / 2**20:.1f} MiB" if bytes_in(part_path) else "retrying"
+            log(f"download interrupted ({error}); {next_try} (attempt {attempt + 1} of {attempts})")
             time.sleep(min(2**attempt, 30) * float(os.environ.get("PCAM_RETRY_DELAY_SCALE", "1")))
 
 
@@ -377,9 +426,13 @@ def cmd_download(args):
                 os.replace(part_path, gz_path)
             log(f"download: {gz_name} md5 ok, unpacking")
 
-            def unpack(path, gz_path=gz_path):
-                with gzip.open(gz_path, "rb") as source, open(path, "wb") as target:
-                    shutil.copyfileobj(source, target, 16 * 2**20)
+            def unpack(path, gz_path=gz_path, gz_name=gz_name):
+                try:
+                    with gzip.open(gz_path, "rb") as source, open(path, "wb") as target:
+                        shutil.copyfileobj(source, target, 16 * 2**20)
+                except (EOFError, gzip.BadGzipFile, zlib.error):  # cut short, not gzip at all, or damaged inside
+                    os.remove(gz_path)
+                    raise PCAMError(f"corrupt archive {gz_name}, deleted: it is downloaded again next time") from None
 
             write_atomically(h5_path, unpack)
             os.remove(gz_path)
@@ -429,20 +482,27 @@ def parse_args(argv=None):
     )
     command("info", "print rows, dtype, layout, size and class balance per split")
     command("env", "check python, torch, CUDA and its device, h5py, and the PCAM files in the data dir")
-    for name, help_text in (
-        ("manifest", "write each PCAM file's size and sha256 to a manifest"),
-        ("verify", "check the PCAM files against a manifest and name each one that differs"),
-    ):
-        command(name, help_text).add_argument(
-            "--manifest", metavar="FILE", help=f"manifest path (default: DIR/{MANIFEST_NAME})"
-        )
+    manifest = command("manifest", "write each PCAM file's size and sha256 to a manifest")
+    verify = command("verify", "check the PCAM files against a manifest and name each one that differs")
+    for sub in (manifest, verify):
+        sub.add_argument("--manifest", metavar="FILE", help=f"manifest path (default: DIR/{MANIFEST_NAME})")
+    manifest.add_argument(
+        "--force", action="store_true", help="replace a --manifest file that manifest did not write (never a data file)"
+    )
     args = parser.parse_args(argv)
-    for name in ("n_train", "n_valid", "n_test"):
-        if getattr(args, name, 0) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
-    if not 0 <= getattr(args, "poison", 0) <= 1:
-        parser.error("--poison must be a fraction between 0 and 1")
+    if args.command == "synth":
+        check_synth_arguments(args)
     return args
+
+
+def check_synth_arguments(args):
+    for flag, count in (("--n-train", args.n_train), ("--n-valid", args.n_valid)):
+        if count < 1:
+            sys.exit(f"manage_data.py synth: error: {flag} {count}: a split needs at least one image")
+    if args.n_test < 0:
+        sys.exit(f"manage_data.py synth: error: --n-test {args.n_test}: give 0 (no test split) or more images")
+    if not 0 <= args.poison <= 1:
+        sys.exit(f"manage_data.py synth: error: --poison {args.poison:g}: give a fraction between 0 and 1")
 
 
 def add_download_arguments(download):

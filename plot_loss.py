@@ -39,6 +39,7 @@ RESULTS = (
 AVERAGED = RESULTS[2:]  # the metrics a group of seeds gets a mean and std of
 LOCK_NAME = "train.lock"  # train.py holds it with flock while the run is alive
 UNCOMPARED_SETTINGS = ("out_dir", "resume", "log_every")  # differ without changing what a run computes
+SOFTWARE = "pcam-mlp plot_loss.py"  # the PNG text that marks a figure as this script's to redraw
 
 
 class PlotError(Exception):
@@ -132,7 +133,10 @@ def plot_runs(paths, out_path):
     figure.tight_layout()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        data.write_atomically(out_path, lambda temp_path: figure.savefig(temp_path, dpi=120, format="png"))
+        data.write_atomically(
+            out_path,
+            lambda temp_path: figure.savefig(temp_path, dpi=120, format="png", metadata={"Software": SOFTWARE}),
+        )
     except OSError as error:
         raise PlotError(f"cannot write {out_path}: {error.strerror or error}") from None
     except data.PCAMError as error:
@@ -254,6 +258,20 @@ def write_summary(header, raw_rows, path):
     data.write_atomically(path, write)
 
 
+def is_own_figure(path):
+    return data.png_software(path) == SOFTWARE
+
+
+def is_own_summary(path):
+    """Whether path is a runs_summary.csv as write_summary writes them, judged by its header."""
+    try:
+        with open(path, newline="", encoding="utf-8") as source:
+            header = next(csv.reader(source), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return header[:1] == ["run"] and header[-len(RESULTS) - 1 :] == [*RESULTS, "status"]
+
+
 def is_locked(folder):
     """Whether a live train.py holds the folder's lock (the kernel drops it when the process dies)."""
     try:
@@ -285,13 +303,19 @@ def table_main(args):
     if not any(
         os.path.isdir(path) or os.path.basename(path) == "metrics.csv" and os.path.isfile(path) for path in paths
     ):
-        raise PlotError(f"no run found in {' '.join(args.runs)}: pass run folders, e.g. runs/*/ or runs/slurm-123_*")
+        example = "" if "runs/*/" in args.runs else ", e.g. 'runs/*/'"
+        raise PlotError(
+            f"no run found in {' '.join(repr(pattern) for pattern in args.runs)}: pass the folders train.py "
+            f"wrote (each holds a metrics.csv){example}"
+        )
+    out_path = args.out or os.path.join(os.path.dirname(os.path.normpath(run_folder(paths[0]))) or ".", "runs.png")
+    summary_path = os.path.join(os.path.dirname(out_path) or ".", "runs_summary.csv")
+    data.check_output(summary_path, is_own_summary, args.force)
+    data.check_output(out_path, is_own_figure, args.force)
     summaries = [summarize_run(path) for path in paths]
     header, text_rows, raw_rows = runs_table(summaries)
     print_table(header, text_rows)
-    out_path = args.out or os.path.join(os.path.dirname(os.path.normpath(run_folder(paths[0]))) or ".", "runs.png")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    summary_path = os.path.join(os.path.dirname(out_path) or ".", "runs_summary.csv")
     write_summary(header, raw_rows, summary_path)
     plotted = [path for path, summary in zip(paths, summaries, strict=True) if "best_epoch" in summary]
     if plotted:
@@ -301,7 +325,12 @@ def table_main(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot loss and validation accuracy per epoch from train.py runs.")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_CSV", help="run folders or metrics.csv files")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR_OR_CSV",
+        help="run folders or metrics.csv files; patterns such as 'runs/*/' are expanded",
+    )
     parser.add_argument(
         "--out",
         metavar="PNG",
@@ -311,17 +340,22 @@ def main(argv=None):
     parser.add_argument(
         "--table",
         action="store_true",
-        help="also print a table of the runs' results (patterns such as 'runs/*/' are expanded) "
-        "and write it to runs_summary.csv beside the plot",
+        help="also print a table of the runs' results and write it to runs_summary.csv beside the plot",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output that plot_loss.py did not write (never a data file)",
     )
     args = parser.parse_args(argv)
-    first = args.runs[0]
-    out_path = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".", "loss.png")
+    paths = expand(args.runs)
+    out_path = args.out or os.path.join(run_folder(paths[0]), "loss.png")
     try:
         if args.table:
             table_main(args)
         else:
-            plot_runs(args.runs, out_path)
+            data.check_output(out_path, is_own_figure, args.force)
+            plot_runs(paths, out_path)
             print(f"wrote {out_path}")
     except (PlotError, data.PCAMError) as error:
         sys.exit(f"plot_loss.py: error: {error}")

@@ -22,6 +22,7 @@ import tracemalloc
 from pathlib import Path
 
 import h5py
+import matplotlib.pyplot
 import numpy as np
 import pytest
 import torch
@@ -53,6 +54,7 @@ from conftest import (
     read_csv_rows,
     run_script,
     save_checkpoint,
+    serve,
     slurm_is_up,
     submitted_job,
     tissue,
@@ -565,6 +567,73 @@ class TestDataCommands:
             run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures")), missing
         )
 
+    def test_manifest_never_replaces_a_file_it_did_not_write(self, small_set, tmp_path):
+        x_train = data.split_paths(small_set, "train")[0]
+        before = Path(x_train).read_bytes()
+        for extra in ([], ["--force"]):
+            one_line_error(
+                run_script("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", x_train, *extra),
+                "is a data file",
+            )
+        assert Path(x_train).read_bytes() == before
+        notes = tmp_path / "notes.json"
+        notes.write_text('{"owner": "someone else"}')
+        one_line_error(
+            run_script("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(notes)), "--force"
+        )
+        assert notes.read_text() == '{"owner": "someone else"}'
+        for extra in (["--force"], []):  # forced once, then it is the manifest's own to rewrite
+            run_script(
+                "manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(notes), *extra, check=True
+            )
+        assert (
+            "all 6 files match"
+            in run_script(
+                "manage_data.py", "verify", "--data-dir", str(small_set), "--manifest", str(notes), check=True
+            ).stdout
+        )
+
+    def test_a_data_folder_has_one_writer_at_a_time(self, small_set, tmp_path):
+        busy = tmp_path / "busy"
+        busy.mkdir()
+        with open(busy / manage_data.LOCK_NAME, "w") as lock:
+            lock.write("PID 4242 on node-7\n")
+            lock.flush()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            one_line_error(
+                run_script("manage_data.py", "synth", "--data-dir", str(busy), "--n-train", "20", "--n-valid", "8"),
+                "PID 4242 on node-7",
+            )
+            one_line_error(
+                run_script("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(busy)),
+                "PID 4242 on node-7",
+            )
+        assert os.listdir(busy) == [manage_data.LOCK_NAME]
+        run_script("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(busy), check=True)
+        other = tmp_path / "other"
+        write_split(other, "train", tissue(30, seed=5), labels_of(30, 10))
+        one_line_error(
+            run_script("manage_data.py", "prepare", "--data-dir", str(other), "--out", str(busy)), "prepared copy of"
+        )
+        assert torch.equal(
+            data.load_split(busy, "train")[[0, 199]][0], data.load_split(small_set, "train")[[0, 199]][0]
+        )
+
+    def test_empty_splits_and_sizes_are_refused(self, small_set, tmp_path):
+        folder = linked_set(small_set, tmp_path / "data", splits=("train",))
+        write_split(folder, "valid", np.zeros((0, 96, 96, 3), np.uint8), labels_of(0, 0))
+        for command in (["info"], ["prepare", "--out", str(tmp_path / "out")]):
+            one_line_error(
+                run_script("manage_data.py", *command, "--data-dir", str(folder)), "valid_x.h5 holds no images"
+            )
+        assert not os.path.exists(data.split_paths(tmp_path / "out", "valid")[0])
+        one_line_error(
+            run_script("eda.py", "--data-dir", str(folder), "--out-dir", str(tmp_path / "figures")), "holds no images"
+        )
+        for flag in ("--n-train", "--n-valid"):
+            one_line_error(run_script("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), flag, "0"), flag)
+        assert not os.path.exists(tmp_path / "s")
+
     @pytest.mark.download
     def test_a_full_disk_is_one_line_everywhere(self, small_disk, synth_dir, pcam_server):
         one_line_error(
@@ -669,6 +738,33 @@ class TestDownload:
         assert result.returncode == 1
         assert "md5 does not match" in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not [n for n in os.listdir(tmp_path / "data") if n.startswith("camelyonpatch_level_2_split_valid_x")]
+
+    @pytest.mark.parametrize("kind", ["truncated gzip", "not gzip"])
+    def test_an_archive_that_does_not_unpack_is_deleted_and_named(self, pcam_server, tmp_path, kind):
+        name = "camelyonpatch_level_2_split_valid_x.h5.gz"
+        serve(pcam_server, name, pcam_server.files[name][:-40] if kind == "truncated gzip" else b"<html>moved</html>")
+        result = download(pcam_server, tmp_path / "data", "valid")
+        one_line_error(result, f"corrupt archive {name}, deleted: it is downloaded again next time")
+        assert not [n for n in os.listdir(tmp_path / "data") if n.startswith("camelyonpatch_level_2_split_valid_x")]
+
+    def test_retries_say_resuming_only_once_a_byte_has_arrived(self, pcam_server, tmp_path):
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        pcam_server.base_url = f"http://127.0.0.1:{port}/files"  # nothing listens there
+        result = download(pcam_server, tmp_path / "data", "test")
+        one_line_error(result, "after 5 attempts")
+        assert result.stdout.count("retrying") == 4 and "resuming" not in result.stdout
+
+    def test_a_server_that_ignores_range_gives_a_correct_file(self, pcam_server, tmp_path):
+        pcam_server.ignore_range = True
+        name = "camelyonpatch_level_2_split_valid_y.h5.gz"
+        os.makedirs(tmp_path / "data")
+        (tmp_path / "data" / (name + ".part")).write_bytes(bytes(100))  # not the body's first bytes: appending shows
+        assert download(pcam_server, tmp_path / "data", "valid").returncode == 0
+        assert (name, "bytes=100-") in pcam_server.requests
+        y_path = data.split_paths(tmp_path / "data", "valid")[1]
+        assert Path(y_path).read_bytes() == Path(data.split_paths(pcam_server.source, "valid")[1]).read_bytes()
 
     def test_download_reports_a_missing_file_on_the_server(self, pcam_server, tmp_path):
         del pcam_server.files["camelyonpatch_level_2_split_train_y.h5.gz"]
@@ -1469,6 +1565,22 @@ class TestLossPlot:
             [(epochs, column(rows, "train_loss")), ([1.0, 2.0], [0.9, 0.7])]
         )
 
+    def test_plot_never_replaces_a_file_it_did_not_write(self, straight_run, tmp_path):
+        _, y_path = write_split(tmp_path / "data", "train", tissue(4), labels_of(4, 2))
+        before = Path(y_path).read_bytes()
+        for extra in ([], ["--force"]):
+            one_line_error(run_script("plot_loss.py", str(straight_run), "--out", y_path, *extra), "is a data file")
+        assert Path(y_path).read_bytes() == before
+        photo = tmp_path / "photo.png"
+        matplotlib.pyplot.imsave(photo, np.zeros((4, 4, 3)))
+        before = photo.read_bytes()
+        one_line_error(run_script("plot_loss.py", str(straight_run), "--out", str(photo)), "--force")
+        assert photo.read_bytes() == before
+        run_script("plot_loss.py", str(straight_run), "--out", str(photo), "--force", check=True)
+        for _ in range(2):  # its own output it may draw again
+            run_script("plot_loss.py", str(straight_run), "--out", str(tmp_path / "loss.png"), check=True)
+        assert is_nonblank_png(tmp_path / "loss.png")
+
     @pytest.mark.parametrize(
         "content, fragment",
         [
@@ -1616,6 +1728,23 @@ class TestRunsTable:
         for line in result.stdout.splitlines()[1:-1]:
             assert line.endswith(statuses[line.split()[0]])
 
+    def test_runs_table_never_replaces_a_summary_it_did_not_write(self, sweep_runs, tmp_path):
+        (tmp_path / "runs_summary.csv").write_text("name,score\nmine,1\n")
+        result = run_script("plot_loss.py", "--table", str(sweep_runs / "seed-1"), "--out", str(tmp_path / "t.png"))
+        one_line_error(result, "runs_summary.csv")
+        assert (tmp_path / "runs_summary.csv").read_text() == "name,score\nmine,1\n"
+        assert not (tmp_path / "t.png").exists()
+        for _ in range(2):
+            out = str(tmp_path / "mine" / "t.png")
+            run_script("plot_loss.py", "--table", str(sweep_runs / "seed-1"), "--out", out, check=True)
+        assert read_csv_rows(tmp_path / "mine" / "runs_summary.csv")[0]["run"] == "seed-1"
+
+    def test_no_run_found_suggests_another_pattern_than_the_one_that_failed(self, tmp_path):
+        for pattern in ("runs/slurm-123_*", "runs/*/", str(tmp_path / "nowhere")):
+            result = run_script("plot_loss.py", "--table", pattern)
+            one_line_error(result, f"no run found in '{pattern}'")
+            assert result.stderr.count(pattern) == 1 and "plot_loss.py --table" not in result.stderr
+
     def test_runs_table_names_what_it_cannot_find(self, sweep_runs, tmp_path):
         out = str(tmp_path / "o.png")
         missing = run_script(
@@ -1688,6 +1817,32 @@ class TestEda:
         write_split(tmp_path, "train", tissue(4), np.array([0, 1, 3, 1], np.uint8))
         result = run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"))
         assert result.returncode == 1 and "labels must be 0 or 1" in result.stderr
+
+    @pytest.mark.parametrize(
+        "flags, fragment",
+        [
+            (["--black-threshold", "nan"], "--black-threshold"),
+            (["--white-threshold", "inf"], "--white-threshold"),
+            (["--black-threshold", "-1"], "--black-threshold"),
+            (["--white-threshold", "256"], "--white-threshold"),
+            (["--black-threshold", "200", "--white-threshold", "100"], "below --white-threshold"),
+        ],
+    )
+    def test_eda_thresholds_are_finite_ordered_and_within_0_to_255(self, small_set, tmp_path, flags, fragment):
+        result = run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures"), *flags)
+        one_line_error(result, fragment)
+        assert not (tmp_path / "figures").exists()
+
+    def test_eda_keeps_a_png_it_did_not_write(self, small_set, tmp_path):
+        figures = tmp_path / "figures"
+        figures.mkdir()
+        matplotlib.pyplot.imsave(figures / "sample_grid.png", np.zeros((4, 4, 3)))
+        before = (figures / "sample_grid.png").read_bytes()
+        one_line_error(run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(figures)), "sample_grid.png")
+        assert (figures / "sample_grid.png").read_bytes() == before and os.listdir(figures) == ["sample_grid.png"]
+        for _ in range(2):
+            run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "mine"), check=True)
+        assert is_nonblank_png(tmp_path / "mine" / "pcam.png")
 
     def test_a_corrupt_compressed_chunk_names_the_file(self, tmp_path):
         x_path, _ = write_split(
@@ -1910,16 +2065,24 @@ class TestMakeAndShellScripts:
         )
         assert result.returncode != 0 and "no run found" in result.stderr
         shutil.copytree(small_set, tmp_path / "a folder with spaces")
-        result = subprocess.run(
-            ["make", "-s", "eda", "DATA_DIR=a folder with spaces"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            check=False,
-            env=make_env(),
-        )
-        assert result.returncode == 0, result.stderr
-        assert is_nonblank_png(tmp_path / "assets" / "pcam.png")
+        make(tmp_path, "eda", "DATA_DIR=a folder with spaces")
+        assert is_nonblank_png(tmp_path / "runs" / "eda" / "pcam.png")
+
+    def test_make_eda_plot_and_runs_take_paths_with_spaces_and_leave_assets_alone(self, project, straight_run):
+        shutil.copytree(os.path.join(HERE, "assets"), project / "assets")
+        before = {path.name: path.read_bytes() for path in (project / "assets").iterdir()}
+        run = project / "my runs" / "run one"
+        shutil.copytree(straight_run, run)
+        (run / "loss.png").unlink()
+        for _ in range(2):  # and again: each rewrites its own output
+            make(project, "eda", "OUT=eda figures")
+            make(project, "plot", f"RUN={run}")
+            make(project, "plot", f"RUN={run}", "OUT=my runs/overlay.png")
+            make(project, "runs", "RUNS=my runs/*/")
+        assert is_nonblank_png(project / "eda figures" / "pcam.png") and is_nonblank_png(run / "loss.png")
+        assert is_nonblank_png(project / "my runs" / "overlay.png")
+        assert read_csv_rows(project / "my runs" / "runs_summary.csv")[0]["run"] == "run one"
+        assert {path.name: path.read_bytes() for path in (project / "assets").iterdir()} == before
 
     def test_job_scripts_pass_shellcheck(self):
         if shutil.which("shellcheck") is None:
