@@ -38,6 +38,7 @@ RESULTS = (
 )
 AVERAGED = RESULTS[2:]  # the metrics a group of seeds gets a mean and std of
 LOCK_NAME = "train.lock"  # train.py holds it with flock while the run is alive
+RUN_MARKERS = "os^DvPX*"  # one per overlaid run, with its colour
 UNCOMPARED_SETTINGS = ("out_dir", "resume", "log_every")  # differ without changing what a run computes
 SOFTWARE = "pcam-mlp plot_loss.py"  # the PNG text that marks a figure as this script's to redraw
 
@@ -119,11 +120,12 @@ def plot_runs(paths, out_path):
     names = legend_names(paths, [name for name, _ in runs])
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, ((_, metrics), name) in enumerate(zip(runs, names, strict=True)):
-        color = f"C{index % 10}"
+        # a colour and a marker of its own: runs stay apart in grey print and for colour-blind readers
+        style = {"color": f"C{index % 10}", "marker": RUN_MARKERS[index % len(RUN_MARKERS)]}
         label = f"{name} " if len(runs) > 1 else ""
-        loss_axes.plot(metrics["epoch"], metrics["train_loss"], "--", color=color, marker="o", label=f"{label}train")
-        loss_axes.plot(metrics["epoch"], metrics["val_loss"], "-", color=color, marker="o", label=f"{label}validation")
-        accuracy_axes.plot(metrics["epoch"], metrics["val_acc"], "-", color=color, marker="o", label=name)
+        loss_axes.plot(metrics["epoch"], metrics["train_loss"], "--", **style, label=f"{label}train")
+        loss_axes.plot(metrics["epoch"], metrics["val_loss"], "-", **style, label=f"{label}validation")
+        accuracy_axes.plot(metrics["epoch"], metrics["val_acc"], "-", **style, label=name)
     loss_axes.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     accuracy_axes.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy")
     for axes in (loss_axes, accuracy_axes):
@@ -297,6 +299,11 @@ def expand(patterns):
     return paths
 
 
+def beside_runs(paths):
+    """runs.png in the folder holding the first run: an overlay never takes the place of a run's own loss.png."""
+    return os.path.join(os.path.dirname(os.path.normpath(run_folder(paths[0]))) or ".", "runs.png")
+
+
 def table_main(args):
     """Print the runs table, write runs_summary.csv, and overlay the readable runs in the plot beside it."""
     paths = expand(args.runs)
@@ -308,7 +315,7 @@ def table_main(args):
             f"no run found in {' '.join(repr(pattern) for pattern in args.runs)}: pass the folders train.py "
             f"wrote (each holds a metrics.csv){example}"
         )
-    out_path = args.out or os.path.join(os.path.dirname(os.path.normpath(run_folder(paths[0]))) or ".", "runs.png")
+    out_path = args.out or beside_runs(paths)
     summary_path = os.path.join(os.path.dirname(out_path) or ".", "runs_summary.csv")
     data.check_output(summary_path, is_own_summary, args.force)
     data.check_output(out_path, is_own_figure, args.force)
@@ -334,8 +341,8 @@ def main(argv=None):
     parser.add_argument(
         "--out",
         metavar="PNG",
-        help="output image (default: loss.png in the first run's folder, or with --table runs.png "
-        "in the folder holding the first run), e.g. assets/loss_plot.png",
+        help="output image (default: a single run's loss.png; for several runs, or with --table, runs.png "
+        "in the folder holding the first run)",
     )
     parser.add_argument(
         "--table",
@@ -349,7 +356,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     paths = expand(args.runs)
-    out_path = args.out or os.path.join(run_folder(paths[0]), "loss.png")
+    out_path = args.out or (os.path.join(run_folder(paths[0]), "loss.png") if len(paths) == 1 else beside_runs(paths))
     try:
         if args.table:
             table_main(args)

@@ -1565,6 +1565,20 @@ class TestLossPlot:
             [(epochs, column(rows, "train_loss")), ([1.0, 2.0], [0.9, 0.7])]
         )
 
+    def test_overlaid_runs_differ_in_marker_as_well_as_colour(self, straight_run, tmp_path):
+        runs = []
+        for seed in range(3):
+            runs.append(tmp_path / f"seed{seed}")
+            shutil.copytree(straight_run, runs[-1], ignore=shutil.ignore_patterns("*.pt", "eval-test"))
+        figure = plot_loss.plot_runs([str(run) for run in runs], str(tmp_path / "runs.png"))
+        for axes in figure.axes[:2]:
+            markers = [line.get_marker() for line in axes.get_lines() if "train" not in line.get_label()]
+            assert len(set(markers)) == 3, markers  # told apart without colour
+        before = {run: (run / "loss.png").read_bytes() for run in runs}
+        result = run_script("plot_loss.py", *map(str, runs), check=True)
+        assert f"wrote {tmp_path / 'runs.png'}" in result.stdout and is_nonblank_png(tmp_path / "runs.png")
+        assert {run: (run / "loss.png").read_bytes() for run in runs} == before  # each run keeps its own plot
+
     def test_plot_never_replaces_a_file_it_did_not_write(self, straight_run, tmp_path):
         _, y_path = write_split(tmp_path / "data", "train", tissue(4), labels_of(4, 2))
         before = Path(y_path).read_bytes()
