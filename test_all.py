@@ -1963,6 +1963,16 @@ class TestSlurmJobs:
 class TestMakeAndShellScripts:
     """The Makefile's local targets, and shellcheck on the shell scripts."""
 
+    def test_make_demo_again_leaves_the_finished_demo_alone(self, project, synth_dir):
+        env = {"SYNTH_DIR": str(synth_dir)}
+        make(project, "demo", env=env)
+        run_dir = project / "runs" / "demo"
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
+        before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+        output = make(project, "demo", env=env)
+        assert "runs/demo: complete, 5 of 5 epochs done; nothing to do" in output
+        assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()} == before
+
     def test_make_plot_skips_failed_runs_and_make_eda_takes_a_folder_with_spaces(self, small_set, tmp_path):
         for name in PROJECT_FILES:
             shutil.copy2(os.path.join(HERE, name), tmp_path / name)
