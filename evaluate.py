@@ -7,7 +7,6 @@ versions), roc.png and confusion.png. train.py scores its best.pt on the test sp
 """
 
 import argparse
-import contextlib
 import csv
 import datetime
 import json
@@ -105,18 +104,24 @@ def model_from_checkpoint(checkpoint, path):
             f"the weights in {path} do not fit the MLP its model_args describe ({model_args}); "
             "it was saved by another model, pass a best.pt or last.pt written by train.py"
         ) from None
+    broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise EvaluationError(
+            f"{path} holds non-finite weights ({', '.join(broken)}): its run diverged; "
+            "pass a checkpoint of a run that trained (a lower --lr)"
+        )
     return model
 
 
 @torch.no_grad()
-def predict(model, batches, device, autocast=contextlib.nullcontext, max_batches=None):
-    """Mean cross-entropy, class-1 scores and labels (numpy) over (uint8 images, labels) batches, in order."""
+def predict(model, batches, device, max_batches=None):
+    """Mean cross-entropy, class-1 scores and labels (numpy) over (uint8 images, labels) batches, in order, from
+    fp32 logits (no autocast), whatever precision the model was trained in."""
     model.eval()
     loss_sum, scores, labels_seen = torch.zeros((), device=device, dtype=torch.float64), [], []
     for step, (images, labels) in enumerate(batches, 1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast():
-            logits = model(images).float()
+        logits = model(images)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         scores.append(torch.softmax(logits, dim=1)[:, 1])
         labels_seen.append(labels)
@@ -244,13 +249,18 @@ def plot_confusion(confusion, path):
     save_figure(figure, path)
 
 
-def evaluate_split(model, batches, rows, device, out_dir, about, autocast=contextlib.nullcontext):
+def evaluate_split(model, batches, rows, device, out_dir, about):
     """Score every batch, write predictions.csv, metrics.json, roc.png and confusion.png to out_dir.
 
     rows are the split-file row indices the batches hold, in order; about goes into metrics.json as is.
     Returns metrics.json's contents.
     """
-    loss, scores, labels = predict(model, batches, device, autocast)
+    loss, scores, labels = predict(model, batches, device)
+    if not (math.isfinite(loss) and np.isfinite(scores).all()):
+        raise EvaluationError(
+            f"the model's outputs on {about['split']} are not finite (loss {loss}); nothing written, "
+            "pass a checkpoint of a run that trained"
+        )
     metrics = {**classification_metrics(loss, scores, labels), "images": len(labels), **about}
     os.makedirs(out_dir, exist_ok=True)
     write_predictions(rows, labels, scores, os.path.join(out_dir, "predictions.csv"))

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 import torch
 
+import train
 from data import (
     IMAGE_SHAPE,
     MANIFEST_NAME,
@@ -446,7 +447,7 @@ def cmd_env(args):
     if torch.cuda.is_available():
         log(f"CUDA available: yes, {torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}")
     else:
-        log("CUDA available: no, training runs on the CPU")
+        log(f"CUDA available: no: {train.cuda_diagnosis()}")
     log(f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), numpy {np.__version__}")
     for split in SPLITS:
         paths = split_paths(args.data_dir, split)

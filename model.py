@@ -36,11 +36,13 @@ class MLP(nn.Module):
 
         W @ ((x - mean) / std) + b == (W / std) @ x + (b - (W / std) @ mean): a pass over the weight
         (27,648 x 64) instead of over every batch, recomputed per call so gradients reach the weight.
+        In fp32 under any autocast: a bfloat16 bias would shift every logit of the run by its rounding.
         """
         first = self.layers[0]
-        scale = 1 / self.channel_std.flatten()
-        weight = first.weight.view(first.out_features, -1, scale.numel()) * scale
-        bias = first.bias - weight.sum(dim=1) @ self.channel_mean.flatten()
+        with torch.autocast(first.weight.device.type, enabled=False):
+            scale = 1 / self.channel_std.flatten()
+            weight = first.weight.view(first.out_features, -1, scale.numel()) * scale
+            bias = first.bias - weight.sum(dim=1) @ self.channel_mean.flatten()
         return weight, bias
 
     def forward(self, images):

@@ -808,6 +808,15 @@ class TestModel:
         optimizer.step()
         assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
+    def test_the_normalisation_fold_is_fp32_under_bf16_autocast(self):
+        model = MLP()
+        model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
+        weight, bias = model.normalised_first_layer()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            weight_bf16, bias_bf16 = model.normalised_first_layer()
+        assert weight_bf16.dtype == bias_bf16.dtype == torch.float32
+        assert torch.equal(weight_bf16, weight) and torch.equal(bias_bf16, bias)
+
     def test_normalisation_travels_in_the_state_dict(self):
         model = MLP()
         model.set_normalization([10.0, 20.0, 30.0], [2.0, 4.0, 8.0])
@@ -973,6 +982,20 @@ class TestTraining:
         best = torch.load(resumed / "best.pt", weights_only=True)
         assert best["epoch"] == lowest_epoch
         assert json.loads((resumed / "run.json").read_text())["test"]["epoch"] == lowest_epoch
+
+    def test_a_tiny_minority_class_trains_with_a_warning_naming_the_counts(self, synth_dir, tmp_path):
+        write_split(tmp_path / "data", "train", tissue(512), labels_of(512, 1))
+        linked_set(synth_dir, tmp_path / "data", splits=("valid",))
+        result = run_script("train.py", *train_args(tmp_path / "data", tmp_path / "run", "--epochs", "1"), check=True)
+        warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+        assert len(warnings) == 1 and "class 1: 1 of 512" in warnings[0], result.stderr
+        assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 1
+
+    def test_help_states_each_default_once(self):
+        help_text = run_script("train.py", "--help", check=True).stdout
+        options = re.split(r"\n  (?=-)", help_text)
+        assert len(options) > 15 and "--out-dir" in help_text
+        assert [option for option in options if option.count("(default") > 1] == []
 
     def test_dry_run_takes_one_batch_each_and_writes_nothing(self, synth_dir, tmp_path):
         result = run_script("train.py", *train_args(synth_dir, tmp_path / "dry", "--dry-run"), check=True)
@@ -1167,6 +1190,127 @@ class TestStopAndResume:
         assert previous["epoch"] == 1 and torch.equal(previous["weights"], torch.arange(1000.0))
         assert os.listdir(tmp_path) == ["last.pt"]
 
+    def test_checkpoints_hold_cpu_tensors_and_say_where_they_were_written(self, synth_dir, straight_run, tmp_path):
+        def tensors(value):
+            if isinstance(value, dict):
+                return [t for item in value.values() for t in tensors(item)]
+            if isinstance(value, (list, tuple)):
+                return [t for item in value for t in tensors(item)]
+            return [value] if isinstance(value, torch.Tensor) else []
+
+        for name in ("last.pt", "best.pt"):
+            checkpoint = torch.load(straight_run / name, weights_only=True)
+            assert len(tensors(checkpoint)) > 10 and {t.device.type for t in tensors(checkpoint)} == {"cpu"}
+            assert checkpoint["written_on"] == {
+                "device": "cpu",
+                "device_name": json.loads((straight_run / "run.json").read_text())["environment"]["device"],
+                "cuda": torch.version.cuda,
+                "torch": torch.__version__,
+            }
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+        last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+        save_checkpoint({**last, "written_on": {**last["written_on"], "device": "cuda"}}, tmp_path / "run" / "last.pt")
+        resumed = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2"))
+        assert resumed.returncode == 0, resumed.stderr
+        assert "written on cuda, resumed on cpu: results need not match bit for bit" in resumed.stdout
+
+    def test_a_cpu_run_never_touches_cuda_even_where_cuda_is_available(self, synth_dir, tmp_path, monkeypatch):
+        calls = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all", "init"):
+            monkeypatch.setattr(torch.cuda, name, lambda *args, name=name, **kwargs: calls.append(name))
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "2", "--resume"))
+        assert calls == [] and not torch.cuda.is_initialized()
+        assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 2
+
+    def test_a_bf16_run_resumed_equals_an_uninterrupted_bf16_run(self, synth_dir, straight_run, tmp_path):
+        train.main(train_args(synth_dir, tmp_path / "straight", "--epochs", "2", "--bf16"))
+        train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1", "--bf16"))
+        train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "2", "--resume"))  # no --bf16: the run's own
+        assert loss_columns(tmp_path / "split") == loss_columns(tmp_path / "straight")
+        assert_same_weights(tmp_path / "split", tmp_path / "straight")
+        assert json.loads((tmp_path / "split" / "run.json").read_text())["args"]["bf16"] is True
+        assert loss_columns(tmp_path / "straight")[0] != loss_columns(straight_run)[0]  # bf16 did apply
+        evaluate.main(
+            [
+                str(tmp_path / "straight" / "best.pt"),
+                "--data-dir",
+                str(synth_dir),
+                "--out-dir",
+                str(tmp_path / "eval"),
+                "--batch-size",
+                "64",
+            ]
+        )
+        by_train, by_evaluate = (
+            json.loads((folder / "metrics.json").read_text())
+            for folder in (tmp_path / "straight" / "eval-test", tmp_path / "eval")
+        )
+        assert {k: by_train[k] for k in ("loss", "accuracy", "auc", "confusion")} == {
+            k: by_evaluate[k] for k in ("loss", "accuracy", "auc", "confusion")
+        }
+
+    def test_resume_refuses_an_explicit_different_bf16(self, synth_dir, tmp_path):
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+        result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2", "--bf16"))
+        one_line_error(result, "--bf16")
+        assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 1
+
+    def test_resume_refuses_another_runs_checkpoint_and_changes_nothing(self, synth_dir, tmp_path):
+        for name in ("mine", "other"):
+            train.main(train_args(synth_dir, tmp_path / name, "--epochs", "1"))
+        shutil.copy(tmp_path / "other" / "last.pt", tmp_path / "mine" / "last.pt")
+        kept = {name: (tmp_path / "mine" / name).read_bytes() for name in ("metrics.csv", "best.pt", "run.json")}
+        result = run_script("train.py", *train_args(synth_dir, tmp_path / "mine", "--resume", "--epochs", "2"))
+        one_line_error(result, "belongs to another run")
+        assert {name: (tmp_path / "mine" / name).read_bytes() for name in kept} == kept
+
+    @pytest.mark.parametrize("extra", [[], ["--resume"]])
+    def test_a_run_killed_before_its_first_checkpoint_starts_again(self, synth_dir, tmp_path, extra):
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / "run.json").write_text(json.dumps({"status": "running", "run_id": "0" * 32}))
+        (run_dir / train.LOCK_NAME).write_text("PID 1 on a node that died\n")  # no flock held: its holder is gone
+        train.main(train_args(synth_dir, run_dir, "--epochs", "1", *extra))
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
+        assert len(read_csv_rows(run_dir / "metrics.csv")) == 1
+
+    def test_resume_continues_to_the_runs_epochs_never_rewinds_and_leaves_a_finished_run_alone(
+        self, synth_dir, tmp_path
+    ):
+        args = train_args(synth_dir, tmp_path / "run", "--epochs", "2")
+        exit_code, output = signal_at(args, "epoch 2/2 step 10/", signal.SIGTERM)
+        assert exit_code == 75, output
+        train.main(train_args(synth_dir, tmp_path / "run", "--resume"))  # no --epochs: the run's own 2
+        assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 2
+        one_line_error(
+            run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "1")),
+            "--epochs 1 is below the 2 epochs",
+        )
+
+        def files():
+            return {
+                p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "run").rglob("*") if p.is_file()
+            }
+
+        before = files()
+        for extra in ([], ["--epochs", "2"]):  # the second as make demo runs it
+            again = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", *extra), check=True)
+            assert again.stdout.strip().splitlines() == [
+                f"{tmp_path / 'run'}: complete, 2 of 2 epochs done; nothing to do"
+            ]
+        assert files() == before
+
+    def test_an_absurd_validation_loss_stops_the_run(self, synth_dir, tmp_path):
+        # one SGD step per epoch at lr 100: a finite training loss, a validation loss of several hundred
+        args = train_args(synth_dir, tmp_path / "run", "--epochs", "2", "--optimizer", "sgd", "--lr", "100")
+        result = run_script("train.py", *args, "--batch-size", "2048", "--dropout", "0")
+        one_line_error(result, "validation loss")
+        assert "epoch 1" in result.stderr and "--lr" in result.stderr
+        assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+        assert not (tmp_path / "run" / "best.pt").exists()
+
     def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(self, synth_dir, tmp_path):
         result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--optimizer", "sgd", "--lr", "1e30"))
         assert result.returncode == 1 and "training loss became" in result.stderr
@@ -1222,6 +1366,7 @@ class TestTrainRefusals:
             (["--lr", "0"], "--lr must be positive"),
             (["--device", "tpu"], "--device must be auto, cpu or cuda"),
             (["--resume"], "no checkpoint"),
+            (["--momentum", "1"], "--momentum must be in [0, 1)"),
             (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
             (["--seed", str(2**32)], "--seed must be in 0 .. 2**32 - 1"),
             (["--hidden-units", "10000000000"], "cannot build the model with --hidden-units"),
@@ -1240,6 +1385,27 @@ class TestTrainRefusals:
         assert result.returncode == 1 and "CUDA is not available" in result.stderr
         auto = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--dry-run")
         assert "CUDA not available, using CPU" in auto.stdout
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+    def test_a_gpu_job_without_usable_cuda_stops_and_says_what_it_found(self, synth_dir, tmp_path):
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "nvidia-smi").write_text(
+            "#!/bin/sh\necho '| NVIDIA-SMI 550.54  Driver Version: 550.54  CUDA Version: 12.4 |'\n"
+        )
+        (bin_dir / "nvidia-smi").chmod(0o755)
+        job = {"SLURM_JOB_ID": "1", "SLURM_GPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0"}
+        job["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+        args = [*train_args(synth_dir, tmp_path / "run")[:-2], "--epochs", "1"]  # --device auto
+        result = run_script("train.py", *args, env=job)
+        one_line_error(result, "CUDA is not available")
+        assert result.returncode not in (0, train.REQUEUE_EXIT_CODE)
+        for found in ("CPU build", "driver CUDA 12.4", "CUDA_VISIBLE_DEVICES=0", "--device cpu"):
+            assert found in result.stderr
+        assert not (tmp_path / "run" / "metrics.csv").exists()
+        env_check = run_script("manage_data.py", "env", "--data-dir", str(synth_dir), env=job)
+        assert result.stderr[result.stderr.index("CUDA is not available") :].strip() in env_check.stdout
+        run_script("train.py", *args, "--device", "cpu", env=job, check=True)  # make demo on a GPU node
 
     def test_unwritable_out_dir_and_missing_data_are_reported(self, synth_dir, tmp_path):
         (tmp_path / "a_file").write_text("")
@@ -1509,6 +1675,14 @@ class TestEvaluate:
         result = run_script("evaluate.py", str(path), "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "eval"))
         assert result.returncode == 1 and fragment in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
+
+    def test_evaluate_refuses_non_finite_weights_in_one_line(self, straight_run, synth_dir, tmp_path):
+        best = torch.load(straight_run / "best.pt", weights_only=True)
+        best["model"]["layers.0.weight"][0, 0] = float("nan")
+        torch.save(best, tmp_path / "nan.pt")
+        result = run_script("evaluate.py", str(tmp_path / "nan.pt"), "--data-dir", str(synth_dir))
+        one_line_error(result, "layers.0.weight")
+        assert "non-finite" in result.stderr and not (tmp_path / "eval-test").exists()
 
     def test_evaluate_reports_a_missing_split_and_another_evaluation_in_one_line(
         self, straight_run, synth_dir, tmp_path
@@ -2068,6 +2242,16 @@ class TestSlurmJobs:
 
 class TestMakeAndShellScripts:
     """The Makefile's local targets, and shellcheck on the shell scripts."""
+
+    def test_make_demo_again_leaves_the_finished_demo_alone(self, project, synth_dir):
+        env = {"SYNTH_DIR": str(synth_dir)}
+        make(project, "demo", env=env)
+        run_dir = project / "runs" / "demo"
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
+        before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+        output = make(project, "demo", env=env)
+        assert "runs/demo: complete, 5 of 5 epochs done; nothing to do" in output
+        assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()} == before
 
     def test_make_plot_skips_failed_runs_and_make_eda_takes_a_folder_with_spaces(self, small_set, tmp_path):
         for name in PROJECT_FILES:

@@ -21,11 +21,13 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import h5py
 import numpy as np
@@ -64,9 +66,21 @@ RESUMED_SETTINGS = (
     "dropout",
     "seed",
     "filter_data",
+    "bf16",
 )  # a resumed run takes these from its checkpoint
+# ten times a constant guess's validation loss (ln 2): the model puts on average about 0.1% on the true class, a
+# run that diverged rather than one that learns slowly (a fresh MLP starts near ln 2, an overfitting one below 3)
+DIVERGED_LOSS = 10 * math.log(2)
+TINY_CLASS_SHARE, TINY_CLASS_IMAGES = 0.01, 10  # a training split's minority class below either is warned about
 NORMALIZATION_SAMPLE = 2048  # training images the per-channel mean and std are measured on
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default, except None: those options say in their help what happens without them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class UsageError(Exception):
@@ -84,7 +98,7 @@ def default_out_dir():
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Train an MLP on PCAM patches (see README.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data_group = parser.add_argument_group("data")
     data.add_data_dir_argument(data_group)
@@ -120,7 +134,7 @@ def build_parser():
         metavar="{auto,cpu,cuda}",
         help="auto takes CUDA when available and says so when it falls back to CPU",
     )
-    run_group.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA")
+    run_group.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (CUDA or CPU)")
     run_group.add_argument(
         "--out-dir", metavar="DIR", help="run folder (default: runs/<date-time>, or runs/slurm-<job id> in a Slurm job)"
     )
@@ -155,7 +169,7 @@ def check_args(args):
     for name in ("epochs", "batch_size", "lr", "log_every"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "momentum", "weight_decay", "dropout"):
+    for name in ("lr", "weight_decay"):
         if not math.isfinite(getattr(args, name)) or getattr(args, name) < 0:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a finite number, 0 or more, got {getattr(args, name)}"
@@ -164,19 +178,57 @@ def check_args(args):
         raise UsageError(f"--seed must be in 0 .. 2**32 - 1 (numpy's range), got {args.seed}")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be 0 or more, got {args.num_workers}")
-    if not 0 <= args.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    for name in ("dropout", "momentum"):
+        if not 0 <= getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if any(width < 1 for width in args.hidden_units):
         raise UsageError(f"--hidden-units must be positive widths, got {args.hidden_units}")
     if args.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            "--device cuda, but CUDA is not available here (no GPU, or a CPU build of torch); "
-            "use --device cpu or auto, or run on a GPU node"
-        )
+    if (args.device == "cuda" or args.device == "auto" and slurm_gave_gpus()) and not torch.cuda.is_available():
+        asked = "--device cuda" if args.device == "cuda" else "this Slurm job was given GPUs"
+        raise UsageError(f"{asked}, but {cuda_diagnosis()}")
     if args.resume and not args.out_dir and not os.environ.get("SLURM_JOB_ID"):
         raise UsageError("--resume needs --out-dir: the run folder to continue (e.g. runs/20260101-120000)")
+
+
+def slurm_gave_gpus():
+    """Inside a Slurm job that was given GPUs, where a silent fall back to the CPU would waste the allocation."""
+    env = os.environ
+    gpus = env.get("SLURM_JOB_GPUS") or env.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0")
+    return bool(env.get("SLURM_JOB_ID") and (gpus or env.get("CUDA_VISIBLE_DEVICES")))
+
+
+def driver_cuda_version():
+    """The CUDA version nvidia-smi says the driver supports ("12.4"), "unknown", or None without nvidia-smi."""
+    try:
+        banner = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"CUDA Version:\s*([\d.]+)", banner)
+    return found.group(1) if found else "unknown"
+
+
+def cuda_diagnosis():
+    """Why CUDA is not usable, in one line: the torch build, the driver, the visible devices, and what to do
+    (train.py's error and `manage_data.py env` print it alike)."""
+    driver = driver_cuda_version()
+    found = ", ".join(
+        [
+            f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
+            if torch.version.cuda
+            else "CPU build of torch",
+            f"driver CUDA {driver}" if driver else "no nvidia-smi",
+            *(f"{name}={os.environ.get(name, '(unset)')}" for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS")),
+        ]
+    )
+    if not driver:
+        fix = "run on a GPU node"
+    elif torch.version.cuda:
+        fix = f"install a torch built for CUDA {driver} or older, or load a newer driver"
+    else:
+        fix = f"install a torch built for CUDA (CUDA {driver} or older: see pytorch.org)"
+    return f"CUDA is not available here ({found}); {fix}, or pass --device cpu to train on the CPU"
 
 
 def pick_device(requested):
@@ -187,7 +239,8 @@ def pick_device(requested):
 
 def prepare_out_dir(args, outcome):
     """Create --out-dir when needed and hold its lock (in outcome) before looking at what it holds. A new run
-    never writes over a folder holding any file a run writes."""
+    never writes over a folder holding any file a run writes, except the run.json of a run that died before its
+    first checkpoint (the same run, started again). Returns whether to resume from last.pt."""
     try:
         if args.out_dir is None and not args.resume:
             args.out_dir = outcome["created_dir"] = new_run_folder(default_out_dir())
@@ -200,15 +253,19 @@ def prepare_out_dir(args, outcome):
         raise UsageError(
             f"cannot write to --out-dir {args.out_dir}: {error.strerror}; choose a writable folder"
         ) from None
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out_dir, name))]
+    if present == ["run.json"] and read_json(os.path.join(args.out_dir, "run.json")).get("status", "done") != "done":
+        print(f"{args.out_dir}: its run ended before its first checkpoint; starting it again", flush=True)
+        return False
     last_path = os.path.join(args.out_dir, "last.pt")
     if args.resume and not os.path.isfile(last_path):
         raise UsageError(f"--resume: no checkpoint {last_path}; start the run without --resume")
-    present = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out_dir, name))]
     if not args.resume and present:
         raise UsageError(
             f"{args.out_dir} already holds a run ({', '.join(present)}); add --resume to continue it "
             "or choose another --out-dir"
         )
+    return args.resume
 
 
 def new_run_folder(path):
@@ -254,6 +311,13 @@ def adopt_checkpoint_settings(args, checkpoint):
                 f"({flag} {saved[name]}); drop {flag} to continue the run as it started"
             )
         setattr(args, name, saved[name])
+    if "epochs" not in args.given:  # the run continues to its own end
+        args.epochs = saved["epochs"]
+    elif args.epochs < checkpoint["epoch"]:
+        raise UsageError(
+            f"--resume: --epochs {args.epochs} is below the {checkpoint['epoch']} epochs this run has done; "
+            f"give --epochs {checkpoint['epoch']} or more (a run is continued, never rewound)"
+        )
     if "data_dir" not in args.given:  # the data the run started on, not what $PCAM_DIR says today
         args.data_dir = saved["data_dir"]
 
@@ -264,27 +328,40 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state(train_loader):
+def rng_state(train_loader, device):
+    """The generators a resumed run restores; CUDA's of the training device only, so a CPU run never touches CUDA."""
     numpy_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
         "sampler": data.sampler_generator(train_loader).get_state(),
         "loader": train_loader.generator.get_state(),
     }
 
 
-def restore_rng_state(state, train_loader):
+def restore_rng_state(state, train_loader, device):
+    """The reverse of rng_state, onto this run's device, however many GPUs the writer saw."""
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and torch.is_tensor(state["cuda"]):
+        torch.cuda.set_rng_state(state["cuda"], device)
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     data.sampler_generator(train_loader).set_state(state["sampler"])
     train_loader.generator.set_state(state["loader"])
+
+
+def on_cpu(value):
+    """value with every tensor in it on the CPU: a checkpoint then loads anywhere, with or without CUDA."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
 
 
 def save_atomically(obj, path):
@@ -345,9 +422,9 @@ def to_device(images, labels, device):
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def evaluate(model, loader, device, autocast, max_batches=None):
-    """Loss, accuracy and ROC AUC over a loader, in order."""
-    loss, scores, labels = evaluation.predict(model, loader, device, autocast, max_batches)
+def evaluate(model, loader, device, max_batches=None):
+    """Loss, accuracy and ROC AUC over a loader, in order, from fp32 logits whatever the training precision."""
+    loss, scores, labels = evaluation.predict(model, loader, device, max_batches)
     accuracy = float(((scores >= evaluation.THRESHOLD) == (labels == 1)).mean())
     return loss, accuracy, evaluation.roc_auc(scores, labels)
 
@@ -519,6 +596,15 @@ def print_startup(args, environment, model, train_loader, val_loader):
             f"({100 * counts[1] / counts.sum():.1f}% positive)",
             flush=True,
         )
+    counts = np.bincount(train_loader.dataset.labels, minlength=2)
+    if counts.min() < max(TINY_CLASS_IMAGES, TINY_CLASS_SHARE * counts.sum()):
+        print(
+            f"train.py: warning: the training split's minority class is tiny (class {counts.argmin()}: "
+            f"{counts.min():,} of {counts.sum():,} kept images); the balanced sampler repeats those few images, "
+            "expect a model that does not generalise",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def check_splits(args):
@@ -533,8 +619,8 @@ def check_splits(args):
     return manifest_matched, test_set
 
 
-def check_finite(model, train_loss, val_loss, epoch):
-    """A non-finite loss or weight stops the run before its checkpoint is written."""
+def check_diverged(model, train_loss, val_loss, epoch):
+    """A non-finite loss or weight, or an absurd validation loss, stops the run before its checkpoint is written."""
     for name, value in (("training loss", train_loss), ("validation loss", val_loss)):
         if not math.isfinite(value):
             raise FloatingPointError(f"{name} became {value} in epoch {epoch}")
@@ -545,6 +631,11 @@ def check_finite(model, train_loss, val_loss, epoch):
     ]
     if broken:
         raise FloatingPointError(f"weights {', '.join(broken)} became non-finite in epoch {epoch}")
+    if val_loss > DIVERGED_LOSS:
+        raise FloatingPointError(
+            f"validation loss {val_loss:.4g} in epoch {epoch}, over {DIVERGED_LOSS:.2f} (ten times a constant "
+            "guess's ln 2): the run diverged"
+        )
 
 
 @dataclasses.dataclass
@@ -572,6 +663,8 @@ def run(args, outcome):
     outcome receives the out-dir lock and the run record, for main to close and finish."""
     stop = StopRequest()  # first: a signal during start-up must not kill the run without a word
     check_args(args)
+    if args.resume and run_is_complete(args):
+        return
     device = pick_device(args.device)
     checkpoint = claim_out_dir(args, outcome)
     manifest_matched, test_set = check_splits(args)
@@ -586,14 +679,41 @@ def run(args, outcome):
 
 def claim_out_dir(args, outcome):
     """Lock the run folder (not for a dry run, which writes nothing); the checkpoint to resume, or None."""
-    if args.dry_run and not args.resume:
+    if args.dry_run and not args.resume or not prepare_out_dir(args, outcome):
         return None
-    prepare_out_dir(args, outcome)
-    if not args.resume:
-        return None
-    checkpoint = evaluation.load_checkpoint(os.path.join(args.out_dir, "last.pt"), CHECKPOINT_KEYS)
+    last_path = os.path.join(args.out_dir, "last.pt")
+    checkpoint = evaluation.load_checkpoint(last_path, CHECKPOINT_KEYS)
+    check_same_run(checkpoint, read_json(os.path.join(args.out_dir, "run.json")), last_path)
     adopt_checkpoint_settings(args, checkpoint)
     return checkpoint
+
+
+def check_same_run(checkpoint, record, last_path):
+    """A checkpoint continues only the run its folder's run.json records: the same run id and settings."""
+    if not record:
+        return
+    recorded = record.get("args", {})
+    differing = [
+        name for name in RESUMED_SETTINGS if name in recorded and recorded[name] != checkpoint["args"].get(name)
+    ]
+    if checkpoint.get("run_id") != record.get("run_id") or differing:
+        what = f"settings {', '.join(differing)} differ" if differing else f"run id {checkpoint.get('run_id')}"
+        raise UsageError(
+            f"--resume: {last_path} belongs to another run than the folder's run.json ({what}, run.json has run id "
+            f"{record.get('run_id')}); put this run's own last.pt back, or resume that run in its own folder"
+        )
+
+
+def run_is_complete(args):
+    """A --resume of a run that is done at the --epochs asked (its own when not given) says so and touches nothing:
+    no lock taken, no file written."""
+    out_dir = args.out_dir or default_out_dir()
+    record = read_json(os.path.join(out_dir, "run.json"))
+    epochs = record.get("args", {}).get("epochs")
+    if record.get("status") != "done" or "epochs" in args.given and args.epochs != epochs:
+        return False
+    print(f"{out_dir}: complete, {epochs} of {epochs} epochs done; nothing to do", flush=True)
+    return True
 
 
 def set_up(args, device, stop):
@@ -602,11 +722,9 @@ def set_up(args, device, stop):
     train_loader, val_loader, model, optimizer = build(args, device)
     environment = describe_environment(device)
     print_startup(args, environment, model, train_loader, val_loader)
-    autocast = contextlib.nullcontext
-    if args.bf16 and device.type == "cuda":
-        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    elif args.bf16:
-        print("--bf16: autocast applies on CUDA only, ignored on the CPU", flush=True)
+    autocast = (
+        functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext
+    )
     return Session(args, device, model, optimizer, train_loader, val_loader, autocast, stop, environment)
 
 
@@ -614,7 +732,7 @@ def dry_run(session):
     """One logged batch of training and one of validation; nothing is written."""
     session.model.set_normalization(*channel_stats(session.train_loader.dataset))
     train_one_epoch(session, 1)
-    val_loss, val_acc, _ = evaluate(session.model, session.val_loader, session.device, session.autocast, max_batches=1)
+    val_loss, val_acc, _ = evaluate(session.model, session.val_loader, session.device, max_batches=1)
     print(f"dry run: one validation batch, loss {val_loss:.4f} accuracy {val_acc:.3f}; nothing written", flush=True)
 
 
@@ -629,7 +747,7 @@ def start_or_resume(session, checkpoint, manifest_matched, outcome):
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         session.optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"], session.train_loader)
+        restore_rng_state(checkpoint["rng"], session.train_loader, session.device)
         session.start_epoch, session.best_val_loss = checkpoint["epoch"] + 1, checkpoint["best_val_loss"]
         # checkpoints of earlier versions keep each epoch's metrics as a list in METRICS_HEADER's order
         session.history = [
@@ -639,9 +757,16 @@ def start_or_resume(session, checkpoint, manifest_matched, outcome):
         session.record = read_json(session.paths["run.json"])
         session.record.setdefault("resumed_at", []).append(now)
         print(f"resuming {args.out_dir} after epoch {checkpoint['epoch']}", flush=True)
+        written_on = checkpoint.get("written_on", {}).get("device")
+        if written_on and written_on != session.device.type:
+            print(
+                f"checkpoint written on {written_on}, resumed on {session.device.type}: results need not match bit "
+                "for bit those of an uninterrupted run",
+                flush=True,
+            )
     else:
         model.set_normalization(*channel_stats(session.train_loader.dataset))
-        session.record = {"started_at": now}
+        session.record = {"run_id": uuid.uuid4().hex, "started_at": now}
     print(
         f"normalisation: mean {model.channel_mean.flatten().tolist()} std {model.channel_std.flatten().tolist()}",
         flush=True,
@@ -665,16 +790,25 @@ def start_or_resume(session, checkpoint, manifest_matched, outcome):
 def checkpoint_of(session, epoch):
     """Everything a resumed run needs, after epoch (0: before the first)."""
     args = session.args
-    return {
-        "model": session.model.state_dict(),
-        "optimizer": session.optimizer.state_dict(),
-        "epoch": epoch,
-        "best_val_loss": session.best_val_loss,
-        "history": session.history,
-        "rng": rng_state(session.train_loader),
-        "args": settings(args),
-        "model_args": {"hidden_units": list(args.hidden_units), "dropout_rate": args.dropout},
-    }
+    return on_cpu(
+        {
+            "run_id": session.record.get("run_id"),
+            "written_on": {
+                "device": session.device.type,
+                "device_name": session.environment["device"],
+                "cuda": torch.version.cuda,
+                "torch": str(torch.__version__),  # a plain str: weights_only loading refuses TorchVersion
+            },
+            "model": session.model.state_dict(),
+            "optimizer": session.optimizer.state_dict(),
+            "epoch": epoch,
+            "best_val_loss": session.best_val_loss,
+            "history": session.history,
+            "rng": rng_state(session.train_loader, session.device),
+            "args": settings(args),
+            "model_args": {"hidden_units": list(args.hidden_units), "dropout_rate": args.dropout},
+        }
+    )
 
 
 def train_epochs(session):
@@ -688,8 +822,8 @@ def train_epochs(session):
         if trained is None:
             return
         train_loss, train_acc, images_per_s = trained
-        val_loss, val_acc, val_auc = evaluate(session.model, session.val_loader, session.device, session.autocast)
-        check_finite(session.model, train_loss, val_loss, epoch)
+        val_loss, val_acc, val_auc = evaluate(session.model, session.val_loader, session.device)
+        check_diverged(session.model, train_loss, val_loss, epoch)
         improved = val_loss < session.best_val_loss
         session.best_val_loss = min(session.best_val_loss, val_loss)
         row = {
@@ -736,7 +870,7 @@ def finish(session, outcome, test_set):
             flush=True,
         )
         sys.exit(exit_code)
-    session.record["test"] = evaluate_test(args, session.device, session.autocast, paths["best.pt"], test_set)
+    session.record["test"] = evaluate_test(args, session.device, paths["best.pt"], test_set)
     session.record["best_val_loss"] = session.best_val_loss
     finish_record(outcome, "done")
     try:
@@ -746,7 +880,7 @@ def finish(session, outcome, test_set):
     print(f"done: {args.out_dir} (metrics.csv, best.pt, last.pt, run.json, loss.png, eval-test/)", flush=True)
 
 
-def evaluate_test(args, device, autocast, best_path, test_set):
+def evaluate_test(args, device, best_path, test_set):
     """best.pt on the test split check_splits opened (evaluate.py's files in <run>/eval-test/); None without one."""
     if test_set is None:
         print("test: no test split in the data dir, skipped", flush=True)
@@ -762,7 +896,6 @@ def evaluate_test(args, device, autocast, best_path, test_set):
         device,
         os.path.join(args.out_dir, "eval-test"),
         about,
-        autocast,
     )
     print(
         f"test (best.pt, epoch {best['epoch']}): loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
