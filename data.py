@@ -5,6 +5,7 @@ contiguous files, one h5py selection otherwise) and keeps images uint8 until the
 training device. The data commands (download, synth, prepare, ...) are in manage_data.py.
 """
 
+import argparse
 import errno
 import hashlib
 import json
@@ -46,6 +47,13 @@ class MissingDataError(PCAMError, FileNotFoundError):
 
 def log(message):
     print(message, flush=True)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default, but not None or a switch's False: their help says what happens without them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def add_num_workers_argument(parser):

@@ -233,7 +233,7 @@ def save(figure, path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Exploratory analysis of PCAM files: exact defect counts and figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=data.HelpFormatter,
     )
     data.add_data_dir_argument(parser)
     parser.add_argument(

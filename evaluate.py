@@ -40,7 +40,7 @@ class EvaluationError(Exception):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Score a train.py checkpoint on one PCAM split (see README.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=data.HelpFormatter,
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's best.pt or last.pt")
     data.add_data_dir_argument(parser)

@@ -76,13 +76,6 @@ NORMALIZATION_SAMPLE = 2048  # training images the per-channel mean and std are 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends each option's default, except None: those options say in their help what happens without them."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 class UsageError(Exception):
     """A bad argument or state the user can fix; main turns it into one line on stderr."""
 
@@ -98,7 +91,7 @@ def default_out_dir():
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Train an MLP on PCAM patches (see README.md).",
-        formatter_class=HelpFormatter,
+        formatter_class=data.HelpFormatter,
     )
     data_group = parser.add_argument_group("data")
     data.add_data_dir_argument(data_group)
@@ -872,6 +865,8 @@ def finish(session, outcome, test_set):
         sys.exit(exit_code)
     session.record["test"] = evaluate_test(args, session.device, paths["best.pt"], test_set)
     session.record["best_val_loss"] = session.best_val_loss
+    if session.device.type == "cuda":
+        session.record["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
     finish_record(outcome, "done")
     try:
         plot_loss.plot_runs([paths["metrics.csv"]], os.path.join(args.out_dir, "loss.png"))
