@@ -459,11 +459,11 @@ class PCAMDataset(Dataset):
 
     def _load_all(self):
         needed = len(self.indices) * IMAGE_BYTES
-        available = available_memory_bytes()
+        available, which = free_memory()
         if needed > 0.8 * available:
             raise PCAMError(
                 f"--preload needs {needed / 2**30:.1f} GiB for {self.x_path} but only "
-                f"{available / 2**30:.1f} GiB is available; drop --preload or ask for more memory"
+                f"{available / 2**30:.1f} GiB is free under {which}; drop --preload or ask for more memory"
             )
         memory = np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
         for start, block in iter_raw_blocks(self.x_path):
@@ -475,12 +475,72 @@ class PCAMDataset(Dataset):
         return {**self.__dict__, "_reader": None, "_reader_pid": None}
 
 
-def available_memory_bytes():
+def free_memory():
+    """(bytes, which limit) this process can still fill: the smallest of the kernel's MemAvailable, the room left
+    in its memory cgroup and its Slurm allocation. A job is killed at its cgroup's limit, long before MemAvailable
+    (the whole node's) runs out."""
+    limits = {"MemAvailable": mem_available(), **cgroup_room(), **slurm_allocation()}
+    which = min(limits, key=limits.get)
+    return limits[which], which
+
+
+def mem_available():
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def cgroup_room():
+    """{limit file: limit less usage} of this process's memory cgroup and those above it (v2, or v1's memory
+    controller); unlimited ones ("max", or v1's 2**63 rounded to a page) are left out."""
+    try:
+        with open("/proc/self/cgroup") as entries:
+            memberships = [line.rstrip("\n").split(":", 2) for line in entries]
+    except OSError:
+        return {}
+    rooms = {}
+    for _, controllers, path in memberships:
+        if controllers == "":
+            base, limit_name, usage_name = "/sys/fs/cgroup", "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit_name, usage_name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        while True:
+            room = cgroup_folder_room(base + path.rstrip("/"), limit_name, usage_name)
+            if room is not None:
+                rooms[f"cgroup {limit_name}"] = min(room, rooms.get(f"cgroup {limit_name}", room))
+            if path in ("", "/"):
+                break
+            path = os.path.dirname(path.rstrip("/"))
+    return rooms
+
+
+def cgroup_folder_room(folder, limit_name, usage_name):
+    try:
+        with open(os.path.join(folder, limit_name)) as limit_file, open(os.path.join(folder, usage_name)) as usage:
+            limit, used = limit_file.read().strip(), int(usage.read())
+        if limit == "max" or int(limit) >= 2**60:
+            return None
+        return max(0, int(limit) - used)
+    except (OSError, ValueError):
+        return None
+
+
+def slurm_allocation():
+    """{variable: bytes} of the job's Slurm memory (0, Slurm's "all of the node's", counts as no limit)."""
+    env = os.environ
+    try:
+        if int(env.get("SLURM_MEM_PER_NODE", "0")) > 0:
+            return {"SLURM_MEM_PER_NODE": int(env["SLURM_MEM_PER_NODE"]) * 2**20}
+        if int(env.get("SLURM_MEM_PER_CPU", "0")) > 0:
+            cpus = int(env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE") or "1")
+            return {"SLURM_MEM_PER_CPU x CPUs": int(env["SLURM_MEM_PER_CPU"]) * 2**20 * cpus}
+    except ValueError:  # not a number of MiB: no allocation this process can go by
+        pass
+    return {}
 
 
 def load_split(data_dir, split, filter_data=False, preload=False, **thresholds):
@@ -580,11 +640,21 @@ class DeviceBatches:
 
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        order = torch.tensor(list(self.sampler.sampler), device=self.images.device)  # one copy per pass
+        order = self.order().to(self.images.device)
         for start in range(0, len(order), self.sampler.batch_size):
             positions = order[start : start + self.sampler.batch_size]
             # index_select copies whole rows; images[positions] goes byte by byte on the CPU (30x slower)
             yield self.images.index_select(0, positions).permute(0, 3, 1, 2), self.labels.index_select(0, positions)
+
+    def order(self):
+        """This pass's positions as one tensor: WeightedRandomSampler's own multinomial call on its generator, or
+        every row in order."""
+        sampler = self.sampler.sampler
+        if isinstance(sampler, WeightedRandomSampler):
+            return torch.multinomial(
+                sampler.weights, sampler.num_samples, sampler.replacement, generator=sampler.generator
+            )
+        return torch.arange(len(sampler))
 
 
 class PrefetchBatches:

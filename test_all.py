@@ -194,9 +194,57 @@ class TestStorageAndPreload:
         assert np.array_equal(preloaded[rows][0].permute(0, 2, 3, 1).numpy(), np.delete(images, dropped, axis=0))
 
     def test_preload_refuses_when_memory_is_short(self, small_set, monkeypatch):
-        monkeypatch.setattr(data, "available_memory_bytes", lambda: 1000)
-        with pytest.raises(data.PCAMError, match="--preload needs"):
+        monkeypatch.setattr(data, "free_memory", lambda: (1000, "MemAvailable"))
+        with pytest.raises(data.PCAMError, match="--preload needs .* free under MemAvailable"):
             data.load_split(small_set, "train", preload=True)
+
+
+@pytest.fixture
+def memory_cgroup():
+    """A fresh cgroup v1 memory controller folder with a 1 GiB limit, removed after the test."""
+    folder = Path(f"/sys/fs/cgroup/memory/pcam-test-{os.getpid()}")
+    try:
+        folder.mkdir()
+        (folder / "memory.limit_in_bytes").write_text(str(2**30))
+    except OSError as error:
+        if folder.exists():
+            folder.rmdir()
+        pytest.skip(f"no writable cgroup v1 memory controller here ({error.strerror}): the cgroup limit is untested")
+    yield folder
+    folder.rmdir()  # its processes have ended, so it is empty
+
+
+class TestMemoryLimits:
+    """data.free_memory: the smallest of MemAvailable, the memory cgroup's room and the Slurm allocation."""
+
+    def test_the_memory_cgroup_limit_decides_inside_one(self, memory_cgroup):
+        report = subprocess.run(
+            [
+                "sh",
+                "-c",
+                f'echo $$ > {memory_cgroup}/cgroup.procs && exec "$0" -c '
+                '"import data; free, which = data.free_memory(); print(free, which)"',
+                sys.executable,
+            ],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert report.returncode == 0, report.stderr
+        free, which = report.stdout.split(maxsplit=1)
+        assert which.strip() == "cgroup memory.limit_in_bytes"
+        assert 0 < int(free) < 2**30
+
+    def test_slurm_allocations_count_in_mib_per_node_or_per_cpu(self, monkeypatch):
+        monkeypatch.setenv("SLURM_MEM_PER_NODE", "3")
+        assert data.free_memory() == (3 * 2**20, "SLURM_MEM_PER_NODE")
+        monkeypatch.delenv("SLURM_MEM_PER_NODE")
+        monkeypatch.setenv("SLURM_MEM_PER_CPU", "2")
+        monkeypatch.setenv("SLURM_CPUS_ON_NODE", "3")
+        assert data.free_memory() == (6 * 2**20, "SLURM_MEM_PER_CPU x CPUs")
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+        assert data.free_memory() == (8 * 2**20, "SLURM_MEM_PER_CPU x CPUs")
 
 
 class TestLoaders:
@@ -862,13 +910,23 @@ class TestTraining:
             (needed / train.RESIDENT_SHARE * 1.01, "resident"),
             (needed / train.RESIDENT_SHARE * 0.99, "loader"),
         ):
-            monkeypatch.setattr(data, "available_memory_bytes", lambda free=free: int(free))
+            monkeypatch.setattr(data, "free_memory", lambda free=free: (int(free), "MemAvailable"))
             train.main(train_args(synth_dir, tmp_path / path, "--epochs", "1"))
             assert f"data path: {path} (uint8 train+valid" in capsys.readouterr().out
         with pytest.raises(SystemExit) as stop:
             train.main(train_args(synth_dir, tmp_path / "forced", "--epochs", "1", "--data-on-device", "yes"))
-        assert "--data-on-device yes: uint8 train+valid 0.05 GiB over 70% of 0.1 GiB free RAM" in str(stop.value.code)
+        assert "--data-on-device yes: uint8 train+valid 0.05 GiB over 70% of 0.07 GiB free under MemAvailable" in str(
+            stop.value.code
+        )
         assert not (tmp_path / "forced" / "metrics.csv").exists()
+
+    def test_a_slurm_memory_allocation_sends_the_run_to_the_loader(self, synth_dir, tmp_path, monkeypatch, capsys):
+        monkeypatch.setenv("SLURM_MEM_PER_NODE", "1")  # 1 MiB: far less than the node's free memory
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+        assert (
+            "data path: loader (uint8 train+valid 0.05 GiB over 70% of 0.00 GiB free under SLURM_MEM_PER_NODE, cpu)"
+            in capsys.readouterr().out
+        )
 
 
 # the loader path, with DataLoader workers, for the signal tests

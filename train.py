@@ -443,6 +443,7 @@ def describe_environment(device):
 def build(args, device):
     """Loaders, model and optimiser for these settings."""
     path, reason = choose_data_path(args, device)
+    print(f"data path: {path} ({reason})", flush=True)  # before the passes that load or filter the splits
     resident = path == "resident"
     train_loader, val_loader = data.get_dataloaders(
         args.data_dir,
@@ -457,7 +458,6 @@ def build(args, device):
         train_loader, val_loader = data.DeviceBatches(train_loader, device), data.DeviceBatches(val_loader, device)
     elif device.type == "cuda":
         train_loader, val_loader = data.PrefetchBatches(train_loader, device), data.PrefetchBatches(val_loader, device)
-    print(f"data path: {path} ({reason})", flush=True)
     try:
         model = MLP(hidden_units=tuple(args.hidden_units), dropout_rate=args.dropout).to(device)
     except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError too
@@ -480,11 +480,15 @@ RESIDENT_SHARE = 0.7  # the splits go resident when they take at most this share
 
 
 def free_memory(device):
-    """(where, free bytes) that limits a resident copy: RAM, which the splits pass through, and the GPU's."""
-    limits = {"RAM": data.available_memory_bytes()}
+    """(free bytes, which limit) for a resident copy: this process's memory, which the splits pass through, and on
+    CUDA the device's, less nothing this process merely caches."""
+    free, which = data.free_memory()
     if device.type == "cuda":
-        limits["device memory"] = torch.cuda.mem_get_info(device)[0]
-    return min(limits.items(), key=lambda limit: limit[1])
+        torch.cuda.empty_cache()  # cached blocks count as used in mem_get_info, yet are ours to reuse
+        device_free = torch.cuda.mem_get_info(device)[0]
+        if device_free < free:
+            return device_free, "CUDA device memory"
+    return free, which
 
 
 def choose_data_path(args, device):
@@ -495,11 +499,11 @@ def choose_data_path(args, device):
         return "loader", "--dry-run reads one batch of each split"
     rows = sum(len(data.read_labels(data.require_split(args.data_dir, split)[1])) for split in ("train", "valid"))
     needed = rows * data.IMAGE_BYTES
-    where, free = free_memory(device)
+    free, which = free_memory(device)
     fits = needed <= RESIDENT_SHARE * free
     reason = (
         f"uint8 train+valid {needed / 2**30:.2f} GiB {'within' if fits else 'over'} {RESIDENT_SHARE:.0%} "
-        f"of {free / 2**30:.1f} GiB free {where}"
+        f"of {free / 2**30:.2f} GiB free under {which}"
     )
     if args.data_on_device == "yes" and not fits:
         raise UsageError(f"--data-on-device yes: {reason}; use --data-on-device auto or no to stream from the files")
