@@ -5,12 +5,16 @@ contiguous files, one h5py selection otherwise) and keeps images uint8 until the
 training device. The data commands (download, synth, prepare, ...) are in manage_data.py.
 """
 
+import atexit
 import errno
+import functools
 import hashlib
 import json
 import mmap
+import multiprocessing
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
@@ -33,6 +37,7 @@ BLOCK_BYTES = 64 * 2**20  # streaming passes read about this many raw bytes at a
 CHUNK_CACHE_BYTES = 256 * 2**20  # HDF5 chunk cache per open chunked file (per worker)
 MAPPED_BYTES_BEFORE_RELEASE = 2**30  # unmap a memory map's pages after this much reading (see MappedRows)
 MANIFEST_NAME = "pcam_manifest.json"
+PROGRESS_EVERY_S = 10  # a whole-file pass prints a line this often (a batch log wants 5 to 30 s), and when done
 SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
 
 
@@ -199,7 +204,38 @@ def contiguous_offset(x_path, dset):
     return offset
 
 
-def iter_raw_blocks(x_path):
+class Progress:
+    """Progress of a whole-file pass, one line at a time: "filter train: 12.30 of 27.00 GB, 0.41 GB/s, eta 36s",
+    at most every every_s seconds and once more when done. Blocks take seconds, so lines come every_s apart."""
+
+    def __init__(self, task, total_bytes, clock=time.monotonic, every_s=PROGRESS_EVERY_S):
+        self.task, self.total_bytes, self.clock, self.every_s = task, total_bytes, clock, every_s
+        self.started = self.last_line = clock()
+
+    def update(self, done_bytes):
+        now = self.clock()
+        finished = done_bytes >= self.total_bytes
+        if now - self.last_line < self.every_s and not finished:
+            return
+        self.last_line, elapsed = now, max(now - self.started, 1e-9)
+        rate = done_bytes / elapsed
+        tail = f"done in {elapsed:.0f}s" if finished else f"eta {(self.total_bytes - done_bytes) / max(rate, 1):.0f}s"
+        log(f"{self.task}: {done_bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB, {rate / 1e9:.2f} GB/s, {tail}")
+
+
+def iter_raw_blocks(x_path, task=None):
+    """raw_blocks(x_path), with Progress lines named task (say "filter train") when one is given."""
+    if task is None:
+        yield from raw_blocks(x_path)
+        return
+    with open_h5(x_path) as h5file:
+        progress = Progress(task, dataset_in(h5file, "x", x_path).nbytes)
+    for start, block in raw_blocks(x_path):
+        yield start, block
+        progress.update((start + len(block)) * block[0].nbytes)
+
+
+def raw_blocks(x_path):
     """Yield (start_row, raw_block) over a PCAM x file in large blocks, with bounded memory. Blocks are
     read-only.
 
@@ -233,12 +269,15 @@ def iter_raw_blocks(x_path):
         mapping.madvise(mmap.MADV_DONTNEED)  # only this block was touched; the page cache keeps the data
 
 
+def outlier_rows(block, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
+    """Boolean mask of a block's rows whose cleaned mean is at or below black_threshold or at or above white."""
+    means = tile_means(block, black_threshold, white_threshold)
+    return (means <= black_threshold) | (means >= white_threshold)
+
+
 def outlier_mask(x_path, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
-    """Boolean mask of the rows whose cleaned mean is at or below black_threshold or at or above white."""
-    masks = []
-    for _, block in iter_raw_blocks(x_path):
-        means = tile_means(block, black_threshold, white_threshold)
-        masks.append((means <= black_threshold) | (means >= white_threshold))
+    """outlier_rows of a whole x file."""
+    masks = [outlier_rows(block, black_threshold, white_threshold) for _, block in iter_raw_blocks(x_path)]
     return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
 
@@ -422,17 +461,17 @@ class PCAMDataset(Dataset):
         if len(all_labels) == 0:
             raise PCAMError(f"{self.x_path} holds no images; a PCAM split needs at least one row")
         check_pixel_scale(self.x_path)
-        self.indices = np.arange(len(all_labels))
-        if filter_data:
-            self.indices = np.flatnonzero(~outlier_mask(self.x_path, black_threshold, white_threshold))
-            if len(self.indices) == 0:
-                raise PCAMError(
-                    f"{self.x_path}: the outlier filter removed every image (thresholds "
-                    f"{black_threshold}, {white_threshold}); the file holds only black or white tiles"
-                )
+        self.indices, self._memory = np.arange(len(all_labels)), None
+        if filter_data or preload:
+            thresholds = (black_threshold, white_threshold) if filter_data else None
+            self.indices, self._memory = self._read_whole_file(thresholds, preload)
+        if len(self.indices) == 0:
+            raise PCAMError(
+                f"{self.x_path}: the outlier filter removed every image (thresholds "
+                f"{black_threshold}, {white_threshold}); the file holds only black or white tiles"
+            )
         self.labels = all_labels[self.indices]
         self._reader, self._reader_pid = None, None
-        self._memory = self._load_all() if preload else None
 
     def __len__(self):
         return len(self.indices)
@@ -457,7 +496,22 @@ class PCAMDataset(Dataset):
             self._reader, self._reader_pid = open_rows(self.x_path), os.getpid()
         return self._reader.read(rows)
 
-    def _load_all(self):
+    def _read_whole_file(self, thresholds, load):
+        """(kept rows, their cleaned images or None) in one pass over the x file: the rows the filter keeps (every
+        row without thresholds) and, with load, their images in RAM. The array is sized for every row, the kept
+        count being known only at the end; its tail is never written, so never takes memory."""
+        memory = self._reserve_memory() if load else None
+        kept_parts, filled = [], 0
+        task = " and ".join(["filter"] * bool(thresholds) + ["load"] * load) + " " + os.path.basename(self.x_path)
+        for start, block in iter_raw_blocks(self.x_path, task):
+            keep = ~outlier_rows(block, *thresholds) if thresholds else np.ones(len(block), bool)
+            kept_parts.append(start + np.flatnonzero(keep))
+            if load:
+                memory[filled : filled + len(kept_parts[-1])] = clean(block[keep], scratch=True)
+                filled += len(kept_parts[-1])
+        return np.concatenate(kept_parts), memory[:filled] if load else None
+
+    def _reserve_memory(self):
         needed = len(self.indices) * IMAGE_BYTES
         available, which = free_memory()
         if needed > 0.8 * available:
@@ -465,11 +519,7 @@ class PCAMDataset(Dataset):
                 f"--preload needs {needed / 2**30:.1f} GiB for {self.x_path} but only "
                 f"{available / 2**30:.1f} GiB is free under {which}; drop --preload or ask for more memory"
             )
-        memory = np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
-        for start, block in iter_raw_blocks(self.x_path):
-            first, end = np.searchsorted(self.indices, [start, start + len(block)])
-            memory[first:end] = clean(block[self.indices[first:end] - start], scratch=True)
-        return memory
+        return np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None, "_reader_pid": None}
@@ -565,24 +615,35 @@ def balanced_sampler(labels, seed):
     )
 
 
-def seed_worker(worker_id):
+@functools.cache
+def main_exiting():
+    """An event set as this process exits, for its loader workers (see seed_worker). Its exit handler is
+    registered after multiprocessing's, so it runs first: before multiprocessing ends leftover workers."""
+    event = multiprocessing.Event()
+    atexit.register(event.set)
+    return event
+
+
+def seed_worker(worker_id, main_exiting=None):
     """Seed a DataLoader worker; it leaves stop signals to the main process, so a signal sent to the whole
-    process group (scancel, preemption, Ctrl-C) stops the run cleanly instead of killing the workers under it."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    process group (scancel, preemption, Ctrl-C) stops the run cleanly instead of killing the workers under it.
+    Once the main process is exiting, SIGTERM (how multiprocessing ends a worker still alive then) ends it."""
+    for signum in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: main_exiting.is_set() and os._exit(0))
     np.random.seed(torch.initial_seed() % 2**32)
 
 
 def batch_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, seed=0):
-    """A DataLoader that fetches whole batches with one dataset[list_of_positions] call."""
+    """A DataLoader that fetches whole batches with one dataset[list_of_positions] call. Its workers end with
+    each pass (not persistent): none outlives the pass that needs it, whatever ends that pass."""
     return DataLoader(
         dataset,
         sampler=BatchSampler(sampler, batch_size, drop_last=False),
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        worker_init_fn=seed_worker,
+        worker_init_fn=functools.partial(seed_worker, main_exiting=main_exiting()),
         generator=torch.Generator().manual_seed(seed + 1),
     )
 

@@ -527,13 +527,14 @@ def print_startup(args, environment, model, train_loader, val_loader):
 
 def check_splits(args):
     """What build and the end-of-run test evaluation will read, checked before the first step: the manifest when
-    there is one, and the test split when any of its files is there (build checks train and valid).
-    Returns whether the data matched its manifest (None without one), and the test split opened (or None),
-    which the end-of-run evaluation then reads."""
+    there is one, and the test split when any of its files is there (build checks train and valid), by its
+    metadata and a pixel-scale sample: the filter reads the whole file once, when the run ends.
+    Returns whether the data matched its manifest (None without one), and the test split opened unfiltered (or
+    None), which the end-of-run evaluation then reads."""
     manifest_matched = data.check_manifest(args.data_dir)
     test_set = None
     if any(os.path.exists(path) for path in data.split_paths(args.data_dir, "test")):
-        test_set = data.load_split(args.data_dir, "test", args.filter_data)
+        test_set = data.load_split(args.data_dir, "test")
     return manifest_matched, test_set
 
 
@@ -751,10 +752,13 @@ def finish(session, outcome, test_set):
 
 
 def evaluate_test(args, device, autocast, best_path, test_set):
-    """best.pt on the test split check_splits opened (evaluate.py's files in <run>/eval-test/); None without one."""
+    """best.pt on the test split check_splits opened, filtered now with --filter-data (evaluate.py's files in
+    <run>/eval-test/); None without one."""
     if test_set is None:
         print("test: no test split in the data dir, skipped", flush=True)
         return None
+    if args.filter_data:
+        test_set = data.PCAMDataset(test_set.x_path, test_set.y_path, filter_data=True)
     test_loader = data.in_order(test_set, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
     best = evaluation.load_checkpoint(best_path)
     model = evaluation.model_from_checkpoint(best, best_path).to(device)
