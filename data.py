@@ -6,6 +6,8 @@ training device. The data commands (download, synth, prepare, ...) are in manage
 """
 
 import atexit
+import contextlib
+import ctypes
 import errno
 import functools
 import hashlib
@@ -36,6 +38,8 @@ WHITE_THRESHOLD = 250.0  # at or above this, a washout; real tissue stays well b
 BLOCK_BYTES = 64 * 2**20  # streaming passes read about this many raw bytes at a time
 CHUNK_CACHE_BYTES = 256 * 2**20  # HDF5 chunk cache per open chunked file (per worker)
 MAPPED_BYTES_BEFORE_RELEASE = 2**30  # unmap a memory map's pages after this much reading (see MappedRows)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 4 * 2**20  # buffers this large are mapped for themselves (see keep_large_buffers_off_the_heap)
 MANIFEST_NAME = "pcam_manifest.json"
 PROGRESS_EVERY_S = 10  # a whole-file pass prints a line this often (a batch log wants 5 to 30 s), and when done
 SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
@@ -423,8 +427,17 @@ class ChunkedRows:
         return batch
 
 
+def keep_large_buffers_off_the_heap():
+    """Have glibc serve every buffer of MMAP_THRESHOLD_BYTES or more by mmap, returned to the system on free. By
+    default glibc raises that threshold (up to 32 MiB) whenever such a buffer is freed; batch buffers (28 MiB of
+    float32 for 256 images) then come from the heap, which fragments, and RSS grows with the files' size."""
+    with contextlib.suppress(AttributeError, OSError):  # not glibc (macOS): no such threshold to fix
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def open_rows(x_path):
     """A row reader for the x file, chosen by its layout (dset.chunks, compression, byte offset)."""
+    keep_large_buffers_off_the_heap()  # in the process that reads: the main one, or a loader worker
     with open_h5(x_path) as h5file:
         dset = h5file["x"]
         offset, shape, dtype = contiguous_offset(x_path, dset), dset.shape, dset.dtype
