@@ -637,13 +637,18 @@ def main_exiting():
     return event
 
 
-def seed_worker(worker_id, main_exiting=None):
+def seed_worker(worker_id, main_exiting):
     """Seed a DataLoader worker; it leaves stop signals to the main process, so a signal sent to the whole
     process group (scancel, preemption, Ctrl-C) stops the run cleanly instead of killing the workers under it.
     Once the main process is exiting, SIGTERM (how multiprocessing ends a worker still alive then) ends it."""
     for signum in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: main_exiting.is_set() and os._exit(0))
+
+    def end_once_main_exits(signum, frame):
+        if main_exiting.is_set():
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, end_once_main_exits)
     np.random.seed(torch.initial_seed() % 2**32)
 
 

@@ -480,8 +480,8 @@ RESIDENT_SHARE = 0.7  # the splits go resident when they take at most this share
 
 
 def free_memory(device):
-    """(free bytes, which limit) for a resident copy: this process's memory, which the splits pass through, and on
-    CUDA the device's, less nothing this process merely caches."""
+    """(free bytes, which limit) for a resident copy: this process's memory (data.free_memory), which the splits
+    pass through, and on CUDA the device's, with this process's cached blocks released first."""
     free, which = data.free_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # cached blocks count as used in mem_get_info, yet are ours to reuse
