@@ -338,6 +338,42 @@ def peak_rss_row(float32_dir):
     return ("peak RSS, streaming filtered epoch", f"float32 {size:.2f} GiB", peak, "MiB", "target < 600")
 
 
+def streaming_run_rss_row(float32_dir):
+    """Peak RSS of a whole streaming train.py run on the float32 set (an epoch, validation, the test split, the
+    figures), in a process of its own: it must not grow with the files (the course's float32 copy is 36 GB).
+    The set's valid split stands in for its test split."""
+    with tempfile.TemporaryDirectory() as work:
+        data_dir = os.path.join(work, "data")
+        os.makedirs(data_dir)
+        for split, source in (("train", "train"), ("valid", "valid"), ("test", "valid")):
+            for path, link in zip(
+                data.split_paths(float32_dir, source), data.split_paths(data_dir, split), strict=True
+            ):
+                os.symlink(os.path.abspath(path), link)
+        argv = ["train.py", "--data-dir", data_dir, "--out-dir", os.path.join(work, "run"), "--epochs", "1"]
+        argv += ["--device", "cpu", "--data-on-device", "no", "--filter-data", "--num-workers", "0"]
+        measured = (  # RUSAGE_CHILDREN of a process whose one child is train.py: that run's peak alone
+            "import resource, subprocess, sys\nsubprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", measured, sys.executable, *argv],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    size = sum(os.path.getsize(data.split_paths(float32_dir, s)[0]) for s in ("train", "valid", "valid"))
+    peak = int(run.stdout.split()[-1]) / 1024
+    return (
+        "peak RSS, streaming train.py run",
+        f"float32 {size / 2**30:.2f} GiB",
+        peak,
+        "MiB",
+        "valid+test+plots; < 600",
+    )
+
+
 def print_table(rows):
     print(
         f"\npcam-mlp bench, {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, "
@@ -366,6 +402,7 @@ def main(argv=None):
     rows = data_path_rows(sets, plain_train)
     rows += training_rows(sets["uint8"], args.n_train, plain_train, plain_forward)
     rows.append(peak_rss_row(sets["float32"]))
+    rows.append(streaming_run_rss_row(sets["float32"]))
     print_table(rows)
 
 

@@ -6,12 +6,18 @@ training device. The data commands (download, synth, prepare, ...) are in manage
 """
 
 import argparse
+import atexit
+import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import mmap
+import multiprocessing
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
@@ -33,7 +39,10 @@ WHITE_THRESHOLD = 250.0  # at or above this, a washout; real tissue stays well b
 BLOCK_BYTES = 64 * 2**20  # streaming passes read about this many raw bytes at a time
 CHUNK_CACHE_BYTES = 256 * 2**20  # HDF5 chunk cache per open chunked file (per worker)
 MAPPED_BYTES_BEFORE_RELEASE = 2**30  # unmap a memory map's pages after this much reading (see MappedRows)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 4 * 2**20  # buffers this large are mapped for themselves (see keep_large_buffers_off_the_heap)
 MANIFEST_NAME = "pcam_manifest.json"
+PROGRESS_EVERY_S = 10  # a whole-file pass prints a line this often (a batch log wants 5 to 30 s), and when done
 SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
 
 
@@ -207,7 +216,38 @@ def contiguous_offset(x_path, dset):
     return offset
 
 
-def iter_raw_blocks(x_path):
+class Progress:
+    """Progress of a whole-file pass, one line at a time: "filter train: 12.30 of 27.00 GB, 0.41 GB/s, eta 36s",
+    at most every every_s seconds and once more when done. Blocks take seconds, so lines come every_s apart."""
+
+    def __init__(self, task, total_bytes, clock=time.monotonic, every_s=PROGRESS_EVERY_S):
+        self.task, self.total_bytes, self.clock, self.every_s = task, total_bytes, clock, every_s
+        self.started = self.last_line = clock()
+
+    def update(self, done_bytes):
+        now = self.clock()
+        finished = done_bytes >= self.total_bytes
+        if now - self.last_line < self.every_s and not finished:
+            return
+        self.last_line, elapsed = now, max(now - self.started, 1e-9)
+        rate = done_bytes / elapsed
+        tail = f"done in {elapsed:.0f}s" if finished else f"eta {(self.total_bytes - done_bytes) / max(rate, 1):.0f}s"
+        log(f"{self.task}: {done_bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB, {rate / 1e9:.2f} GB/s, {tail}")
+
+
+def iter_raw_blocks(x_path, task=None):
+    """raw_blocks(x_path), with Progress lines named task (say "filter train") when one is given."""
+    if task is None:
+        yield from raw_blocks(x_path)
+        return
+    with open_h5(x_path) as h5file:
+        progress = Progress(task, dataset_in(h5file, "x", x_path).nbytes)
+    for start, block in raw_blocks(x_path):
+        yield start, block
+        progress.update((start + len(block)) * block[0].nbytes)
+
+
+def raw_blocks(x_path):
     """Yield (start_row, raw_block) over a PCAM x file in large blocks, with bounded memory. Blocks are
     read-only.
 
@@ -241,12 +281,15 @@ def iter_raw_blocks(x_path):
         mapping.madvise(mmap.MADV_DONTNEED)  # only this block was touched; the page cache keeps the data
 
 
+def outlier_rows(block, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
+    """Boolean mask of a block's rows whose cleaned mean is at or below black_threshold or at or above white."""
+    means = tile_means(block, black_threshold, white_threshold)
+    return (means <= black_threshold) | (means >= white_threshold)
+
+
 def outlier_mask(x_path, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
-    """Boolean mask of the rows whose cleaned mean is at or below black_threshold or at or above white."""
-    masks = []
-    for _, block in iter_raw_blocks(x_path):
-        means = tile_means(block, black_threshold, white_threshold)
-        masks.append((means <= black_threshold) | (means >= white_threshold))
+    """outlier_rows of a whole x file."""
+    masks = [outlier_rows(block, black_threshold, white_threshold) for _, block in iter_raw_blocks(x_path)]
     return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
 
@@ -392,8 +435,17 @@ class ChunkedRows:
         return batch
 
 
+def keep_large_buffers_off_the_heap():
+    """Have glibc serve every buffer of MMAP_THRESHOLD_BYTES or more by mmap, returned to the system on free. By
+    default glibc raises that threshold (up to 32 MiB) whenever such a buffer is freed; batch buffers (28 MiB of
+    float32 for 256 images) then come from the heap, which fragments, and RSS grows with the files' size."""
+    with contextlib.suppress(AttributeError, OSError):  # not glibc (macOS): no such threshold to fix
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def open_rows(x_path):
     """A row reader for the x file, chosen by its layout (dset.chunks, compression, byte offset)."""
+    keep_large_buffers_off_the_heap()  # in the process that reads: the main one, or a loader worker
     with open_h5(x_path) as h5file:
         dset = h5file["x"]
         offset, shape, dtype = contiguous_offset(x_path, dset), dset.shape, dset.dtype
@@ -430,17 +482,17 @@ class PCAMDataset(Dataset):
         if len(all_labels) == 0:
             raise PCAMError(f"{self.x_path} holds no images; a PCAM split needs at least one row")
         check_pixel_scale(self.x_path)
-        self.indices = np.arange(len(all_labels))
-        if filter_data:
-            self.indices = np.flatnonzero(~outlier_mask(self.x_path, black_threshold, white_threshold))
-            if len(self.indices) == 0:
-                raise PCAMError(
-                    f"{self.x_path}: the outlier filter removed every image (thresholds "
-                    f"{black_threshold}, {white_threshold}); the file holds only black or white tiles"
-                )
+        self.indices, self._memory = np.arange(len(all_labels)), None
+        if filter_data or preload:
+            thresholds = (black_threshold, white_threshold) if filter_data else None
+            self.indices, self._memory = self._read_whole_file(thresholds, preload)
+        if len(self.indices) == 0:
+            raise PCAMError(
+                f"{self.x_path}: the outlier filter removed every image (thresholds "
+                f"{black_threshold}, {white_threshold}); the file holds only black or white tiles"
+            )
         self.labels = all_labels[self.indices]
         self._reader, self._reader_pid = None, None
-        self._memory = self._load_all() if preload else None
 
     def __len__(self):
         return len(self.indices)
@@ -465,30 +517,101 @@ class PCAMDataset(Dataset):
             self._reader, self._reader_pid = open_rows(self.x_path), os.getpid()
         return self._reader.read(rows)
 
-    def _load_all(self):
+    def _read_whole_file(self, thresholds, load):
+        """(kept rows, their cleaned images or None) in one pass over the x file: the rows the filter keeps (every
+        row without thresholds) and, with load, their images in RAM. The array is sized for every row, the kept
+        count being known only at the end; its tail is never written, so never takes memory."""
+        memory = self._reserve_memory() if load else None
+        kept_parts, filled = [], 0
+        task = " and ".join(["filter"] * bool(thresholds) + ["load"] * load) + " " + os.path.basename(self.x_path)
+        for start, block in iter_raw_blocks(self.x_path, task):
+            keep = ~outlier_rows(block, *thresholds) if thresholds else np.ones(len(block), bool)
+            kept_parts.append(start + np.flatnonzero(keep))
+            if load:
+                memory[filled : filled + len(kept_parts[-1])] = clean(block[keep], scratch=True)
+                filled += len(kept_parts[-1])
+        return np.concatenate(kept_parts), memory[:filled] if load else None
+
+    def _reserve_memory(self):
         needed = len(self.indices) * IMAGE_BYTES
-        available = available_memory_bytes()
+        available, which = free_memory()
         if needed > 0.8 * available:
             raise PCAMError(
                 f"--preload needs {needed / 2**30:.1f} GiB for {self.x_path} but only "
-                f"{available / 2**30:.1f} GiB is available; drop --preload or ask for more memory"
+                f"{available / 2**30:.1f} GiB is free under {which}; drop --preload or ask for more memory"
             )
-        memory = np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
-        for start, block in iter_raw_blocks(self.x_path):
-            first, end = np.searchsorted(self.indices, [start, start + len(block)])
-            memory[first:end] = clean(block[self.indices[first:end] - start], scratch=True)
-        return memory
+        return np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None, "_reader_pid": None}
 
 
-def available_memory_bytes():
+def free_memory():
+    """(bytes, which limit) this process can still fill: the smallest of the kernel's MemAvailable, the room left
+    in its memory cgroup and its Slurm allocation. A job is killed at its cgroup's limit, long before MemAvailable
+    (the whole node's) runs out."""
+    limits = {"MemAvailable": mem_available(), **cgroup_room(), **slurm_allocation()}
+    which = min(limits, key=limits.get)
+    return limits[which], which
+
+
+def mem_available():
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def cgroup_room():
+    """{limit file: limit less usage} of this process's memory cgroup and those above it (v2, or v1's memory
+    controller); unlimited ones ("max", or v1's 2**63 rounded to a page) are left out."""
+    try:
+        with open("/proc/self/cgroup") as entries:
+            memberships = [line.rstrip("\n").split(":", 2) for line in entries]
+    except OSError:
+        return {}
+    rooms = {}
+    for _, controllers, path in memberships:
+        if controllers == "":
+            base, limit_name, usage_name = "/sys/fs/cgroup", "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit_name, usage_name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        while True:
+            room = cgroup_folder_room(base + path.rstrip("/"), limit_name, usage_name)
+            if room is not None:
+                rooms[f"cgroup {limit_name}"] = min(room, rooms.get(f"cgroup {limit_name}", room))
+            if path in ("", "/"):
+                break
+            path = os.path.dirname(path.rstrip("/"))
+    return rooms
+
+
+def cgroup_folder_room(folder, limit_name, usage_name):
+    try:
+        with open(os.path.join(folder, limit_name)) as limit_file, open(os.path.join(folder, usage_name)) as usage:
+            limit, used = limit_file.read().strip(), int(usage.read())
+        if limit == "max" or int(limit) >= 2**60:
+            return None
+        return max(0, int(limit) - used)
+    except (OSError, ValueError):
+        return None
+
+
+def slurm_allocation():
+    """{variable: bytes} of the job's Slurm memory (0, Slurm's "all of the node's", counts as no limit)."""
+    env = os.environ
+    try:
+        if int(env.get("SLURM_MEM_PER_NODE", "0")) > 0:
+            return {"SLURM_MEM_PER_NODE": int(env["SLURM_MEM_PER_NODE"]) * 2**20}
+        if int(env.get("SLURM_MEM_PER_CPU", "0")) > 0:
+            cpus = int(env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE") or "1")
+            return {"SLURM_MEM_PER_CPU x CPUs": int(env["SLURM_MEM_PER_CPU"]) * 2**20 * cpus}
+    except ValueError:  # not a number of MiB: no allocation this process can go by
+        pass
+    return {}
 
 
 def load_split(data_dir, split, filter_data=False, preload=False, **thresholds):
@@ -513,24 +636,40 @@ def balanced_sampler(labels, seed):
     )
 
 
-def seed_worker(worker_id):
+@functools.cache
+def main_exiting():
+    """An event set as this process exits, for its loader workers (see seed_worker). Its exit handler is
+    registered after multiprocessing's, so it runs first: before multiprocessing ends leftover workers."""
+    event = multiprocessing.Event()
+    atexit.register(event.set)
+    return event
+
+
+def seed_worker(worker_id, main_exiting):
     """Seed a DataLoader worker; it leaves stop signals to the main process, so a signal sent to the whole
-    process group (scancel, preemption, Ctrl-C) stops the run cleanly instead of killing the workers under it."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    process group (scancel, preemption, Ctrl-C) stops the run cleanly instead of killing the workers under it.
+    Once the main process is exiting, SIGTERM (how multiprocessing ends a worker still alive then) ends it."""
+    for signum in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+
+    def end_once_main_exits(signum, frame):
+        if main_exiting.is_set():
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, end_once_main_exits)
     np.random.seed(torch.initial_seed() % 2**32)
 
 
 def batch_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, seed=0):
-    """A DataLoader that fetches whole batches with one dataset[list_of_positions] call."""
+    """A DataLoader that fetches whole batches with one dataset[list_of_positions] call. Its workers end with
+    each pass (not persistent): none outlives the pass that needs it, whatever ends that pass."""
     return DataLoader(
         dataset,
         sampler=BatchSampler(sampler, batch_size, drop_last=False),
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        worker_init_fn=seed_worker,
+        worker_init_fn=functools.partial(seed_worker, main_exiting=main_exiting()),
         generator=torch.Generator().manual_seed(seed + 1),
     )
 
@@ -588,11 +727,21 @@ class DeviceBatches:
 
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        order = torch.tensor(list(self.sampler.sampler), device=self.images.device)  # one copy per pass
+        order = self.order().to(self.images.device)
         for start in range(0, len(order), self.sampler.batch_size):
             positions = order[start : start + self.sampler.batch_size]
             # index_select copies whole rows; images[positions] goes byte by byte on the CPU (30x slower)
             yield self.images.index_select(0, positions).permute(0, 3, 1, 2), self.labels.index_select(0, positions)
+
+    def order(self):
+        """This pass's positions as one tensor: WeightedRandomSampler's own multinomial call on its generator, or
+        every row in order."""
+        sampler = self.sampler.sampler
+        if isinstance(sampler, WeightedRandomSampler):
+            return torch.multinomial(
+                sampler.weights, sampler.num_samples, sampler.replacement, generator=sampler.generator
+            )
+        return torch.arange(len(sampler))
 
 
 class PrefetchBatches:

@@ -112,7 +112,7 @@ def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
     x_path, y_path = data.require_split(data_dir, split)
     labels = data.read_split_labels(x_path, y_path)
     scan = SplitScan(split, labels, sample_grid, black_threshold, white_threshold)
-    for start, block in data.iter_raw_blocks(x_path):
+    for start, block in data.iter_raw_blocks(x_path, f"scan {split}"):
         scan.add(start, block)
     return scan
 

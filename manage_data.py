@@ -238,16 +238,10 @@ def prepare_split(data_dir, out_dir, split):
         return
 
     def write_x(path):
-        started = time.time()
         with h5py.File(path, "w") as h5file:
             dset = h5file.create_dataset("x", shape=(len(labels),) + IMAGE_SHAPE, dtype=np.uint8)
-            for start, block in iter_raw_blocks(x_src):
+            for start, block in iter_raw_blocks(x_src, f"prepare {split}"):
                 dset[start : start + len(block)] = clean(block, scratch=True)
-                done = start + len(block)
-                log(
-                    f"prepare {split}: {done}/{len(labels)} images ({100 * done // len(labels)}%), "
-                    f"{done / max(time.time() - started, 1e-9):.0f} images/s"
-                )
 
     def write_y(path):
         with h5py.File(path, "w") as h5file:

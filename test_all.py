@@ -7,6 +7,7 @@ areas: pytest test_all.py -m "not slurm and not download" runs everything else."
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import pickle
 import re
@@ -197,9 +198,94 @@ class TestStorageAndPreload:
         assert np.array_equal(preloaded[rows][0].permute(0, 2, 3, 1).numpy(), np.delete(images, dropped, axis=0))
 
     def test_preload_refuses_when_memory_is_short(self, small_set, monkeypatch):
-        monkeypatch.setattr(data, "available_memory_bytes", lambda: 1000)
-        with pytest.raises(data.PCAMError, match="--preload needs"):
+        monkeypatch.setattr(data, "free_memory", lambda: (1000, "MemAvailable"))
+        with pytest.raises(data.PCAMError, match="--preload needs .* free under MemAvailable"):
             data.load_split(small_set, "train", preload=True)
+
+
+class TestProgress:
+    """data.Progress: the line-based progress of whole-file passes."""
+
+    def test_progress_lines_come_5_to_30_seconds_apart_and_when_done(self, capsys):
+        now = [0.0]
+        progress = data.Progress("filter train", 27e9, clock=lambda: now[0])
+        line_times = []
+        for second in range(3, 301, 3):  # a block every 3 s for 300 s
+            now[0] = float(second)
+            progress.update(27e9 * second / 300)
+            if capsys.readouterr().out:
+                line_times.append(second)
+        gaps = np.diff([0, *line_times])
+        assert line_times[-1] == 300 and all(5 <= gap <= 30 for gap in gaps), line_times
+        assert len(line_times) < 100 / 3
+
+    def test_progress_line_says_how_far_how_fast_and_how_long(self, capsys):
+        now = [100.0]
+        progress = data.Progress("filter train", 27e9, clock=lambda: now[0])
+        now[0] = 130.0
+        progress.update(12.3e9)
+        now[0] = 160.0
+        progress.update(27e9)
+        assert capsys.readouterr().out.splitlines() == [
+            "filter train: 12.30 of 27.00 GB, 0.41 GB/s, eta 36s",
+            "filter train: 27.00 of 27.00 GB, 0.45 GB/s, done in 60s",
+        ]
+
+    def test_a_real_filter_pass_ends_with_a_done_line(self, small_set, capsys):
+        data.load_split(small_set, "train", filter_data=True, preload=True)
+        assert re.search(
+            r"^filter and load camelyonpatch_level_2_split_train_x.h5: 0.01 of 0.01 GB, [\d.]+ GB/s, done in \d+s$",
+            capsys.readouterr().out,
+            re.M,
+        )
+
+
+@pytest.fixture
+def memory_cgroup():
+    """A fresh cgroup v1 memory controller folder with a 1 GiB limit, removed after the test."""
+    folder = Path(f"/sys/fs/cgroup/memory/pcam-test-{os.getpid()}")
+    try:
+        folder.mkdir()
+        (folder / "memory.limit_in_bytes").write_text(str(2**30))
+    except OSError as error:
+        if folder.exists():
+            folder.rmdir()
+        pytest.skip(f"no writable cgroup v1 memory controller here ({error.strerror}): the cgroup limit is untested")
+    yield folder
+    folder.rmdir()  # its processes have ended, so it is empty
+
+
+class TestMemoryLimits:
+    """data.free_memory: the smallest of MemAvailable, the memory cgroup's room and the Slurm allocation."""
+
+    def test_the_memory_cgroup_limit_decides_inside_one(self, memory_cgroup):
+        report = subprocess.run(
+            [
+                "sh",
+                "-c",
+                f'echo $$ > {memory_cgroup}/cgroup.procs && exec "$0" -c '
+                '"import data; free, which = data.free_memory(); print(free, which)"',
+                sys.executable,
+            ],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert report.returncode == 0, report.stderr
+        free, which = report.stdout.split(maxsplit=1)
+        assert which.strip() == "cgroup memory.limit_in_bytes"
+        assert 0 < int(free) < 2**30
+
+    def test_slurm_allocations_count_in_mib_per_node_or_per_cpu(self, monkeypatch):
+        monkeypatch.setenv("SLURM_MEM_PER_NODE", "3")
+        assert data.free_memory() == (3 * 2**20, "SLURM_MEM_PER_NODE")
+        monkeypatch.delenv("SLURM_MEM_PER_NODE")
+        monkeypatch.setenv("SLURM_MEM_PER_CPU", "2")
+        monkeypatch.setenv("SLURM_CPUS_ON_NODE", "3")
+        assert data.free_memory() == (6 * 2**20, "SLURM_MEM_PER_CPU x CPUs")
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+        assert data.free_memory() == (8 * 2**20, "SLURM_MEM_PER_CPU x CPUs")
 
 
 class TestLoaders:
@@ -259,6 +345,39 @@ class TestLoaders:
         assert epochs(1, 7)[1] == no_workers[1]
         assert epochs(0, 8)[1] != no_workers[1]
 
+    @pytest.mark.parametrize("script", ["the README snippet", "a pass left part way"])
+    def test_a_script_using_loaders_with_workers_exits_promptly(self, synth_dir, tmp_path, script):
+        readme = Path(HERE, "README.md").read_text()
+        snippet = readme.split("### From Python\n\n```python\n", 1)[1].split("```", 1)[0]
+        assert "num_workers=" in snippet
+        if script == "a pass left part way":  # an iterator still alive, with its workers, when Python exits
+            snippet = (
+                "import data\ntrain_loader, _ = data.get_dataloaders('data', batch_size=64, num_workers=4)\n"
+                "batches = iter(train_loader)\nfor _ in range(3):\n    next(batches)\n"
+            )
+        os.symlink(synth_dir, tmp_path / "data")
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", snippet + "print('script done', flush=True)"],
+                cwd=tmp_path,
+                env={**os.environ, "PYTHONPATH": HERE},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        except subprocess.TimeoutExpired as timeout:
+            pytest.fail(f"{script} did not exit within 120 s; it printed {timeout.stdout!r}")
+        assert result.returncode == 0 and "script done" in result.stdout, result.stderr
+
+    def test_workers_end_with_their_pass(self, small_set):
+        train_loader, val_loader = data.get_dataloaders(small_set, batch_size=32, num_workers=2)
+        for loader in (train_loader, val_loader):
+            assert sum(1 for _ in loader) == len(loader)
+            assert multiprocessing.active_children() == []
+        for _ in zip(range(2), train_loader, strict=False):  # a pass left part way, as a dry run or an error leaves it
+            pass
+        assert multiprocessing.active_children() == []
+
     def test_device_batches_draw_the_same_indices_as_the_loader(self, tmp_path):
         images = tissue(300, seed=3)
         images[[5, 77, 140]] = 0  # blackouts: the filter drops them, so positions and file rows differ
@@ -275,6 +394,21 @@ class TestLoaders:
             data.sampler_generator(streamed[0]).get_state(), data.sampler_generator(resident[0]).get_state()
         )
         assert torch.equal(streamed[0].generator.get_state(), resident[0].generator.get_state())
+
+    def test_device_batches_draw_a_pass_without_iterating_the_sampler(self, small_set, monkeypatch):
+        loaders = data.get_dataloaders(small_set, batch_size=32, seed=2, preload=True)
+        expected = [list(loader) for loader in data.get_dataloaders(small_set, batch_size=32, seed=2, preload=True)]
+        resident = [data.DeviceBatches(loader, torch.device("cpu")) for loader in loaders]
+
+        def listed(sampler):
+            raise AssertionError(f"{type(sampler).__name__} iterated in Python, an int at a time")
+
+        for sampler_class in (torch.utils.data.WeightedRandomSampler, torch.utils.data.SequentialSampler):
+            monkeypatch.setattr(sampler_class, "__iter__", listed)
+        for gathered, batches in zip(resident, expected, strict=True):
+            assert all(
+                torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(gathered, batches, strict=True)
+            )
 
 
 def bad_sets():
@@ -475,7 +609,7 @@ class TestDataCommands:
         write_split(packed, "train", tissue(30), labels_of(30, 10), chunks=(4, 96, 96, 3), compression="gzip")
         for src, out in ((source, tmp_path / "fast"), (packed, tmp_path / "fast_packed")):
             result = run_script("manage_data.py", "prepare", "--data-dir", str(src), "--out", str(out), check=True)
-            assert "images/s" in result.stdout
+            assert re.search(r"^prepare train: [\d.]+ of [\d.]+ GB, [\d.]+ GB/s, done in \d+s$", result.stdout, re.M)
             assert not [name for name in os.listdir(out) if name.endswith(".partial")]
         x_source, x_fast = data.split_paths(source, "train")[0], data.split_paths(tmp_path / "fast", "train")[0]
         assert os.path.getsize(x_fast) < os.path.getsize(x_source) / 3.9  # float32 -> uint8
@@ -1032,13 +1166,41 @@ class TestTraining:
             (needed / train.RESIDENT_SHARE * 1.01, "resident"),
             (needed / train.RESIDENT_SHARE * 0.99, "loader"),
         ):
-            monkeypatch.setattr(data, "available_memory_bytes", lambda free=free: int(free))
+            monkeypatch.setattr(data, "free_memory", lambda free=free: (int(free), "MemAvailable"))
             train.main(train_args(synth_dir, tmp_path / path, "--epochs", "1"))
             assert f"data path: {path} (uint8 train+valid" in capsys.readouterr().out
         with pytest.raises(SystemExit) as stop:
             train.main(train_args(synth_dir, tmp_path / "forced", "--epochs", "1", "--data-on-device", "yes"))
-        assert "--data-on-device yes: uint8 train+valid 0.05 GiB over 70% of 0.1 GiB free RAM" in str(stop.value.code)
+        assert "--data-on-device yes: uint8 train+valid 0.05 GiB over 70% of 0.07 GiB free under MemAvailable" in str(
+            stop.value.code
+        )
         assert not (tmp_path / "forced" / "metrics.csv").exists()
+
+    @pytest.mark.parametrize("data_on_device", ["yes", "no"])
+    def test_filter_data_reads_each_split_file_once(self, synth_dir, tmp_path, monkeypatch, capsys, data_on_device):
+        passes, iter_raw_blocks = [], data.iter_raw_blocks
+
+        def counted(x_path, *task):
+            passes.append(os.path.basename(x_path))
+            return iter_raw_blocks(x_path, *task)
+
+        monkeypatch.setattr(data, "iter_raw_blocks", counted)
+        train.main(
+            train_args(
+                synth_dir, tmp_path / "run", "--epochs", "1", "--filter-data", "--data-on-device", data_on_device
+            )
+        )
+        assert sorted(passes) == sorted(os.path.basename(data.split_paths(synth_dir, s)[0]) for s in data.SPLITS)
+        out = capsys.readouterr().out
+        assert out.index("data path: ") < out.index("filter")  # the decision, then the pass it decided
+
+    def test_a_slurm_memory_allocation_sends_the_run_to_the_loader(self, synth_dir, tmp_path, monkeypatch, capsys):
+        monkeypatch.setenv("SLURM_MEM_PER_NODE", "1")  # 1 MiB: far less than the node's free memory
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+        assert (
+            "data path: loader (uint8 train+valid 0.05 GiB over 70% of 0.00 GiB free under SLURM_MEM_PER_NODE, cpu)"
+            in capsys.readouterr().out
+        )
 
 
 # the loader path, with DataLoader workers, for the signal tests
@@ -1152,6 +1314,36 @@ class TestStopAndResume:
         assert "Traceback" not in output and "interrupted by SIGINT" in output
         assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
         assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
+
+    def test_an_error_mid_epoch_with_workers_exits_promptly_in_one_line(self, tmp_path):
+        rows = 3000
+        images = np.broadcast_to((60 + np.arange(rows) % 140).astype(np.uint8)[:, None, None, None], (rows, 96, 96, 3))
+        x_path, _ = write_split(
+            tmp_path,
+            "train",
+            np.ascontiguousarray(images),
+            labels_of(rows, 1200),
+            chunks=(1, 96, 96, 3),
+            compression="gzip",
+        )
+        write_split(tmp_path, "valid", tissue(64), labels_of(64, 20))
+        read_up_front = set(np.linspace(0, rows - 1, train.NORMALIZATION_SAMPLE).astype(np.int64)) | set(
+            np.linspace(0, rows - 1, data.SCALE_SAMPLE_ROWS).astype(np.int64)
+        )
+        with h5py.File(x_path, "r") as h5file:  # every row only training batches read: the first batch fails
+            chunks = [h5file["x"].id.get_chunk_info(row) for row in sorted(set(range(rows)) - read_up_front)]
+        with open(x_path, "r+b") as x_file:
+            for chunk in chunks:
+                x_file.seek(chunk.byte_offset)
+                x_file.write(b"\xff" * chunk.size)
+        args = train_args(tmp_path, tmp_path / "run", "--epochs", "1", *WORKER_FLAGS)
+        try:
+            result = subprocess.run(
+                [sys.executable, "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=120
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("train.py did not exit within 120 s of a read error in a worker")
+        one_line_error(result, "train_x.h5")
 
     def test_one_run_per_folder(self, synth_dir, tmp_path):
         args = train_args(synth_dir, tmp_path / "run", "--epochs", "50")

@@ -513,6 +513,7 @@ def describe_environment(device):
 def build(args, device):
     """Loaders, model and optimiser for these settings."""
     path, reason = choose_data_path(args, device)
+    print(f"data path: {path} ({reason})", flush=True)  # before the passes that load or filter the splits
     resident = path == "resident"
     train_loader, val_loader = data.get_dataloaders(
         args.data_dir,
@@ -527,7 +528,6 @@ def build(args, device):
         train_loader, val_loader = data.DeviceBatches(train_loader, device), data.DeviceBatches(val_loader, device)
     elif device.type == "cuda":
         train_loader, val_loader = data.PrefetchBatches(train_loader, device), data.PrefetchBatches(val_loader, device)
-    print(f"data path: {path} ({reason})", flush=True)
     try:
         model = MLP(hidden_units=tuple(args.hidden_units), dropout_rate=args.dropout).to(device)
     except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError too
@@ -550,11 +550,15 @@ RESIDENT_SHARE = 0.7  # the splits go resident when they take at most this share
 
 
 def free_memory(device):
-    """(where, free bytes) that limits a resident copy: RAM, which the splits pass through, and the GPU's."""
-    limits = {"RAM": data.available_memory_bytes()}
+    """(free bytes, which limit) for a resident copy: this process's memory (data.free_memory), which the splits
+    pass through, and on CUDA the device's, with this process's cached blocks released first."""
+    free, which = data.free_memory()
     if device.type == "cuda":
-        limits["device memory"] = torch.cuda.mem_get_info(device)[0]
-    return min(limits.items(), key=lambda limit: limit[1])
+        torch.cuda.empty_cache()  # cached blocks count as used in mem_get_info, yet are ours to reuse
+        device_free = torch.cuda.mem_get_info(device)[0]
+        if device_free < free:
+            return device_free, "CUDA device memory"
+    return free, which
 
 
 def choose_data_path(args, device):
@@ -565,11 +569,11 @@ def choose_data_path(args, device):
         return "loader", "--dry-run reads one batch of each split"
     rows = sum(len(data.read_labels(data.require_split(args.data_dir, split)[1])) for split in ("train", "valid"))
     needed = rows * data.IMAGE_BYTES
-    where, free = free_memory(device)
+    free, which = free_memory(device)
     fits = needed <= RESIDENT_SHARE * free
     reason = (
         f"uint8 train+valid {needed / 2**30:.2f} GiB {'within' if fits else 'over'} {RESIDENT_SHARE:.0%} "
-        f"of {free / 2**30:.1f} GiB free {where}"
+        f"of {free / 2**30:.2f} GiB free under {which}"
     )
     if args.data_on_device == "yes" and not fits:
         raise UsageError(f"--data-on-device yes: {reason}; use --data-on-device auto or no to stream from the files")
@@ -602,13 +606,14 @@ def print_startup(args, environment, model, train_loader, val_loader):
 
 def check_splits(args):
     """What build and the end-of-run test evaluation will read, checked before the first step: the manifest when
-    there is one, and the test split when any of its files is there (build checks train and valid).
-    Returns whether the data matched its manifest (None without one), and the test split opened (or None),
-    which the end-of-run evaluation then reads."""
+    there is one, and the test split when any of its files is there (build checks train and valid), by its
+    metadata and a pixel-scale sample: the filter reads the whole file once, when the run ends.
+    Returns whether the data matched its manifest (None without one), and the test split opened unfiltered (or
+    None), which the end-of-run evaluation then reads."""
     manifest_matched = data.check_manifest(args.data_dir)
     test_set = None
     if any(os.path.exists(path) for path in data.split_paths(args.data_dir, "test")):
-        test_set = data.load_split(args.data_dir, "test", args.filter_data)
+        test_set = data.load_split(args.data_dir, "test")
     return manifest_matched, test_set
 
 
@@ -876,10 +881,13 @@ def finish(session, outcome, test_set):
 
 
 def evaluate_test(args, device, best_path, test_set):
-    """best.pt on the test split check_splits opened (evaluate.py's files in <run>/eval-test/); None without one."""
+    """best.pt on the test split check_splits opened, filtered now with --filter-data (evaluate.py's files in
+    <run>/eval-test/); None without one."""
     if test_set is None:
         print("test: no test split in the data dir, skipped", flush=True)
         return None
+    if args.filter_data:
+        test_set = data.PCAMDataset(test_set.x_path, test_set.y_path, filter_data=True)
     test_loader = data.in_order(test_set, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
     best = evaluation.load_checkpoint(best_path)
     model = evaluation.model_from_checkpoint(best, best_path).to(device)
