@@ -43,6 +43,12 @@ test: $(VENV)/.installed ## run the test suite (test_all.py), the Slurm and down
 test-fast: $(VENV)/.installed ## the test suite without the Slurm and download tests
 	$(PY) -m pytest test_all.py -m "not slurm and not download"
 
+.PHONY: test-loaded mutate
+test-loaded: $(VENV)/.installed ## make test beside two CPU-bound processes: no test may hang on timing
+	$(PY) -c "while True: pass" & first=$$!; $(PY) -c "while True: pass" & second=$$!; \
+	trap 'kill $$first $$second' EXIT; echo "make test-loaded: busy processes $$first $$second"; \
+	$(MAKE) test
+
 $(VENV)/.lint-tools: Makefile
 	$(PY) -m pip install --quiet $(LINT_TOOLS)
 	touch $@

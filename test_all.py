@@ -17,7 +17,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from conftest import (
     download,
     evaluate_model,
     is_nonblank_png,
+    is_running,
     labels_of,
     linked_set,
     loss_columns,
@@ -53,11 +53,13 @@ from conftest import (
     read_csv_rows,
     run_script,
     save_checkpoint,
+    settled_job,
     slurm_is_up,
     submitted_job,
     tissue,
     train_args,
     wait_for_job,
+    wait_until,
     write_split,
 )
 from model import MLP
@@ -1700,14 +1702,10 @@ class TestSlurmJobs:
         output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 50 --batch-size 16 --log-every 1"})
         job = submitted_job(output)[0]
         log = project / "logs" / f"pcam_train_{job}.out"
-        deadline = time.time() + 120
-        while "epoch 1/50 step" not in (log.read_text() if log.exists() else ""):
-            assert time.time() < deadline, "the job did not start training in 120 s"
-            time.sleep(1)
+        wait_until(lambda: log.exists() and "epoch 1/50 step" in log.read_text(), 300, "training in the job")
         subprocess.run(["scancel", job], check=True)
         wait_for_job(job)
-        time.sleep(3)  # a requeued job would be pending again by now
-        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
+        show = settled_job(job)
         assert "Restarts=0" in show and "JobState=CANCELLED" in show, show
         assert "requeueing" not in log.read_text() and "stopped by SIGTERM" in log.read_text()
 
@@ -1842,3 +1840,31 @@ class TestMakeAndShellScripts:
             check=False,
         )
         assert result.returncode == 0, result.stdout
+
+    @pytest.mark.parametrize("ctrl_c", [False, True], ids=["suite-fails", "ctrl-c"])
+    def test_make_test_loaded_stops_its_busy_processes_when_the_suite_fails_and_on_ctrl_c(self, tmp_path, ctrl_c):
+        for name in ("Makefile", "requirements.txt"):
+            shutil.copy2(os.path.join(HERE, name), tmp_path / name)
+        os.symlink(os.path.join(HERE, ".venv"), tmp_path / ".venv")
+        (tmp_path / "test_all.py").write_text(
+            "import os, pathlib, time\n\n\ndef test_a_suite():\n"
+            "    pathlib.Path('started').touch()\n"
+            "    while os.environ.get('HOLD'):\n        time.sleep(1)\n"
+            "    assert False, 'a failing suite'\n"
+        )
+        process = subprocess.Popen(
+            ["make", "-s", "test-loaded"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=make_env({"HOLD": "yes" if ctrl_c else ""}),
+            start_new_session=True,
+        )
+        busy = [int(pid) for pid in re.search(r"busy processes (\d+) (\d+)", process.stdout.readline()).groups()]
+        wait_until(lambda: (tmp_path / "started").exists(), 120, "the suite's start")
+        assert all(is_running(pid) for pid in busy)
+        if ctrl_c:
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        assert process.wait(timeout=120) != 0, process.stdout.read()
+        wait_until(lambda: not any(is_running(pid) for pid in busy), 60, "the busy processes' end")
