@@ -1868,3 +1868,33 @@ class TestMakeAndShellScripts:
             os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         assert process.wait(timeout=120) != 0, process.stdout.read()
         wait_until(lambda: not any(is_running(pid) for pid in busy), 60, "the busy processes' end")
+
+
+class TestMutate:
+    """mutate.py, on a throwaway module and its tests: it must tell a caught mutant from a missed one."""
+
+    def test_a_mutant_a_test_catches_is_killed_one_it_misses_survives_and_equivalents_are_skipped(self, tmp_path):
+        (tmp_path / "clamp.py").write_text(
+            "def clamp(value, low, high):\n    if value < low:\n        return low\n    return min(value, high)\n\n\n"
+            "def unused():\n    return 1\n"
+        )
+        (tmp_path / "test_clamp.py").write_text(
+            "import subprocess, sys\nfrom clamp import clamp\n\n\ndef test_low_values_become_low():\n"
+            "    assert clamp(-5, 0, 10) == 0\n\n\ndef test_high_values_become_high_in_a_subprocess():\n"
+            "    high = 'import clamp; assert clamp.clamp(20, 0, 10) == 10'\n"
+            "    subprocess.run([sys.executable, '-c', high], check=True)\n"
+        )
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+        options = ["--root", str(tmp_path), "--files", "clamp.py", "--tests", "test_clamp.py", "--mutants", "99"]
+        output = run_script("mutate.py", *options, check=True).stdout
+        assert "clamp.py:2: value < low -> value <= low  survived, 2 tests" in output, output
+        assert "clamp.py:3: return low -> return None  killed, 1 tests" in output, output
+        assert "clamp.py:4: return min(value, high) -> return None  killed, 1 tests" in output, output  # subprocess
+        assert "clamp.py:8: return 1 -> return None  no tests" in output, output
+        assert "mutation score: 2 killed of 5 (40%), 1 survived, 2 not covered" in output, output
+        survivors = (tmp_path / ".mutate" / "survivors.txt").read_text()
+        assert survivors == "clamp.py:2: value < low -> value <= low\n"
+        (tmp_path / "mutants_equivalent.txt").write_text(survivors.strip() + "  # a test of this file says why\n")
+        output = run_script("mutate.py", *options, check=True).stdout
+        assert "mapping lines" not in output and "clamp.py:2: value < low -> value <= low  equivalent" in output
+        assert "2 killed of 4 (50%), 0 survived, 2 not covered; 1 skipped as equivalent" in output, output
