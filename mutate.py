@@ -135,13 +135,12 @@ def read_equivalents(path):
 
 def scratch_copy(root):
     """A temporary copy of the repo's tracked and unignored files, sharing its .venv."""
-    names = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    listing = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root, capture_output=True, text=True
+    )
+    if listing.returncode != 0:
+        sys.exit(f"mutate.py: error: {root} is not a git work tree; run mutate.py in the repo or give --root")
+    names = listing.stdout.splitlines()
     scratch = tempfile.mkdtemp(prefix="mutate-")
     for name in names:
         if os.path.isfile(os.path.join(root, name)) and not os.path.islink(os.path.join(root, name)):
@@ -154,7 +153,7 @@ def scratch_copy(root):
 
 def test_map(root, scratch, args):
     """({file: {line: [test ids, fastest first]}}, {test id: seconds}), from the cache while no .py file changed."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(" ".join([args.tests, *args.files]).encode())
     for path in sorted(Path(scratch).glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     cache = Path(root) / ".mutate" / "map.json"
@@ -181,6 +180,8 @@ def measure(scratch, args):
     plugin_path = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), os.getenv("PYTHONPATH")]))
     env = {**os.environ, "MUTATE_MAP_DIR": str(data_dir), "PYTHONPATH": plugin_path}
     subprocess.run(command, cwd=scratch, env=env, check=False)
+    if not (data_dir / "tests.json").exists():
+        sys.exit(f"mutate.py: error: pytest stopped before the end of {args.tests}; its output above says why")
     tests = json.loads((data_dir / "tests.json").read_text())
     covering = {name: {} for name in args.files}
     for data_file in [*data_dir.glob("main.*"), *data_dir.glob("test-*.*[!c]")]:
@@ -252,11 +253,7 @@ def run_mutant(mutant, test_ids, timeout, scratch):
         return "killed (timeout)"
     finally:
         path.write_text(original)
-    if exit_code not in (0, 1, 2):
-        sys.exit(
-            f"mutate.py: error: pytest exited with {exit_code} on {label(mutant)}; run its tests by hand to see why"
-        )
-    return "survived" if exit_code == 0 else "killed"
+    return "survived" if exit_code == 0 else "killed"  # a failed test, or an import or collection error
 
 
 def main(argv=None):
@@ -265,7 +262,7 @@ def main(argv=None):
     scratch = scratch_copy(root)
     try:
         lines, seconds = test_map(root, scratch, args)
-        mutants = [mutant for name in args.files for mutant in mutants_of(root, name)]
+        mutants = [mutant for name in args.files for mutant in mutants_of(scratch, name)]
         if args.file:
             chosen = [mutant for mutant in mutants if (mutant["file"], mutant["line"]) == (args.file, args.line)]
             if not chosen:

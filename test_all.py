@@ -1898,3 +1898,11 @@ class TestMutate:
         output = run_script("mutate.py", *options, check=True).stdout
         assert "mapping lines" not in output and "clamp.py:2: value < low -> value <= low  equivalent" in output
         assert "2 killed of 4 (50%), 0 survived, 2 not covered; 1 skipped as equivalent" in output, output
+        output = run_script("mutate.py", *options, "--file", "clamp.py", "--line", "3", check=True).stdout
+        assert "clamp.py:3: return low -> return None  killed" in output and "1 killed of 1 (100%)" in output, output
+        one_line_error(
+            run_script("mutate.py", *options, "--file", "clamp.py", "--line", "1"), "no mutant on clamp.py:1"
+        )
+
+    def test_a_folder_outside_git_ends_in_one_line(self, tmp_path):
+        one_line_error(run_script("mutate.py", "--root", str(tmp_path)), "is not a git work tree")
