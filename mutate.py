@@ -151,11 +151,12 @@ def scratch_copy(root):
     return scratch
 
 
-def test_map(root, scratch, args):
+def covering_tests(root, scratch, args):
     """({file: {line: [test ids, fastest first]}}, {test id: seconds}), from the cache while no .py file changed."""
     digest = hashlib.sha256(" ".join([args.tests, *args.files]).encode())
     for path in sorted(Path(scratch).glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+        if path.name != os.path.basename(__file__):  # the runner's own changes leave the map as it was
+            digest.update(path.name.encode() + path.read_bytes())
     cache = Path(root) / ".mutate" / "map.json"
     if cache.exists() and json.loads(cache.read_text())["key"] == digest.hexdigest():
         return json.loads(cache.read_text())["map"]
@@ -248,11 +249,14 @@ def run_mutant(mutant, test_ids, timeout, scratch):
     try:
         exit_code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the tests' own subprocesses too
-        process.wait()
-        return "killed (timeout)"
-    finally:
+        exit_code = None
+    finally:  # on a timeout or Ctrl-C, stop the tests' own subprocesses too
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         path.write_text(original)
+    if exit_code is None:
+        return "killed (timeout)"
     return "survived" if exit_code == 0 else "killed"  # a failed test, or an import or collection error
 
 
@@ -261,7 +265,7 @@ def main(argv=None):
     root = os.path.abspath(args.root)
     scratch = scratch_copy(root)
     try:
-        lines, seconds = test_map(root, scratch, args)
+        lines, seconds = covering_tests(root, scratch, args)
         mutants = [mutant for name in args.files for mutant in mutants_of(scratch, name)]
         if args.file:
             chosen = [mutant for mutant in mutants if (mutant["file"], mutant["line"]) == (args.file, args.line)]
