@@ -39,6 +39,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--max-tests", type=int, default=10, metavar="N", help="fastest covering tests run (default: 10)"
     )
+    parser.add_argument(
+        "--grace", type=float, default=60, metavar="S", help="seconds past 5 times the tests' time (default: 60)"
+    )
     parser.add_argument("--root", default=".", metavar="DIR", help="the repo (default: .)")
     parser.add_argument("--equivalents", default="mutants_equivalent.txt", metavar="PATH", help="mutants to skip")
     args = parser.parse_args(argv)
@@ -285,7 +288,7 @@ def main(argv=None):
             elif not test_ids:
                 outcome = "no tests"
             else:
-                timeout = 60 + 5 * sum(seconds[test_id] for test_id in test_ids)
+                timeout = args.grace + 5 * sum(seconds[test_id] for test_id in test_ids)
                 outcome = run_mutant(mutant, test_ids, timeout, scratch)
             counts[outcome.split(" (")[0]] += 1
             if outcome == "survived":

@@ -1906,3 +1906,14 @@ class TestMutate:
 
     def test_a_folder_outside_git_ends_in_one_line(self, tmp_path):
         one_line_error(run_script("mutate.py", "--root", str(tmp_path)), "is not a git work tree")
+
+    def test_a_mutant_that_hangs_is_stopped_and_counted_as_killed(self, tmp_path):
+        (tmp_path / "countdown.py").write_text("def countdown(n):\n    while n > 0:\n        n = n - 1\n    return n\n")
+        (tmp_path / "test_countdown.py").write_text(
+            "from countdown import countdown\n\n\ndef test_countdown_ends_at_0():\n    assert countdown(3) == 0\n"
+        )
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+        options = ["--root", str(tmp_path), "--files", "countdown.py", "--tests", "test_countdown.py", "--grace", "2"]
+        output = run_script("mutate.py", *options, "--file", "countdown.py", "--line", "3", check=True).stdout
+        assert "countdown.py:3: n - 1 -> n + 1  killed (timeout)" in output, output
+        assert "mutation score: 2 killed of 2 (100%)" in output, output
