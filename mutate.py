@@ -79,7 +79,7 @@ def variants(node):
         yield ast.Constant(not node.value)
     elif isinstance(node, ast.Constant) and type(node.value) is int:
         yield ast.Constant(node.value + 1)
-    elif isinstance(node, ast.Return) and node.value is not None:
+    elif isinstance(node, ast.Return) and node.value is not None and ast.unparse(node.value) != "None":
         yield ast.Return(ast.Constant(None))
     elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
         yield ast.Pass()
@@ -265,6 +265,7 @@ def run_mutant(mutant, test_ids, timeout, scratch):
 
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # still remove the scratch copy
     root = os.path.abspath(args.root)
     scratch = scratch_copy(root)
     try:
