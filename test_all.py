@@ -1,6 +1,6 @@
 """Tests for pcam-mlp, on real HDF5 files written here and a real HTTP server on 127.0.0.1, in the order of the
 files they test: data.py, the data commands, model.py, train.py, evaluate.py, plot_loss.py, eda.py, bench.py,
-then the Slurm job scripts and the Makefile. Shared fixtures and helpers are in conftest.py.
+then the Slurm job scripts, the Makefile and mutate.py. Shared fixtures and helpers are in conftest.py.
 The markers slurm (needs the local Slurm) and download (serves files over HTTP on 127.0.0.1) select those
 areas: pytest test_all.py -m "not slurm and not download" runs everything else."""
 
