@@ -1849,7 +1849,7 @@ class TestMakeAndShellScripts:
         (tmp_path / "test_all.py").write_text(
             "import os, pathlib, time\n\n\ndef test_a_suite():\n"
             "    pathlib.Path('started').touch()\n"
-            "    while os.environ.get('HOLD'):\n        time.sleep(1)\n"
+            "    while os.environ.get('HOLD') or not pathlib.Path('checked').exists():\n        time.sleep(1)\n"
             "    assert False, 'a failing suite'\n"
         )
         process = subprocess.Popen(
@@ -1864,6 +1864,7 @@ class TestMakeAndShellScripts:
         busy = [int(pid) for pid in re.search(r"busy processes (\d+) (\d+)", process.stdout.readline()).groups()]
         wait_until(lambda: (tmp_path / "started").exists(), 120, "the suite's start")
         assert all(is_running(pid) for pid in busy)
+        (tmp_path / "checked").touch()  # the suite may end now
         if ctrl_c:
             os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         assert process.wait(timeout=120) != 0, process.stdout.read()
