@@ -45,6 +45,22 @@ test: $(VENV)/.installed ## run the test suite (test_all.py), the Slurm and down
 test-fast: $(VENV)/.installed ## the test suite without the Slurm and download tests
 	$(PY) -m pytest test_all.py -m "not slurm and not download"
 
+.PHONY: test-loaded mutate
+test-loaded: $(VENV)/.installed ## make test beside two CPU-bound processes: the suite must not depend on timing
+	$(PY) -c "while True: pass" & first=$$!; $(PY) -c "while True: pass" & second=$$!; \
+	trap 'kill $$first $$second' EXIT; echo "make test-loaded: busy processes $$first $$second"; \
+	$(MAKE) test
+
+MUTATE_TOOLS ?= coverage==7.17.5
+MUTANTS ?= 120
+
+$(VENV)/.mutate-tools: Makefile
+	$(PY) -m pip install --quiet $(MUTATE_TOOLS)
+	touch $@
+
+mutate: $(VENV)/.installed $(VENV)/.mutate-tools ## mutation testing: MUTANTS=120 seeded mutants, each against the tests covering its line
+	$(PY) mutate.py --mutants $(MUTANTS)
+
 $(VENV)/.lint-tools: Makefile
 	$(PY) -m pip install --quiet $(LINT_TOOLS)
 	touch $@

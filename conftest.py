@@ -322,6 +322,14 @@ def download(server, data_dir, *splits):
     )
 
 
+def is_running(pid):
+    """A process with this PID exists and has not ended (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 # ---- Slurm: a copy of the project to submit from, and the job's end ----
 
 
@@ -404,20 +412,40 @@ def submitted_job(output):
     return re.search(r"submitted (?:job|array) (\d+)|Submitted batch job (\d+)", output).group(1, 2)
 
 
+def wait_until(check, timeout, what):
+    """Call check() every second until it returns something true, and return that; fail once timeout s have passed."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(1)
+    return value
+
+
+JOB_ENDS = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+
+
 def wait_for_job(job_id, timeout=300, on_poll=None):
     """Poll sacct until every record of the job (array tasks included) has ended; returns their states."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+
+    def ended_states():
         if on_poll:
             on_poll()
         lines = subprocess.run(
             ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True, check=False
         ).stdout.splitlines()  # a state may hold spaces: "CANCELLED by 0"
         states = [line.split("|")[1] for line in lines]
-        if states and all(
-            s.split()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
-            for s in states
-        ):
-            return states
-        time.sleep(1)
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+        return states if states and all(state.split()[0] in JOB_ENDS for state in states) else None
+
+    return wait_until(ended_states, timeout, f"the end of job {job_id}")
+
+
+def settled_job(job_id, timeout=120):
+    """scontrol's record of the job once the controller is done with it too: sacct may report CANCELLED while
+    scontrol still says COMPLETING, and a requeued job would be PENDING there."""
+
+    def settled_record():
+        show = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=False).stdout
+        state = re.search(r"JobState=(\S+)", show)
+        return show if state and state.group(1) in JOB_ENDS else None
+
+    return wait_until(settled_record, timeout, f"a final state of job {job_id} in scontrol")

@@ -1,6 +1,6 @@
 """Tests for pcam-mlp, on real HDF5 files written here and a real HTTP server on 127.0.0.1, in the order of the
 files they test: data.py, the data commands, model.py, train.py, evaluate.py, plot_loss.py, eda.py, bench.py,
-then the Slurm job scripts and the Makefile. Shared fixtures and helpers are in conftest.py.
+then the Slurm job scripts, the Makefile and mutate.py. Shared fixtures and helpers are in conftest.py.
 The markers slurm (needs the local Slurm) and download (serves files over HTTP on 127.0.0.1) select those
 areas: pytest test_all.py -m "not slurm and not download" runs everything else."""
 
@@ -18,7 +18,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from conftest import (
     download,
     evaluate_model,
     is_nonblank_png,
+    is_running,
     labels_of,
     linked_set,
     loss_columns,
@@ -56,11 +56,13 @@ from conftest import (
     run_script,
     save_checkpoint,
     serve,
+    settled_job,
     slurm_is_up,
     submitted_job,
     tissue,
     train_args,
     wait_for_job,
+    wait_until,
     write_split,
 )
 from model import MLP
@@ -2346,14 +2348,10 @@ class TestSlurmJobs:
         output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 50 --batch-size 16 --log-every 1"})
         job = submitted_job(output)[0]
         log = project / "logs" / f"pcam_train_{job}.out"
-        deadline = time.time() + 120
-        while "epoch 1/50 step" not in (log.read_text() if log.exists() else ""):
-            assert time.time() < deadline, "the job did not start training in 120 s"
-            time.sleep(1)
+        wait_until(lambda: log.exists() and "epoch 1/50 step" in log.read_text(), 300, "training in the job")
         subprocess.run(["scancel", job], check=True)
         wait_for_job(job)
-        time.sleep(3)  # a requeued job would be pending again by now
-        show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
+        show = settled_job(job)
         assert "Restarts=0" in show and "JobState=CANCELLED" in show, show
         assert "requeueing" not in log.read_text() and "stopped by SIGTERM" in log.read_text()
 
@@ -2489,3 +2487,81 @@ class TestMakeAndShellScripts:
             check=False,
         )
         assert result.returncode == 0, result.stdout
+
+    @pytest.mark.parametrize("ctrl_c", [False, True], ids=["suite-fails", "ctrl-c"])
+    def test_make_test_loaded_stops_its_busy_processes_when_the_suite_fails_and_on_ctrl_c(self, tmp_path, ctrl_c):
+        for name in ("Makefile", "requirements.txt"):
+            shutil.copy2(os.path.join(HERE, name), tmp_path / name)
+        os.symlink(os.path.join(HERE, ".venv"), tmp_path / ".venv")
+        (tmp_path / "test_all.py").write_text(
+            "import os, pathlib, time\n\n\ndef test_a_suite():\n"
+            "    pathlib.Path('started').touch()\n"
+            "    while os.environ.get('HOLD') or not pathlib.Path('checked').exists():\n        time.sleep(1)\n"
+            "    assert False, 'a failing suite'\n"
+        )
+        process = subprocess.Popen(
+            ["make", "-s", "test-loaded"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=make_env({"HOLD": "yes" if ctrl_c else ""}),
+            start_new_session=True,
+        )
+        busy = [int(pid) for pid in re.search(r"busy processes (\d+) (\d+)", process.stdout.readline()).groups()]
+        wait_until(lambda: (tmp_path / "started").exists(), 120, "the suite's start")
+        assert all(is_running(pid) for pid in busy)
+        (tmp_path / "checked").touch()  # the suite may end now
+        if ctrl_c:
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        assert process.wait(timeout=120) != 0, process.stdout.read()
+        wait_until(lambda: not any(is_running(pid) for pid in busy), 60, "the busy processes' end")
+
+
+class TestMutate:
+    """mutate.py, on a throwaway module and its tests: it must tell a caught mutant from a missed one."""
+
+    def test_a_mutant_a_test_catches_is_killed_one_it_misses_survives_and_equivalents_are_skipped(self, tmp_path):
+        (tmp_path / "clamp.py").write_text(
+            "def clamp(value, low, high):\n    if value < low:\n        return low\n    return min(value, high)\n\n\n"
+            "def unused():\n    return 1\n"
+        )
+        (tmp_path / "test_clamp.py").write_text(
+            "import subprocess, sys\nfrom clamp import clamp\n\n\ndef test_low_values_become_low():\n"
+            "    assert clamp(-5, 0, 10) == 0\n\n\ndef test_high_values_become_high_in_a_subprocess():\n"
+            "    high = 'import clamp; assert clamp.clamp(20, 0, 10) == 10'\n"
+            "    subprocess.run([sys.executable, '-c', high], check=True)\n"
+        )
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+        options = ["--root", str(tmp_path), "--files", "clamp.py", "--tests", "test_clamp.py", "--mutants", "99"]
+        output = run_script("mutate.py", *options, check=True).stdout
+        assert "clamp.py:2: value < low -> value <= low  survived, 2 tests" in output, output
+        assert "clamp.py:3: return low -> return None  killed, 1 tests" in output, output
+        assert "clamp.py:4: return min(value, high) -> return None  killed, 1 tests" in output, output  # subprocess
+        assert "clamp.py:8: return 1 -> return None  no tests" in output, output
+        assert "mutation score: 2 killed of 5 (40%), 1 survived, 2 not covered" in output, output
+        survivors = (tmp_path / ".mutate" / "survivors.txt").read_text()
+        assert survivors == "clamp.py:2: value < low -> value <= low\n"
+        (tmp_path / "mutants_equivalent.txt").write_text(survivors.strip() + "  # a test of this file says why\n")
+        output = run_script("mutate.py", *options, check=True).stdout
+        assert "mapping lines" not in output and "clamp.py:2: value < low -> value <= low  equivalent" in output
+        assert "2 killed of 4 (50%), 0 survived, 2 not covered; 1 skipped as equivalent" in output, output
+        output = run_script("mutate.py", *options, "--file", "clamp.py", "--line", "3", check=True).stdout
+        assert "clamp.py:3: return low -> return None  killed" in output and "1 killed of 1 (100%)" in output, output
+        one_line_error(
+            run_script("mutate.py", *options, "--file", "clamp.py", "--line", "1"), "no mutant on clamp.py:1"
+        )
+
+    def test_a_folder_outside_git_ends_in_one_line(self, tmp_path):
+        one_line_error(run_script("mutate.py", "--root", str(tmp_path)), "is not a git work tree")
+
+    def test_a_mutant_that_hangs_is_stopped_and_counted_as_killed(self, tmp_path):
+        (tmp_path / "countdown.py").write_text("def countdown(n):\n    while n > 0:\n        n = n - 1\n    return n\n")
+        (tmp_path / "test_countdown.py").write_text(
+            "from countdown import countdown\n\n\ndef test_countdown_ends_at_0():\n    assert countdown(3) == 0\n"
+        )
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+        options = ["--root", str(tmp_path), "--files", "countdown.py", "--tests", "test_countdown.py", "--grace", "2"]
+        output = run_script("mutate.py", *options, "--file", "countdown.py", "--line", "3", check=True).stdout
+        assert "countdown.py:3: n - 1 -> n + 1  killed (timeout)" in output, output
+        assert "mutation score: 2 killed of 2 (100%)" in output, output
