@@ -1209,6 +1209,10 @@ class TestTraining:
 WORKER_FLAGS = ["--num-workers", "2", "--data-on-device", "no"]
 
 
+# 192 steps: a signal sent at step 10 reaches the run long before its first epoch ends, however busy the machine
+LONG_EPOCH = ["--batch-size", "8"]
+
+
 def train_until(args, marker, env=None, new_session=False):
     """train.py in a process of its own, returned once it has logged a line holding marker; new_session: in its
     own process group, as sbatch and a terminal start it."""
@@ -1261,7 +1265,7 @@ class TestStopAndResume:
         assert_same_weights(tmp_path / "killed", straight_run)
 
     def test_sigusr1_outside_slurm_stops_after_the_step_with_exit_75(self, synth_dir, tmp_path):
-        args = train_args(synth_dir, tmp_path / "run", "--epochs", "2")
+        args = train_args(synth_dir, tmp_path / "run", "--epochs", "2", *LONG_EPOCH)
         outside_slurm = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
         exit_code, output = signal_at(args, "epoch 1/2 step 10/", signal.SIGUSR1, env=outside_slurm)
         assert exit_code == 75, output
@@ -1282,7 +1286,7 @@ class TestStopAndResume:
     def test_a_signal_to_the_process_group_with_workers_stops_cleanly(
         self, synth_dir, tmp_path, signal_name, exit_code, status
     ):
-        process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "50", *WORKER_FLAGS))
+        process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "50", *WORKER_FLAGS, *LONG_EPOCH))
         os.killpg(process.pid, getattr(signal, signal_name))  # what scancel, preemption and Ctrl-C do
         output = process.stdout.read()
         assert process.wait(timeout=120) == exit_code, output
@@ -1304,7 +1308,7 @@ class TestStopAndResume:
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
-        process = train_until(train_args(synth_dir, tmp_path / "run", "--epochs", "50"), " step 10/")
+        process = train_until(train_args(synth_dir, tmp_path / "run", "--epochs", "50", *LONG_EPOCH), " step 10/")
         process.send_signal(signal.SIGINT)
         output = ""
         for line in process.stdout:
