@@ -59,10 +59,23 @@ def log(message):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends each option's default, but not None or a switch's False: their help says what happens without them."""
+    """Appends each option's default, lists as words, but not None or a switch's False: their help says what happens
+    without them."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        if action.default is None or action.default is False:
+            return action.help
+        help_text = super()._get_help_string(action)
+        if isinstance(action.default, list):
+            return help_text.replace("%(default)s", " ".join(map(str, action.default)))
+        return help_text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported in one line (usage stays behind --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def add_num_workers_argument(parser):

@@ -8,7 +8,6 @@ from up to HISTOGRAM_IMAGES evenly spread images per class. Then it draws four P
 pcam.png (the intensity outliers figure), class_balance.png, sample_grid.png, channel_histograms.png.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -231,7 +230,7 @@ def save(figure, path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = data.ArgumentParser(
         description="Exploratory analysis of PCAM files: exact defect counts and figures.",
         formatter_class=data.HelpFormatter,
     )

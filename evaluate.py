@@ -6,7 +6,6 @@ sensitivity, specificity, confusion [[tn, fp], [fn, tp]], the data files, the ch
 versions), roc.png and confusion.png. train.py scores its best.pt on the test split with the same code.
 """
 
-import argparse
 import csv
 import datetime
 import json
@@ -38,7 +37,7 @@ class EvaluationError(Exception):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = data.ArgumentParser(
         description="Score a train.py checkpoint on one PCAM split (see README.md).",
         formatter_class=data.HelpFormatter,
     )

@@ -7,7 +7,6 @@ training images/s at batch 256 and 1024 (the second epoch, so warmed up; an epoc
 peak device memory and the data path each run took. Exits 1 on any mismatch.
 """
 
-import argparse
 import csv
 import json
 import os
@@ -138,12 +137,14 @@ def print_table(rows, device_name, n_images):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Prove train.py's GPU path on this node (see README.md).")
+    parser = data.ArgumentParser(description="Prove train.py's GPU path on this node (see README.md).")
     parser.add_argument(
         "--dir", default="bench_data", metavar="DIR", help="where the set and runs go (default: %(default)s)"
     )
     parser.add_argument("--images", type=int, default=IMAGES, metavar="N", help="train images (default: %(default)s)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the same checks, for tests")
+    parser.add_argument(
+        "--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the same checks, for tests (default: cuda)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(

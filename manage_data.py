@@ -4,7 +4,6 @@
 training imports (reading, cleaning, the filter, loaders) is in data.py.
 """
 
-import argparse
 import errno
 import fcntl
 import gzip
@@ -28,6 +27,7 @@ from data import (
     IMAGE_SHAPE,
     MANIFEST_NAME,
     SPLITS,
+    ArgumentParser,
     PCAMError,
     add_data_dir_argument,
     check_output,
@@ -461,7 +461,7 @@ def cmd_env(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="PCAM data: fetch, make, clean, inspect and version the HDF5 files.")
+    parser = ArgumentParser(description="PCAM data: fetch, make, clean, inspect and version the HDF5 files.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help_text):

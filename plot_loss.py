@@ -6,7 +6,6 @@ between them (by their folders when none do). `--table` also prints one row of r
 the mean and std over runs that differ only in --seed, and writes them to runs_summary.csv.
 """
 
-import argparse
 import csv
 import fcntl
 import glob
@@ -331,7 +330,7 @@ def table_main(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot loss and validation accuracy per epoch from train.py runs.")
+    parser = data.ArgumentParser(description="Plot loss and validation accuracy per epoch from train.py runs.")
     parser.add_argument(
         "runs",
         nargs="+",

@@ -1137,6 +1137,27 @@ class TestTraining:
         ]
         assert noise == []
 
+    @pytest.mark.parametrize(
+        "command, fragment",
+        [
+            ("train.py --epochs 1.5", "invalid int value: '1.5'"),
+            ("train.py --no-such-flag", "unrecognized arguments: --no-such-flag"),
+            ("evaluate.py", "the following arguments are required: CHECKPOINT"),
+            ("manage_data.py prepare", "the following arguments are required: --out"),
+            ("eda.py --splits bogus", "invalid choice: 'bogus'"),
+            ("plot_loss.py", "the following arguments are required: RUN_DIR_OR_CSV"),
+        ],
+    )
+    def test_command_line_mistakes_are_one_line_pointing_to_help(self, command, fragment):
+        result = run_script(*command.split())
+        one_line_error(result, fragment)
+        assert result.stderr.strip().endswith("--help")
+
+    def test_help_shows_zero_and_list_defaults(self):
+        help_text = " ".join(run_script("train.py", "--help", check=True).stdout.split())
+        for shown in ("L2 weight decay (default: 0.0)", "(default: 0)", "hidden layer (default: 64 32)"):
+            assert shown in help_text
+
     def test_dry_run_takes_one_batch_each_and_writes_nothing(self, synth_dir, tmp_path):
         result = run_script("train.py", *train_args(synth_dir, tmp_path / "dry", "--dry-run"), check=True)
         assert "epoch 1/5 step 1/" in result.stdout and "dry run: one validation batch" in result.stdout

@@ -89,7 +89,7 @@ def default_out_dir():
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = data.ArgumentParser(
         description="Train an MLP on PCAM patches (see README.md).",
         formatter_class=data.HelpFormatter,
     )
