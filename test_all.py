@@ -1630,6 +1630,38 @@ class TestTrainRefusals:
         assert result.stderr[result.stderr.index("CUDA is not available") :].strip() in env_check.stdout
         run_script("train.py", *args, "--device", "cpu", env=job, check=True)  # make demo on a GPU node
 
+    @pytest.mark.parametrize(
+        "env, given",
+        [
+            ({"SLURM_GPUS": "1"}, True),
+            ({"SLURM_GPUS_PER_NODE": "a100:2"}, True),
+            ({"SLURM_JOB_GPUS": "0"}, True),
+            ({"SLURM_GPUS": "0"}, False),  # make train GPUS=0
+            ({}, False),
+        ],
+    )
+    def test_a_job_given_gpus_is_recognised_by_any_of_slurms_variables(self, monkeypatch, env, given):
+        for name in (
+            "SLURM_GPUS",
+            "SLURM_GPUS_PER_NODE",
+            "SLURM_JOB_GPUS",
+            "SLURM_GPUS_ON_NODE",
+            "CUDA_VISIBLE_DEVICES",
+        ):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {"SLURM_JOB_ID": "7", **env}.items():
+            monkeypatch.setenv(name, value)
+        assert train.slurm_gave_gpus() is given
+        monkeypatch.delenv("SLURM_JOB_ID")
+        assert train.slurm_gave_gpus() is False
+
+    def test_an_empty_out_dir_is_refused(self, synth_dir, tmp_path):
+        result = run_script(
+            "train.py", "--data-dir", str(synth_dir), "--out-dir", "", "--epochs", "1", "--device", "cpu"
+        )
+        one_line_error(result, "--out-dir is empty")
+        assert "step 1/" not in result.stdout
+
     def test_unwritable_out_dir_and_missing_data_are_reported(self, synth_dir, tmp_path):
         (tmp_path / "a_file").write_text("")
         with pytest.raises(SystemExit) as stop:

@@ -159,6 +159,8 @@ def settings(args):
 def check_args(args):
     if args.data_dir == "":
         raise UsageError("--data-dir is empty (is $PCAM_DIR set to an empty string?); name the PCAM data folder")
+    if args.out_dir == "":
+        raise UsageError("--out-dir is empty (an unset shell variable?); name the run folder, or leave the flag out")
     for name in ("epochs", "batch_size", "lr", "log_every"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -188,7 +190,8 @@ def check_args(args):
 def slurm_gave_gpus():
     """Inside a Slurm job that was given GPUs, where a silent fall back to the CPU would waste the allocation."""
     env = os.environ
-    gpus = env.get("SLURM_JOB_GPUS") or env.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0")
+    counts = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_NODE")  # "1", "a100:2"; --gpus=0 sets "0"
+    gpus = env.get("SLURM_JOB_GPUS") or any(env.get(name, "0").rsplit(":", 1)[-1] not in ("", "0") for name in counts)
     return bool(env.get("SLURM_JOB_ID") and (gpus or env.get("CUDA_VISIBLE_DEVICES")))
 
 
@@ -950,7 +953,11 @@ def main(argv=None):
     except (UsageError, evaluation.EvaluationError, data.PCAMError) as error:
         fail(outcome, f"train.py: error: {error_line(error)}")
     except FloatingPointError as error:
-        fail(outcome, f"train.py: error: {error}; stopped, last.pt keeps the last good epoch. Try a lower --lr")
+        fail(
+            outcome,
+            f"train.py: error: {error}; stopped, last.pt keeps the last good epoch. "
+            "Try a lower --lr in a new run (another --out-dir)",
+        )
     except KeyboardInterrupt:
         finish_record(outcome, "interrupted")
         print("train.py: interrupted by SIGINT; last.pt keeps the last completed epoch", file=sys.stderr, flush=True)
