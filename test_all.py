@@ -1480,13 +1480,14 @@ class TestStopAndResume:
         one_line_error(result, "--bf16")
         assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 1
 
-    def test_resume_refuses_another_runs_checkpoint_and_changes_nothing(self, synth_dir, tmp_path):
+    @pytest.mark.parametrize("foreign", ["last.pt", "best.pt"])
+    def test_resume_refuses_another_runs_checkpoint_and_changes_nothing(self, synth_dir, tmp_path, foreign):
         for name in ("mine", "other"):
             train.main(train_args(synth_dir, tmp_path / name, "--epochs", "1"))
-        shutil.copy(tmp_path / "other" / "last.pt", tmp_path / "mine" / "last.pt")
+        shutil.copy(tmp_path / "other" / foreign, tmp_path / "mine" / foreign)
         kept = {name: (tmp_path / "mine" / name).read_bytes() for name in ("metrics.csv", "best.pt", "run.json")}
         result = run_script("train.py", *train_args(synth_dir, tmp_path / "mine", "--resume", "--epochs", "2"))
-        one_line_error(result, "belongs to another run")
+        one_line_error(result, f"{foreign} belongs to another run")
         assert {name: (tmp_path / "mine" / name).read_bytes() for name in kept} == kept
 
     @pytest.mark.parametrize("extra", [[], ["--resume"]])

@@ -682,14 +682,17 @@ def claim_out_dir(args, outcome):
     """Lock the run folder (not for a dry run, which writes nothing); the checkpoint to resume, or None."""
     if args.dry_run and not args.resume or not prepare_out_dir(args, outcome):
         return None
-    last_path = os.path.join(args.out_dir, "last.pt")
+    record = read_json(os.path.join(args.out_dir, "run.json"))
+    last_path, best_path = (os.path.join(args.out_dir, name) for name in ("last.pt", "best.pt"))
     checkpoint = evaluation.load_checkpoint(last_path, CHECKPOINT_KEYS)
-    check_same_run(checkpoint, read_json(os.path.join(args.out_dir, "run.json")), last_path)
+    check_same_run(checkpoint, record, last_path)
+    if os.path.isfile(best_path):  # scored on the test split at the end: it must be this run's too
+        check_same_run(evaluation.load_checkpoint(best_path, CHECKPOINT_KEYS), record, best_path)
     adopt_checkpoint_settings(args, checkpoint)
     return checkpoint
 
 
-def check_same_run(checkpoint, record, last_path):
+def check_same_run(checkpoint, record, path):
     """A checkpoint continues only the run its folder's run.json records: the same run id and settings."""
     if not record:
         return
@@ -700,8 +703,9 @@ def check_same_run(checkpoint, record, last_path):
     if checkpoint.get("run_id") != record.get("run_id") or differing:
         what = f"settings {', '.join(differing)} differ" if differing else f"run id {checkpoint.get('run_id')}"
         raise UsageError(
-            f"--resume: {last_path} belongs to another run than the folder's run.json ({what}, run.json has run id "
-            f"{record.get('run_id')}); put this run's own last.pt back, or resume that run in its own folder"
+            f"--resume: {path} belongs to another run than the folder's run.json ({what}, run.json has run id "
+            f"{record.get('run_id')}); put this run's own {os.path.basename(path)} back, or resume that run in its "
+            "own folder"
         )
 
 
