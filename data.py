@@ -42,6 +42,7 @@ MAPPED_BYTES_BEFORE_RELEASE = 2**30  # unmap a memory map's pages after this muc
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 MMAP_THRESHOLD_BYTES = 4 * 2**20  # buffers this large are mapped for themselves (see keep_large_buffers_off_the_heap)
 MANIFEST_NAME = "pcam_manifest.json"
+PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
 PROGRESS_EVERY_S = 10  # a whole-file pass prints a line this often (a batch log wants 5 to 30 s), and when done
 SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
 
@@ -800,17 +801,25 @@ def write_atomically(path, write):
             os.remove(temp_path)
 
 
+# what a run, evaluate.py and the data commands keep in their folders: no other command's output takes these names
+RECORD_NAMES = ("run.json", "metrics.csv", "predictions.csv", "metrics.json", "train.lock", "pcam.lock", PREPARED_NAME)
+
+
 def is_data_file(path):
-    """A split file, or what download makes of one: no command's output may take such a name."""
+    """A split file, what download makes of one, a checkpoint or a record a run or data folder keeps: no
+    command's output may take such a name, whatever the flags."""
     name = os.path.basename(str(path))
-    return name.startswith("camelyonpatch_") or name.endswith((".h5", ".h5.gz", ".hdf5"))
+    return name.startswith("camelyonpatch_") or name.endswith((".h5", ".h5.gz", ".hdf5", ".pt")) or name in RECORD_NAMES
 
 
 def check_output(path, written_here, force=False):
-    """Refuse an output path that would replace what this command did not write: a data file whatever the
-    flags, any other existing file unless force. written_here(path) tells the command's own earlier output."""
-    if is_data_file(path):
-        raise PCAMError(f"{path} is a data file, never an output: choose another output path")
+    """Refuse an output path that would replace what this command did not write: a data file or a run's record
+    whatever the flags, any other existing file unless force. written_here(path) tells the command's own earlier
+    output. A folder where the file belongs is refused before any work."""
+    if os.path.isdir(path):
+        raise PCAMError(f"{path} is a folder: name the output file itself")
+    if is_data_file(path) and not (os.path.isfile(path) and written_here(path)):
+        raise PCAMError(f"{path} is a data file or a run's record, never this output: choose another output path")
     if os.path.isfile(path) and not force and not written_here(path):
         raise PCAMError(f"{path} exists and this command did not write it: choose another path, or add --force")
 

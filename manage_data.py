@@ -26,6 +26,7 @@ import train
 from data import (
     IMAGE_SHAPE,
     MANIFEST_NAME,
+    PREPARED_NAME,
     SPLITS,
     ArgumentParser,
     PCAMError,
@@ -47,7 +48,6 @@ from data import (
     write_atomically,
 )
 
-PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
 LOCK_NAME = "pcam.lock"  # synth and prepare hold it with flock while they write the folder
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"

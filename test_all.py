@@ -2009,6 +2009,30 @@ class TestLossPlot:
         assert f"wrote {tmp_path / 'runs.png'}" in result.stdout and is_nonblank_png(tmp_path / "runs.png")
         assert {run: (run / "loss.png").read_bytes() for run in runs} == before  # each run keeps its own plot
 
+    def test_force_never_replaces_a_runs_checkpoints_records_or_locks(self, straight_run, tmp_path):
+        run_dir = tmp_path / "run"
+        shutil.copytree(straight_run, run_dir)
+        (run_dir / train.LOCK_NAME).write_text("")
+        kept = {path: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+        for name in ("best.pt", "last.pt", "run.json", "metrics.csv", train.LOCK_NAME):
+            one_line_error(
+                run_script("plot_loss.py", str(run_dir), "--out", str(run_dir / name), "--force"), "never this output"
+            )
+            one_line_error(
+                run_script(
+                    "manage_data.py",
+                    "manifest",
+                    "--data-dir",
+                    str(straight_run.parent),
+                    "--manifest",
+                    str(run_dir / name),
+                    "--force",
+                ),
+                "never this output",
+            )
+        one_line_error(run_script("plot_loss.py", str(run_dir), "--out", str(tmp_path)), "is a folder")
+        assert {path: path.read_bytes() for path in kept} == kept
+
     def test_plot_never_replaces_a_file_it_did_not_write(self, straight_run, tmp_path):
         _, y_path = write_split(tmp_path / "data", "train", tissue(4), labels_of(4, 2))
         before = Path(y_path).read_bytes()
