@@ -48,7 +48,7 @@ from data import (
     write_atomically,
 )
 
-LOCK_NAME = "pcam.lock"  # synth and prepare hold it with flock while they write the folder
+LOCK_NAME = "pcam.lock"  # synth, prepare and download hold it with flock while they write the folder
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
 ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
@@ -376,9 +376,9 @@ def fetch(url, part_path, attempts=5):
             if error.errno in LOCAL_WRITE_ERRORS and not isinstance(error, urllib.error.URLError):
                 raise PCAMError(f"cannot write {part_path}: {error.strerror}; retrying cannot help") from None
             if attempt == attempts:
+                then = "to resume" if bytes_in(part_path) else "once the network or --base-url is right"
                 raise PCAMError(
-                    f"download of {url} failed after {attempts} attempts ({error}); "
-                    "run the same command again to resume"
+                    f"download of {url} failed after {attempts} attempts ({error}); run the same command again {then}"
                 ) from None
             next_try = f"resuming at {bytes_in(part_path) / 2**20:.1f} MiB" if bytes_in(part_path) else "retrying"
             log(f"download interrupted ({error}); {next_try} (attempt {attempt + 1} of {attempts})")
@@ -399,39 +399,54 @@ def read_checksums(path):
 def cmd_download(args):
     if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https", "file"):
         raise PCAMError(f"--base-url {args.base_url!r} has no http:// or https:// scheme; give the full URL")
-    os.makedirs(args.data_dir, exist_ok=True)
     checksums = read_checksums(args.checksums) if args.checksums else ZENODO_MD5
-    for split in args.splits:
-        for h5_path in split_paths(args.data_dir, split):
-            if os.path.isfile(h5_path):
-                log(f"download: {h5_path} already present, skipped")
-                continue
-            gz_name = os.path.basename(h5_path) + ".gz"
-            gz_path, part_path = h5_path + ".gz", h5_path + ".gz.part"
-            if gz_name not in checksums:
-                raise PCAMError(f"no checksum for {gz_name} in {args.checksums}")
-            if not os.path.isfile(gz_path):
-                fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", part_path)
-                if file_digest(part_path, "md5") != checksums[gz_name]:
-                    os.remove(part_path)
-                    raise PCAMError(
-                        f"{gz_name}: md5 does not match {checksums[gz_name]}; the corrupt download "
-                        "was deleted, run the same command again to fetch it anew"
-                    )
-                os.replace(part_path, gz_path)
-            log(f"download: {gz_name} md5 ok, unpacking")
+    with lock_folder(args.data_dir):
+        for split in args.splits:
+            for h5_path in split_paths(args.data_dir, split):
+                if os.path.isfile(h5_path):
+                    log(f"download: {h5_path} already present, skipped")
+                    continue
+                download_file(args, checksums, h5_path)
 
-            def unpack(path, gz_path=gz_path, gz_name=gz_name):
-                try:
-                    with gzip.open(gz_path, "rb") as source, open(path, "wb") as target:
-                        shutil.copyfileobj(source, target, 16 * 2**20)
-                except (EOFError, gzip.BadGzipFile, zlib.error):  # cut short, not gzip at all, or damaged inside
-                    os.remove(gz_path)
-                    raise PCAMError(f"corrupt archive {gz_name}, deleted: it is downloaded again next time") from None
 
-            write_atomically(h5_path, unpack)
+def download_file(args, checksums, h5_path):
+    """Fetch one .h5.gz (unless it is there), check its md5, unpack it. Only an archive fetched here is deleted:
+    after unpacking, or when it turns out corrupt; one that was there already is checked and kept."""
+    gz_name = os.path.basename(h5_path) + ".gz"
+    gz_path, part_path = h5_path + ".gz", h5_path + ".gz.part"
+    if gz_name not in checksums:
+        raise PCAMError(f"no checksum for {gz_name} in {args.checksums}")
+    fetched = not os.path.isfile(gz_path)
+    if fetched:
+        fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", part_path)
+        if file_digest(part_path, "md5") != checksums[gz_name]:
+            os.remove(part_path)
+            raise PCAMError(
+                f"{gz_name}: md5 does not match {checksums[gz_name]}; the corrupt download "
+                "was deleted, run the same command again to fetch it anew"
+            )
+        os.replace(part_path, gz_path)
+    elif file_digest(gz_path, "md5") != checksums[gz_name]:
+        raise PCAMError(
+            f"{gz_path} was already there and its md5 does not match {checksums[gz_name]}; it is kept: "
+            "move it away and run the same command again to fetch it anew"
+        )
+    log(f"download: {gz_name} md5 ok, unpacking")
+
+    def unpack(path):
+        try:
+            with gzip.open(gz_path, "rb") as source, open(path, "wb") as target:
+                shutil.copyfileobj(source, target, 16 * 2**20)
+        except (EOFError, gzip.BadGzipFile, zlib.error):  # cut short, not gzip at all, or damaged inside
+            if not fetched:
+                raise PCAMError(f"corrupt archive {gz_path} (it was already there, kept): move it away") from None
             os.remove(gz_path)
-            log(f"download: {h5_path} ready ({os.path.getsize(h5_path) / 2**20:.0f} MiB)")
+            raise PCAMError(f"corrupt archive {gz_name}, deleted: it is downloaded again next time") from None
+
+    write_atomically(h5_path, unpack)
+    if fetched:
+        os.remove(gz_path)
+    log(f"download: {h5_path} ready ({os.path.getsize(h5_path) / 2**20:.0f} MiB)")
 
 
 def cmd_env(args):

@@ -5,6 +5,7 @@ The markers slurm (needs the local Slurm) and download (serves files over HTTP o
 areas: pytest test_all.py -m "not slurm and not download" runs everything else."""
 
 import fcntl
+import gzip
 import hashlib
 import json
 import multiprocessing
@@ -846,9 +847,38 @@ class TestDownload:
             ):
                 assert Path(got).read_bytes() == Path(sent).read_bytes()
         assert sorted(os.listdir(tmp_path / "data")) == sorted(
-            os.path.basename(p) for s in ("train", "valid") for p in data.split_paths(tmp_path, s)
+            [
+                manage_data.LOCK_NAME,
+                *(os.path.basename(p) for s in ("train", "valid") for p in data.split_paths(tmp_path, s)),
+            ]
         )
         assert download(pcam_server, tmp_path / "data", "train").stdout.count("already present") == 2
+
+    def test_an_archive_download_did_not_fetch_is_checked_and_kept(self, pcam_server, tmp_path):
+        name = "camelyonpatch_level_2_split_valid_y.h5.gz"
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        y_path = data.split_paths(data_dir, "valid")[1]
+        for mine in (b"my notes, not an archive", gzip.compress(b"not the served file")):
+            (data_dir / name).write_bytes(mine)
+            result = download(pcam_server, data_dir, "valid")
+            one_line_error(result, "already there")
+            assert "kept" in result.stderr and (data_dir / name).read_bytes() == mine and not os.path.exists(y_path)
+        served = pcam_server.files[name]
+        (data_dir / name).write_bytes(served)  # the right archive, copied in by hand: unpacked, and kept
+        assert download(pcam_server, data_dir, "valid").returncode == 0
+        assert (data_dir / name).read_bytes() == served and Path(y_path).read_bytes() == gzip.decompress(served)
+        assert name not in [requested for requested, _ in pcam_server.requests]
+
+    def test_download_holds_the_folders_lock(self, pcam_server, tmp_path):
+        busy = tmp_path / "data"
+        busy.mkdir()
+        with open(busy / manage_data.LOCK_NAME, "w") as lock:
+            lock.write("PID 4242 on node-7\n")
+            lock.flush()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            one_line_error(download(pcam_server, busy, "valid"), "PID 4242 on node-7")
+        assert os.listdir(busy) == [manage_data.LOCK_NAME] and pcam_server.requests == []
 
     def test_download_resumes_a_cut_connection_with_range(self, pcam_server, tmp_path):
         pcam_server.cut_once.add("camelyonpatch_level_2_split_test_x.h5.gz")
@@ -891,6 +921,7 @@ class TestDownload:
         result = download(pcam_server, tmp_path / "data", "test")
         one_line_error(result, "after 5 attempts")
         assert result.stdout.count("retrying") == 4 and "resuming" not in result.stdout
+        assert "resume" not in result.stderr  # nothing arrived: there is nothing to resume
 
     def test_a_server_that_ignores_range_gives_a_correct_file(self, pcam_server, tmp_path):
         pcam_server.ignore_range = True
