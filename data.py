@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -43,6 +44,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 MMAP_THRESHOLD_BYTES = 4 * 2**20  # buffers this large are mapped for themselves (see keep_large_buffers_off_the_heap)
 MANIFEST_NAME = "pcam_manifest.json"
 PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
+RUN_LOCK_NAME = "train.lock"  # a live train.py holds it with flock; the kernel releases it when the run dies
 PROGRESS_EVERY_S = 10  # a whole-file pass prints a line this often (a batch log wants 5 to 30 s), and when done
 SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
 
@@ -802,7 +804,7 @@ def write_atomically(path, write):
 
 
 # what a run, evaluate.py and the data commands keep in their folders: no other command's output takes these names
-RECORD_NAMES = ("run.json", "metrics.csv", "predictions.csv", "metrics.json", "train.lock", "pcam.lock", PREPARED_NAME)
+RECORD_NAMES = ("run.json", "metrics.csv", "predictions.csv", "metrics.json", RUN_LOCK_NAME, "pcam.lock", PREPARED_NAME)
 
 
 def is_data_file(path):
@@ -842,6 +844,18 @@ def png_software(path):
     except OSError:
         return None
     return None
+
+
+def run_is_live(folder):
+    """Whether a live train.py holds the run folder's lock."""
+    try:
+        with open(os.path.join(folder, RUN_LOCK_NAME)) as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def os_reason(error):

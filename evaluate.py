@@ -261,7 +261,7 @@ def evaluate_split(model, batches, rows, device, out_dir, about):
             "pass a checkpoint of a run that trained"
         )
     metrics = {**classification_metrics(loss, scores, labels), "images": len(labels), **about}
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)  # only now: a refused or failed evaluation leaves no folder behind
     write_predictions(rows, labels, scores, os.path.join(out_dir, "predictions.csv"))
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
     plot_roc(scores, labels, metrics["auc"], os.path.join(out_dir, "roc.png"))
@@ -276,11 +276,21 @@ def pick_device(requested):
 
 
 def prepare_out_dir(out_dir, about):
-    """Refuse to replace an evaluation of another checkpoint or other data: results are not overwritten."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as error:
-        raise EvaluationError(f"cannot create --out-dir {out_dir}: {error.strerror}; choose a writable one") from None
+    """Refuse to replace an evaluation of another checkpoint or other data (results are not overwritten), or to
+    write into a run folder while its run trains. Nothing is created here: evaluate_split makes the folder."""
+    run_folder = os.path.dirname(os.path.abspath(out_dir))
+    if data.run_is_live(run_folder):
+        raise EvaluationError(
+            f"{run_folder} belongs to a run that is still training (train.lock is held); evaluate once it has "
+            "ended, or pass another --out-dir"
+        )
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise EvaluationError(f"--out-dir {out_dir} is a file; name a folder")
+    parent = run_folder
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(out_dir) and not os.access(parent, os.W_OK | os.X_OK):
+        raise EvaluationError(f"cannot create --out-dir {out_dir}: {parent} is not writable; choose a writable one")
     try:
         with open(os.path.join(out_dir, "metrics.json")) as source:
             earlier = json.load(source)
@@ -330,6 +340,8 @@ def main(argv=None):
         run(args)
     except (EvaluationError, data.PCAMError) as error:
         sys.exit(f"evaluate.py: error: {error}")
+    except OSError as error:  # the output folder could not be made after all (a full disk, a race)
+        sys.exit(f"evaluate.py: error: cannot write {error.filename}: {data.os_reason(error)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ the mean and std over runs that differ only in --seed, and writes them to runs_s
 """
 
 import csv
-import fcntl
 import glob
 import json
 import os
@@ -36,7 +35,6 @@ RESULTS = (
     "wall_s",
 )
 AVERAGED = RESULTS[2:]  # the metrics a group of seeds gets a mean and std of
-LOCK_NAME = "train.lock"  # train.py holds it with flock while the run is alive
 RUN_MARKERS = "os^DvPX*"  # one per overlaid run, with its colour
 UNCOMPARED_SETTINGS = ("out_dir", "resume", "log_every")  # differ without changing what a run computes
 SOFTWARE = "pcam-mlp plot_loss.py"  # the PNG text that marks a figure as this script's to redraw
@@ -160,7 +158,7 @@ def summarize_run(path):
             raise TypeError("args and test must be objects")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {"run": name, "settings": None, "status": "unreadable: run.json"}
-    if status == "running" and not is_locked(run_folder(path)):
+    if status == "running" and not data.run_is_live(run_folder(path)):
         status = "not running (killed?)"
     try:
         _, metrics = read_metrics(run_folder(path), TABLE_COLUMNS)
@@ -271,18 +269,6 @@ def is_own_summary(path):
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
     return header[:1] == ["run"] and header[-len(RESULTS) - 1 :] == [*RESULTS, "status"]
-
-
-def is_locked(folder):
-    """Whether a live train.py holds the folder's lock (the kernel drops it when the process dies)."""
-    try:
-        with open(os.path.join(folder, LOCK_NAME)) as lock:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 def expand(patterns):

@@ -1971,6 +1971,34 @@ class TestEvaluate:
         one_line_error(result, "layers.0.weight")
         assert "non-finite" in result.stderr and not (tmp_path / "eval-test").exists()
 
+    def test_evaluate_of_finite_weights_with_non_finite_outputs_leaves_no_folder(
+        self, straight_run, synth_dir, tmp_path
+    ):
+        best = torch.load(straight_run / "best.pt", weights_only=True)
+        best["model"]["layers.0.weight"].fill_(1e38)  # finite, but the logits overflow
+        torch.save(best, tmp_path / "huge.pt")
+        result = run_script("evaluate.py", str(tmp_path / "huge.pt"), "--data-dir", str(synth_dir))
+        one_line_error(result, "not finite")
+        assert not (tmp_path / "eval-test").exists()
+
+    def test_evaluate_stays_out_of_a_run_that_is_still_training(self, synth_dir, tmp_path):
+        args = train_args(synth_dir, tmp_path / "run", "--epochs", "50")
+        live = start_run(args)
+        try:
+            result = run_script("evaluate.py", str(tmp_path / "run" / "last.pt"), "--data-dir", str(synth_dir))
+            one_line_error(result, "still training")
+            assert not (tmp_path / "run" / "eval-test").exists()
+            elsewhere = tmp_path / "elsewhere"
+            run_script(
+                *("evaluate.py", str(tmp_path / "run" / "last.pt"), "--data-dir", str(synth_dir)),
+                *("--out-dir", str(elsewhere)),
+                check=True,
+            )
+            assert (elsewhere / "metrics.json").exists()
+        finally:
+            live.send_signal(signal.SIGKILL)
+            live.wait(timeout=60)
+
     def test_evaluate_reports_a_missing_split_and_another_evaluation_in_one_line(
         self, straight_run, synth_dir, tmp_path
     ):

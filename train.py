@@ -41,7 +41,7 @@ from model import MLP
 
 REQUEUE_EXIT_CODE = 75  # stopped by a signal with last.pt on disk: run again with --resume
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (SIGINT), as a shell reports it
-LOCK_NAME = "train.lock"  # held with flock by the run using the folder; the kernel releases it when the run dies
+LOCK_NAME = data.RUN_LOCK_NAME
 METRIC_FORMATS = {
     "epoch": "{}",
     "train_loss": "{:.6f}",
