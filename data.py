@@ -496,7 +496,9 @@ class PCAMDataset(Dataset):
                 raise MissingDataError(f"{path} not found")
         all_labels = read_split_labels(self.x_path, self.y_path)
         if len(all_labels) == 0:
-            raise PCAMError(f"{self.x_path} holds no images; a PCAM split needs at least one row")
+            raise PCAMError(
+                f"{self.x_path} holds no images; a PCAM split needs at least one row: write or fetch it again"
+            )
         check_pixel_scale(self.x_path)
         self.indices, self._memory = np.arange(len(all_labels)), None
         if filter_data or preload:
@@ -844,6 +846,12 @@ def png_software(path):
     except OSError:
         return None
     return None
+
+
+def check_output_folder(path, flag):
+    """A folder a command will write into: refused before any work when a file stands in its place."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise PCAMError(f"{flag} {path} is a file, not a folder: name a folder (it is created when missing)")
 
 
 def run_is_live(folder):

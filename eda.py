@@ -282,6 +282,7 @@ def main(argv=None):
             data.require_split(args.data_dir, args.splits[0])  # raises the missing-files message
         for split in present:  # every split and output is checked before the first scan
             data.split_labels(args.data_dir, split)
+        data.check_output_folder(args.out_dir, "--out-dir")
         for name in FIGURES:
             data.check_output(os.path.join(args.out_dir, name), is_own_figure, args.force)
         scans = []

@@ -83,7 +83,10 @@ def load_checkpoint(path, required=("model", "model_args")):
     except FileNotFoundError:
         raise EvaluationError(f"checkpoint {path} not found; pass a run's best.pt or last.pt") from None
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise EvaluationError(f"cannot load checkpoint {path} ({type(error).__name__}); it may be incomplete") from None
+        raise EvaluationError(
+            f"cannot load checkpoint {path} ({type(error).__name__}): it is incomplete or not a checkpoint; pass a "
+            "whole best.pt or last.pt written by train.py (a run's other checkpoint, or a new run)"
+        ) from None
     if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
         raise EvaluationError(
             f"{path} is not a train.py checkpoint (it lacks {', '.join(required)}); "

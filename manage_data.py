@@ -32,6 +32,7 @@ from data import (
     PCAMError,
     add_data_dir_argument,
     check_output,
+    check_output_folder,
     check_pixel_scale,
     clean,
     file_digest,
@@ -257,6 +258,7 @@ def prepare_split(data_dir, out_dir, split):
 def cmd_prepare(args):
     if os.path.realpath(args.out) == os.path.realpath(args.data_dir):
         raise PCAMError("--out must differ from --data-dir: prepare writes a cleaned copy beside the original")
+    check_output_folder(args.out, "--out")
     splits = present_splits(args.data_dir)
     for split in splits:  # an empty split is refused before anything is copied
         split_labels(args.data_dir, split)
@@ -576,6 +578,8 @@ def main(argv=None):
         "env": cmd_env,
     }
     try:
+        if args.data_dir == "":
+            raise PCAMError("--data-dir is empty (is $PCAM_DIR set to an empty string?); name the PCAM data folder")
         commands[args.command](args)
     except PCAMError as error:
         sys.exit(f"manage_data.py {args.command}: error: {error}")

@@ -691,6 +691,23 @@ class TestDataCommands:
         (small_set / data.MANIFEST_NAME).write_text(f'{{"files": [{entry}]}}')
         one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), data.MANIFEST_NAME)
 
+    def test_a_file_where_an_output_folder_belongs_is_refused_before_any_work(self, small_set, tmp_path):
+        in_the_way = tmp_path / "a_file"
+        in_the_way.write_text("mine")
+        for command, fragment in (
+            (["eda.py", "--data-dir", str(small_set), "--out-dir", str(in_the_way)], "--out-dir"),
+            (["manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(in_the_way)], "--out"),
+        ):
+            result = run_script(*command)
+            one_line_error(result, f"{fragment} {in_the_way} is a file")
+            assert "scanning" not in result.stdout and "prepare train" not in result.stdout
+        one_line_error(
+            run_script("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(tmp_path)),
+            "is a folder",
+        )
+        one_line_error(run_script("manage_data.py", "synth", "--data-dir", ""), "--data-dir is empty")
+        assert in_the_way.read_text() == "mine"
+
     def test_a_split_with_x_but_no_y_is_an_error_everywhere(self, small_set, tmp_path):
         os.remove(data.split_paths(small_set, "test")[1])
         missing = "camelyonpatch_level_2_split_test_y.h5 not found"
