@@ -18,6 +18,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -852,6 +853,23 @@ def check_output_folder(path, flag):
     """A folder a command will write into: refused before any work when a file stands in its place."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise PCAMError(f"{flag} {path} is a file, not a folder: name a folder (it is created when missing)")
+
+
+def hold_lock(path, in_use):
+    """An open file holding an exclusive flock on path, with this process's PID and host in it (closing it, or the
+    process ending however it ends, lets go), or a PCAMError: in_use with {holder} filled in."""
+    lock = open(path, "a+")  # noqa: SIM115 (held open while its holder writes)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not written its PID yet"
+        lock.close()
+        raise PCAMError(in_use.format(holder=holder)) from None
+    lock.truncate(0)
+    lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 def run_is_live(folder):

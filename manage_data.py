@@ -5,12 +5,10 @@ training imports (reading, cleaning, the filter, loaders) is in data.py.
 """
 
 import errno
-import fcntl
 import gzip
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 import urllib.error
@@ -36,6 +34,7 @@ from data import (
     check_pixel_scale,
     clean,
     file_digest,
+    hold_lock,
     iter_raw_blocks,
     log,
     open_h5,
@@ -66,20 +65,8 @@ def lock_folder(folder):
     """An open lock file holding an exclusive flock on a data folder (closing it lets go), or a PCAMError naming
     the command that holds it: one writer at a time, so two sets or two sources never mix in one folder."""
     os.makedirs(folder, exist_ok=True)
-    lock = open(os.path.join(folder, LOCK_NAME), "a+")  # noqa: SIM115 (held open while the command writes)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "a process that has not written its PID yet"
-        lock.close()
-        raise PCAMError(
-            f"{folder} is being written by another command ({holder}); wait for it to end, or choose another folder"
-        ) from None
-    lock.truncate(0)
-    lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return lock
+    in_use = f"{folder} is being written by another command ({{holder}}); wait for it to end, or choose another folder"
+    return hold_lock(os.path.join(folder, LOCK_NAME), in_use)
 
 
 def is_synthetic(x_path):

@@ -13,7 +13,6 @@ import contextlib
 import csv
 import dataclasses
 import datetime
-import fcntl
 import functools
 import io
 import json
@@ -278,21 +277,9 @@ def new_run_folder(path):
 
 
 def lock_out_dir(out_dir):
-    """An open lock file holding an exclusive flock on the folder, or a UsageError naming the run that holds it."""
-    lock = open(os.path.join(out_dir, LOCK_NAME), "a+")  # noqa: SIM115 (held open for the whole run)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "a process that has not written its PID yet"
-        lock.close()
-        raise UsageError(
-            f"{out_dir} is in use by another run ({holder}); wait for it to end, or choose another --out-dir"
-        ) from None
-    lock.truncate(0)
-    lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    return lock
+    """An open lock file holding an exclusive flock on the folder, or an error naming the run that holds it."""
+    in_use = f"{out_dir} is in use by another run ({{holder}}); wait for it to end, or choose another --out-dir"
+    return data.hold_lock(os.path.join(out_dir, LOCK_NAME), in_use)
 
 
 def adopt_checkpoint_settings(args, checkpoint):
