@@ -1,7 +1,9 @@
 """Fixtures and helpers that test_all.py shares: data written by the tests, the scripts run as a user runs them,
 training runs to compare against, a PCAM server on 127.0.0.1 and a copy of the project to submit to Slurm."""
 
+import contextlib
 import csv
+import fcntl
 import gzip
 import hashlib
 import http.server
@@ -83,6 +85,17 @@ def write_split(data_dir, split, images, labels, **x_options):
     with h5py.File(y_path, "w") as h5file:
         h5file.create_dataset("y", data=labels)
     return x_path, y_path
+
+
+@contextlib.contextmanager
+def folder_held_by_another_command(folder):
+    """The data folder's lock held, as a synth, prepare or download on node-7 would hold it."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, manage_data.LOCK_NAME), "w") as lock:
+        lock.write("PID 4242 on node-7\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def linked_set(source_dir, target_dir, splits=("train", "valid")):

@@ -43,6 +43,7 @@ from conftest import (
     assert_same_weights,
     download,
     evaluate_model,
+    folder_held_by_another_command,
     is_nonblank_png,
     is_running,
     labels_of,
@@ -749,11 +750,7 @@ class TestDataCommands:
 
     def test_a_data_folder_has_one_writer_at_a_time(self, small_set, tmp_path):
         busy = tmp_path / "busy"
-        busy.mkdir()
-        with open(busy / manage_data.LOCK_NAME, "w") as lock:
-            lock.write("PID 4242 on node-7\n")
-            lock.flush()
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with folder_held_by_another_command(busy):
             one_line_error(
                 run_script("manage_data.py", "synth", "--data-dir", str(busy), "--n-train", "20", "--n-valid", "8"),
                 "PID 4242 on node-7",
@@ -889,11 +886,7 @@ class TestDownload:
 
     def test_download_holds_the_folders_lock(self, pcam_server, tmp_path):
         busy = tmp_path / "data"
-        busy.mkdir()
-        with open(busy / manage_data.LOCK_NAME, "w") as lock:
-            lock.write("PID 4242 on node-7\n")
-            lock.flush()
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with folder_held_by_another_command(busy):
             one_line_error(download(pcam_server, busy, "valid"), "PID 4242 on node-7")
         assert os.listdir(busy) == [manage_data.LOCK_NAME] and pcam_server.requests == []
 
