@@ -1359,10 +1359,31 @@ class TestStopAndResume:
         assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
         assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == status
 
+    @pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+    def test_a_signal_during_the_start_up_pass_stops_at_once_and_leaves_nothing(self, tmp_path, signum, exit_code):
+        rows = 1000  # float32, one gzip chunk per image: the filter pass takes a while
+        write_split(
+            tmp_path,
+            "train",
+            tissue(rows, dtype=np.float32),
+            labels_of(rows, 1600),
+            chunks=(1, 96, 96, 3),
+            compression="gzip",
+        )
+        write_split(tmp_path, "valid", tissue(64), labels_of(64, 20))
+        run_dir = tmp_path / "run"
+        process = train_until(train_args(tmp_path, run_dir, "--epochs", "1", "--filter-data"), "data path:")
+        process.send_signal(signum)
+        output = process.stdout.read()
+        assert process.wait(timeout=120) == exit_code, output
+        assert "Traceback" not in output and "step 1/" not in output
+        assert not run_dir.exists()  # nothing trained: the folder this run made goes again
+
     def test_a_second_ctrl_c_stops_at_once(self, synth_dir, tmp_path):
         handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         try:
             stop = train.StopRequest()
+            stop.training = True
             os.kill(os.getpid(), signal.SIGINT)
             assert stop.signal_name == "SIGINT"  # the first asks for a stop after the step
             with pytest.raises(KeyboardInterrupt):

@@ -412,20 +412,28 @@ def evaluate(model, loader, device, max_batches=None):
     return loss, accuracy, evaluation.roc_auc(scores, labels)
 
 
+class StoppedDuringStartUp(Exception):
+    """SIGTERM or SIGUSR1 before the first step: nothing to checkpoint, so the run ends at once."""
+
+
 class StopRequest:
     """Turns SIGTERM, SIGUSR1 and a first SIGINT into a flag the training loop checks after every step; a second
-    SIGINT (Ctrl-C twice) stops at once. DataLoader workers ignore these signals (data.seed_worker), so a signal
-    to the whole process group (scancel, preemption, Ctrl-C) reaches the run through this process alone."""
+    SIGINT (Ctrl-C twice) stops at once, and so does any of them before training starts (a whole-file pass at
+    start-up takes minutes). DataLoader workers ignore these signals (data.seed_worker), so a signal to the whole
+    process group (scancel, preemption, Ctrl-C) reaches the run through this process alone."""
 
     def __init__(self):
-        self.signal_name = None
+        self.signal_name, self.training = None, False
         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(signum, self.request)
 
     def request(self, signum, frame):
-        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and (self.signal_name == "SIGINT" or not self.training):
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        if not self.training:
+            raise StoppedDuringStartUp(name)
+        self.signal_name = name
         print(f"received {self.signal_name}: stopping after the current step", flush=True)
 
 
@@ -661,6 +669,7 @@ def run(args, outcome):
         dry_run(session)
         return
     start_or_resume(session, checkpoint, manifest_matched, outcome)
+    stop.training = True  # last.pt is on disk: from here a signal stops the run after its current step
     train_epochs(session)
     finish(session, outcome, test_set)
 
@@ -949,6 +958,15 @@ def main(argv=None):
             f"train.py: error: {error}; stopped, last.pt keeps the last good epoch. "
             "Try a lower --lr in a new run (another --out-dir)",
         )
+    except StoppedDuringStartUp as error:
+        finish_record(outcome, "stopped", stop_signal=str(error))
+        print(
+            f"train.py: stopped by {error} during start-up, before training; run the same command again "
+            f"(exit code {REQUEUE_EXIT_CODE})",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(REQUEUE_EXIT_CODE)
     except KeyboardInterrupt:
         finish_record(outcome, "interrupted")
         print("train.py: interrupted by SIGINT; last.pt keeps the last completed epoch", file=sys.stderr, flush=True)
