@@ -58,6 +58,10 @@ class MissingDataError(PCAMError, FileNotFoundError):
     """The data directory or a split's files are not there."""
 
 
+class FilteredOutError(PCAMError):
+    """The outlier filter removed every image of a split."""
+
+
 def log(message):
     print(message, flush=True)
 
@@ -506,7 +510,7 @@ class PCAMDataset(Dataset):
             thresholds = (black_threshold, white_threshold) if filter_data else None
             self.indices, self._memory = self._read_whole_file(thresholds, preload)
         if len(self.indices) == 0:
-            raise PCAMError(
+            raise FilteredOutError(
                 f"{self.x_path}: the outlier filter removed every image (thresholds "
                 f"{black_threshold}, {white_threshold}); the file holds only black or white tiles"
             )
@@ -556,8 +560,9 @@ class PCAMDataset(Dataset):
         available, which = free_memory()
         if needed > 0.8 * available:
             raise PCAMError(
-                f"--preload needs {needed / 2**30:.1f} GiB for {self.x_path} but only "
-                f"{available / 2**30:.1f} GiB is free under {which}; drop --preload or ask for more memory"
+                f"holding {self.x_path} in RAM (--preload, or --data-on-device) needs {needed / 2**20:,.0f} MiB but "
+                f"only {available / 2**20:,.0f} MiB is free under {which}; stream it (--data-on-device no, without "
+                "--preload) or ask for more memory"
             )
         return np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
 
@@ -609,28 +614,51 @@ def cgroup_room():
 
 
 def cgroup_folder_room(folder, limit_name, usage_name):
+    """A cgroup's limit less its usage, the page cache it may drop (inactive files: what was read once) left out:
+    the kernel reclaims that before it kills anything."""
     try:
         with open(os.path.join(folder, limit_name)) as limit_file, open(os.path.join(folder, usage_name)) as usage:
             limit, used = limit_file.read().strip(), int(usage.read())
         if limit == "max" or int(limit) >= 2**60:
             return None
-        return max(0, int(limit) - used)
+        return max(0, int(limit) - used + reclaimable_cache(folder))
     except (OSError, ValueError):
         return None
 
 
+def reclaimable_cache(folder):
+    """Bytes of inactive file cache in a cgroup's memory.stat (v1 total_inactive_file, v2 inactive_file), else 0."""
+    try:
+        with open(os.path.join(folder, "memory.stat")) as stat:
+            fields = dict(line.split() for line in stat if len(line.split()) == 2)
+    except OSError:
+        return 0
+    return int(fields.get("total_inactive_file", fields.get("inactive_file", 0)))
+
+
 def slurm_allocation():
-    """{variable: bytes} of the job's Slurm memory (0, Slurm's "all of the node's", counts as no limit)."""
+    """{variable: bytes} of the job's Slurm memory less what this process holds already (0, Slurm's "all of the
+    node's", counts as no limit)."""
     env = os.environ
     try:
         if int(env.get("SLURM_MEM_PER_NODE", "0")) > 0:
-            return {"SLURM_MEM_PER_NODE": int(env["SLURM_MEM_PER_NODE"]) * 2**20}
+            return {"SLURM_MEM_PER_NODE": max(0, int(env["SLURM_MEM_PER_NODE"]) * 2**20 - resident_bytes())}
         if int(env.get("SLURM_MEM_PER_CPU", "0")) > 0:
             cpus = int(env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE") or "1")
-            return {"SLURM_MEM_PER_CPU x CPUs": int(env["SLURM_MEM_PER_CPU"]) * 2**20 * cpus}
+            allocated = int(env["SLURM_MEM_PER_CPU"]) * 2**20 * cpus
+            return {"SLURM_MEM_PER_CPU x CPUs": max(0, allocated - resident_bytes())}
     except ValueError:  # not a number of MiB: no allocation this process can go by
         pass
     return {}
+
+
+def resident_bytes():
+    """This process's resident memory (VmRSS), 0 where /proc does not say."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def load_split(data_dir, split, filter_data=False, preload=False, **thresholds):

@@ -203,7 +203,7 @@ class TestStorageAndPreload:
 
     def test_preload_refuses_when_memory_is_short(self, small_set, monkeypatch):
         monkeypatch.setattr(data, "free_memory", lambda: (1000, "MemAvailable"))
-        with pytest.raises(data.PCAMError, match="--preload needs .* free under MemAvailable"):
+        with pytest.raises(data.PCAMError, match="--preload, or --data-on-device.* free under MemAvailable"):
             data.load_split(small_set, "train", preload=True)
 
 
@@ -281,15 +281,28 @@ class TestMemoryLimits:
         assert which.strip() == "cgroup memory.limit_in_bytes"
         assert 0 < int(free) < 2**30
 
-    def test_slurm_allocations_count_in_mib_per_node_or_per_cpu(self, monkeypatch):
+    def test_slurm_allocations_count_in_mib_per_node_or_per_cpu_less_what_the_process_holds(self, monkeypatch):
+        held = data.resident_bytes()
+        assert held > 50 * 2**20  # python with torch and h5py loaded
+        monkeypatch.setenv("SLURM_MEM_PER_NODE", "8000")
+        free, which = data.free_memory()
+        assert which == "SLURM_MEM_PER_NODE" and 8000 * 2**20 - held - 2**24 <= free <= 8000 * 2**20 - held + 2**24
         monkeypatch.setenv("SLURM_MEM_PER_NODE", "3")
-        assert data.free_memory() == (3 * 2**20, "SLURM_MEM_PER_NODE")
+        assert data.free_memory() == (0, "SLURM_MEM_PER_NODE")  # the imports alone take more
         monkeypatch.delenv("SLURM_MEM_PER_NODE")
-        monkeypatch.setenv("SLURM_MEM_PER_CPU", "2")
+        monkeypatch.setenv("SLURM_MEM_PER_CPU", "2000")
         monkeypatch.setenv("SLURM_CPUS_ON_NODE", "3")
-        assert data.free_memory() == (6 * 2**20, "SLURM_MEM_PER_CPU x CPUs")
+        assert abs(data.free_memory()[0] - (6000 * 2**20 - held)) <= 2**24
         monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
-        assert data.free_memory() == (8 * 2**20, "SLURM_MEM_PER_CPU x CPUs")
+        free, which = data.free_memory()
+        assert which == "SLURM_MEM_PER_CPU x CPUs" and abs(free - (8000 * 2**20 - held)) <= 2**24
+
+    def test_page_cache_the_kernel_can_drop_counts_as_room_in_a_cgroup(self, tmp_path):
+        for name, value in (("memory.limit_in_bytes", 1000), ("memory.usage_in_bytes", 900)):
+            (tmp_path / name).write_text(f"{value * 2**20}\n")
+        assert data.cgroup_folder_room(tmp_path, "memory.limit_in_bytes", "memory.usage_in_bytes") == 100 * 2**20
+        (tmp_path / "memory.stat").write_text(f"cache {700 * 2**20}\ntotal_inactive_file {600 * 2**20}\nrss 1\n")
+        assert data.cgroup_folder_room(tmp_path, "memory.limit_in_bytes", "memory.usage_in_bytes") == 700 * 2**20
 
 
 class TestLoaders:
@@ -1952,6 +1965,15 @@ class TestEvaluate:
             check=True,
         )
         assert (evaluated / "predictions.csv").read_text() == (run_dir / "eval-test" / "predictions.csv").read_text()
+
+    def test_a_test_split_the_filter_empties_skips_test_scoring_and_the_run_is_done(self, synth_dir, tmp_path):
+        data_dir = linked_set(synth_dir, tmp_path / "data")
+        write_split(data_dir, "test", np.zeros((8, 96, 96, 3), np.uint8), labels_of(8, 4))  # all black tiles
+        run_dir = tmp_path / "run"
+        result = run_script("train.py", *train_args(data_dir, run_dir, "--epochs", "1", "--filter-data"), check=True)
+        assert "the outlier filter removed every test image, skipped" in result.stdout
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "done" and record["test"] is None and (run_dir / "best.pt").exists()
 
     def test_evaluate_scores_equal_those_of_train_py_test_evaluation(self, straight_run, synth_dir):
         by_train = (straight_run / "eval-test" / "predictions.csv").read_text()

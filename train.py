@@ -890,7 +890,15 @@ def evaluate_test(args, device, best_path, test_set):
         print("test: no test split in the data dir, skipped", flush=True)
         return None
     if args.filter_data:
-        test_set = data.PCAMDataset(test_set.x_path, test_set.y_path, filter_data=True)
+        try:
+            test_set = data.PCAMDataset(test_set.x_path, test_set.y_path, filter_data=True)
+        except data.FilteredOutError:
+            print(
+                "test: the outlier filter removed every test image, skipped; best.pt is intact: score it with "
+                "evaluate.py without --filter-data",
+                flush=True,
+            )
+            return None
     test_loader = data.in_order(test_set, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
     best = evaluation.load_checkpoint(best_path)
     model = evaluation.model_from_checkpoint(best, best_path).to(device)
