@@ -109,6 +109,17 @@ class TestCleaningAndFilter:
         assert np.array_equal(ds[[0]][0][0].numpy(), images[0].astype(np.uint8).transpose(2, 0, 1))
         assert ds[[3]][0][0, 0, 0, 0].item() == 0
 
+    @pytest.mark.parametrize("x_options", [{}, {"chunks": (2, 96, 96, 3)}], ids=["contiguous", "chunked"])
+    def test_a_big_endian_file_filters_as_its_native_copy(self, tmp_path, x_options):
+        images = tissue(6, dtype=np.float32)
+        images[1] = np.nan  # cleaned to 0: a black tile
+        images[3, :48], images[3, 48:] = 512.0, -2.0  # raw mean 255, cleaned 127.5: tissue, read bit by bit
+        native = data.PCAMDataset(*write_split(tmp_path / "native", "train", images, labels_of(6, 3), **x_options))
+        swapped = write_split(tmp_path / "swapped", "train", images.astype(">f4"), labels_of(6, 3), **x_options)
+        filtered = data.PCAMDataset(*swapped, filter_data=True)
+        assert filtered.indices.tolist() == [0, 2, 3, 4, 5]
+        assert torch.equal(filtered[[0, 1, 2]][0], native[[0, 2, 3]][0])
+
     def test_filter_drops_exactly_the_black_and_white_tiles(self, tmp_path):
         images = tissue(100)
         images[17], images[60], images[33] = 0, 255, 40
@@ -301,6 +312,15 @@ class TestLoaders:
         assert sum(len(labels) for _, labels in train_loader) == 200  # one epoch = the kept train rows
         test_images, _ = next(iter(data.get_test_loader(small_set, batch_size=16)))
         assert test_images.shape == (16, 3, 96, 96)
+
+    def test_a_batch_size_of_one_is_the_smallest_the_loaders_take(self, tmp_path):
+        write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
+        write_split(tmp_path, "valid", tissue(3), labels_of(3, 1))
+        train_loader, val_loader = data.get_dataloaders(tmp_path, batch_size=1)
+        assert [len(labels) for _, labels in val_loader] == [1, 1, 1]
+        assert len(next(iter(train_loader))[1]) == 1
+        with pytest.raises(data.PCAMError, match="batch size must be positive, got 0"):
+            data.get_dataloaders(tmp_path, batch_size=0)
 
     def test_validation_reads_every_kept_row_once_in_order(self, tmp_path):
         images = tissue(70)
