@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import random
 import re
 import resource
 import shutil
@@ -1262,6 +1263,26 @@ def start_run(args):
 
 class TestStopAndResume:
     """train.py: a stopped or failed run keeps its last good state and resumes to the same result."""
+
+    def test_a_checkpoints_rng_state_replays_every_generator(self, small_set, tmp_path):
+        train_loader, _ = data.get_dataloaders(small_set, batch_size=8)
+        device = torch.device("cpu")
+
+        def draws():
+            labels = next(iter(train_loader))[1]  # the sampler's draws
+            worker_seed = torch.randint(2**31, (1,), generator=train_loader.generator).item()  # what workers get
+            return [random.random(), np.random.rand(), torch.rand(1).item(), labels.tolist(), worker_seed]
+
+        train.seed_everything(4)
+        state = train.rng_state(train_loader, device)
+        first = draws()
+        save_checkpoint({"model": {}, "model_args": {}, "rng": state}, tmp_path / "last.pt")
+        restored = evaluate.load_checkpoint(tmp_path / "last.pt")["rng"]  # as a resumed run reads it
+        train.seed_everything(5)
+        train.restore_rng_state(restored, train_loader, device)
+        assert draws() == first
+        train.seed_everything(4)
+        assert [random.random(), np.random.rand(), torch.rand(1).item()] == first[:3]
 
     def test_stopping_after_epoch_1_and_resuming_equals_a_straight_run(self, synth_dir, straight_run, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1"))
