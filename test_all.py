@@ -189,6 +189,19 @@ class TestStorageAndPreload:
         assert isinstance(plain._reader, data.MappedRows) and isinstance(packed._reader, data.ChunkedRows)
         assert np.array_equal(plain[rows][0].permute(0, 2, 3, 1).numpy(), images[rows])
 
+    def test_a_float_file_reads_a_run_of_rows_in_one_system_call(self, tmp_path, monkeypatch):
+        images = tissue(8, dtype=np.float32)
+        ds = data.PCAMDataset(*write_split(tmp_path, "train", images, labels_of(8, 4)))
+        reads, preadv = [], os.preadv
+        monkeypatch.setattr(
+            os, "preadv", lambda fd, buffers, offset: reads.append(offset) or preadv(fd, buffers, offset)
+        )
+        for rows, calls in (([2, 3, 4, 5], 1), ([6], 1), ([5, 1], 2)):
+            reads.clear()
+            expected = torch.from_numpy(images[rows].astype(np.uint8)).permute(0, 3, 1, 2)
+            assert torch.equal(ds[rows][0], expected) and len(reads) == calls, rows
+        assert isinstance(ds._reader, data.PositionalRows)
+
     def test_pickled_dataset_carries_no_open_handle(self, small_set):
         ds = data.load_split(small_set, "train")
         ds[[1, 2]]  # opens the file in this process
@@ -498,6 +511,17 @@ class TestBadInput:
         write_split(tmp_path / "one", "valid", tissue(6), labels_of(6, 3))
         with pytest.raises(data.PCAMError, match="single class"):
             data.get_dataloaders(tmp_path / "one", num_workers=2)
+
+    def test_a_split_of_one_image_loads_and_one_of_none_is_refused(self, tmp_path):
+        one = data.PCAMDataset(*write_split(tmp_path / "one", "train", tissue(1), labels_of(1, 1)))
+        assert len(one) == 1 and one[0][1].item() == 1
+        with pytest.raises(data.PCAMError, match="holds no images"):
+            data.PCAMDataset(*write_split(tmp_path / "none", "train", tissue(0), labels_of(0, 0)))
+
+    def test_opening_a_file_on_the_0_to_1_scale_is_refused(self, tmp_path):
+        paths = write_split(tmp_path, "train", tissue(2, dtype=np.float32) / 255, labels_of(2, 1))
+        with pytest.raises(data.PCAMError, match="all within 0..1"):
+            data.PCAMDataset(*paths)
 
     def test_pixel_scale_is_checked_from_a_sample(self, tmp_path, poisoned_dir, small_set):
         write_split(tmp_path / "unit", "train", tissue(40, dtype=np.float32) / 255, labels_of(40, 10))
