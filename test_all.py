@@ -714,6 +714,16 @@ class TestDataCommands:
         assert train[1] == "200" and train[2] == "uint8" and train[-2:] == ["120", "80"]
         assert any(line.startswith("test") for line in lines)
 
+    def test_checksum_progress_comes_each_quarter_and_ends_at_100_percent(self, tmp_path, capsys):
+        path = tmp_path / "camelyonpatch_level_2_split_train_x.h5"
+        with open(path, "wb") as sparse:
+            sparse.truncate(128 * 2**20)  # eight 16 MiB reads, the quarters landing exactly on some of them
+        assert data.file_digest(path) == hashlib.sha256(bytes(128 * 2**20)).hexdigest()
+        assert capsys.readouterr().out == ""
+        data.file_digest(path, show_progress=True)
+        lines = [f"sha256 {path.name}: {percent}% of 128 MiB" for percent in (12, 25, 50, 75, 100)]
+        assert capsys.readouterr().out.splitlines() == lines
+
     def test_manifest_then_verify_names_the_changed_file(self, small_set):
         run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
         assert (
