@@ -1661,6 +1661,14 @@ class TestTrainRefusals:
         auto = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--dry-run")
         assert "CUDA not available, using CPU" in auto.stdout
 
+    @pytest.mark.parametrize("available", [True, False])
+    def test_the_device_asked_for_is_the_one_used_and_auto_follows_cuda(self, monkeypatch, capsys, available):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert [train.pick_device(name).type for name in ("cuda", "cpu")] == ["cuda", "cpu"]
+        assert capsys.readouterr().out == ""  # no fallback to announce
+        assert train.pick_device("auto").type == ("cuda" if available else "cpu")
+        assert ("CUDA not available, using CPU" in capsys.readouterr().out) is not available
+
     @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
     def test_a_gpu_job_without_usable_cuda_stops_and_says_what_it_found(self, synth_dir, tmp_path):
         bin_dir = tmp_path / "bin"
