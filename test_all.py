@@ -1219,6 +1219,17 @@ class TestTraining:
         assert loss_columns(tmp_path / "streamed") == loss_columns(straight_run)
         assert_same_weights(tmp_path / "streamed", straight_run)
 
+    def test_the_data_path_follows_the_flag_then_free_memory(self, small_set, monkeypatch):
+        def path(free, *flags):
+            monkeypatch.setattr(data, "free_memory", lambda: (free, "MemAvailable"))
+            return train.choose_data_path(train.parse_args(["--data-dir", str(small_set), *flags]), torch.device("cpu"))
+
+        plenty, short = 2**30, 2**20  # train+valid take 264 images, 7.3 MB
+        chosen = [path(plenty, "--data-on-device", flag)[0] for flag in ("auto", "yes", "no")]
+        assert chosen == ["resident", "resident", "loader"]
+        assert path(short)[0] == "loader" and path(plenty, "--dry-run")[0] == "loader"
+        assert path(plenty, "--dry-run", "--data-on-device", "yes")[0] == "resident"
+
     def test_the_data_path_follows_free_memory(self, synth_dir, tmp_path, monkeypatch, capsys):
         needed = (1536 + 512) * data.IMAGE_BYTES
         for free, path in (
