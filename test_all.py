@@ -1949,6 +1949,7 @@ class TestEvaluate:
             ]
         )  # default out-dir: the run's own eval-test/
         assert (straight_run / "eval-test" / "predictions.csv").read_text() == by_train
+        assert read_predictions(straight_run / "eval-test" / "predictions.csv")[0].tolist() == list(range(256))
         metrics = json.loads((straight_run / "eval-test" / "metrics.json").read_text())
         assert {key: metrics[key] for key in ("loss", "accuracy", "auc")} == {
             key: record_test[key] for key in ("loss", "accuracy", "auc")
