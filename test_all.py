@@ -2289,6 +2289,21 @@ class TestEda:
         assert peak < 8 * data.BLOCK_BYTES, f"peak {peak} bytes for a {x_bytes}-byte file read in {data.BLOCK_BYTES}"
         assert list(scan.summary().values())[:7] == expected_counts(poisoned_dir, "train")
 
+    def test_eda_figures_hold_their_legend_patches_and_shared_axes(self, tmp_path, monkeypatch):
+        write_split(tmp_path, "train", tissue(20), labels_of(20, 10))
+        drawn, save = {}, eda.save
+
+        def inspect_then_save(figure, path):
+            drawn[os.path.basename(path)] = figure.axes
+            save(figure, path)
+
+        monkeypatch.setattr(eda, "save", inspect_then_save)
+        eda.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures")])
+        assert drawn["pcam.png"][0].get_legend() is not None
+        assert sum(len(axes.get_images()) for axes in drawn["sample_grid.png"]) > 0
+        red, green, blue = drawn["channel_histograms.png"]
+        assert red.get_shared_y_axes().joined(red, green) and red.get_shared_y_axes().joined(red, blue)
+
     def test_eda_counts_16_bit_pixels_outside_0_to_255(self, tmp_path):
         images = tissue(20, dtype=np.uint16)
         images[[2, 5, 11], 0, 0, 0] = [300, 256, 1000]
