@@ -606,18 +606,20 @@ class TestDataCommands:
         one_line_error(run_script("data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
 
     def test_synth_writes_pcam_files_with_the_defects_asked_for(self, tmp_path):
-        options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.2 --dtype float32".split()
+        options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.21 --dtype float32".split()
         run_script("manage_data.py", "synth", "--data-dir", str(tmp_path), *options, check=True)
         assert not os.path.exists(data.split_paths(tmp_path, "test")[0])
         with h5py.File(data.split_paths(tmp_path, "train")[0]) as h5file:
             x = h5file["x"][()]
             counts = {k: int(v) for k, v in h5file["x"].attrs.items()}
         assert x.dtype == np.float32 and x.shape == (300, 96, 96, 3)
-        assert counts == {"poison_black": 15, "poison_white": 15, "poison_nan": 15, "poison_1e5": 15}
-        assert np.isnan(x).any(axis=(1, 2, 3)).sum() == 15
+        assert counts == {"poison_black": 16, "poison_white": 16, "poison_nan": 16, "poison_1e5": 15}  # 63 in turn
+        assert np.isnan(x).any(axis=(1, 2, 3)).sum() == 16
         assert (x > 255).any(axis=(1, 2, 3)).sum() == 15
         kept = data.load_split(tmp_path, "train", filter_data=True)
-        assert len(kept) == 270
+        assert len(kept) == 268
+        centres = data.clean(x[kept.indices, 36:60, 36:60]).mean(axis=(1, 2, 3))  # positives: a dark blob here
+        assert centres[kept.labels == 0].mean() - centres[kept.labels == 1].mean() > 5
 
     def test_synth_never_overwrites_a_data_set(self, small_set, tmp_path):
         x_train = data.split_paths(small_set, "train")[0]
