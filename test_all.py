@@ -1555,6 +1555,12 @@ class TestStopAndResume:
         one_line_error(result, "belongs to another run")
         assert {name: (tmp_path / "mine" / name).read_bytes() for name in kept} == kept
 
+    def test_a_run_killed_in_its_first_epoch_leaves_the_checkpoint_of_epoch_0(self, synth_dir, tmp_path):
+        process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "8"))
+        process.kill()  # no handler runs: only what was written before epoch 1 is there
+        process.wait(timeout=120)
+        assert evaluate.load_checkpoint(tmp_path / "run" / "last.pt", train.CHECKPOINT_KEYS)["epoch"] == 0
+
     @pytest.mark.parametrize("extra", [[], ["--resume"]])
     def test_a_run_killed_before_its_first_checkpoint_starts_again(self, synth_dir, tmp_path, extra):
         run_dir = tmp_path / "run"
