@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import random
 import re
 import resource
 import shutil
@@ -111,6 +112,17 @@ class TestCleaningAndFilter:
         assert np.array_equal(ds[[0]][0][0].numpy(), images[0].astype(np.uint8).transpose(2, 0, 1))
         assert ds[[3]][0][0, 0, 0, 0].item() == 0
 
+    @pytest.mark.parametrize("x_options", [{}, {"chunks": (2, 96, 96, 3)}], ids=["contiguous", "chunked"])
+    def test_a_big_endian_file_filters_as_its_native_copy(self, tmp_path, x_options):
+        images = tissue(6, dtype=np.float32)
+        images[1] = np.nan  # cleaned to 0: a black tile
+        images[3, :48], images[3, 48:] = 512.0, -2.0  # raw mean 255, cleaned 127.5: tissue, read bit by bit
+        native = data.PCAMDataset(*write_split(tmp_path / "native", "train", images, labels_of(6, 3), **x_options))
+        swapped = write_split(tmp_path / "swapped", "train", images.astype(">f4"), labels_of(6, 3), **x_options)
+        filtered = data.PCAMDataset(*swapped, filter_data=True)
+        assert filtered.indices.tolist() == [0, 2, 3, 4, 5]
+        assert torch.equal(filtered[[0, 1, 2]][0], native[[0, 2, 3]][0])
+
     def test_filter_drops_exactly_the_black_and_white_tiles(self, tmp_path):
         images = tissue(100)
         images[17], images[60], images[33] = 0, 255, 40
@@ -178,6 +190,19 @@ class TestStorageAndPreload:
         assert torch.equal(plain[rows][1], packed[rows][1])
         assert isinstance(plain._reader, data.MappedRows) and isinstance(packed._reader, data.ChunkedRows)
         assert np.array_equal(plain[rows][0].permute(0, 2, 3, 1).numpy(), images[rows])
+
+    def test_a_float_file_reads_a_run_of_rows_in_one_system_call(self, tmp_path, monkeypatch):
+        images = tissue(8, dtype=np.float32)
+        ds = data.PCAMDataset(*write_split(tmp_path, "train", images, labels_of(8, 4)))
+        reads, preadv = [], os.preadv
+        monkeypatch.setattr(
+            os, "preadv", lambda fd, buffers, offset: reads.append(offset) or preadv(fd, buffers, offset)
+        )
+        for rows, calls in (([2, 3, 4, 5], 1), ([6], 1), ([5, 1], 2)):
+            reads.clear()
+            expected = torch.from_numpy(images[rows].astype(np.uint8)).permute(0, 3, 1, 2)
+            assert torch.equal(ds[rows][0], expected) and len(reads) == calls, rows
+        assert isinstance(ds._reader, data.PositionalRows)
 
     def test_pickled_dataset_carries_no_open_handle(self, small_set):
         ds = data.load_split(small_set, "train")
@@ -317,6 +342,15 @@ class TestLoaders:
         test_images, _ = next(iter(data.get_test_loader(small_set, batch_size=16)))
         assert test_images.shape == (16, 3, 96, 96)
 
+    def test_a_batch_size_of_one_is_the_smallest_the_loaders_take(self, tmp_path):
+        write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
+        write_split(tmp_path, "valid", tissue(3), labels_of(3, 1))
+        train_loader, val_loader = data.get_dataloaders(tmp_path, batch_size=1)
+        assert [len(labels) for _, labels in val_loader] == [1, 1, 1]
+        assert len(next(iter(train_loader))[1]) == 1
+        with pytest.raises(data.PCAMError, match="batch size must be positive, got 0"):
+            data.get_dataloaders(tmp_path, batch_size=0)
+
     def test_validation_reads_every_kept_row_once_in_order(self, tmp_path):
         images = tissue(70)
         images[[10, 11]] = 255
@@ -454,6 +488,8 @@ def bad_sets():
         "row mismatch": (with_train(tissue(5), labels_of(4, 2)), "has 5 images but"),
         "bad shape": (with_train(np.zeros((4, 32, 32, 3), np.uint8), labels_of(4, 2)), "expected (96, 96, 3)"),
         "bad labels": (with_train(tissue(4), np.array([0, 1, 2, 1], np.uint8)), "labels must be 0 or 1"),
+        "two label columns": (with_train(tissue(4), np.zeros((4, 2), np.uint8)), "labels have shape (4, 2)"),
+        "3-d labels": (with_train(tissue(4), labels_of(4, 2).reshape(4, 1, 1)), "labels have shape (4, 1, 1)"),
         "truncated": (truncated, "truncated"),
         "not hdf5": (not_hdf5, "not a readable HDF5 file"),
     }
@@ -490,6 +526,17 @@ class TestBadInput:
         write_split(tmp_path / "one", "valid", tissue(6), labels_of(6, 3))
         with pytest.raises(data.PCAMError, match="single class"):
             data.get_dataloaders(tmp_path / "one", num_workers=2)
+
+    def test_a_split_of_one_image_loads_and_one_of_none_is_refused(self, tmp_path):
+        one = data.PCAMDataset(*write_split(tmp_path / "one", "train", tissue(1), labels_of(1, 1)))
+        assert len(one) == 1 and one[0][1].item() == 1
+        with pytest.raises(data.PCAMError, match="holds no images"):
+            data.PCAMDataset(*write_split(tmp_path / "none", "train", tissue(0), labels_of(0, 0)))
+
+    def test_opening_a_file_on_the_0_to_1_scale_is_refused(self, tmp_path):
+        paths = write_split(tmp_path, "train", tissue(2, dtype=np.float32) / 255, labels_of(2, 1))
+        with pytest.raises(data.PCAMError, match="all within 0..1"):
+            data.PCAMDataset(*paths)
 
     def test_pixel_scale_is_checked_from_a_sample(self, tmp_path, poisoned_dir, small_set):
         write_split(tmp_path / "unit", "train", tissue(40, dtype=np.float32) / 255, labels_of(40, 10))
@@ -574,18 +621,20 @@ class TestDataCommands:
         one_line_error(run_script("data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
 
     def test_synth_writes_pcam_files_with_the_defects_asked_for(self, tmp_path):
-        options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.2 --dtype float32".split()
+        options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.21 --dtype float32".split()
         run_script("manage_data.py", "synth", "--data-dir", str(tmp_path), *options, check=True)
         assert not os.path.exists(data.split_paths(tmp_path, "test")[0])
         with h5py.File(data.split_paths(tmp_path, "train")[0]) as h5file:
             x = h5file["x"][()]
             counts = {k: int(v) for k, v in h5file["x"].attrs.items()}
         assert x.dtype == np.float32 and x.shape == (300, 96, 96, 3)
-        assert counts == {"poison_black": 15, "poison_white": 15, "poison_nan": 15, "poison_1e5": 15}
-        assert np.isnan(x).any(axis=(1, 2, 3)).sum() == 15
+        assert counts == {"poison_black": 16, "poison_white": 16, "poison_nan": 16, "poison_1e5": 15}  # 63 in turn
+        assert np.isnan(x).any(axis=(1, 2, 3)).sum() == 16
         assert (x > 255).any(axis=(1, 2, 3)).sum() == 15
         kept = data.load_split(tmp_path, "train", filter_data=True)
-        assert len(kept) == 270
+        assert len(kept) == 268
+        centres = data.clean(x[kept.indices, 36:60, 36:60]).mean(axis=(1, 2, 3))  # positives: a dark blob here
+        assert centres[kept.labels == 0].mean() - centres[kept.labels == 1].mean() > 5
 
     def test_synth_never_overwrites_a_data_set(self, small_set, tmp_path):
         x_train = data.split_paths(small_set, "train")[0]
@@ -682,12 +731,20 @@ class TestDataCommands:
         assert train[1] == "200" and train[2] == "uint8" and train[-2:] == ["120", "80"]
         assert any(line.startswith("test") for line in lines)
 
+    def test_checksum_progress_comes_each_quarter_and_ends_at_100_percent(self, tmp_path, capsys):
+        path = tmp_path / "camelyonpatch_level_2_split_train_x.h5"
+        with open(path, "wb") as sparse:
+            sparse.truncate(128 * 2**20)  # eight 16 MiB reads, the quarters landing exactly on some of them
+        assert data.file_digest(path) == hashlib.sha256(bytes(128 * 2**20)).hexdigest()
+        assert capsys.readouterr().out == ""
+        data.file_digest(path, show_progress=True)
+        lines = [f"sha256 {path.name}: {percent}% of 128 MiB" for percent in (12, 25, 50, 75, 100)]
+        assert capsys.readouterr().out.splitlines() == lines
+
     def test_manifest_then_verify_names_the_changed_file(self, small_set):
         run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
-        assert (
-            "all 6 files match"
-            in run_script("manage_data.py", "verify", "--data-dir", str(small_set), check=True).stdout
-        )
+        verified = run_script("manage_data.py", "verify", "--data-dir", str(small_set), check=True).stdout
+        assert "all 6 files match" in verified and "verify: camelyonpatch_level_2_split_train_x.h5 ok" in verified
         x_valid = data.split_paths(small_set, "valid")[0]
         with h5py.File(x_valid, "r+") as h5file:
             h5file["x"][0, 0, 0, 0] = 255 - h5file["x"][0, 0, 0, 0]
@@ -1217,8 +1274,11 @@ class TestTraining:
         assert "epoch 1/5 step 1/" in result.stdout and "dry run: one validation batch" in result.stdout
         assert not (tmp_path / "dry").exists()
 
-    def test_start_up_says_what_it_runs_on(self, synth_dir, tmp_path):
-        output = run_script("train.py", *train_args(synth_dir, tmp_path / "r", "--dry-run"), check=True).stdout
+    def test_start_up_says_what_it_runs_on(self, synth_dir, tmp_path, capsys):
+        train.main(
+            train_args(synth_dir, tmp_path / "r", "--dry-run")
+        )  # in-process: among the fastest tests of train.py
+        output = capsys.readouterr().out
         for expected in (
             "arguments:",
             "host=",
@@ -1236,6 +1296,17 @@ class TestTraining:
         assert "data path: loader (--data-on-device no)" in capsys.readouterr().out
         assert loss_columns(tmp_path / "streamed") == loss_columns(straight_run)
         assert_same_weights(tmp_path / "streamed", straight_run)
+
+    def test_the_data_path_follows_the_flag_then_free_memory(self, small_set, monkeypatch):
+        def path(free, *flags):
+            monkeypatch.setattr(data, "free_memory", lambda: (free, "MemAvailable"))
+            return train.choose_data_path(train.parse_args(["--data-dir", str(small_set), *flags]), torch.device("cpu"))
+
+        plenty, short = 2**30, 2**20  # train+valid take 264 images, 7.3 MB
+        chosen = [path(plenty, "--data-on-device", flag)[0] for flag in ("auto", "yes", "no")]
+        assert chosen == ["resident", "resident", "loader"]
+        assert path(short)[0] == "loader" and path(plenty, "--dry-run")[0] == "loader"
+        assert path(plenty, "--dry-run", "--data-on-device", "yes")[0] == "resident"
 
     def test_the_data_path_follows_free_memory(self, synth_dir, tmp_path, monkeypatch, capsys):
         needed = (1536 + 512) * data.IMAGE_BYTES
@@ -1321,6 +1392,26 @@ def start_run(args):
 
 class TestStopAndResume:
     """train.py: a stopped or failed run keeps its last good state and resumes to the same result."""
+
+    def test_a_checkpoints_rng_state_replays_every_generator(self, small_set, tmp_path):
+        train_loader, _ = data.get_dataloaders(small_set, batch_size=8)
+        device = torch.device("cpu")
+
+        def draws():
+            labels = next(iter(train_loader))[1]  # the sampler's draws
+            worker_seed = torch.randint(2**31, (1,), generator=train_loader.generator).item()  # what workers get
+            return [random.random(), np.random.rand(), torch.rand(1).item(), labels.tolist(), worker_seed]
+
+        train.seed_everything(4)
+        state = train.rng_state(train_loader, device)
+        first = draws()
+        save_checkpoint({"model": {}, "model_args": {}, "rng": state}, tmp_path / "last.pt")
+        restored = evaluate.load_checkpoint(tmp_path / "last.pt")["rng"]  # as a resumed run reads it
+        train.seed_everything(5)
+        train.restore_rng_state(restored, train_loader, device)
+        assert draws() == first
+        train.seed_everything(4)
+        assert [random.random(), np.random.rand(), torch.rand(1).item()] == first[:3]
 
     def test_stopping_after_epoch_1_and_resuming_equals_a_straight_run(self, synth_dir, straight_run, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1"))
@@ -1565,6 +1656,12 @@ class TestStopAndResume:
         one_line_error(result, f"{foreign} belongs to another run")
         assert {name: (tmp_path / "mine" / name).read_bytes() for name in kept} == kept
 
+    def test_a_run_killed_in_its_first_epoch_leaves_the_checkpoint_of_epoch_0(self, synth_dir, tmp_path):
+        process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "8"))
+        process.kill()  # no handler runs: only what was written before epoch 1 is there
+        process.wait(timeout=120)
+        assert evaluate.load_checkpoint(tmp_path / "run" / "last.pt", train.CHECKPOINT_KEYS)["epoch"] == 0
+
     @pytest.mark.parametrize("extra", [[], ["--resume"]])
     def test_a_run_killed_before_its_first_checkpoint_starts_again(self, synth_dir, tmp_path, extra):
         run_dir = tmp_path / "run"
@@ -1684,6 +1781,14 @@ class TestTrainRefusals:
         assert result.returncode == 1 and "CUDA is not available" in result.stderr
         auto = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--dry-run")
         assert "CUDA not available, using CPU" in auto.stdout
+
+    @pytest.mark.parametrize("available", [True, False])
+    def test_the_device_asked_for_is_the_one_used_and_auto_follows_cuda(self, monkeypatch, capsys, available):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert [train.pick_device(name).type for name in ("cuda", "cpu")] == ["cuda", "cpu"]
+        assert capsys.readouterr().out == ""  # no fallback to announce
+        assert train.pick_device("auto").type == ("cuda" if available else "cpu")
+        assert ("CUDA not available, using CPU" in capsys.readouterr().out) is not available
 
     @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
     def test_a_gpu_job_without_usable_cuda_stops_and_says_what_it_found(self, synth_dir, tmp_path):
@@ -1992,6 +2097,7 @@ class TestEvaluate:
             ]
         )  # default out-dir: the run's own eval-test/
         assert (straight_run / "eval-test" / "predictions.csv").read_text() == by_train
+        assert read_predictions(straight_run / "eval-test" / "predictions.csv")[0].tolist() == list(range(256))
         metrics = json.loads((straight_run / "eval-test" / "metrics.json").read_text())
         assert {key: metrics[key] for key in ("loss", "accuracy", "auc")} == {
             key: record_test[key] for key in ("loss", "accuracy", "auc")
@@ -2382,6 +2488,21 @@ class TestEda:
         assert x_bytes > 30 * data.BLOCK_BYTES
         assert peak < 8 * data.BLOCK_BYTES, f"peak {peak} bytes for a {x_bytes}-byte file read in {data.BLOCK_BYTES}"
         assert list(scan.summary().values())[:7] == expected_counts(poisoned_dir, "train")
+
+    def test_eda_figures_hold_their_legend_patches_and_shared_axes(self, tmp_path, monkeypatch):
+        write_split(tmp_path, "train", tissue(20), labels_of(20, 10))
+        drawn, save = {}, eda.save
+
+        def inspect_then_save(figure, path):
+            drawn[os.path.basename(path)] = figure.axes
+            save(figure, path)
+
+        monkeypatch.setattr(eda, "save", inspect_then_save)
+        eda.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures")])
+        assert drawn["pcam.png"][0].get_legend() is not None
+        assert sum(len(axes.get_images()) for axes in drawn["sample_grid.png"]) > 0
+        red, green, blue = drawn["channel_histograms.png"]
+        assert red.get_shared_y_axes().joined(red, green) and red.get_shared_y_axes().joined(red, blue)
 
     def test_eda_counts_16_bit_pixels_outside_0_to_255(self, tmp_path):
         images = tissue(20, dtype=np.uint16)
