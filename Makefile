@@ -39,10 +39,10 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed ## create .venv and install requirements.txt
 
-test: $(VENV)/.installed ## run the test suite (test_all.py), the Slurm and download tests included
+test: $(VENV)/.installed $(VENV)/.mutate-tools ## run the test suite (test_all.py), the Slurm and download tests included
 	$(PY) -m pytest test_all.py
 
-test-fast: $(VENV)/.installed ## the test suite without the Slurm and download tests
+test-fast: $(VENV)/.installed $(VENV)/.mutate-tools ## the test suite without the Slurm and download tests
 	$(PY) -m pytest test_all.py -m "not slurm and not download"
 
 .PHONY: test-loaded mutate
@@ -54,7 +54,7 @@ test-loaded: $(VENV)/.installed ## make test beside two CPU-bound processes: the
 MUTATE_TOOLS ?= coverage==7.17.5
 MUTANTS ?= 120
 
-$(VENV)/.mutate-tools: Makefile
+$(VENV)/.mutate-tools: $(VENV)/.installed Makefile
 	$(PY) -m pip install --quiet $(MUTATE_TOOLS)
 	touch $@
 

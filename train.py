@@ -413,27 +413,23 @@ def evaluate(model, loader, device, max_batches=None):
 
 
 class StoppedDuringStartUp(Exception):
-    """SIGTERM or SIGUSR1 before the first step: nothing to checkpoint, so the run ends at once."""
+    """SIGTERM or SIGUSR1 before the first step: nothing to checkpoint, so the run ends before writing any."""
 
 
 class StopRequest:
     """Turns SIGTERM, SIGUSR1 and a first SIGINT into a flag the training loop checks after every step; a second
-    SIGINT (Ctrl-C twice) stops at once, and so does any of them before training starts (a whole-file pass at
-    start-up takes minutes). DataLoader workers ignore these signals (data.seed_worker), so a signal to the whole
-    process group (scancel, preemption, Ctrl-C) reaches the run through this process alone."""
+    SIGINT (Ctrl-C twice) stops at once. DataLoader workers ignore these signals (data.seed_worker), so a signal
+    to the whole process group (scancel, preemption, Ctrl-C) reaches the run through this process alone."""
 
     def __init__(self):
-        self.signal_name, self.training = None, False
+        self.signal_name = None
         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(signum, self.request)
 
     def request(self, signum, frame):
-        name = signal.Signals(signum).name
-        if signum == signal.SIGINT and (self.signal_name == "SIGINT" or not self.training):
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
             raise KeyboardInterrupt
-        if not self.training:
-            raise StoppedDuringStartUp(name)
-        self.signal_name = name
+        self.signal_name = signal.Signals(signum).name
         print(f"received {self.signal_name}: stopping after the current step", flush=True)
 
 
@@ -668,8 +664,11 @@ def run(args, outcome):
     if args.dry_run:
         dry_run(session)
         return
+    if stop.signal_name == "SIGINT":  # stopped during start-up: nothing trained, so no checkpoint to write
+        raise KeyboardInterrupt
+    if stop.signal_name:
+        raise StoppedDuringStartUp(stop.signal_name)
     start_or_resume(session, checkpoint, manifest_matched, outcome)
-    stop.training = True  # last.pt is on disk: from here a signal stops the run after its current step
     train_epochs(session)
     finish(session, outcome, test_set)
 
