@@ -37,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--files", nargs="+", default=SCRIPTS, metavar="PATH", help="files to mutate (the scripts)")
     parser.add_argument("--tests", default="test_all.py", metavar="PATH", help="test file (default: test_all.py)")
     parser.add_argument(
-        "--max-tests", type=int, default=10, metavar="N", help="fastest covering tests run (default: 10)"
+        "--max-tests", type=int, default=25, metavar="N", help="fastest covering tests run (default: 25)"
     )
     parser.add_argument(
         "--grace", type=float, default=60, metavar="S", help="seconds past 5 times the tests' time (default: 60)"
@@ -93,9 +93,7 @@ def mutants_of(root, name):
     for line in lines:
         starts.append(starts[-1] + len(line))
     found = []
-    for statement in ast.walk(ast.parse(source)):
-        if not isinstance(statement, ast.stmt):
-            continue
+    for statement, where in statements(ast.parse(source)):
         for node in [statement, *statement_nodes(statement)]:
             for mutant in variants(node):
                 text = ast.unparse(mutant) if isinstance(mutant, ast.stmt) else f"({ast.unparse(mutant)})"
@@ -103,8 +101,21 @@ def mutants_of(root, name):
                 end = starts[node.end_lineno - 1] + node.end_col_offset
                 mutated = (source.encode()[:start] + text.encode() + source.encode()[end:]).decode()
                 change = f"{shortened(ast.unparse(node))} -> {shortened(ast.unparse(mutant))}"
-                found.append({"file": name, "line": statement.lineno, "change": change, "source": mutated})
+                code = shortened(lines[node.lineno - 1].decode())
+                mutant = {"file": name, "line": statement.lineno, "where": where, "code": code, "change": change}
+                found.append({**mutant, "source": mutated})
     return [mutant for mutant in found if compiles(mutant["source"])]
+
+
+def statements(tree, where="<module>"):
+    """(statement, the qualified name of the function or class holding it), for every statement in tree."""
+    for child in ast.iter_child_nodes(tree):
+        inner = where
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            inner = child.name if where == "<module>" else f"{where}.{child.name}"
+        if isinstance(child, ast.stmt):
+            yield child, inner  # a def's own line (its defaults, decorators) counts as the function's
+        yield from statements(child, inner)
 
 
 def shortened(code):
@@ -125,8 +136,13 @@ def label(mutant):
     return f"{mutant['file']}:{mutant['line']}: {mutant['change']}"
 
 
+def key(mutant):
+    """A mutant's name in the equivalents file: by function and code, not line number, so it outlives edits above it."""
+    return f"{mutant['file']}:{mutant['where']}: {mutant['change']}  in  {mutant['code']}"
+
+
 def read_equivalents(path):
-    """The labels of mutants that cannot change behaviour: `file:line: original -> mutated  # why`."""
+    """The keys of mutants that cannot change behaviour: `file:function: original -> mutated  in  code  # why`."""
     if not os.path.exists(path):
         return set()
     lines = (line.split("  #")[0].strip() for line in Path(path).read_text().splitlines())
@@ -284,7 +300,7 @@ def main(argv=None):
         for mutant in chosen:
             started = time.monotonic()
             test_ids = lines[mutant["file"]].get(str(mutant["line"]), [])[: args.max_tests]
-            if label(mutant) in equivalents:
+            if key(mutant) in equivalents:
                 outcome = "equivalent"
             elif not test_ids:
                 outcome = "no tests"
@@ -293,7 +309,7 @@ def main(argv=None):
                 outcome = run_mutant(mutant, test_ids, timeout, scratch)
             counts[outcome.split(" (")[0]] += 1
             if outcome == "survived":
-                survivors.append(label(mutant))
+                survivors.append(key(mutant))
             print(f"{label(mutant)}  {outcome}, {len(test_ids)} tests, {time.monotonic() - started:.0f} s", flush=True)
     finally:
         shutil.rmtree(scratch)

@@ -2857,13 +2857,17 @@ class TestMutate:
         assert "clamp.py:8: return 1 -> return None  no tests" in output, output
         assert "mutation score: 2 killed of 5 (40%), 1 survived, 2 not covered" in output, output
         survivors = (tmp_path / ".mutate" / "survivors.txt").read_text()
-        assert survivors == "clamp.py:2: value < low -> value <= low\n"
+        assert survivors == "clamp.py:clamp: value < low -> value <= low  in  if value < low:\n"
         (tmp_path / "mutants_equivalent.txt").write_text(survivors.strip() + "  # a test of this file says why\n")
         output = run_script("mutate.py", *options, check=True).stdout
         assert "mapping lines" not in output and "clamp.py:2: value < low -> value <= low  equivalent" in output
         assert "2 killed of 4 (50%), 0 survived, 2 not covered; 1 skipped as equivalent" in output, output
-        output = run_script("mutate.py", *options, "--file", "clamp.py", "--line", "3", check=True).stdout
-        assert "clamp.py:3: return low -> return None  killed" in output and "1 killed of 1 (100%)" in output, output
+        moved = "# a line above it moves the mutant's line, not its entry\n" + (tmp_path / "clamp.py").read_text()
+        (tmp_path / "clamp.py").write_text(moved)
+        output = run_script("mutate.py", *options, check=True).stdout
+        assert "clamp.py:3: value < low -> value <= low  equivalent" in output, output
+        output = run_script("mutate.py", *options, "--file", "clamp.py", "--line", "4", check=True).stdout
+        assert "clamp.py:4: return low -> return None  killed" in output and "1 killed of 1 (100%)" in output, output
         one_line_error(
             run_script("mutate.py", *options, "--file", "clamp.py", "--line", "1"), "no mutant on clamp.py:1"
         )
