@@ -185,9 +185,9 @@ class TestStorageAndPreload:
         packed = data.PCAMDataset(
             *write_split(tmp_path / "packed", "train", images, labels, chunks=(8, 96, 96, 3), compression="gzip")
         )
-        rows = [5, 63, 0, 5, 17]
-        assert torch.equal(plain[rows][0], packed[rows][0])
-        assert torch.equal(plain[rows][1], packed[rows][1])
+        for rows in ([5, 63, 0, 5, 17], [20, 21, 22]):  # scattered rows, and a run of rows read as one slice
+            assert torch.equal(plain[rows][0], packed[rows][0])
+            assert torch.equal(plain[rows][1], packed[rows][1])
         assert isinstance(plain._reader, data.MappedRows) and isinstance(packed._reader, data.ChunkedRows)
         assert np.array_equal(plain[rows][0].permute(0, 2, 3, 1).numpy(), images[rows])
 
@@ -487,7 +487,7 @@ def bad_sets():
         "missing key": (missing_key, "no dataset 'x'"),
         "row mismatch": (with_train(tissue(5), labels_of(4, 2)), "has 5 images but"),
         "bad shape": (with_train(np.zeros((4, 32, 32, 3), np.uint8), labels_of(4, 2)), "expected (96, 96, 3)"),
-        "bad labels": (with_train(tissue(4), np.array([0, 1, 2, 1], np.uint8)), "labels must be 0 or 1"),
+        "bad labels": (with_train(tissue(4), np.array([0, 1, 2, 1], np.uint8)), "labels must be 0 or 1, found 2"),
         "two label columns": (with_train(tissue(4), np.zeros((4, 2), np.uint8)), "labels have shape (4, 2)"),
         "3-d labels": (with_train(tissue(4), labels_of(4, 2).reshape(4, 1, 1)), "labels have shape (4, 1, 1)"),
         "truncated": (truncated, "truncated"),
@@ -534,9 +534,12 @@ class TestBadInput:
             data.PCAMDataset(*write_split(tmp_path / "none", "train", tissue(0), labels_of(0, 0)))
 
     def test_opening_a_file_on_the_0_to_1_scale_is_refused(self, tmp_path):
-        paths = write_split(tmp_path, "train", tissue(2, dtype=np.float32) / 255, labels_of(2, 1))
-        with pytest.raises(data.PCAMError, match="all within 0..1"):
-            data.PCAMDataset(*paths)
+        for images in (2, 1):  # one image is a sample too
+            paths = write_split(
+                tmp_path / str(images), "train", tissue(images, dtype=np.float32) / 255, labels_of(images, 1)
+            )
+            with pytest.raises(data.PCAMError, match="all within 0..1"):
+                data.PCAMDataset(*paths)
 
     def test_pixel_scale_is_checked_from_a_sample(self, tmp_path, poisoned_dir, small_set):
         write_split(tmp_path / "unit", "train", tissue(40, dtype=np.float32) / 255, labels_of(40, 10))
