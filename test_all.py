@@ -396,10 +396,10 @@ class TestLoaders:
         assert epochs(1, 7)[1] == no_workers[1]
         assert epochs(0, 8)[1] != no_workers[1]
 
-    @pytest.mark.parametrize("script", ["the README snippet", "a pass left part way"])
+    @pytest.mark.parametrize("script", ["the docs/data.md snippet", "a pass left part way"])
     def test_a_script_using_loaders_with_workers_exits_promptly(self, synth_dir, tmp_path, script):
-        readme = Path(HERE, "README.md").read_text()
-        snippet = readme.split("### From Python\n\n```python\n", 1)[1].split("```", 1)[0]
+        page = Path(HERE, "docs", "data.md").read_text()
+        snippet = page.split("## From Python\n\n```python\n", 1)[1].split("```", 1)[0]
         assert "num_workers=" in snippet
         if script == "a pass left part way":  # an iterator still alive, with its workers, when Python exits
             snippet = (
