@@ -329,6 +329,16 @@ class TestMemoryLimits:
         (tmp_path / "memory.stat").write_text(f"cache {700 * 2**20}\ntotal_inactive_file {600 * 2**20}\nrss 1\n")
         assert data.cgroup_folder_room(tmp_path, "memory.limit_in_bytes", "memory.usage_in_bytes") == 700 * 2**20
 
+    def test_a_resident_split_may_take_80_percent_of_free_memory_and_no_more(self, small_set, monkeypatch):
+        needed = 200 * data.IMAGE_BYTES  # small_set's train split
+        for free, fits in ((needed * 5 // 4, True), (needed * 5 // 4 - 1, False)):
+            monkeypatch.setattr(data, "free_memory", lambda free=free: (free, "MemAvailable"))
+            if fits:
+                assert len(data.load_split(small_set, "train", preload=True)) == 200
+            else:
+                with pytest.raises(data.PCAMError, match="free under MemAvailable"):
+                    data.load_split(small_set, "train", preload=True)
+
 
 class TestLoaders:
     """data.py: batches, class balance and seeds of the loaders and of the resident batches."""
@@ -445,6 +455,12 @@ class TestLoaders:
             data.sampler_generator(streamed[0]).get_state(), data.sampler_generator(resident[0]).get_state()
         )
         assert torch.equal(streamed[0].generator.get_state(), resident[0].generator.get_state())
+
+    def test_a_split_copied_to_a_device_leaves_host_memory_and_one_kept_on_the_cpu_stays(self, small_set):
+        for device, host_copy_kept in (("cpu", True), ("meta", False)):  # meta: a device that is not the CPU
+            train_loader, _ = data.get_dataloaders(small_set, batch_size=32, seed=2, preload=True)
+            data.DeviceBatches(train_loader, torch.device(device))
+            assert (train_loader.dataset._memory is not None) == host_copy_kept, device
 
     def test_device_batches_draw_a_pass_without_iterating_the_sampler(self, small_set, monkeypatch):
         loaders = data.get_dataloaders(small_set, batch_size=32, seed=2, preload=True)
@@ -600,6 +616,13 @@ def no_partial_files(directory):
 
 class TestDataCommands:
     """The data commands synth, prepare, info, manifest and verify, on good and bad folders."""
+
+    def test_a_held_lock_names_its_holder_to_the_next_command_at_once(self, tmp_path):
+        lock = data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}")
+        with pytest.raises(data.PCAMError, match=f"in use by PID {os.getpid()} on {socket.gethostname()}$"):
+            data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}")  # while the holder is still at work
+        lock.close()
+        data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}").close()  # let go: the next one takes it
 
     def test_data_py_still_runs_the_data_commands(self, tmp_path):
         run_script(
