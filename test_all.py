@@ -1197,6 +1197,14 @@ class TestTraining:
             assert checkpoint["model"]["channel_std"].min() > 1  # the training split's own statistics
         assert is_nonblank_png(straight_run / "loss.png")
 
+    def test_the_progress_lines_rate_is_the_epochs_rate(self, tmp_path, capsys):
+        manage_data.main(["synth", "--data-dir", str(tmp_path / "tiny"), "--n-train", "128", "--n-valid", "32"])
+        train.main(train_args(tmp_path / "tiny", tmp_path / "run", "--epochs", "1", "--log-every", "1"))
+        last_step = [line for line in capsys.readouterr().out.splitlines() if " step 2/2 " in line][-1]
+        progress_rate = float(re.search(r"([\d,.]+) images/s", last_step)[1].replace(",", ""))
+        epoch_rate = float(read_csv_rows(tmp_path / "run" / "metrics.csv")[0]["images_per_s"])
+        assert 0.5 < progress_rate / epoch_rate < 2, (last_step, epoch_rate)  # both: images over the same seconds
+
     def test_the_same_seed_gives_the_same_metrics(self, synth_dir, straight_run, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "again", "--epochs", "3"))
         assert loss_columns(tmp_path / "again") == loss_columns(straight_run)
