@@ -1000,14 +1000,3 @@ def check_manifest(data_dir):
             f"`python manage_data.py manifest --data-dir {data_dir}`"
         )
     return True
-
-
-def main(argv=None):
-    """`python manage_data.py COMMAND ...` runs manage_data.py's commands, as it did before they moved there."""
-    import manage_data  # it imports this module, so not at the top
-
-    manage_data.main(argv)
-
-
-if __name__ == "__main__":
-    main()

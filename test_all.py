@@ -598,28 +598,6 @@ def no_partial_files(directory):
 class TestDataCommands:
     """The data commands synth, prepare, info, manifest and verify, on good and bad folders."""
 
-    def test_data_py_still_runs_the_data_commands(self, tmp_path):
-        run_script(
-            "data.py",
-            "synth",
-            "--data-dir",
-            str(tmp_path),
-            "--n-train",
-            "40",
-            "--n-valid",
-            "20",
-            "--n-test",
-            "0",
-            check=True,
-        )
-        train_row = next(
-            line
-            for line in run_script("data.py", "info", "--data-dir", str(tmp_path), check=True).stdout.splitlines()
-            if line.startswith("train")
-        )
-        assert train_row.split()[1:3] == ["40", "uint8"]
-        one_line_error(run_script("data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
-
     def test_synth_writes_pcam_files_with_the_defects_asked_for(self, tmp_path):
         options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.21 --dtype float32".split()
         run_script("manage_data.py", "synth", "--data-dir", str(tmp_path), *options, check=True)
@@ -1951,7 +1929,7 @@ class TestTrainRefusals:
         one_line_error(run_script("train.py", *train_args(synth_dir, run_dir, "--resume")), "not a train.py checkpoint")
         (tmp_path / "metrics.csv").write_bytes(b"\xff\xfe\x00e\x00p\x00o\x00c\x00h")
         one_line_error(run_script("plot_loss.py", str(tmp_path / "metrics.csv")), "not UTF-8 text")
-        for script in (("data.py", "info"), ("train.py",), ("eda.py",)):
+        for script in (("manage_data.py", "info"), ("train.py",), ("eda.py",)):
             one_line_error(run_script(*script, env={"PCAM_DIR": ""}), "empty")
         one_line_error(
             run_script("manage_data.py", "download", "--data-dir", str(tmp_path / "d"), "--base-url", "example.org/f"),
