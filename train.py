@@ -749,11 +749,7 @@ def start_or_resume(session, checkpoint, manifest_matched, outcome):
         session.optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng_state(checkpoint["rng"], session.train_loader, session.device)
         session.start_epoch, session.best_val_loss = checkpoint["epoch"] + 1, checkpoint["best_val_loss"]
-        # checkpoints of earlier versions keep each epoch's metrics as a list in METRICS_HEADER's order
-        session.history = [
-            row if isinstance(row, dict) else dict(zip(METRICS_HEADER, row, strict=True))
-            for row in checkpoint["history"]
-        ]
+        session.history = checkpoint["history"]
         session.record = read_json(session.paths["run.json"])
         session.record.setdefault("resumed_at", []).append(now)
         print(f"resuming {args.out_dir} after epoch {checkpoint['epoch']}", flush=True)
