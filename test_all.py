@@ -177,7 +177,7 @@ class TestCleaningAndFilter:
 
 
 class TestStorageAndPreload:
-    """data.py: the row readers of each storage layout, pickling, and --preload."""
+    """data.py: the row readers of each storage layout, pickling, and preloading (the resident path's copy)."""
 
     def test_memmap_and_h5py_paths_read_the_same_images(self, tmp_path):
         images, labels = tissue(64), labels_of(64, 20)
@@ -228,7 +228,7 @@ class TestStorageAndPreload:
 
     def test_preload_refuses_when_memory_is_short(self, small_set, monkeypatch):
         monkeypatch.setattr(data, "free_memory", lambda: (1000, "MemAvailable"))
-        with pytest.raises(data.PCAMError, match="--preload, or --data-on-device.* free under MemAvailable"):
+        with pytest.raises(data.PCAMError, match=r"in RAM \(--data-on-device\) needs .* free under MemAvailable"):
             data.load_split(small_set, "train", preload=True)
 
 

@@ -96,7 +96,6 @@ def build_parser():
     data.add_data_dir_argument(data_group)
     data_group.add_argument("--filter-data", action="store_true", help="drop black and white outlier tiles")
     data.add_num_workers_argument(data_group)
-    data_group.add_argument("--preload", action="store_true", help="clean each split into RAM once, serve from memory")
     data_group.add_argument(
         "--data-on-device",
         choices=("auto", "yes", "no"),
@@ -515,7 +514,7 @@ def build(args, device):
         args.num_workers,
         args.filter_data,
         args.seed,
-        args.preload or resident,
+        resident,
         pin_memory=device.type == "cuda" and not resident,
     )
     if resident:
