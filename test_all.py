@@ -513,7 +513,8 @@ class TestBadInput:
         with pytest.raises(data.MissingDataError, match="does not exist"):
             data.get_dataloaders(tmp_path / "nowhere")
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
-        with pytest.raises(data.MissingDataError, match="camelyonpatch_level_2_split_valid_x.h5.*data.py download"):
+        fix = r"camelyonpatch_level_2_split_valid_x\.h5.*`python manage_data\.py download"
+        with pytest.raises(data.MissingDataError, match=fix):
             data.get_dataloaders(tmp_path)
         result = run_script("manage_data.py", "info", "--data-dir", str(tmp_path / "nowhere"))
         assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
@@ -1829,7 +1830,7 @@ class TestTrainRefusals:
         assert "cannot write to --out-dir" in str(stop.value.code)
         with pytest.raises(SystemExit) as stop:
             train.main(["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "run")])
-        assert "does not exist" in str(stop.value.code) and "data.py synth" in str(stop.value.code)
+        assert "does not exist" in str(stop.value.code) and "manage_data.py synth" in str(stop.value.code)
 
     def test_resume_names_a_model_shape_mismatch(self, synth_dir, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
@@ -1901,7 +1902,7 @@ class TestTrainRefusals:
         os.utime(x_valid, (1e9, 1e9))
         result = run_script("train.py", *train_args(small_set, tmp_path / "again", "--epochs", "1"))
         one_line_error(result, "camelyonpatch_level_2_split_valid_x.h5 (size or mtime changed)")
-        assert "data.py verify" in result.stderr and "data.py manifest" in result.stderr
+        assert "manage_data.py verify" in result.stderr and "manage_data.py manifest" in result.stderr
         assert "step 1/" not in result.stdout
 
     def test_a_manifest_naming_a_file_that_is_gone_stops_train_and_verify(self, small_set, tmp_path):
