@@ -1398,6 +1398,18 @@ class TestStopAndResume:
         assert loss_columns(tmp_path / "split") == loss_columns(straight_run)
         assert_same_weights(tmp_path / "split", straight_run)
 
+    def test_resume_auto_starts_in_an_empty_out_dir_then_continues_from_its_last_pt(
+        self, synth_dir, straight_run, tmp_path, capsys
+    ):
+        (tmp_path / "run").mkdir()
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--resume", "auto"))
+        assert "resuming" not in capsys.readouterr().out
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "3", "--resume", "auto"))
+        assert f"resuming {tmp_path / 'run'} after epoch 1" in capsys.readouterr().out
+        assert loss_columns(tmp_path / "run") == loss_columns(straight_run)
+        assert_same_weights(tmp_path / "run", straight_run)
+        assert train.parse_args(["--resume", "auto", "--resume"]).resume is True  # train_job.sh's, then the user's
+
     def test_sigterm_mid_epoch_then_resume_matches(self, synth_dir, straight_run, tmp_path):
         args = train_args(synth_dir, tmp_path / "killed", "--epochs", "3")
         exit_code, output = signal_at(args, "epoch 2/3 step 10/", signal.SIGTERM)
@@ -1642,7 +1654,7 @@ class TestStopAndResume:
         process.wait(timeout=120)
         assert evaluate.load_checkpoint(tmp_path / "run" / "last.pt", train.CHECKPOINT_KEYS)["epoch"] == 0
 
-    @pytest.mark.parametrize("extra", [[], ["--resume"]])
+    @pytest.mark.parametrize("extra", [[], ["--resume"], ["--resume", "auto"]])
     def test_a_run_killed_before_its_first_checkpoint_starts_again(self, synth_dir, tmp_path, extra):
         run_dir = tmp_path / "run"
         run_dir.mkdir()
@@ -2628,9 +2640,28 @@ class TestSlurmJobs:
         train.main(train_args(synth_dir, run_dir, "--epochs", "1"))
         output = make(project, "train", env={**SMALL_JOB, "ARGS": f"--out-dir {run_dir} --epochs 2 --batch-size 64"})
         job = submitted_job(output)[0]
-        assert wait_for_job(job) == ["COMPLETED"], (project / "logs" / f"pcam_train_{job}.out").read_text()
+        log = project / "logs" / f"pcam_train_{job}.out"
+        assert wait_for_job(job) == ["COMPLETED"], log.read_text()
+        assert "--resume auto --out-dir" in log.read_text() and f"resuming {run_dir} after epoch 1" in log.read_text()
         assert [row["epoch"] for row in read_csv_rows(run_dir / "metrics.csv")] == ["1", "2"]
         assert not (project / "runs" / f"slurm-{job}").exists()
+
+    def test_a_job_at_its_requeue_limit_names_the_make_train_that_continues_its_run(self, project):
+        env = {**SMALL_JOB, "MAX_REQUEUES": "0", "ARGS": "--epochs 50 --batch-size 16 --log-every 1"}
+        job = submitted_job(make(project, "train", env=env))[0]
+        log = project / "logs" / f"pcam_train_{job}.out"
+        wait_until(lambda: log.exists() and "epoch 1/50 step" in log.read_text(), 300, "training in the job")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # as --signal=B:USR1@120 sends it
+        assert wait_for_job(job) == ["FAILED"], log.read_text()
+        continuation = re.search(r'continue with: make train ARGS="(.*)"$', log.read_text(), re.MULTILINE)
+        assert continuation and continuation.group(1) == f"--resume --out-dir runs/slurm-{job}", log.read_text()
+        done = torch.load(project / "runs" / f"slurm-{job}" / "last.pt", weights_only=True)["epoch"]
+        again = submitted_job(
+            make(project, "train", env={**SMALL_JOB, "ARGS": f"{continuation.group(1)} --epochs {done + 1}"})
+        )[0]
+        assert wait_for_job(again) == ["COMPLETED"], (project / "logs" / f"pcam_train_{again}.out").read_text()
+        assert len(read_csv_rows(project / "runs" / f"slurm-{job}" / "metrics.csv")) == done + 1
+        assert not (project / "runs" / f"slurm-{again}").exists()
 
     def test_make_train_passes_arguments_without_running_them(self, project):
         output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 1 --dry-run; touch pwned $(touch pwned2)"})
