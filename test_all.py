@@ -39,9 +39,9 @@ import plot_loss
 import train
 from conftest import (
     HERE,
-    PROJECT_FILES,
     SMALL_JOB,
     assert_same_weights,
+    copy_project,
     download,
     evaluate_model,
     folder_held_by_another_command,
@@ -2774,9 +2774,7 @@ class TestMakeAndShellScripts:
         assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()} == before
 
     def test_make_plot_skips_failed_runs_and_make_eda_takes_a_folder_with_spaces(self, small_set, tmp_path):
-        for name in PROJECT_FILES:
-            shutil.copy2(os.path.join(HERE, name), tmp_path / name)
-        os.symlink(os.path.join(HERE, ".venv"), tmp_path / ".venv")
+        copy_project(tmp_path)
         (tmp_path / "runs" / "failed-before-epoch-1").mkdir(parents=True)
         result = subprocess.run(
             ["make", "-s", "plot"], cwd=tmp_path, capture_output=True, text=True, check=False, env=make_env()
@@ -2787,7 +2785,6 @@ class TestMakeAndShellScripts:
         assert is_nonblank_png(tmp_path / "runs" / "eda" / "pcam.png")
 
     def test_make_eda_plot_and_runs_take_paths_with_spaces_and_leave_assets_alone(self, project, straight_run):
-        shutil.copytree(os.path.join(HERE, "assets"), project / "assets")
         before = {path.name: path.read_bytes() for path in (project / "assets").iterdir()}
         run = project / "my runs" / "run one"
         shutil.copytree(straight_run, run)
