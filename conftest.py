@@ -354,29 +354,22 @@ def slurm_is_up():
 
 
 needs_slurm = pytest.mark.skipif(not slurm_is_up(), reason="no Slurm here (start one with .ci/slurm-up.sh)")
-PROJECT_FILES = (
-    "data.py",
-    "manage_data.py",
-    "model.py",
-    "train.py",
-    "evaluate.py",
-    "plot_loss.py",
-    "eda.py",
-    "first_job.sh",
-    "train_job.sh",
-    "gpu_check.py",
-    "Makefile",
-    "requirements.txt",
-)
 SMALL_JOB = {"GPUS": "0", "CPUS": "1", "MEM": "1500M", "TIME": "00:10:00"}  # the local GPU has no device
+
+
+def copy_project(target):
+    """A copy of the project's tracked files (git ls-files) in target, sharing this .venv."""
+    listing = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True, check=True)
+    for name in listing.stdout.splitlines():
+        os.makedirs(os.path.join(target, os.path.dirname(name)), exist_ok=True)
+        shutil.copy2(os.path.join(HERE, name), os.path.join(target, name))  # keeps mtimes: make sees .venv as current
+    os.symlink(os.path.join(HERE, ".venv"), os.path.join(target, ".venv"))
 
 
 @pytest.fixture
 def project(tmp_path, synth_dir):
-    """A copy of the project to submit from (jobs write logs/ and runs/ there), sharing this .venv."""
-    for name in PROJECT_FILES:
-        shutil.copy2(os.path.join(HERE, name), tmp_path / name)  # copy2 keeps mtimes: make sees .venv as current
-    os.symlink(os.path.join(HERE, ".venv"), tmp_path / ".venv")
+    """A copy of the project to submit from (jobs write logs/ and runs/ there), with the synthetic set as data/."""
+    copy_project(tmp_path)
     os.symlink(synth_dir, tmp_path / "data")
     return tmp_path
 

@@ -560,9 +560,9 @@ class PCAMDataset(Dataset):
         available, which = free_memory()
         if needed > 0.8 * available:
             raise PCAMError(
-                f"holding {self.x_path} in RAM (--preload, or --data-on-device) needs {needed / 2**20:,.0f} MiB but "
-                f"only {available / 2**20:,.0f} MiB is free under {which}; stream it (--data-on-device no, without "
-                "--preload) or ask for more memory"
+                f"holding {self.x_path} in RAM (--data-on-device) needs {needed / 2**20:,.0f} MiB but only "
+                f"{available / 2**20:,.0f} MiB is free under {which}; stream it (--data-on-device no) or ask for more "
+                "memory"
             )
         return np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
 
@@ -736,11 +736,9 @@ def get_dataloaders(
     return train_loader, val_loader
 
 
-def get_test_loader(
-    data_dir, batch_size=256, num_workers=0, filter_data=False, preload=False, pin_memory=False, **thresholds
-):
+def get_test_loader(data_dir, batch_size=256, num_workers=0, filter_data=False, pin_memory=False, **thresholds):
     """Every test row once, in order; a MissingDataError when the test files are absent."""
-    test_set = load_split(data_dir, "test", filter_data, preload, **thresholds)
+    test_set = load_split(data_dir, "test", filter_data, **thresholds)
     return in_order(test_set, batch_size, num_workers, pin_memory)
 
 
@@ -1000,14 +998,3 @@ def check_manifest(data_dir):
             f"`python manage_data.py manifest --data-dir {data_dir}`"
         )
     return True
-
-
-def main(argv=None):
-    """`python manage_data.py COMMAND ...` runs manage_data.py's commands, as it did before they moved there."""
-    import manage_data  # it imports this module, so not at the top
-
-    manage_data.main(argv)
-
-
-if __name__ == "__main__":
-    main()

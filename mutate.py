@@ -165,6 +165,8 @@ def scratch_copy(root):
         if os.path.isfile(os.path.join(root, name)) and not os.path.islink(os.path.join(root, name)):
             os.makedirs(os.path.join(scratch, os.path.dirname(name)), exist_ok=True)
             shutil.copy2(os.path.join(root, name), os.path.join(scratch, name))
+    for command in (["init", "-q"], ["add", "-A"]):  # a work tree of these files: the tests list the project by git
+        subprocess.run(["git", *command], cwd=scratch, capture_output=True, check=True)
     if os.path.isdir(os.path.join(root, ".venv")):
         os.symlink(os.path.abspath(os.path.join(root, ".venv")), os.path.join(scratch, ".venv"))
     return scratch

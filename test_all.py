@@ -39,9 +39,9 @@ import plot_loss
 import train
 from conftest import (
     HERE,
-    PROJECT_FILES,
     SMALL_JOB,
     assert_same_weights,
+    copy_project,
     download,
     evaluate_model,
     folder_held_by_another_command,
@@ -177,7 +177,7 @@ class TestCleaningAndFilter:
 
 
 class TestStorageAndPreload:
-    """data.py: the row readers of each storage layout, pickling, and --preload."""
+    """data.py: the row readers of each storage layout, pickling, and preloading (the resident path's copy)."""
 
     def test_memmap_and_h5py_paths_read_the_same_images(self, tmp_path):
         images, labels = tissue(64), labels_of(64, 20)
@@ -228,7 +228,7 @@ class TestStorageAndPreload:
 
     def test_preload_refuses_when_memory_is_short(self, small_set, monkeypatch):
         monkeypatch.setattr(data, "free_memory", lambda: (1000, "MemAvailable"))
-        with pytest.raises(data.PCAMError, match="--preload, or --data-on-device.* free under MemAvailable"):
+        with pytest.raises(data.PCAMError, match=r"in RAM \(--data-on-device\) needs .* free under MemAvailable"):
             data.load_split(small_set, "train", preload=True)
 
 
@@ -521,18 +521,16 @@ class TestBadInput:
         with pytest.raises(data.PCAMError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             ds = data.load_split(tmp_path, "train")
             ds[[0, 1]]
-        result = run_script("manage_data.py", "info", "--data-dir", str(tmp_path))
-        assert result.returncode == 1
-        assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        one_line_error(run_script("manage_data.py", "info", "--data-dir", str(tmp_path)), fragment)
 
     def test_missing_data_names_the_files_and_the_fix(self, tmp_path):
         with pytest.raises(data.MissingDataError, match="does not exist"):
             data.get_dataloaders(tmp_path / "nowhere")
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
-        with pytest.raises(data.MissingDataError, match="camelyonpatch_level_2_split_valid_x.h5.*data.py download"):
+        fix = r"camelyonpatch_level_2_split_valid_x\.h5.*`python manage_data\.py download"
+        with pytest.raises(data.MissingDataError, match=fix):
             data.get_dataloaders(tmp_path)
-        result = run_script("manage_data.py", "info", "--data-dir", str(tmp_path / "nowhere"))
-        assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+        one_line_error(run_script("manage_data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
 
     def test_a_split_emptied_by_the_filter_or_of_one_class_is_refused(self, tmp_path):
         write_split(tmp_path / "blank", "train", np.zeros((6, 96, 96, 3), np.uint8), labels_of(6, 3))
@@ -623,28 +621,6 @@ class TestDataCommands:
             data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}")  # while the holder is still at work
         lock.close()
         data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}").close()  # let go: the next one takes it
-
-    def test_data_py_still_runs_the_data_commands(self, tmp_path):
-        run_script(
-            "data.py",
-            "synth",
-            "--data-dir",
-            str(tmp_path),
-            "--n-train",
-            "40",
-            "--n-valid",
-            "20",
-            "--n-test",
-            "0",
-            check=True,
-        )
-        train_row = next(
-            line
-            for line in run_script("data.py", "info", "--data-dir", str(tmp_path), check=True).stdout.splitlines()
-            if line.startswith("train")
-        )
-        assert train_row.split()[1:3] == ["40", "uint8"]
-        one_line_error(run_script("data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
 
     def test_synth_writes_pcam_files_with_the_defects_asked_for(self, tmp_path):
         options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.21 --dtype float32".split()
@@ -775,8 +751,7 @@ class TestDataCommands:
         with h5py.File(x_valid, "r+") as h5file:
             h5file["x"][0, 0, 0, 0] = 255 - h5file["x"][0, 0, 0, 0]
         result = run_script("manage_data.py", "verify", "--data-dir", str(small_set))
-        assert result.returncode == 1
-        assert "camelyonpatch_level_2_split_valid_x.h5 (contents differ)" in result.stderr
+        one_line_error(result, "camelyonpatch_level_2_split_valid_x.h5 (contents differ)")
         assert "train_x" not in result.stderr
 
     @pytest.mark.parametrize("entry", ["[]", '"a string"', '{"bytes": SIZE}', '{"bytes": SIZE, "sha256": 5}'])
@@ -1006,9 +981,7 @@ class TestDownload:
     def test_a_corrupt_download_never_keeps_its_final_name(self, pcam_server, tmp_path):
         name = "camelyonpatch_level_2_split_valid_x.h5.gz"
         pcam_server.files[name] = pcam_server.files[name][:-10] + b"0123456789"
-        result = download(pcam_server, tmp_path / "data", "valid")
-        assert result.returncode == 1
-        assert "md5 does not match" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        one_line_error(download(pcam_server, tmp_path / "data", "valid"), "md5 does not match")
         assert not [n for n in os.listdir(tmp_path / "data") if n.startswith("camelyonpatch_level_2_split_valid_x")]
 
     @pytest.mark.parametrize("kind", ["truncated gzip", "not gzip"])
@@ -1041,8 +1014,7 @@ class TestDownload:
 
     def test_download_reports_a_missing_file_on_the_server(self, pcam_server, tmp_path):
         del pcam_server.files["camelyonpatch_level_2_split_train_y.h5.gz"]
-        result = download(pcam_server, tmp_path / "data", "train")
-        assert result.returncode == 1 and "HTTP 404" in result.stderr
+        one_line_error(download(pcam_server, tmp_path / "data", "train"), "HTTP 404")
 
 
 class TestModel:
@@ -1453,6 +1425,18 @@ class TestStopAndResume:
         assert loss_columns(tmp_path / "split") == loss_columns(straight_run)
         assert_same_weights(tmp_path / "split", straight_run)
 
+    def test_resume_auto_starts_in_an_empty_out_dir_then_continues_from_its_last_pt(
+        self, synth_dir, straight_run, tmp_path, capsys
+    ):
+        (tmp_path / "run").mkdir()
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--resume", "auto"))
+        assert "resuming" not in capsys.readouterr().out
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "3", "--resume", "auto"))
+        assert f"resuming {tmp_path / 'run'} after epoch 1" in capsys.readouterr().out
+        assert loss_columns(tmp_path / "run") == loss_columns(straight_run)
+        assert_same_weights(tmp_path / "run", straight_run)
+        assert train.parse_args(["--resume", "auto", "--resume"]).resume is True  # train_job.sh's, then the user's
+
     def test_sigterm_mid_epoch_then_resume_matches(self, synth_dir, straight_run, tmp_path):
         args = train_args(synth_dir, tmp_path / "killed", "--epochs", "3")
         exit_code, output = signal_at(args, "epoch 2/3 step 10/", signal.SIGTERM)
@@ -1697,7 +1681,7 @@ class TestStopAndResume:
         process.wait(timeout=120)
         assert evaluate.load_checkpoint(tmp_path / "run" / "last.pt", train.CHECKPOINT_KEYS)["epoch"] == 0
 
-    @pytest.mark.parametrize("extra", [[], ["--resume"]])
+    @pytest.mark.parametrize("extra", [[], ["--resume"], ["--resume", "auto"]])
     def test_a_run_killed_before_its_first_checkpoint_starts_again(self, synth_dir, tmp_path, extra):
         run_dir = tmp_path / "run"
         run_dir.mkdir()
@@ -1744,7 +1728,7 @@ class TestStopAndResume:
 
     def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(self, synth_dir, tmp_path):
         result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--optimizer", "sgd", "--lr", "1e30"))
-        assert result.returncode == 1 and "training loss became" in result.stderr
+        one_line_error(result, "training loss became")
         assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
 
     def test_non_finite_weights_or_validation_loss_never_reach_a_checkpoint(self, synth_dir, tmp_path):
@@ -1805,15 +1789,13 @@ class TestTrainRefusals:
     )
     def test_bad_arguments_end_in_one_line_before_training(self, synth_dir, tmp_path, flags, fragment):
         args = ["--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "run"), *flags]
-        result = run_script("train.py", *args)
-        assert result.returncode != 0
-        assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        one_line_error(run_script("train.py", *args), fragment)
         assert not (tmp_path / "run" / "metrics.csv").exists()
 
     @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
     def test_cuda_without_cuda_is_refused_and_auto_falls_back(self, synth_dir, tmp_path):
         result = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--device", "cuda")
-        assert result.returncode == 1 and "CUDA is not available" in result.stderr
+        one_line_error(result, "CUDA is not available")
         auto = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--dry-run")
         assert "CUDA not available, using CPU" in auto.stdout
 
@@ -1885,7 +1867,7 @@ class TestTrainRefusals:
         assert "cannot write to --out-dir" in str(stop.value.code)
         with pytest.raises(SystemExit) as stop:
             train.main(["--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "run")])
-        assert "does not exist" in str(stop.value.code) and "data.py synth" in str(stop.value.code)
+        assert "does not exist" in str(stop.value.code) and "manage_data.py synth" in str(stop.value.code)
 
     def test_resume_names_a_model_shape_mismatch(self, synth_dir, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
@@ -1957,7 +1939,7 @@ class TestTrainRefusals:
         os.utime(x_valid, (1e9, 1e9))
         result = run_script("train.py", *train_args(small_set, tmp_path / "again", "--epochs", "1"))
         one_line_error(result, "camelyonpatch_level_2_split_valid_x.h5 (size or mtime changed)")
-        assert "data.py verify" in result.stderr and "data.py manifest" in result.stderr
+        assert "manage_data.py verify" in result.stderr and "manage_data.py manifest" in result.stderr
         assert "step 1/" not in result.stdout
 
     def test_a_manifest_naming_a_file_that_is_gone_stops_train_and_verify(self, small_set, tmp_path):
@@ -1985,7 +1967,7 @@ class TestTrainRefusals:
         one_line_error(run_script("train.py", *train_args(synth_dir, run_dir, "--resume")), "not a train.py checkpoint")
         (tmp_path / "metrics.csv").write_bytes(b"\xff\xfe\x00e\x00p\x00o\x00c\x00h")
         one_line_error(run_script("plot_loss.py", str(tmp_path / "metrics.csv")), "not UTF-8 text")
-        for script in (("data.py", "info"), ("train.py",), ("eda.py",)):
+        for script in (("manage_data.py", "info"), ("train.py",), ("eda.py",)):
             one_line_error(run_script(*script, env={"PCAM_DIR": ""}), "empty")
         one_line_error(
             run_script("manage_data.py", "download", "--data-dir", str(tmp_path / "d"), "--base-url", "example.org/f"),
@@ -2154,8 +2136,8 @@ class TestEvaluate:
     def test_evaluate_refuses_a_bad_checkpoint_in_one_line(self, straight_run, synth_dir, tmp_path, name):
         path, fragment = bad_checkpoints(straight_run, tmp_path)[name]
         result = run_script("evaluate.py", str(path), "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "eval"))
-        assert result.returncode == 1 and fragment in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()
+        one_line_error(result, fragment)
+        assert not (tmp_path / "eval").exists()
 
     def test_evaluate_refuses_non_finite_weights_in_one_line(self, straight_run, synth_dir, tmp_path):
         best = torch.load(straight_run / "best.pt", weights_only=True)
@@ -2202,8 +2184,7 @@ class TestEvaluate:
             data.require_split(tmp_path / "data", "test")
         assert result.returncode == 1 and result.stderr == f"evaluate.py: error: {missing.value}\n"
         result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--filter-data")
-        assert result.returncode == 1 and "holds an evaluation of another checkpoint or other data" in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        one_line_error(result, "holds an evaluation of another checkpoint or other data")
         users = tmp_path / "mine"
         users.mkdir()
         (users / "predictions.csv").write_text("my own predictions\n")
@@ -2315,8 +2296,7 @@ class TestLossPlot:
         path = tmp_path / "metrics.csv"
         if content is not None:
             path.write_text(content)
-        result = run_script("plot_loss.py", str(path))
-        assert result.returncode == 1 and fragment in result.stderr and "Traceback" not in result.stderr
+        one_line_error(run_script("plot_loss.py", str(path)), fragment)
 
 
 @pytest.fixture(scope="module")
@@ -2548,11 +2528,10 @@ class TestEda:
         assert [int(value) for value in train_row.split()[1:8]] == [20, 10, 10, 0, 3, 0, 0]
 
     def test_eda_reports_bad_input_in_one_line(self, tmp_path):
-        result = run_script("eda.py", "--data-dir", str(tmp_path / "nowhere"))
-        assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+        one_line_error(run_script("eda.py", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
         write_split(tmp_path, "train", tissue(4), np.array([0, 1, 3, 1], np.uint8))
         result = run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"))
-        assert result.returncode == 1 and "labels must be 0 or 1" in result.stderr
+        one_line_error(result, "labels must be 0 or 1")
 
     @pytest.mark.parametrize(
         "flags, fragment",
@@ -2683,9 +2662,28 @@ class TestSlurmJobs:
         train.main(train_args(synth_dir, run_dir, "--epochs", "1"))
         output = make(project, "train", env={**SMALL_JOB, "ARGS": f"--out-dir {run_dir} --epochs 2 --batch-size 64"})
         job = submitted_job(output)[0]
-        assert wait_for_job(job) == ["COMPLETED"], (project / "logs" / f"pcam_train_{job}.out").read_text()
+        log = project / "logs" / f"pcam_train_{job}.out"
+        assert wait_for_job(job) == ["COMPLETED"], log.read_text()
+        assert "--resume auto --out-dir" in log.read_text() and f"resuming {run_dir} after epoch 1" in log.read_text()
         assert [row["epoch"] for row in read_csv_rows(run_dir / "metrics.csv")] == ["1", "2"]
         assert not (project / "runs" / f"slurm-{job}").exists()
+
+    def test_a_job_at_its_requeue_limit_names_the_make_train_that_continues_its_run(self, project):
+        env = {**SMALL_JOB, "MAX_REQUEUES": "0", "ARGS": "--epochs 50 --batch-size 16 --log-every 1"}
+        job = submitted_job(make(project, "train", env=env))[0]
+        log = project / "logs" / f"pcam_train_{job}.out"
+        wait_until(lambda: log.exists() and "epoch 1/50 step" in log.read_text(), 300, "training in the job")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)  # as --signal=B:USR1@120 sends it
+        assert wait_for_job(job) == ["FAILED"], log.read_text()
+        continuation = re.search(r'continue with: make train ARGS="(.*)"$', log.read_text(), re.MULTILINE)
+        assert continuation and continuation.group(1) == f"--resume --out-dir runs/slurm-{job}", log.read_text()
+        done = torch.load(project / "runs" / f"slurm-{job}" / "last.pt", weights_only=True)["epoch"]
+        again = submitted_job(
+            make(project, "train", env={**SMALL_JOB, "ARGS": f"{continuation.group(1)} --epochs {done + 1}"})
+        )[0]
+        assert wait_for_job(again) == ["COMPLETED"], (project / "logs" / f"pcam_train_{again}.out").read_text()
+        assert len(read_csv_rows(project / "runs" / f"slurm-{job}" / "metrics.csv")) == done + 1
+        assert not (project / "runs" / f"slurm-{again}").exists()
 
     def test_make_train_passes_arguments_without_running_them(self, project):
         output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 1 --dry-run; touch pwned $(touch pwned2)"})
@@ -2798,9 +2796,7 @@ class TestMakeAndShellScripts:
         assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()} == before
 
     def test_make_plot_skips_failed_runs_and_make_eda_takes_a_folder_with_spaces(self, small_set, tmp_path):
-        for name in PROJECT_FILES:
-            shutil.copy2(os.path.join(HERE, name), tmp_path / name)
-        os.symlink(os.path.join(HERE, ".venv"), tmp_path / ".venv")
+        copy_project(tmp_path)
         (tmp_path / "runs" / "failed-before-epoch-1").mkdir(parents=True)
         result = subprocess.run(
             ["make", "-s", "plot"], cwd=tmp_path, capture_output=True, text=True, check=False, env=make_env()
@@ -2811,7 +2807,6 @@ class TestMakeAndShellScripts:
         assert is_nonblank_png(tmp_path / "runs" / "eda" / "pcam.png")
 
     def test_make_eda_plot_and_runs_take_paths_with_spaces_and_leave_assets_alone(self, project, straight_run):
-        shutil.copytree(os.path.join(HERE, "assets"), project / "assets")
         before = {path.name: path.read_bytes() for path in (project / "assets").iterdir()}
         run = project / "my runs" / "run one"
         shutil.copytree(straight_run, run)

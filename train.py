@@ -4,7 +4,8 @@ Each run writes to its --out-dir: metrics.csv (a row per epoch), last.pt (end of
 before the first), best.pt (lowest validation loss), run.json (settings, versions, data, results),
 loss.png, and eval-test/ (best.pt scored on the test split, as by evaluate.py). SIGTERM or SIGUSR1
 stop the run after the current step with exit code 75 (Ctrl-C: 130); `--resume` then restarts the
-interrupted epoch from last.pt, and the result equals an uninterrupted run. A run holds a lock on its
+interrupted epoch from last.pt, and the result equals an uninterrupted run; `--resume auto` continues a run
+when its folder holds a last.pt and starts it otherwise (what train_job.sh passes). A run holds a lock on its
 folder (train.lock), and run.json ends with status done, stopped, interrupted or failed.
 """
 
@@ -96,7 +97,6 @@ def build_parser():
     data.add_data_dir_argument(data_group)
     data_group.add_argument("--filter-data", action="store_true", help="drop black and white outlier tiles")
     data.add_num_workers_argument(data_group)
-    data_group.add_argument("--preload", action="store_true", help="clean each split into RAM once, serve from memory")
     data_group.add_argument(
         "--data-on-device",
         choices=("auto", "yes", "no"),
@@ -130,7 +130,16 @@ def build_parser():
     run_group.add_argument(
         "--out-dir", metavar="DIR", help="run folder (default: runs/<date-time>, or runs/slurm-<job id> in a Slurm job)"
     )
-    run_group.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
+    run_group.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=("auto",),
+        metavar="auto",
+        help="continue the run in --out-dir from its last.pt, refused when there is none; --resume auto continues "
+        "it when --out-dir holds a last.pt and starts it there otherwise (as a Slurm job that may be requeued does)",
+    )
     run_group.add_argument(
         "--log-every", type=int, default=50, metavar="STEPS", help="a progress line every STEPS steps"
     )
@@ -182,8 +191,16 @@ def check_args(args):
     if (args.device == "cuda" or args.device == "auto" and slurm_gave_gpus()) and not torch.cuda.is_available():
         asked = "--device cuda" if args.device == "cuda" else "this Slurm job was given GPUs"
         raise UsageError(f"{asked}, but {cuda_diagnosis()}")
-    if args.resume and not args.out_dir and not os.environ.get("SLURM_JOB_ID"):
+    if args.resume is True and not args.out_dir and not os.environ.get("SLURM_JOB_ID"):
         raise UsageError("--resume needs --out-dir: the run folder to continue (e.g. runs/20260101-120000)")
+
+
+def resolve_resume(args):
+    """--resume auto: continue the run in --out-dir (this job's or a new one's folder when not given) if it holds a
+    last.pt, start it there otherwise."""
+    if args.resume == "auto":
+        args.out_dir = args.out_dir or default_out_dir()
+        args.resume = os.path.isfile(os.path.join(args.out_dir, "last.pt"))
 
 
 def slurm_gave_gpus():
@@ -515,7 +532,7 @@ def build(args, device):
         args.num_workers,
         args.filter_data,
         args.seed,
-        args.preload or resident,
+        resident,
         pin_memory=device.type == "cuda" and not resident,
     )
     if resident:
@@ -655,6 +672,7 @@ def run(args, outcome):
     outcome receives the out-dir lock and the run record, for main to close and finish."""
     stop = StopRequest()  # first: a signal during start-up must not kill the run without a word
     check_args(args)
+    resolve_resume(args)
     if args.resume and run_is_complete(args):
         return
     device = pick_device(args.device)
@@ -749,11 +767,7 @@ def start_or_resume(session, checkpoint, manifest_matched, outcome):
         session.optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng_state(checkpoint["rng"], session.train_loader, session.device)
         session.start_epoch, session.best_val_loss = checkpoint["epoch"] + 1, checkpoint["best_val_loss"]
-        # checkpoints of earlier versions keep each epoch's metrics as a list in METRICS_HEADER's order
-        session.history = [
-            row if isinstance(row, dict) else dict(zip(METRICS_HEADER, row, strict=True))
-            for row in checkpoint["history"]
-        ]
+        session.history = checkpoint["history"]
         session.record = read_json(session.paths["run.json"])
         session.record.setdefault("resumed_at", []).append(now)
         print(f"resuming {args.out_dir} after epoch {checkpoint['epoch']}", flush=True)

@@ -61,22 +61,16 @@ if [[ "$stage" == yes ]]; then
     data_dir="$staged"
 fi
 
-# the run folder by train.py's own rule: runs/slurm-<job id>, or runs/slurm-<array id>_<task> in an array
-run_dir="$submit_dir/$(python -c 'import train; print(train.default_out_dir())')"
-previous=""
-for arg in "$@"; do  # unless the user names one: make train ARGS="--out-dir ..."
-    [[ "$previous" == --out-dir ]] && run_dir="$arg"
-    [[ "$arg" == --out-dir=* ]] && run_dir="${arg#--out-dir=}"
-    previous="$arg"
-done
-args=(--data-dir "$data_dir" --out-dir "$run_dir")
+# train.py picks the run folder (runs/slurm-<job id>, runs/slurm-<array id>_<task>, or the --out-dir in ARGS), and
+# --resume auto continues the run there when it holds a last.pt (a requeued job) and starts it otherwise. The
+# user's ARGS come last and argparse keeps an option's last value: ARGS="--resume --out-dir DIR" insists on
+# continuing the run in DIR (and ends in one line when DIR holds no last.pt).
+args=(--data-dir "$data_dir")
 if [[ -n "${SWEEP_FLAG:-}" ]]; then
     read -r -a sweep_values <<< "${SWEEP_VALUES:-}"
     args+=("$SWEEP_FLAG" "${sweep_values[${SLURM_ARRAY_TASK_ID:-0}]}")
 fi
-if [[ -f "$run_dir/last.pt" ]]; then
-    args+=(--resume)
-fi
+args+=(--resume auto)
 echo "run: python train.py ${args[*]} $*"
 
 python train.py "${args[@]}" "$@" &
@@ -100,7 +94,10 @@ if [[ "$time_limit" == yes && ( "$status" -eq 75 || "$status" -eq 138 ) ]]; then
         scontrol requeue "${SLURM_JOB_ID}"
         exit 0
     fi
-    echo "stopped after ${restarts} requeues (MAX_REQUEUES); continue with: make train ARGS=\"--resume --out-dir $run_dir\"" >&2
+    # the run folder as train.py named it in its stop line in this log (the job's stdout, a file)
+    run_dir="$(sed -n 's/.*; continue with --resume --out-dir \(.*\) (exit code 75)$/\1/p' "/proc/$$/fd/1" | tail -n 1)"
+    echo "stopped after ${restarts} requeues (MAX_REQUEUES); continue with:" \
+        "make train ARGS=\"--resume --out-dir ${run_dir:-<the run folder>}\"" >&2
 fi
 echo "job ${SLURM_JOB_ID} ended $(date -Is) with exit code ${status}"
 exit "$status"
