@@ -1244,6 +1244,17 @@ class TestTraining:
         assert len(warnings) == 1 and "class 1: 1 of 512" in warnings[0], result.stderr
         assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 1
 
+    @pytest.mark.parametrize(
+        "images, minority, warned", [(512, 9, True), (512, 10, False), (2000, 19, True), (2000, 20, False)]
+    )
+    def test_a_minority_under_10_images_or_1_percent_is_tiny(
+        self, synth_dir, tmp_path, capsys, images, minority, warned
+    ):
+        write_split(tmp_path / "data", "train", tissue(images), labels_of(images, minority))
+        linked_set(synth_dir, tmp_path / "data", splits=("valid",))
+        train.main(train_args(tmp_path / "data", tmp_path / "run", "--dry-run"))
+        assert ("minority class is tiny" in capsys.readouterr().err) == warned
+
     @pytest.mark.parametrize("script", ["train.py", "evaluate.py", "eda.py", "plot_loss.py", "manage_data.py synth"])
     def test_help_states_each_default_once(self, script):
         help_text = run_script(*script.split(), "--help", check=True).stdout
