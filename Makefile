@@ -52,14 +52,14 @@ test-loaded: $(VENV)/.installed ## make test beside two CPU-bound processes: the
 	$(MAKE) test
 
 MUTATE_TOOLS ?= coverage==7.17.5
-MUTANTS ?= 120
+MUTANTS ?= 60
 
 $(VENV)/.mutate-tools: $(VENV)/.installed Makefile
 	$(PY) -m pip install --quiet $(MUTATE_TOOLS)
 	touch $@
 
-mutate: $(VENV)/.installed $(VENV)/.mutate-tools ## mutation testing: MUTANTS=120 seeded mutants, each against the tests covering its line
-	$(PY) mutate.py --mutants $(MUTANTS)
+mutate: $(VENV)/.installed $(VENV)/.mutate-tools ## mutation testing: MUTANTS=60 seeded mutants against the tests covering each; AGAIN=1 re-runs survivors
+	$(PY) mutate.py --mutants $(MUTANTS) $(if $(AGAIN),--again)
 
 $(VENV)/.lint-tools: Makefile
 	$(PY) -m pip install --quiet $(LINT_TOOLS)

@@ -1,7 +1,8 @@
 """Mutation testing for this flat repo: small, realistic bugs put into the scripts one at a time, each run against
 only the tests that execute its line. A mutant a test catches is killed; one every covering test passes survived.
 
-    python mutate.py --mutants 120          # a seeded sample, spread over the files in proportion to their mutants
+    python mutate.py --mutants 60           # a seeded sample, spread over the files in proportion to their mutants
+    python mutate.py --mutants 60 --again   # the same sample after new tests: only its survivors run again
     python mutate.py --file data.py --line 123
 
 The line -> tests map comes from one run of the suite under coverage (subprocesses included), cached in .mutate/
@@ -30,7 +31,7 @@ FLIPS |= {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mu
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Mutation testing: how many small bugs do the tests catch?")
-    parser.add_argument("--mutants", type=int, default=120, metavar="N", help="mutants to sample (default: 120)")
+    parser.add_argument("--mutants", type=int, default=60, metavar="N", help="mutants to sample (default: 60)")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
     parser.add_argument("--file", metavar="PATH", help="try every mutant of one file's --line instead of a sample")
     parser.add_argument("--line", type=int, metavar="N", help="the line of --file")
@@ -44,9 +45,16 @@ def parse_args(argv=None):
     )
     parser.add_argument("--root", default=".", metavar="DIR", help="the repo (default: .)")
     parser.add_argument("--equivalents", default="mutants_equivalent.txt", metavar="PATH", help="mutants to skip")
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="the last sample again, running only its survivors and uncovered mutants (after new tests)",
+    )
     args = parser.parse_args(argv)
     if (args.file is None) != (args.line is None):
         parser.error("--file and --line go together")
+    if args.again and args.file:
+        parser.error("--again re-runs the last sample; it does not go with --file")
     return args
 
 
@@ -101,6 +109,10 @@ def mutants_of(root, name):
                 end = starts[node.end_lineno - 1] + node.end_col_offset
                 mutated = (source.encode()[:start] + text.encode() + source.encode()[end:]).decode()
                 change = f"{shortened(ast.unparse(node))} -> {shortened(ast.unparse(mutant))}"
+                if isinstance(node, ast.Constant):  # "0 -> 1" alone does not say which 0 of the line
+                    line = lines[node.lineno - 1].decode()
+                    before, after = line[: node.col_offset].lstrip()[-20:], line[node.end_col_offset :].rstrip()[:20]
+                    change = f"{before}{node.value!r}{after} -> {before}{mutant.value!r}{after}"
                 code = shortened(lines[node.lineno - 1].decode())
                 mutant = {"file": name, "line": statement.lineno, "where": where, "code": code, "change": change}
                 found.append({**mutant, "source": mutated})
@@ -296,26 +308,45 @@ def main(argv=None):
         else:
             chosen = random.Random(args.seed).sample(mutants, min(args.mutants, len(mutants)))
             chosen.sort(key=lambda mutant: (args.files.index(mutant["file"]), mutant["line"]))
+        sample = {"scripts": [mutant["source"] for mutant in chosen], "mutants": args.mutants, "seed": args.seed}
+        sample_key = hashlib.sha256(json.dumps(sample).encode()).hexdigest()
+        earlier = earlier_outcomes(root, sample_key) if args.again else {}
         equivalents = read_equivalents(os.path.join(root, args.equivalents))
         counts = {"killed": 0, "survived": 0, "no tests": 0, "equivalent": 0}
-        survivors = []
-        for mutant in chosen:
+        survivors, outcomes = [], {}
+        for index, mutant in enumerate(chosen):
             started = time.monotonic()
             test_ids = lines[mutant["file"]].get(str(mutant["line"]), [])[: args.max_tests]
             if key(mutant) in equivalents:
                 outcome = "equivalent"
+            elif earlier.get(str(index), "").startswith("killed"):
+                outcome, test_ids = earlier[str(index)], []  # as the last run found: no tests run again
             elif not test_ids:
                 outcome = "no tests"
             else:
                 timeout = args.grace + 5 * sum(seconds[test_id] for test_id in test_ids)
                 outcome = run_mutant(mutant, test_ids, timeout, scratch)
             counts[outcome.split(" (")[0]] += 1
+            outcomes[str(index)] = outcome
             if outcome == "survived":
                 survivors.append(key(mutant))
             print(f"{label(mutant)}  {outcome}, {len(test_ids)} tests, {time.monotonic() - started:.0f} s", flush=True)
     finally:
         shutil.rmtree(scratch)
+    if not args.file:
+        results = Path(root) / ".mutate" / "results.json"
+        results.write_text(json.dumps({"sample": sample_key, "outcomes": outcomes}))
     report(counts, survivors, root)
+
+
+def earlier_outcomes(root, sample_key):
+    """The last run's outcomes of this same sample (same scripts, size and seed), by the mutant's place in it."""
+    results = Path(root) / ".mutate" / "results.json"
+    if not results.exists() or json.loads(results.read_text())["sample"] != sample_key:
+        sys.exit(
+            "mutate.py: error: no earlier run of this sample (the scripts, --mutants or --seed changed); run it whole"
+        )
+    return json.loads(results.read_text())["outcomes"]
 
 
 def report(counts, survivors, root):

@@ -1169,13 +1169,14 @@ class TestTraining:
             assert checkpoint["model"]["channel_std"].min() > 1  # the training split's own statistics
         assert is_nonblank_png(straight_run / "loss.png")
 
-    def test_the_progress_lines_rate_is_the_epochs_rate(self, tmp_path, capsys):
+    def test_a_finished_run_reports_its_rate_and_draws_its_loss_plot(self, tmp_path, capsys):
         manage_data.main(["synth", "--data-dir", str(tmp_path / "tiny"), "--n-train", "128", "--n-valid", "32"])
         train.main(train_args(tmp_path / "tiny", tmp_path / "run", "--epochs", "1", "--log-every", "1"))
         last_step = [line for line in capsys.readouterr().out.splitlines() if " step 2/2 " in line][-1]
         progress_rate = float(re.search(r"([\d,.]+) images/s", last_step)[1].replace(",", ""))
         epoch_rate = float(read_csv_rows(tmp_path / "run" / "metrics.csv")[0]["images_per_s"])
         assert 0.5 < progress_rate / epoch_rate < 2, (last_step, epoch_rate)  # both: images over the same seconds
+        assert is_nonblank_png(tmp_path / "run" / "loss.png")
 
     def test_the_same_seed_gives_the_same_metrics(self, synth_dir, straight_run, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "again", "--epochs", "3"))
@@ -2911,6 +2912,23 @@ class TestMutate:
         one_line_error(
             run_script("mutate.py", *options, "--file", "clamp.py", "--line", "1"), "no mutant on clamp.py:1"
         )
+
+    def test_again_reruns_only_the_survivors_of_the_same_sample(self, tmp_path):
+        (tmp_path / "double.py").write_text("def double(x):\n    return x * 2\n")
+        (tmp_path / "test_double.py").write_text(
+            "from double import double\n\n\ndef test_zero():\n    assert double(0) == 0\n"
+        )
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+        options = ["--root", str(tmp_path), "--files", "double.py", "--tests", "test_double.py"]
+        output = run_script("mutate.py", *options, check=True).stdout
+        assert "mutation score: 1 killed of 3 (33%), 2 survived" in output, output
+        with open(tmp_path / "test_double.py", "a") as tests:
+            tests.write("\n\ndef test_three():\n    assert double(3) == 6\n")
+        output = run_script("mutate.py", *options, "--again", check=True).stdout
+        assert "double.py:2: return x * 2 -> return None  killed, 0 tests" in output, output  # not run again
+        assert "mutation score: 3 killed of 3 (100%), 0 survived" in output, output
+        (tmp_path / "double.py").write_text("def double(x):\n    return x + x\n")
+        one_line_error(run_script("mutate.py", *options, "--again"), "no earlier run of this sample")
 
     def test_a_folder_outside_git_ends_in_one_line(self, tmp_path):
         one_line_error(run_script("mutate.py", "--root", str(tmp_path)), "is not a git work tree")
