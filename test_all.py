@@ -4,6 +4,7 @@ then the Slurm job scripts, the Makefile and mutate.py. Shared fixtures and help
 The markers slurm (needs the local Slurm) and download (serves files over HTTP on 127.0.0.1) select those
 areas: pytest test_all.py -m "not slurm and not download" runs everything else."""
 
+import ast
 import fcntl
 import gzip
 import hashlib
@@ -2873,6 +2874,41 @@ class TestMakeAndShellScripts:
             os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         assert process.wait(timeout=120) != 0, process.stdout.read()
         wait_until(lambda: not any(is_running(pid) for pid in busy), 60, "the busy processes' end")
+
+
+class TestLayout:
+    """The repo's shape: flat modules whose imports point one way."""
+
+    def test_the_project_modules_import_each_other_without_a_cycle(self):
+        modules = {
+            path[:-3] for path in os.listdir(HERE) if path.endswith(".py") and not path.startswith(("test_", "conf"))
+        }
+        imports = {}
+        for module in modules:
+            tree = ast.parse(Path(HERE, f"{module}.py").read_text())
+            names = {
+                alias.name.split(".")[0]
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Import)
+                for alias in node.names
+            }
+            names |= {
+                node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+            }
+            imports[module] = names & modules - {module}
+        assert {"data", "train", "model"} <= modules and imports["model"] == set()
+
+        def reachable(start):
+            seen, pending = set(), list(imports[start])
+            while pending:
+                module = pending.pop()
+                if module not in seen:
+                    seen.add(module)
+                    pending.extend(imports[module])
+            return seen
+
+        cycles = sorted(module for module in modules if module in reachable(module))
+        assert cycles == [], {module: sorted(imports[module]) for module in cycles}
 
 
 class TestMutate:
