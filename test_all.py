@@ -1,6 +1,6 @@
 """Tests for pcam-mlp, on real HDF5 files written here and a real HTTP server on 127.0.0.1, in the order of the
 files they test: data.py, the data commands, model.py, train.py, evaluate.py, plot_loss.py, eda.py, bench.py,
-then the Slurm job scripts, the Makefile and mutate.py. Shared fixtures and helpers are in conftest.py.
+then the Slurm job scripts, the Makefile and mutate.py. Fixtures are in conftest.py, helpers in test_helpers.py.
 The markers slurm (needs the local Slurm) and download (serves files over HTTP on 127.0.0.1) select those
 areas: pytest test_all.py -m "not slurm and not download" runs everything else."""
 
@@ -38,7 +38,8 @@ import gpu_check
 import manage_data
 import plot_loss
 import train
-from conftest import (
+from model import MLP
+from test_helpers import (
     HERE,
     SMALL_JOB,
     assert_same_weights,
@@ -69,7 +70,6 @@ from conftest import (
     wait_until,
     write_split,
 )
-from model import MLP
 
 
 class TestCleaningAndFilter:
