@@ -157,7 +157,7 @@ def read_equivalents(path):
     """The keys of mutants that cannot change behaviour: `file:function: original -> mutated  in  code  # why`."""
     if not os.path.exists(path):
         return set()
-    lines = (line.split("  #")[0].strip() for line in Path(path).read_text().splitlines())
+    lines = (line.rsplit("  #", 1)[0].strip() for line in Path(path).read_text().splitlines())
     return {line for line in lines if line and not line.startswith("#")}
 
 
@@ -191,8 +191,9 @@ def covering_tests(root, scratch, args):
         if path.name != os.path.basename(__file__):  # the runner's own changes leave the map as it was
             digest.update(path.name.encode() + path.read_bytes())
     cache = Path(root) / ".mutate" / "map.json"
-    if cache.exists() and json.loads(cache.read_text())["key"] == digest.hexdigest():
-        return json.loads(cache.read_text())["map"]
+    cached = read_json(cache)
+    if isinstance(cached, dict) and cached.get("key") == digest.hexdigest() and "map" in cached:
+        return cached["map"]
     print(f"mutate: mapping lines to tests (one run of {args.tests} under coverage)", flush=True)
     lines_and_seconds = measure(scratch, args)
     cache.parent.mkdir(exist_ok=True)
@@ -299,7 +300,6 @@ def main(argv=None):
     root = os.path.abspath(args.root)
     scratch = scratch_copy(root)
     try:
-        lines, seconds = covering_tests(root, scratch, args)
         mutants = [mutant for name in args.files for mutant in mutants_of(scratch, name)]
         if args.file:
             chosen = [mutant for mutant in mutants if (mutant["file"], mutant["line"]) == (args.file, args.line)]
@@ -311,6 +311,7 @@ def main(argv=None):
         sample = {"scripts": [mutant["source"] for mutant in chosen], "mutants": args.mutants, "seed": args.seed}
         sample_key = hashlib.sha256(json.dumps(sample).encode()).hexdigest()
         earlier = earlier_outcomes(root, sample_key) if args.again else {}
+        lines, seconds = covering_tests(root, scratch, args)
         equivalents = read_equivalents(os.path.join(root, args.equivalents))
         counts = {"killed": 0, "survived": 0, "no tests": 0, "equivalent": 0}
         survivors, outcomes = [], {}
@@ -319,7 +320,7 @@ def main(argv=None):
             test_ids = lines[mutant["file"]].get(str(mutant["line"]), [])[: args.max_tests]
             if key(mutant) in equivalents:
                 outcome = "equivalent"
-            elif earlier.get(str(index), "").startswith("killed"):
+            elif str(index) in earlier:
                 outcome, test_ids = earlier[str(index)], []  # as the last run found: no tests run again
             elif not test_ids:
                 outcome = "no tests"
@@ -331,6 +332,9 @@ def main(argv=None):
             if outcome == "survived":
                 survivors.append(key(mutant))
             print(f"{label(mutant)}  {outcome}, {len(test_ids)} tests, {time.monotonic() - started:.0f} s", flush=True)
+    except KeyboardInterrupt:
+        print("mutate.py: interrupted; .mutate/results.json still holds the last whole run", file=sys.stderr)
+        sys.exit(130)
     finally:
         shutil.rmtree(scratch)
     if not args.file:
@@ -341,12 +345,24 @@ def main(argv=None):
 
 def earlier_outcomes(root, sample_key):
     """The last run's outcomes of this same sample (same scripts, size and seed), by the mutant's place in it."""
-    results = Path(root) / ".mutate" / "results.json"
-    if not results.exists() or json.loads(results.read_text())["sample"] != sample_key:
+    results = read_json(Path(root) / ".mutate" / "results.json")
+    if not isinstance(results, dict) or not isinstance(results.get("outcomes"), dict):
+        sys.exit("mutate.py: error: no readable .mutate/results.json of an earlier run; run the sample whole first")
+    if results.get("sample") != sample_key:
         sys.exit(
-            "mutate.py: error: no earlier run of this sample (the scripts, --mutants or --seed changed); run it whole"
+            "mutate.py: error: the last run was of another sample (a script, --mutants or --seed changed); run it whole"
         )
-    return json.loads(results.read_text())["outcomes"]
+    return {
+        index: outcome for index, outcome in results["outcomes"].items() if outcome in ("killed", "killed (timeout)")
+    }
+
+
+def read_json(path):
+    """A JSON file's content, or None when it is missing or unreadable (a cache or record to rebuild)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def report(counts, survivors, root):

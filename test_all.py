@@ -2950,21 +2950,29 @@ class TestMutate:
         )
 
     def test_again_reruns_only_the_survivors_of_the_same_sample(self, tmp_path):
-        (tmp_path / "double.py").write_text("def double(x):\n    return x * 2\n")
+        (tmp_path / "double.py").write_text("def double(x):\n    return x * 2  # twice\n")
         (tmp_path / "test_double.py").write_text(
             "from double import double\n\n\ndef test_zero():\n    assert double(0) == 0\n"
         )
         subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
         options = ["--root", str(tmp_path), "--files", "double.py", "--tests", "test_double.py"]
+        result = run_script("mutate.py", *options, "--again")
+        one_line_error(result, "no readable .mutate/results.json")
+        assert "mapping lines" not in result.stdout  # refused before the suite runs under coverage
         output = run_script("mutate.py", *options, check=True).stdout
         assert "mutation score: 1 killed of 3 (33%), 2 survived" in output, output
+        survivors = (tmp_path / ".mutate" / "survivors.txt").read_text().splitlines()
+        constant = next(survivor for survivor in survivors if "* 3  # twice" in survivor)  # its line's comment too
+        (tmp_path / "mutants_equivalent.txt").write_text(f"{constant}  # say why here\n")
         with open(tmp_path / "test_double.py", "a") as tests:
             tests.write("\n\ndef test_three():\n    assert double(3) == 6\n")
         output = run_script("mutate.py", *options, "--again", check=True).stdout
         assert "double.py:2: return x * 2 -> return None  killed, 0 tests" in output, output  # not run again
-        assert "mutation score: 3 killed of 3 (100%), 0 survived" in output, output
+        assert "mutation score: 2 killed of 2 (100%), 0 survived, 0 not covered; 1 skipped as equivalent" in output
         (tmp_path / "double.py").write_text("def double(x):\n    return x + x\n")
-        one_line_error(run_script("mutate.py", *options, "--again"), "no earlier run of this sample")
+        one_line_error(run_script("mutate.py", *options, "--again"), "the last run was of another sample")
+        (tmp_path / ".mutate" / "results.json").write_text('{"sample": ')
+        one_line_error(run_script("mutate.py", *options, "--again"), "no readable .mutate/results.json")
 
     def test_a_folder_outside_git_ends_in_one_line(self, tmp_path):
         one_line_error(run_script("mutate.py", "--root", str(tmp_path)), "is not a git work tree")
