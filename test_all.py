@@ -1179,6 +1179,23 @@ class TestTraining:
         assert 0.5 < progress_rate / epoch_rate < 2, (last_step, epoch_rate)  # both: images over the same seconds
         assert is_nonblank_png(tmp_path / "run" / "loss.png")
 
+    def test_a_run_logs_a_progress_line_every_50_steps_by_default(self, tmp_path, capsys):
+        options = ["--n-train", "1600", "--n-valid", "32", "--n-test", "0"]
+        manage_data.main(["synth", "--data-dir", str(tmp_path / "set"), *options])
+        out = ["--data-dir", str(tmp_path / "set"), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+        train.main([*out, "--epochs", "1", "--batch-size", "16"])  # 100 steps
+        steps = re.findall(r"step (\d+)/100 ", capsys.readouterr().out)
+        assert steps == ["50", "100"], steps
+
+    def test_the_normalisation_is_the_mean_and_std_of_every_image_of_a_small_split(self, tmp_path):
+        images = tissue(600)  # under NORMALIZATION_SAMPLE, and more than one 512-image read
+        images[0], images[599] = 255, 0
+        dataset = data.PCAMDataset(*write_split(tmp_path, "train", images, labels_of(600, 300)))
+        mean, std = train.channel_stats(dataset)
+        pixels = images.reshape(-1, 3).astype(np.float64)
+        assert np.allclose(mean.numpy(), pixels.mean(axis=0), rtol=1e-6)
+        assert np.allclose(std.numpy(), pixels.std(axis=0), rtol=1e-5)
+
     def test_the_same_seed_gives_the_same_metrics(self, synth_dir, straight_run, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "again", "--epochs", "3"))
         assert loss_columns(tmp_path / "again") == loss_columns(straight_run)
