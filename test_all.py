@@ -1705,6 +1705,15 @@ class TestStopAndResume:
         one_line_error(result, f"{foreign} belongs to another run")
         assert {name: (tmp_path / "mine" / name).read_bytes() for name in kept} == kept
 
+    def test_resume_refuses_a_run_json_whose_settings_were_edited(self, synth_dir, tmp_path):
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+        record = json.loads((tmp_path / "run" / "run.json").read_text())
+        record["args"]["lr"] = 0.5  # the same run id, but not the settings last.pt was trained with
+        (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+        with pytest.raises(SystemExit) as stop:
+            train.main(train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2"))
+        assert "belongs to another run than the folder's run.json (settings lr differ" in str(stop.value.code)
+
     def test_a_run_killed_in_its_first_epoch_leaves_the_checkpoint_of_epoch_0(self, synth_dir, tmp_path):
         process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "8"))
         process.kill()  # no handler runs: only what was written before epoch 1 is there
