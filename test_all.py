@@ -2139,6 +2139,7 @@ class TestEvaluate:
     def test_evaluate_scores_equal_those_of_train_py_test_evaluation(self, straight_run, synth_dir):
         by_train = (straight_run / "eval-test" / "predictions.csv").read_text()
         record_test = json.loads((straight_run / "run.json").read_text())["test"]
+        matplotlib.pyplot.close("all")  # whatever other tests left open
         evaluate.main(
             [
                 str(straight_run / "best.pt"),
@@ -2153,6 +2154,7 @@ class TestEvaluate:
             ]
         )  # default out-dir: the run's own eval-test/
         assert (straight_run / "eval-test" / "predictions.csv").read_text() == by_train
+        assert matplotlib.pyplot.get_fignums() == []  # its figures closed: a loop of evaluations holds no memory
         assert read_predictions(straight_run / "eval-test" / "predictions.csv")[0].tolist() == list(range(256))
         metrics = json.loads((straight_run / "eval-test" / "metrics.json").read_text())
         assert {key: metrics[key] for key in ("loss", "accuracy", "auc")} == {
@@ -2234,6 +2236,13 @@ class TestEvaluate:
 
 class TestLossPlot:
     """plot_loss.py: the loss and accuracy curves of one run or several."""
+
+    def test_the_epoch_axes_tick_whole_epochs(self, straight_run, tmp_path):
+        figure = plot_loss.plot_runs([str(straight_run)], str(tmp_path / "loss.png"))  # 3 epochs
+        for axes in figure.axes[:2]:
+            low, high = axes.get_xlim()
+            ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
+            assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks), ticks
 
     def test_plot_overlays_runs_and_writes_where_asked(self, straight_run, tmp_path):
         out = tmp_path / "assets" / "loss_plot.png"
