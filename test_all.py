@@ -892,9 +892,10 @@ class TestDataCommands:
             ),
             "Read-only file system",
         )
-        one_line_error(
-            run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(read_only_dir)), "Read-only file system"
-        )
+        for out_dir in (read_only_dir, read_only_dir / "eda"):  # figures that cannot be written, a folder not made
+            one_line_error(
+                run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(out_dir)), "Read-only file system"
+            )
         one_line_error(
             run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
             "Read-only file system",
@@ -2527,6 +2528,13 @@ def expected_counts(directory, split):
 
 class TestEda:
     """eda.py: exact defect counts, bounded memory, its figures, and bad input in one line."""
+
+    def test_the_channel_mean_and_std_are_those_of_the_images(self, tmp_path):
+        images = tissue(40)  # under HISTOGRAM_IMAGES a class: every image counts
+        write_split(tmp_path, "train", images, labels_of(40, 20))
+        summary = eda.scan_split(tmp_path, "train", 4, data.BLACK_THRESHOLD, data.WHITE_THRESHOLD).summary()
+        pixels = images.reshape(-1, 3).astype(np.float64)
+        assert np.allclose(summary["mean"], pixels.mean(axis=0)) and np.allclose(summary["std"], pixels.std(axis=0))
 
     def test_eda_counts_are_exact_and_its_figures_are_drawn(self, poisoned_dir, tmp_path):
         result = run_script(
