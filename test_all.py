@@ -623,6 +623,11 @@ class TestDataCommands:
         lock.close()
         data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}").close()  # let go: the next one takes it
 
+    def test_synth_writes_a_split_of_one_image_and_none_of_zero(self, tmp_path):
+        manage_data.main(["synth", "--data-dir", str(tmp_path), "--n-train", "8", "--n-valid", "1", "--n-test", "0"])
+        assert len(data.load_split(tmp_path, "valid")) == 1
+        assert not any(os.path.exists(path) for path in data.split_paths(tmp_path, "test"))
+
     def test_synth_writes_pcam_files_with_the_defects_asked_for(self, tmp_path):
         options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.21 --dtype float32".split()
         run_script("manage_data.py", "synth", "--data-dir", str(tmp_path), *options, check=True)
