@@ -623,6 +623,15 @@ class TestDataCommands:
         lock.close()
         data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}").close()  # let go: the next one takes it
 
+    def test_env_names_the_files_of_a_split_that_are_missing(self, tmp_path):
+        write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
+        result = run_script("manage_data.py", "env", "--data-dir", str(tmp_path))
+        output = result.stdout + result.stderr
+        assert result.returncode == 1 and "valid split missing in" in result.stderr, output
+        missing = ", ".join(os.path.basename(path) for path in data.split_paths(tmp_path, "valid"))
+        assert f"data valid: missing {missing}" in output, output
+        assert "data train: camelyonpatch_level_2_split_train_x.h5 " in output, output
+
     def test_synth_writes_a_split_of_one_image_and_none_of_zero(self, tmp_path):
         manage_data.main(["synth", "--data-dir", str(tmp_path), "--n-train", "8", "--n-valid", "1", "--n-test", "0"])
         assert len(data.load_split(tmp_path, "valid")) == 1
