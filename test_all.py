@@ -942,6 +942,8 @@ class TestDownload:
         result = download(pcam_server, tmp_path / "data", "train", "valid")
         assert result.returncode == 0, result.stderr
         assert "md5 ok" in result.stdout and "download" in result.stdout
+        rates = re.findall(r"_train_x\.h5\.gz\S*: 100%, ([\d.]+) MiB/s", result.stdout)
+        assert len(rates) == 1 and float(rates[0]) > 0, result.stdout  # bytes over the seconds they took
         for split in ("train", "valid"):
             for got, sent in zip(
                 data.split_paths(tmp_path / "data", split), data.split_paths(pcam_server.source, split), strict=True
