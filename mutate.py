@@ -310,14 +310,17 @@ def main(argv=None):
             chosen.sort(key=lambda mutant: (args.files.index(mutant["file"]), mutant["line"]))
         sample = {"scripts": [mutant["source"] for mutant in chosen], "mutants": args.mutants, "seed": args.seed}
         sample_key = hashlib.sha256(json.dumps(sample).encode()).hexdigest()
-        earlier = earlier_outcomes(root, sample_key) if args.again else {}
+        earlier, known_tests = earlier_outcomes(root, sample_key) if args.again else ({}, None)
         lines, seconds = covering_tests(root, scratch, args)
         equivalents = read_equivalents(os.path.join(root, args.equivalents))
         counts = {"killed": 0, "survived": 0, "no tests": 0, "equivalent": 0}
         survivors, outcomes = [], {}
         for index, mutant in enumerate(chosen):
             started = time.monotonic()
-            test_ids = lines[mutant["file"]].get(str(mutant["line"]), [])[: args.max_tests]
+            covering = lines[mutant["file"]].get(str(mutant["line"]), [])
+            new_tests = [test_id for test_id in covering if known_tests is not None and test_id not in known_tests]
+            # with --again, the tests written since the last run first: they were written for its survivors
+            test_ids = new_tests + [test_id for test_id in covering if test_id not in new_tests][: args.max_tests]
             if key(mutant) in equivalents:
                 outcome = "equivalent"
             elif str(index) in earlier:
@@ -339,12 +342,13 @@ def main(argv=None):
         shutil.rmtree(scratch)
     if not args.file:
         results = Path(root) / ".mutate" / "results.json"
-        results.write_text(json.dumps({"sample": sample_key, "outcomes": outcomes}))
+        results.write_text(json.dumps({"sample": sample_key, "outcomes": outcomes, "tests": sorted(seconds)}))
     report(counts, survivors, root)
 
 
 def earlier_outcomes(root, sample_key):
-    """The last run's outcomes of this same sample (same scripts, size and seed), by the mutant's place in it."""
+    """The last run's kills in this same sample (same scripts, size and seed), by the mutant's place in it, and the
+    tests it knew."""
     results = read_json(Path(root) / ".mutate" / "results.json")
     if not isinstance(results, dict) or not isinstance(results.get("outcomes"), dict):
         sys.exit("mutate.py: error: no readable .mutate/results.json of an earlier run; run the sample whole first")
@@ -352,9 +356,9 @@ def earlier_outcomes(root, sample_key):
         sys.exit(
             "mutate.py: error: the last run was of another sample (a script, --mutants or --seed changed); run it whole"
         )
-    return {
-        index: outcome for index, outcome in results["outcomes"].items() if outcome in ("killed", "killed (timeout)")
-    }
+    outcomes = results["outcomes"].items()
+    killed = {index: outcome for index, outcome in outcomes if outcome in ("killed", "killed (timeout)")}
+    return killed, set(results.get("tests", ()))
 
 
 def read_json(path):
