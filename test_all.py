@@ -3014,7 +3014,7 @@ class TestMutate:
             "from double import double\n\n\ndef test_zero():\n    assert double(0) == 0\n"
         )
         subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-        options = ["--root", str(tmp_path), "--files", "double.py", "--tests", "test_double.py"]
+        options = ["--root", str(tmp_path), "--files", "double.py", "--tests", "test_double.py", "--max-tests", "1"]
         result = run_script("mutate.py", *options, "--again")
         one_line_error(result, "no readable .mutate/results.json")
         assert "mapping lines" not in result.stdout  # refused before the suite runs under coverage
@@ -3023,7 +3023,7 @@ class TestMutate:
         survivors = (tmp_path / ".mutate" / "survivors.txt").read_text().splitlines()
         constant = next(survivor for survivor in survivors if "* 3  # twice" in survivor)  # its line's comment too
         (tmp_path / "mutants_equivalent.txt").write_text(f"{constant}  # say why here\n")
-        with open(tmp_path / "test_double.py", "a") as tests:
+        with open(tmp_path / "test_double.py", "a") as tests:  # runs on the survivors beside the 1 fastest
             tests.write("\n\ndef test_three():\n    assert double(3) == 6\n")
         output = run_script("mutate.py", *options, "--again", check=True).stdout
         assert "double.py:2: return x * 2 -> return None  killed, 0 tests" in output, output  # not run again
