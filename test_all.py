@@ -1179,6 +1179,11 @@ class TestTraining:
         assert 0.5 < progress_rate / epoch_rate < 2, (last_step, epoch_rate)  # both: images over the same seconds
         assert is_nonblank_png(tmp_path / "run" / "loss.png")
 
+    def test_train_main_gives_the_callers_signal_handlers_back(self, synth_dir, tmp_path):
+        before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+        train.main(train_args(synth_dir, tmp_path / "run", "--dry-run"))
+        assert {signum: signal.getsignal(signum) for signum in before} == before  # Ctrl-C works again in a notebook
+
     def test_the_same_seed_gives_the_same_metrics(self, synth_dir, straight_run, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "again", "--epochs", "3"))
         assert loss_columns(tmp_path / "again") == loss_columns(straight_run)

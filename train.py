@@ -447,9 +447,11 @@ class StopRequest:
     SIGINT (Ctrl-C twice) stops at once. DataLoader workers ignore these signals (data.seed_worker), so a signal
     to the whole process group (scancel, preemption, Ctrl-C) reaches the run through this process alone."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
     def __init__(self):
         self.signal_name = None
-        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for signum in self.SIGNALS:
             signal.signal(signum, self.request)
 
     def request(self, signum, frame):
@@ -983,6 +985,7 @@ def fail(outcome, message):
 def main(argv=None):
     args = parse_args(argv)
     outcome = {}
+    handlers = {signum: signal.getsignal(signum) for signum in StopRequest.SIGNALS}  # the caller's, given back
     try:
         run(args, outcome)
     except (UsageError, evaluation.EvaluationError, data.PCAMError) as error:
@@ -1011,6 +1014,8 @@ def main(argv=None):
         raise
     finally:
         release_out_dir(outcome)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
