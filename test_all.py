@@ -892,9 +892,10 @@ class TestDataCommands:
             ),
             "Read-only file system",
         )
-        one_line_error(
-            run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(read_only_dir)), "Read-only file system"
-        )
+        for out_dir in (read_only_dir, read_only_dir / "eda"):  # figures that cannot be written, a folder not made
+            one_line_error(
+                run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(out_dir)), "Read-only file system"
+            )
         one_line_error(
             run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
             "Read-only file system",
@@ -1183,6 +1184,23 @@ class TestTraining:
         before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
         train.main(train_args(synth_dir, tmp_path / "run", "--dry-run"))
         assert {signum: signal.getsignal(signum) for signum in before} == before  # Ctrl-C works again in a notebook
+
+    def test_a_run_logs_a_progress_line_every_50_steps_by_default(self, tmp_path, capsys):
+        options = ["--n-train", "1600", "--n-valid", "32", "--n-test", "0"]
+        manage_data.main(["synth", "--data-dir", str(tmp_path / "set"), *options])
+        out = ["--data-dir", str(tmp_path / "set"), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+        train.main([*out, "--epochs", "1", "--batch-size", "16"])  # 100 steps
+        steps = re.findall(r"step (\d+)/100 ", capsys.readouterr().out)
+        assert steps == ["50", "100"], steps
+
+    def test_the_normalisation_is_the_mean_and_std_of_every_image_of_a_small_split(self, tmp_path):
+        images = tissue(600)  # under NORMALIZATION_SAMPLE, and more than one 512-image read
+        images[0], images[599] = 255, 0
+        dataset = data.PCAMDataset(*write_split(tmp_path, "train", images, labels_of(600, 300)))
+        mean, std = train.channel_stats(dataset)
+        pixels = images.reshape(-1, 3).astype(np.float64)
+        assert np.allclose(mean.numpy(), pixels.mean(axis=0), rtol=1e-6)
+        assert np.allclose(std.numpy(), pixels.std(axis=0), rtol=1e-5)
 
     def test_the_same_seed_gives_the_same_metrics(self, synth_dir, straight_run, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "again", "--epochs", "3"))
@@ -1693,6 +1711,15 @@ class TestStopAndResume:
         one_line_error(result, f"{foreign} belongs to another run")
         assert {name: (tmp_path / "mine" / name).read_bytes() for name in kept} == kept
 
+    def test_resume_refuses_a_run_json_whose_settings_were_edited(self, synth_dir, tmp_path):
+        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
+        record = json.loads((tmp_path / "run" / "run.json").read_text())
+        record["args"]["lr"] = 0.5  # the same run id, but not the settings last.pt was trained with
+        (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+        with pytest.raises(SystemExit) as stop:
+            train.main(train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2"))
+        assert "belongs to another run than the folder's run.json (settings lr differ" in str(stop.value.code)
+
     def test_a_run_killed_in_its_first_epoch_leaves_the_checkpoint_of_epoch_0(self, synth_dir, tmp_path):
         process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "8"))
         process.kill()  # no handler runs: only what was written before epoch 1 is there
@@ -2139,6 +2166,7 @@ class TestEvaluate:
     def test_evaluate_scores_equal_those_of_train_py_test_evaluation(self, straight_run, synth_dir):
         by_train = (straight_run / "eval-test" / "predictions.csv").read_text()
         record_test = json.loads((straight_run / "run.json").read_text())["test"]
+        matplotlib.pyplot.close("all")  # whatever other tests left open
         evaluate.main(
             [
                 str(straight_run / "best.pt"),
@@ -2153,6 +2181,7 @@ class TestEvaluate:
             ]
         )  # default out-dir: the run's own eval-test/
         assert (straight_run / "eval-test" / "predictions.csv").read_text() == by_train
+        assert matplotlib.pyplot.get_fignums() == []  # its figures closed: a loop of evaluations holds no memory
         assert read_predictions(straight_run / "eval-test" / "predictions.csv")[0].tolist() == list(range(256))
         metrics = json.loads((straight_run / "eval-test" / "metrics.json").read_text())
         assert {key: metrics[key] for key in ("loss", "accuracy", "auc")} == {
@@ -2234,6 +2263,13 @@ class TestEvaluate:
 
 class TestLossPlot:
     """plot_loss.py: the loss and accuracy curves of one run or several."""
+
+    def test_the_epoch_axes_tick_whole_epochs(self, straight_run, tmp_path):
+        figure = plot_loss.plot_runs([str(straight_run)], str(tmp_path / "loss.png"))  # 3 epochs
+        for axes in figure.axes[:2]:
+            low, high = axes.get_xlim()
+            ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
+            assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks), ticks
 
     def test_plot_overlays_runs_and_writes_where_asked(self, straight_run, tmp_path):
         out = tmp_path / "assets" / "loss_plot.png"
@@ -2518,6 +2554,13 @@ def expected_counts(directory, split):
 
 class TestEda:
     """eda.py: exact defect counts, bounded memory, its figures, and bad input in one line."""
+
+    def test_the_channel_mean_and_std_are_those_of_the_images(self, tmp_path):
+        images = tissue(40)  # under HISTOGRAM_IMAGES a class: every image counts
+        write_split(tmp_path, "train", images, labels_of(40, 20))
+        summary = eda.scan_split(tmp_path, "train", 4, data.BLACK_THRESHOLD, data.WHITE_THRESHOLD).summary()
+        pixels = images.reshape(-1, 3).astype(np.float64)
+        assert np.allclose(summary["mean"], pixels.mean(axis=0)) and np.allclose(summary["std"], pixels.std(axis=0))
 
     def test_eda_counts_are_exact_and_its_figures_are_drawn(self, poisoned_dir, tmp_path):
         result = run_script(

@@ -9,7 +9,7 @@ if ! dpkg -s "${packages[@]}" >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
-if sinfo -h -o %T 2>/dev/null | grep -q idle; then
+if sinfo -h -o %T 2>/dev/null | grep -q idle && sacctmgr -n list cluster >/dev/null 2>&1; then  # accounting too: sacct
     echo "slurm: already up"
     exit 0
 fi
@@ -73,8 +73,9 @@ chown munge:munge /run/munge
 pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
 
 if ! pgrep -x mariadbd >/dev/null; then
+    rm -f /run/mysqld/mysqld.sock  # a server killed with its caller leaves it
     [[ -d $state/mysql/mysql ]] || mariadb-install-db --datadir="$state/mysql" --user=root >/dev/null
-    mariadbd --datadir="$state/mysql" --user=root --skip-networking --socket=/run/mysqld/mysqld.sock \
+    setsid mariadbd --datadir="$state/mysql" --user=root --skip-networking --socket=/run/mysqld/mysqld.sock \
         --log-error=/var/log/slurm/mariadb.log >/dev/null 2>&1 &
     for _ in $(seq 50); do [[ -S /run/mysqld/mysqld.sock ]] && break; sleep 0.2; done
 fi
