@@ -1196,6 +1196,11 @@ class TestTraining:
         assert 0.5 < progress_rate / epoch_rate < 2, (last_step, epoch_rate)  # both: images over the same seconds
         assert is_nonblank_png(tmp_path / "run" / "loss.png")
 
+    def test_train_main_gives_the_callers_signal_handlers_back(self, synth_dir, tmp_path):
+        before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+        train.main(train_args(synth_dir, tmp_path / "run", "--dry-run"))
+        assert {signum: signal.getsignal(signum) for signum in before} == before  # Ctrl-C works again in a notebook
+
     def test_a_run_logs_a_progress_line_every_50_steps_by_default(self, tmp_path, capsys):
         options = ["--n-train", "1600", "--n-valid", "32", "--n-test", "0"]
         manage_data.main(["synth", "--data-dir", str(tmp_path / "set"), *options])
@@ -1935,6 +1940,27 @@ class TestTrainRefusals:
         with pytest.raises(SystemExit) as stop:
             train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "2"))
         assert "already holds a run" in str(stop.value.code)
+
+    def test_resume_auto_refuses_folders_it_cannot_continue_in_one_line_and_keeps_a_done_run(self, synth_dir, tmp_path):
+        for name, files, fragment in (
+            ("list", {"run.json": "[1, 2]"}, "already holds a run (run.json) but no last.pt"),
+            ("foreign", {"run.json": '{"status": "stopped"}'}, "already holds a run (run.json) but no last.pt"),
+            ("metrics only", {"metrics.csv": "a,b\n"}, "already holds a run (metrics.csv) but no last.pt"),
+        ):
+            for file_name, text in files.items():
+                os.makedirs(tmp_path / name, exist_ok=True)
+                (tmp_path / name / file_name).write_text(text)
+            one_line_error(
+                run_script("train.py", *train_args(synth_dir, tmp_path / name, "--resume", "auto")), fragment
+            )
+            assert os.listdir(tmp_path / name) == [file_name] and (tmp_path / name / file_name).read_text() == text
+        train.main(train_args(synth_dir, tmp_path / "done", "--epochs", "1", "--lr", "0.001"))
+        kept = {path.name: path.read_bytes() for path in (tmp_path / "done").iterdir() if path.is_file()}
+        train.main(train_args(synth_dir, tmp_path / "done", "--epochs", "1", "--lr", "0.001", "--resume", "auto"))
+        with pytest.raises(SystemExit) as stop:
+            train.main(train_args(synth_dir, tmp_path / "done", "--epochs", "1", "--lr", "0.5", "--resume", "auto"))
+        assert "--lr 0.5 does not match the run in the checkpoint" in str(stop.value.code)
+        assert {path.name: path.read_bytes() for path in (tmp_path / "done").iterdir() if path.is_file()} == kept
 
     def test_a_new_run_never_writes_over_a_finished_one(self, synth_dir, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))

@@ -260,23 +260,25 @@ def prepare_out_dir(args, outcome):
             args.out_dir = args.out_dir or default_out_dir()
             outcome["created_dir"] = args.out_dir if not os.path.isdir(args.out_dir) else None
             os.makedirs(args.out_dir, exist_ok=True)
+        outcome["created_lock"] = not os.path.exists(os.path.join(args.out_dir, LOCK_NAME))
         outcome["lock"] = lock_out_dir(args.out_dir)
     except OSError as error:
         raise UsageError(
             f"cannot write to --out-dir {args.out_dir}: {error.strerror}; choose a writable folder"
         ) from None
     present = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out_dir, name))]
-    if present == ["run.json"] and read_json(os.path.join(args.out_dir, "run.json")).get("status", "done") != "done":
+    record = read_json(os.path.join(args.out_dir, "run.json"))
+    if present == ["run.json"] and "run_id" in record and record.get("status", "done") != "done":
         print(f"{args.out_dir}: its run ended before its first checkpoint; starting it again", flush=True)
         return False
     last_path = os.path.join(args.out_dir, "last.pt")
     if args.resume and not os.path.isfile(last_path):
         raise UsageError(f"--resume: no checkpoint {last_path}; start the run without --resume")
     if not args.resume and present:
-        raise UsageError(
-            f"{args.out_dir} already holds a run ({', '.join(present)}); add --resume to continue it "
-            "or choose another --out-dir"
-        )
+        held = f"{args.out_dir} already holds a run ({', '.join(present)})"
+        if os.path.isfile(last_path):
+            raise UsageError(f"{held}; add --resume to continue it or choose another --out-dir")
+        raise UsageError(f"{held} but no last.pt to continue it from; choose another --out-dir")
     return args.resume
 
 
@@ -384,12 +386,19 @@ def write_json(obj, path):
     data.write_atomically(path, write)
 
 
+def as_json(value):
+    """value as run.json holds it (a tuple as a list)."""
+    return json.loads(json.dumps(value))
+
+
 def read_json(path):
+    """A JSON object's content; {} for a missing or unreadable file, or one holding something else."""
     try:
         with open(path) as source:
-            return json.load(source)
+            content = json.load(source)
     except (OSError, ValueError):
         return {}
+    return content if isinstance(content, dict) else {}
 
 
 def write_metrics(history, path):
@@ -438,9 +447,11 @@ class StopRequest:
     SIGINT (Ctrl-C twice) stops at once. DataLoader workers ignore these signals (data.seed_worker), so a signal
     to the whole process group (scancel, preemption, Ctrl-C) reaches the run through this process alone."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
     def __init__(self):
         self.signal_name = None
-        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for signum in self.SIGNALS:
             signal.signal(signum, self.request)
 
     def request(self, signum, frame):
@@ -727,9 +738,13 @@ def run_is_complete(args):
     no lock taken, no file written."""
     out_dir = args.out_dir or default_out_dir()
     record = read_json(os.path.join(out_dir, "run.json"))
-    epochs = record.get("args", {}).get("epochs")
-    if record.get("status") != "done" or "epochs" in args.given and args.epochs != epochs:
-        return False
+    recorded = record.get("args", {})
+    epochs = recorded.get("epochs")
+    changed = [
+        name for name in RESUMED_SETTINGS if name in args.given and as_json(getattr(args, name)) != recorded.get(name)
+    ]
+    if record.get("status") != "done" or "epochs" in args.given and args.epochs != epochs or changed:
+        return False  # not done, or asked for more: the resume goes on, and refuses changed settings in one line
     print(f"{out_dir}: complete, {epochs} of {epochs} epochs done; nothing to do", flush=True)
     return True
 
@@ -954,8 +969,9 @@ def release_out_dir(outcome):
     lock = outcome.pop("lock", None)
     if lock is None:
         return
+    if outcome.get("record") is None and (outcome.get("created_dir") or outcome.get("created_lock")):
+        os.remove(lock.name)  # refused before it started: it leaves the folder as it found it
     if outcome.get("created_dir") and outcome.get("record") is None:
-        os.remove(lock.name)
         with contextlib.suppress(OSError):
             os.rmdir(outcome["created_dir"])  # only when empty: nothing of value goes
     lock.close()
@@ -969,6 +985,7 @@ def fail(outcome, message):
 def main(argv=None):
     args = parse_args(argv)
     outcome = {}
+    handlers = {signum: signal.getsignal(signum) for signum in StopRequest.SIGNALS}  # the caller's, given back
     try:
         run(args, outcome)
     except (UsageError, evaluation.EvaluationError, data.PCAMError) as error:
@@ -997,6 +1014,8 @@ def main(argv=None):
         raise
     finally:
         release_out_dir(outcome)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
