@@ -2957,7 +2957,12 @@ class TestMakeAndShellScripts:
         (tmp_path / "checked").touch()  # the suite may end now
         if ctrl_c:
             os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        assert process.wait(timeout=120) != 0, process.stdout.read()
+        try:
+            exit_code = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"make test-loaded did not end; its output:\n{process.communicate()[0]}")
+        assert exit_code != 0, process.stdout.read()
         wait_until(lambda: not any(is_running(pid) for pid in busy), 60, "the busy processes' end")
 
 
