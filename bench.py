@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 import data
 import eda
 import manage_data
+import pcam_files
 from model import MLP
 
 BATCH_SIZE = 256
@@ -81,7 +82,7 @@ def read_in_blocks(x_path):
     """Read the whole x file once, in data.py's large blocks, through h5py: the baseline of a pass."""
     with h5py.File(x_path, "r") as h5file:
         dset = h5file["x"]
-        step = data.block_rows(dset)
+        step = pcam_files.block_rows(dset)
         for start in range(0, len(dset), step):
             dset[start : start + step]
 
@@ -159,7 +160,7 @@ def seconds(work, repeats=2):
 
 def ensure_set(directory, n_train, dtype, poison, **x_options):
     """Write (once) a synthetic train+valid set; with x_options, rewrite train x chunked/compressed."""
-    x_path = data.split_paths(directory, "train")[0]
+    x_path = pcam_files.split_paths(directory, "train")[0]
     if os.path.isfile(x_path):
         with h5py.File(x_path, "r") as h5file:
             if len(h5file["x"]) == n_train and h5file["x"].dtype == np.dtype(dtype):
@@ -185,7 +186,9 @@ def ensure_set(directory, n_train, dtype, poison, **x_options):
     if x_options:
         os.makedirs(directory, exist_ok=True)
         for split in ("train", "valid"):
-            for src, out in zip(data.split_paths(source, split), data.split_paths(directory, split), strict=True):
+            for src, out in zip(
+                pcam_files.split_paths(source, split), pcam_files.split_paths(directory, split), strict=True
+            ):
                 with h5py.File(src, "r") as h5src, h5py.File(out, "w") as h5out:
                     key = "x" if src.endswith("_x.h5") else "y"
                     h5out.create_dataset(key, data=h5src[key][()], **(x_options if key == "x" else {}))
@@ -238,14 +241,14 @@ def end_to_end(data_dir):
 
 def training_rows(data_dir, n_train, plain_train, plain_forward):
     """The project's step, a train.py epoch and the course-style epoch, each against the plain float step."""
-    x_path, y_path = data.split_paths(data_dir, "train")
+    x_path, y_path = pcam_files.split_paths(data_dir, "train")
     label = f"uint8 {os.path.getsize(x_path) / 2**30:.2f} GiB"
     project_rate = project_step_rate(data_dir)
     reference_rate = reference_end_to_end(x_path, y_path)
     epoch_rate, run_s = end_to_end(data_dir)
     plain_train_now, plain_forward_now = plain_rates()  # again, next to the end-to-end runs; the faster counts
     plain_train, plain_forward = max(plain_train, plain_train_now), max(plain_forward, plain_forward_now)
-    n_valid = len(data.read_labels(data.split_paths(data_dir, "valid")[1]))
+    n_valid = len(pcam_files.read_labels(pcam_files.split_paths(data_dir, "valid")[1]))
     bound = n_train / plain_train + n_valid / plain_forward
     return [
         ("plain MLP (64, 32) step: fwd+bwd+SGD", "float, in memory", plain_train, "images/s", "the compute bound"),
@@ -304,7 +307,7 @@ def data_path_rows(sets, plain_train):
     """Loader epochs, filter passes and eda.py scans of each set, against the reference pipeline."""
     rows = []  # (what, file, value, unit, ratio)
     for name, filtered in (("uint8", False), ("float32", True), ("packed", False)):
-        x_path, y_path = data.split_paths(sets[name], "train")
+        x_path, y_path = pcam_files.split_paths(sets[name], "train")
         read_in_blocks(x_path)  # into the page cache, for both contenders alike
         reference = images_per_s(reference_loader(x_path, y_path, filtered), 1024 if name == "packed" else None)
         train_loader, _ = data.get_dataloaders(sets[name], batch_size=BATCH_SIZE, filter_data=filtered)
@@ -333,7 +336,7 @@ def peak_rss_row(float32_dir):
     probe = subprocess.run(
         [sys.executable, __file__, "--rss-probe", float32_dir], capture_output=True, text=True, check=True
     )
-    size = os.path.getsize(data.split_paths(float32_dir, "train")[0]) / 2**30
+    size = os.path.getsize(pcam_files.split_paths(float32_dir, "train")[0]) / 2**30
     peak = float(probe.stdout.split()[-1])
     return ("peak RSS, streaming filtered epoch", f"float32 {size:.2f} GiB", peak, "MiB", "target < 600")
 
@@ -347,7 +350,7 @@ def streaming_run_rss_row(float32_dir):
         os.makedirs(data_dir)
         for split, source in (("train", "train"), ("valid", "valid"), ("test", "valid")):
             for path, link in zip(
-                data.split_paths(float32_dir, source), data.split_paths(data_dir, split), strict=True
+                pcam_files.split_paths(float32_dir, source), pcam_files.split_paths(data_dir, split), strict=True
             ):
                 os.symlink(os.path.abspath(path), link)
         argv = ["train.py", "--data-dir", data_dir, "--out-dir", os.path.join(work, "run"), "--epochs", "1"]
@@ -363,7 +366,7 @@ def streaming_run_rss_row(float32_dir):
             text=True,
             check=True,
         )
-    size = sum(os.path.getsize(data.split_paths(float32_dir, s)[0]) for s in ("train", "valid", "valid"))
+    size = sum(os.path.getsize(pcam_files.split_paths(float32_dir, s)[0]) for s in ("train", "valid", "valid"))
     peak = int(run.stdout.split()[-1]) / 1024
     return (
         "peak RSS, streaming train.py run",

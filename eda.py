@@ -1,6 +1,6 @@
 """Look at a PCAM folder before training on it: `python eda.py --data-dir DIR [--out-dir runs/eda]`.
 
-One streaming pass over each split's x file (data.iter_raw_blocks, the filter's block reader) counts
+One streaming pass over each split's x file (pcam_files.iter_raw_blocks, the filter's block reader) counts
 the stored defects exactly: NaN-bearing images, values outside 0..255, black and white tiles by the
 filter's thresholds. It also measures per-image mean intensity, per-channel mean and std and the
 class counts as stored in y (not as the balanced sampler draws them); per-channel statistics come
@@ -16,7 +16,9 @@ import matplotlib
 import numpy as np
 import torch
 
+import common
 import data
+import pcam_files
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -49,7 +51,7 @@ class SplitScan:
 
     def add(self, start, raw):
         """Measure one raw block (read-only)."""
-        step = max(1, SUB_BLOCK_BYTES // (data.IMAGE_BYTES * raw.dtype.itemsize))
+        step = max(1, SUB_BLOCK_BYTES // (pcam_files.IMAGE_BYTES * raw.dtype.itemsize))
         for offset in range(0, len(raw), step):
             self.add_sub_block(start + offset, raw[offset : offset + step])
 
@@ -108,10 +110,10 @@ class SplitScan:
 
 
 def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
-    x_path, y_path = data.require_split(data_dir, split)
-    labels = data.read_split_labels(x_path, y_path)
+    x_path, y_path = pcam_files.require_split(data_dir, split)
+    labels = pcam_files.read_split_labels(x_path, y_path)
     scan = SplitScan(split, labels, sample_grid, black_threshold, white_threshold)
-    for start, block in data.iter_raw_blocks(x_path, f"scan {split}"):
+    for start, block in pcam_files.iter_raw_blocks(x_path, f"scan {split}"):
         scan.add(start, block)
     return scan
 
@@ -220,26 +222,20 @@ def plot_channel_histograms(scan, path):
 
 def save(figure, path):
     figure.tight_layout()
-    try:
-        data.write_atomically(
-            path, lambda temp_path: figure.savefig(temp_path, dpi=110, format="png", metadata={"Software": SOFTWARE})
-        )
-    finally:
-        plt.close(figure)
+    common.save_figure(figure, path, SOFTWARE, dpi=110)
     print(f"wrote {path}", flush=True)
 
 
 def parse_args(argv=None):
-    parser = data.ArgumentParser(
+    parser = common.ArgumentParser(
         description="Exploratory analysis of PCAM files: exact defect counts and figures.",
-        formatter_class=data.HelpFormatter,
     )
-    data.add_data_dir_argument(parser)
+    common.add_data_dir_argument(parser)
     parser.add_argument(
         "--splits",
         nargs="+",
-        choices=data.SPLITS,
-        default=list(data.SPLITS),
+        choices=pcam_files.SPLITS,
+        default=list(pcam_files.SPLITS),
         metavar="SPLIT",
         help="splits to scan; a missing one is skipped with a note while others are present",
     )
@@ -268,41 +264,37 @@ def parse_args(argv=None):
 
 
 def is_own_figure(path):
-    return data.png_software(path) == SOFTWARE
+    return common.png_software(path) == SOFTWARE
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        present = [s for s in args.splits if s in data.present_splits(args.data_dir)]
-        for split in args.splits:
-            if split not in present:
-                print(f"note: {split} split not in {args.data_dir}, skipped", flush=True)
-        if not present:
-            data.require_split(args.data_dir, args.splits[0])  # raises the missing-files message
-        for split in present:  # every split and output is checked before the first scan
-            data.split_labels(args.data_dir, split)
-        data.check_output_folder(args.out_dir, "--out-dir")
-        for name in FIGURES:
-            data.check_output(os.path.join(args.out_dir, name), is_own_figure, args.force)
-        scans = []
-        for split in present:
-            print(f"scanning {split} ...", flush=True)
-            scans.append(scan_split(args.data_dir, split, args.sample_grid, args.black_threshold, args.white_threshold))
-        os.makedirs(args.out_dir, exist_ok=True)
-    except data.PCAMError as error:
-        sys.exit(f"eda.py: error: {error}")
-    except OSError as error:
-        sys.exit(f"eda.py: error: {error.filename or args.out_dir}: {data.os_reason(error)}")
+    common.run_command("eda.py", run, args, folder=args.out_dir)
+
+
+def run(args):
+    present = [s for s in args.splits if s in pcam_files.present_splits(args.data_dir)]
+    for split in args.splits:
+        if split not in present:
+            print(f"note: {split} split not in {args.data_dir}, skipped", flush=True)
+    if not present:
+        pcam_files.require_split(args.data_dir, args.splits[0])  # raises the missing-files message
+    for split in present:  # every split and output is checked before the first scan
+        pcam_files.split_labels(args.data_dir, split)
+    common.check_output_folder(args.out_dir, "--out-dir")
+    for name in FIGURES:
+        common.check_output(os.path.join(args.out_dir, name), is_own_figure, args.force)
+    scans = []
+    for split in present:
+        print(f"scanning {split} ...", flush=True)
+        scans.append(scan_split(args.data_dir, split, args.sample_grid, args.black_threshold, args.white_threshold))
+    os.makedirs(args.out_dir, exist_ok=True)
     print_table(scans)
     outliers, balance, grid, histograms = (os.path.join(args.out_dir, name) for name in FIGURES)
-    try:
-        plot_intensity_outliers(scans, outliers)
-        plot_class_balance(scans, balance)
-        plot_sample_grid(scans[0], grid)
-        plot_channel_histograms(scans[0], histograms)
-    except data.PCAMError as error:
-        sys.exit(f"eda.py: error: {error}")
+    plot_intensity_outliers(scans, outliers)
+    plot_class_balance(scans, balance)
+    plot_sample_grid(scans[0], grid)
+    plot_channel_histograms(scans[0], histograms)
 
 
 if __name__ == "__main__":

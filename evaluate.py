@@ -6,14 +6,11 @@ sensitivity, specificity, confusion [[tn, fp], [fn, tp]], the data files, the ch
 versions), roc.png and confusion.png. train.py scores its best.pt on the test split with the same code.
 """
 
-import csv
 import datetime
 import json
 import math
 import os
-import pickle
 import platform
-import sys
 
 import h5py
 import matplotlib
@@ -21,7 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 import data
+import pcam_files
+import run_folder
+from common import UserError, log
 from model import MLP
 
 matplotlib.use("Agg")  # files only, no display: works on login and compute nodes
@@ -29,28 +30,22 @@ import matplotlib.pyplot as plt
 
 PREDICTIONS_HEADER = ["index", "label", "score", "pred"]
 THRESHOLD = 0.5  # a score for class 1 at or above this predicts class 1
+SOFTWARE = "pcam-mlp evaluate.py"  # the PNG text that marks a figure as this script's
 OUTPUT_FILES = ("predictions.csv", "metrics.json", "roc.png", "confusion.png")
 
 
-class EvaluationError(Exception):
-    """A bad checkpoint, argument or output folder; main turns it into one line on stderr."""
-
-
 def parse_args(argv=None):
-    parser = data.ArgumentParser(
+    parser = common.ArgumentParser(
         description="Score a train.py checkpoint on one PCAM split (see README.md).",
-        formatter_class=data.HelpFormatter,
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's best.pt or last.pt")
-    data.add_data_dir_argument(parser)
-    parser.add_argument("--split", choices=data.SPLITS, default="test", help="the split to score")
+    common.add_data_dir_argument(parser)
+    parser.add_argument("--split", choices=pcam_files.SPLITS, default="test", help="the split to score")
     parser.add_argument("--filter-data", action="store_true", help="drop black and white outlier tiles")
     parser.add_argument("--out-dir", metavar="DIR", help="output folder (default: eval-<split> beside the checkpoint)")
-    parser.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto takes CUDA when available"
-    )
+    common.add_device_argument(parser)
     parser.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass")
-    data.add_num_workers_argument(parser)
+    common.add_num_workers_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -76,25 +71,6 @@ def roc_points(scores, labels):
     return np.r_[0, false_positives] / negatives, np.r_[0, true_positives] / positives
 
 
-def load_checkpoint(path, required=("model", "model_args")):
-    """A train.py checkpoint dict holding the required keys, loaded on the CPU with weights_only=True."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise EvaluationError(f"checkpoint {path} not found; pass a run's best.pt or last.pt") from None
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise EvaluationError(
-            f"cannot load checkpoint {path} ({type(error).__name__}): it is incomplete or not a checkpoint; pass a "
-            "whole best.pt or last.pt written by train.py (a run's other checkpoint, or a new run)"
-        ) from None
-    if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
-        raise EvaluationError(
-            f"{path} is not a train.py checkpoint (it lacks {', '.join(required)}); "
-            "pass a best.pt or last.pt written by train.py"
-        )
-    return checkpoint
-
-
 def model_from_checkpoint(checkpoint, path):
     """The MLP the checkpoint describes, with its weights and normalisation buffers."""
     model_args = checkpoint["model_args"]
@@ -102,13 +78,13 @@ def model_from_checkpoint(checkpoint, path):
         model = MLP(hidden_units=tuple(model_args["hidden_units"]), dropout_rate=model_args["dropout_rate"])
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, ValueError, RuntimeError):
-        raise EvaluationError(
+        raise UserError(
             f"the weights in {path} do not fit the MLP its model_args describe ({model_args}); "
             "it was saved by another model, pass a best.pt or last.pt written by train.py"
         ) from None
     broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
     if broken:
-        raise EvaluationError(
+        raise UserError(
             f"{path} holds non-finite weights ({', '.join(broken)}): its run diverged; "
             "pass a checkpoint of a run that trained (a lower --lr)"
         )
@@ -156,14 +132,14 @@ def classification_metrics(loss, scores, labels):
 
 def describe(checkpoint_path, checkpoint, data_dir, split, filter_data, device):
     """What metrics.json records besides the metrics: which data, which checkpoint, which software."""
-    files = {os.path.basename(p): os.path.getsize(p) for p in data.split_paths(data_dir, split)}
+    files = {os.path.basename(p): os.path.getsize(p) for p in pcam_files.split_paths(data_dir, split)}
     return {
         "split": split,
         "data": {"dir": os.path.abspath(data_dir), "files": files},
         "filter_data": filter_data,
         "checkpoint": {
             "path": os.path.abspath(checkpoint_path),
-            "sha256": data.file_digest(checkpoint_path),
+            "sha256": common.file_digest(checkpoint_path),
             "epoch": checkpoint.get("epoch"),
         },
         "versions": {
@@ -178,32 +154,9 @@ def describe(checkpoint_path, checkpoint, data_dir, split, filter_data, device):
 
 
 def write_predictions(rows, labels, scores, path):
-    def write(temp_path):
-        with open(temp_path, "w", newline="") as target:
-            writer = csv.writer(target)
-            writer.writerow(PREDICTIONS_HEADER)
-            for row, label, score in zip(rows.tolist(), labels.tolist(), scores.tolist(), strict=True):
-                writer.writerow([row, label, repr(score), int(score >= THRESHOLD)])  # repr: the exact float
-
-    data.write_atomically(path, write)
-
-
-def write_json(obj, path):
-    """metrics.json, with NaN (an AUC of a one-class split, say) as null so that any JSON reader takes it."""
-
-    def plain(value):
-        return None if isinstance(value, float) and math.isnan(value) else value
-
-    def write(temp_path):
-        with open(temp_path, "w") as target:
-            json.dump({key: plain(value) for key, value in obj.items()}, target, indent=2)
-
-    data.write_atomically(path, write)
-
-
-def save_figure(figure, path):
-    data.write_atomically(path, lambda temp_path: figure.savefig(temp_path, format="png", dpi=120))
-    plt.close(figure)
+    predictions = zip(rows.tolist(), labels.tolist(), scores.tolist(), strict=True)
+    lines = [[row, label, repr(score), int(score >= THRESHOLD)] for row, label, score in predictions]  # repr: exact
+    common.write_csv(PREDICTIONS_HEADER, lines, path)
 
 
 def plot_roc(scores, labels, auc, path):
@@ -221,7 +174,7 @@ def plot_roc(scores, labels, auc, path):
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    save_figure(figure, path)
+    common.save_figure(figure, path, SOFTWARE)
 
 
 def plot_confusion(confusion, path):
@@ -248,7 +201,7 @@ def plot_confusion(confusion, path):
         yticklabels=class_names,
     )
     figure.tight_layout()
-    save_figure(figure, path)
+    common.save_figure(figure, path, SOFTWARE)
 
 
 def evaluate_split(model, batches, rows, device, out_dir, about):
@@ -259,41 +212,35 @@ def evaluate_split(model, batches, rows, device, out_dir, about):
     """
     loss, scores, labels = predict(model, batches, device)
     if not (math.isfinite(loss) and np.isfinite(scores).all()):
-        raise EvaluationError(
+        raise UserError(
             f"the model's outputs on {about['split']} are not finite (loss {loss}); nothing written, "
             "pass a checkpoint of a run that trained"
         )
     metrics = {**classification_metrics(loss, scores, labels), "images": len(labels), **about}
     os.makedirs(out_dir, exist_ok=True)  # only now: a refused or failed evaluation leaves no folder behind
     write_predictions(rows, labels, scores, os.path.join(out_dir, "predictions.csv"))
-    write_json(metrics, os.path.join(out_dir, "metrics.json"))
+    common.write_json(metrics, os.path.join(out_dir, "metrics.json"))
     plot_roc(scores, labels, metrics["auc"], os.path.join(out_dir, "roc.png"))
     plot_confusion(metrics["confusion"], os.path.join(out_dir, "confusion.png"))
     return metrics
 
 
-def pick_device(requested):
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda, but CUDA is not available here; use --device cpu or auto")
-    return torch.device("cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def prepare_out_dir(out_dir, about):
     """Refuse to replace an evaluation of another checkpoint or other data (results are not overwritten), or to
     write into a run folder while its run trains. Nothing is created here: evaluate_split makes the folder."""
-    run_folder = os.path.dirname(os.path.abspath(out_dir))
-    if data.run_is_live(run_folder):
-        raise EvaluationError(
-            f"{run_folder} belongs to a run that is still training (train.lock is held); evaluate once it has "
+    folder = os.path.dirname(os.path.abspath(out_dir))
+    if run_folder.run_is_live(folder):
+        raise UserError(
+            f"{folder} belongs to a run that is still training (train.lock is held); evaluate once it has "
             "ended, or pass another --out-dir"
         )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise EvaluationError(f"--out-dir {out_dir} is a file; name a folder")
-    parent = run_folder
+        raise UserError(f"--out-dir {out_dir} is a file; name a folder")
+    parent = folder
     while not os.path.isdir(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(out_dir) and not os.access(parent, os.W_OK | os.X_OK):
-        raise EvaluationError(f"cannot create --out-dir {out_dir}: {parent} is not writable; choose a writable one")
+        raise UserError(f"cannot create --out-dir {out_dir}: {parent} is not writable; choose a writable one")
     try:
         with open(os.path.join(out_dir, "metrics.json")) as source:
             earlier = json.load(source)
@@ -303,48 +250,69 @@ def prepare_out_dir(out_dir, about):
         earlier = {}
     present = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(out_dir, name))]
     if earlier is None and present or earlier is not None and not isinstance(earlier, dict):
-        raise EvaluationError(
-            f"{out_dir} holds {', '.join(present)} not written by evaluate.py; pass another --out-dir"
-        )
+        raise UserError(f"{out_dir} holds {', '.join(present)} not written by evaluate.py; pass another --out-dir")
     if earlier is None:
         return
     keys = ("split", "data", "filter_data")
     if [earlier.get(key) for key in keys] != [about[key] for key in keys] or earlier.get("checkpoint", {}).get(
         "sha256"
     ) != about["checkpoint"]["sha256"]:
-        raise EvaluationError(
-            f"{out_dir} holds an evaluation of another checkpoint or other data; pass another --out-dir"
-        )
+        raise UserError(f"{out_dir} holds an evaluation of another checkpoint or other data; pass another --out-dir")
+
+
+def score(checkpoint_path, dataset, split, args, out_dir, device, own_run=False):
+    """The checkpoint's model scored on a split's dataset into out_dir, with args' data_dir, filter_data,
+    batch_size and num_workers: (the checkpoint, metrics.json's contents). own_run: train.py scoring the run it
+    holds, into its own eval-test/, which prepare_out_dir would refuse."""
+    checkpoint = run_folder.load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
+    loader = data.in_order(dataset, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
+    about = describe(checkpoint_path, checkpoint, args.data_dir, split, args.filter_data, device)
+    if not own_run:
+        prepare_out_dir(out_dir, about)
+    return checkpoint, evaluate_split(model, loader, dataset.indices, device, out_dir, about)
+
+
+def score_run(config, device, test_set):
+    """train.py's end: its run's best.pt on the test split it opened (filtered now with --filter-data), into
+    <run>/eval-test/; what run.json records of it, or None without a test split."""
+    if test_set is None:
+        log("test: no test split in the data dir, skipped")
+        return None
+    if config.filter_data:
+        try:
+            test_set = data.load_split(config.data_dir, "test", filter_data=True)
+        except data.FilteredOutError:
+            log(
+                "test: the outlier filter removed every test image, skipped; best.pt is intact: score it with "
+                "evaluate.py without --filter-data"
+            )
+            return None
+    out_dir = os.path.join(config.out_dir, "eval-test")
+    best, metrics = score(os.path.join(config.out_dir, "best.pt"), test_set, "test", config, out_dir, device, True)
+    log(
+        f"test (best.pt, epoch {best['epoch']}): loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+        f"auc {metrics['auc']:.4f} -> {out_dir}"
+    )
+    return {"epoch": best["epoch"], **{key: metrics[key] for key in ("loss", "accuracy", "auc")}}
 
 
 def run(args):
     if args.batch_size < 1 or args.num_workers < 0:
-        raise EvaluationError("--batch-size must be positive and --num-workers 0 or more")
-    device = pick_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(checkpoint, args.checkpoint).to(device)
+        raise UserError("--batch-size must be positive and --num-workers 0 or more")
+    device = common.pick_device(args.device)
     dataset = data.load_split(args.data_dir, args.split, args.filter_data)
-    loader = data.in_order(dataset, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval-{args.split}")
-    about = describe(args.checkpoint, checkpoint, args.data_dir, args.split, args.filter_data, device)
-    prepare_out_dir(out_dir, about)
-    metrics = evaluate_split(model, loader, dataset.indices, device, out_dir, about)
-    print(
+    _, metrics = score(args.checkpoint, dataset, args.split, args, out_dir, device)
+    log(
         f"{args.split}: {metrics['images']:,} images, loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
         f"auc {metrics['auc']:.4f} balanced_accuracy {metrics['balanced_accuracy']:.4f} sensitivity "
-        f"{metrics['sensitivity']:.4f} specificity {metrics['specificity']:.4f} -> {out_dir}",
-        flush=True,
+        f"{metrics['sensitivity']:.4f} specificity {metrics['specificity']:.4f} -> {out_dir}"
     )
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (EvaluationError, data.PCAMError) as error:
-        sys.exit(f"evaluate.py: error: {error}")
-    except OSError as error:  # the output folder could not be made after all (a full disk, a race)
-        sys.exit(f"evaluate.py: error: cannot write {error.filename}: {data.os_reason(error)}")
+    common.run_command("evaluate.py", run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-import data
+import common
+import pcam_files
 
 IMAGES = 65536  # synthetic train images: 1.8 GB of uint8, resident on any GPU; the whole check takes minutes
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -137,13 +138,13 @@ def print_table(rows, device_name, n_images):
 
 
 def main(argv=None):
-    parser = data.ArgumentParser(description="Prove train.py's GPU path on this node (see README.md).")
+    parser = common.ArgumentParser(description="Prove train.py's GPU path on this node (see README.md).")
     parser.add_argument(
-        "--dir", default="bench_data", metavar="DIR", help="where the set and runs go (default: %(default)s)"
+        "--dir", default="bench_data", metavar="DIR", help="where the set and runs go"
     )
-    parser.add_argument("--images", type=int, default=IMAGES, metavar="N", help="train images (default: %(default)s)")
+    parser.add_argument("--images", type=int, default=IMAGES, metavar="N", help="train images")
     parser.add_argument(
-        "--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the same checks, for tests (default: cuda)"
+        "--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the same checks, for tests"
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -152,7 +153,7 @@ def main(argv=None):
             "run it on a GPU node, e.g. srun --gpus=1 make gpu-check"
         )
     data_dir = os.path.join(args.dir, f"gpu_check_{args.images}")
-    if not os.path.isfile(data.split_paths(data_dir, "test")[1]):
+    if not os.path.isfile(pcam_files.split_paths(data_dir, "test")[1]):
         n_small = str(max(args.images // 8, 256))
         script(
             *("manage_data.py", "synth", "--data-dir", data_dir, "--force", "--n-train", str(args.images)),

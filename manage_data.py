@@ -6,7 +6,6 @@ training imports (reading, cleaning, the filter, loaders) is in data.py.
 
 import errno
 import gzip
-import json
 import os
 import shutil
 import sys
@@ -20,34 +19,38 @@ import h5py
 import numpy as np
 import torch
 
-import train
-from data import (
-    IMAGE_SHAPE,
-    MANIFEST_NAME,
-    PREPARED_NAME,
-    SPLITS,
+import common
+from common import (
     ArgumentParser,
-    PCAMError,
+    UserError,
     add_data_dir_argument,
     check_output,
     check_output_folder,
-    check_pixel_scale,
-    clean,
+    cuda_diagnosis,
     file_digest,
     hold_lock,
-    iter_raw_blocks,
     log,
+    read_json,
+    write_atomically,
+    write_json,
+)
+from data import clean
+from pcam_files import (
+    IMAGE_SHAPE,
+    MANIFEST_NAME,
+    SPLITS,
+    check_pixel_scale,
+    iter_raw_blocks,
     open_h5,
-    os_reason,
     present_splits,
     read_manifest,
     read_split_labels,
     require_split,
     split_labels,
     split_paths,
-    write_atomically,
 )
 
+PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
 LOCK_NAME = "pcam.lock"  # synth, prepare and download hold it with flock while they write the folder
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
@@ -62,7 +65,7 @@ ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
 
 
 def lock_folder(folder):
-    """An open lock file holding an exclusive flock on a data folder (closing it lets go), or a PCAMError naming
+    """An open lock file holding an exclusive flock on a data folder (closing it lets go), or a UserError naming
     the command that holds it: one writer at a time, so two sets or two sources never mix in one folder."""
     os.makedirs(folder, exist_ok=True)
     in_use = f"{folder} is being written by another command ({{holder}}); wait for it to end, or choose another folder"
@@ -150,14 +153,14 @@ def cmd_synth(args):
 def write_synth_set(args):
     existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
     if existing and not args.force:
-        raise PCAMError(
+        raise UserError(
             f"{args.data_dir} already holds PCAM split files ({os.path.basename(existing[0])}, ...); "
             "synth writes only into a folder without them: choose another --data-dir, or add --force "
             "to overwrite a synthetic set"
         )
     real = [p for p in existing if p.endswith("_x.h5") and not is_synthetic(p)]
     if real:
-        raise PCAMError(
+        raise UserError(
             f"{real[0]} was not written by manage_data.py synth; --force overwrites synthetic sets only: "
             "choose another --data-dir"
         )
@@ -174,32 +177,23 @@ def source_identity(paths):
     ]
 
 
-def read_prepared_record(out_dir):
-    try:
-        with open(os.path.join(out_dir, PREPARED_NAME)) as source:
-            record = json.load(source)
-        return record if isinstance(record, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def prepared_copy_is_current(out_dir, split, sources):
     """True when out_dir holds split's copy of exactly these sources; False when it holds nothing of the split
     (or a copy of an earlier version of the same files, to rebuild). A copy of other files, or split files
     prepare did not write, are refused: prepare never replaces what it cannot recreate."""
     outputs = [p for p in split_paths(out_dir, split) if os.path.exists(p)]
-    recorded = read_prepared_record(out_dir).get(split)
+    recorded = read_json(os.path.join(out_dir, PREPARED_NAME)).get(split)
     if not outputs:
         return False
     if recorded is None:
-        raise PCAMError(
+        raise UserError(
             f"{out_dir} already holds {split} split files that prepare did not write; choose an empty --out folder"
         )
     if recorded == source_identity(sources):
         return True
     recorded_paths = [entry["path"] for entry in recorded]  # none: an earlier prepare stopped while writing
     if recorded_paths and recorded_paths != [os.path.abspath(p) for p in sources]:
-        raise PCAMError(
+        raise UserError(
             f"{out_dir} holds a prepared copy of {recorded[0]['path']}, not of "
             f"{os.path.abspath(sources[0])}; choose another --out folder"
         )
@@ -207,13 +201,8 @@ def prepared_copy_is_current(out_dir, split, sources):
 
 
 def record_prepared(out_dir, split, sources):
-    record = {**read_prepared_record(out_dir), split: source_identity(sources)}
-
-    def write_record(path):
-        with open(path, "w") as target:
-            json.dump(record, target, indent=2)
-
-    write_atomically(os.path.join(out_dir, PREPARED_NAME), write_record)
+    record = {**read_json(os.path.join(out_dir, PREPARED_NAME)), split: source_identity(sources)}
+    write_json(record, os.path.join(out_dir, PREPARED_NAME))
 
 
 def prepare_split(data_dir, out_dir, split):
@@ -244,7 +233,7 @@ def prepare_split(data_dir, out_dir, split):
 
 def cmd_prepare(args):
     if os.path.realpath(args.out) == os.path.realpath(args.data_dir):
-        raise PCAMError("--out must differ from --data-dir: prepare writes a cleaned copy beside the original")
+        raise UserError("--out must differ from --data-dir: prepare writes a cleaned copy beside the original")
     check_output_folder(args.out, "--out")
     splits = present_splits(args.data_dir)
     for split in splits:  # an empty split is refused before anything is copied
@@ -272,18 +261,14 @@ def cmd_info(args):
         )
 
 
-def pcam_files(data_dir):
+def split_file_names(data_dir):
     return sorted(os.path.basename(p) for s in present_splits(data_dir) for p in split_paths(data_dir, s))
 
 
 def is_manifest(path):
     """Whether path holds what cmd_manifest writes: a JSON object with "files" and nothing else."""
-    try:
-        with open(path) as source:
-            manifest = json.load(source)
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and list(manifest) == ["files"] and isinstance(manifest["files"], dict)
+    manifest = read_json(path)
+    return list(manifest) == ["files"] and isinstance(manifest["files"], dict)
 
 
 def cmd_manifest(args):
@@ -295,14 +280,9 @@ def cmd_manifest(args):
             "mtime": os.path.getmtime(os.path.join(args.data_dir, name)),
             "sha256": file_digest(os.path.join(args.data_dir, name), show_progress=True),
         }
-        for name in pcam_files(args.data_dir)
+        for name in split_file_names(args.data_dir)
     }
-
-    def write_json(path):
-        with open(path, "w") as target:
-            json.dump({"files": files}, target, indent=2)
-
-    write_atomically(manifest_path, write_json)
+    write_json({"files": files}, manifest_path)
     log(f"manifest: {len(files)} files -> {manifest_path}")
 
 
@@ -319,7 +299,7 @@ def cmd_verify(args):
         else:
             log(f"verify: {name} ok")
     if differing:
-        raise PCAMError(
+        raise UserError(
             f"{len(differing)} of {len(expected)} files differ from {manifest_path}: {', '.join(differing)}"
         )
     log(f"verify: all {len(expected)} files match {manifest_path}")
@@ -360,13 +340,13 @@ def fetch(url, part_path, attempts=5):
         except urllib.error.HTTPError as error:
             if error.code == 416 and have:  # the part file is already complete
                 return
-            raise PCAMError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
+            raise UserError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
         except (OSError, ConnectionError) as error:
             if error.errno in LOCAL_WRITE_ERRORS and not isinstance(error, urllib.error.URLError):
-                raise PCAMError(f"cannot write {part_path}: {error.strerror}; retrying cannot help") from None
+                raise UserError(f"cannot write {part_path}: {error.strerror}; retrying cannot help") from None
             if attempt == attempts:
                 then = "to resume" if bytes_in(part_path) else "once the network or --base-url is right"
-                raise PCAMError(
+                raise UserError(
                     f"download of {url} failed after {attempts} attempts ({error}); run the same command again {then}"
                 ) from None
             next_try = f"resuming at {bytes_in(part_path) / 2**20:.1f} MiB" if bytes_in(part_path) else "retrying"
@@ -382,12 +362,12 @@ def read_checksums(path):
                 name.strip().lstrip("*"): md5 for md5, name in (line.split(None, 1) for line in source if line.strip())
             }
     except (OSError, ValueError) as error:
-        raise PCAMError(f"cannot read checksums file {path} ({error}); expected '<md5>  <file name>' lines") from None
+        raise UserError(f"cannot read checksums file {path} ({error}); expected '<md5>  <file name>' lines") from None
 
 
 def cmd_download(args):
     if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https", "file"):
-        raise PCAMError(f"--base-url {args.base_url!r} has no http:// or https:// scheme; give the full URL")
+        raise UserError(f"--base-url {args.base_url!r} has no http:// or https:// scheme; give the full URL")
     checksums = read_checksums(args.checksums) if args.checksums else ZENODO_MD5
     with lock_folder(args.data_dir):
         for split in args.splits:
@@ -404,19 +384,19 @@ def download_file(args, checksums, h5_path):
     gz_name = os.path.basename(h5_path) + ".gz"
     gz_path, part_path = h5_path + ".gz", h5_path + ".gz.part"
     if gz_name not in checksums:
-        raise PCAMError(f"no checksum for {gz_name} in {args.checksums}")
+        raise UserError(f"no checksum for {gz_name} in {args.checksums}")
     fetched = not os.path.isfile(gz_path)
     if fetched:
         fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", part_path)
         if file_digest(part_path, "md5") != checksums[gz_name]:
             os.remove(part_path)
-            raise PCAMError(
+            raise UserError(
                 f"{gz_name}: md5 does not match {checksums[gz_name]}; the corrupt download "
                 "was deleted, run the same command again to fetch it anew"
             )
         os.replace(part_path, gz_path)
     elif file_digest(gz_path, "md5") != checksums[gz_name]:
-        raise PCAMError(
+        raise UserError(
             f"{gz_path} was already there and its md5 does not match {checksums[gz_name]}; it is kept: "
             "move it away and run the same command again to fetch it anew"
         )
@@ -428,9 +408,9 @@ def download_file(args, checksums, h5_path):
                 shutil.copyfileobj(source, target, 16 * 2**20)
         except (EOFError, gzip.BadGzipFile, zlib.error):  # cut short, not gzip at all, or damaged inside
             if not fetched:
-                raise PCAMError(f"corrupt archive {gz_path} (it was already there, kept): move it away") from None
+                raise UserError(f"corrupt archive {gz_path} (it was already there, kept): move it away") from None
             os.remove(gz_path)
-            raise PCAMError(f"corrupt archive {gz_name}, deleted: it is downloaded again next time") from None
+            raise UserError(f"corrupt archive {gz_name}, deleted: it is downloaded again next time") from None
 
     write_atomically(h5_path, unpack)
     if fetched:
@@ -445,7 +425,7 @@ def cmd_env(args):
     if torch.cuda.is_available():
         log(f"CUDA available: yes, {torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}")
     else:
-        log(f"CUDA available: no: {train.cuda_diagnosis()}")
+        log(f"CUDA available: no: {cuda_diagnosis()}")
     log(f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), numpy {np.__version__}")
     for split in SPLITS:
         paths = split_paths(args.data_dir, split)
@@ -511,13 +491,13 @@ def add_download_arguments(download):
         choices=SPLITS,
         default=list(SPLITS),
         metavar="SPLIT",
-        help="which splits to fetch: train valid test (default: all three)",
+        help="which splits to fetch",
     )
     download.add_argument(
         "--base-url",
         default=os.environ.get("PCAM_BASE_URL", ZENODO_URL),
         metavar="URL",
-        help="where the .h5.gz files live (default: $PCAM_BASE_URL or Zenodo record 2546921)",
+        help="where the .h5.gz files live ($PCAM_BASE_URL if set, else Zenodo record 2546921)",
     )
     download.add_argument(
         "--checksums",
@@ -528,24 +508,24 @@ def add_download_arguments(download):
 
 
 def add_synth_arguments(synth):
-    synth.add_argument("--n-train", type=int, default=4096, metavar="N", help="train images (default: 4096)")
-    synth.add_argument("--n-valid", type=int, default=1024, metavar="N", help="valid images (default: 1024)")
-    synth.add_argument("--n-test", type=int, default=1024, metavar="N", help="test images; 0 for none (default: 1024)")
+    synth.add_argument("--n-train", type=int, default=4096, metavar="N", help="train images")
+    synth.add_argument("--n-valid", type=int, default=1024, metavar="N", help="valid images")
+    synth.add_argument("--n-test", type=int, default=1024, metavar="N", help="test images; 0 for none")
     synth.add_argument(
         "--poison",
         type=float,
         default=0.0,
         metavar="FRACTION",
         help="fraction of images given the course copy's defects: black and white tiles, and "
-        "with float storage NaN pixels and 1e5 pixels (default: 0)",
+        "with float storage NaN pixels and 1e5 pixels",
     )
     synth.add_argument(
         "--dtype",
         choices=("uint8", "float32"),
         default="uint8",
-        help="stored pixel type: uint8 like the official files, float32 like the course copy (default: uint8)",
+        help="stored pixel type: uint8 like the official files, float32 like the course copy",
     )
-    synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
     synth.add_argument(
         "--force",
         action="store_true",
@@ -564,14 +544,7 @@ def main(argv=None):
         "verify": cmd_verify,
         "env": cmd_env,
     }
-    try:
-        if args.data_dir == "":
-            raise PCAMError("--data-dir is empty (is $PCAM_DIR set to an empty string?); name the PCAM data folder")
-        commands[args.command](args)
-    except PCAMError as error:
-        sys.exit(f"manage_data.py {args.command}: error: {error}")
-    except OSError as error:  # a folder that cannot be made or read: read-only, a file in the way, no space
-        sys.exit(f"manage_data.py {args.command}: error: {error.filename or args.data_dir}: {os_reason(error)}")
+    common.run_command(f"manage_data.py {args.command}", commands[args.command], args, folder=args.data_dir)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ import json
 import os
 import re
 import statistics
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display: works on login and compute nodes
 import matplotlib.pyplot as plt
 
-import data
+import common
+from common import UserError
+from run_folder import run_is_live
 
 COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc")
 TABLE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_auc", "epoch_s", "images_per_s")
@@ -40,26 +41,22 @@ UNCOMPARED_SETTINGS = ("out_dir", "resume", "log_every")  # differ without chang
 SOFTWARE = "pcam-mlp plot_loss.py"  # the PNG text that marks a figure as this script's to redraw
 
 
-class PlotError(Exception):
-    """A missing, empty or malformed metrics file."""
-
-
 def read_metrics(path, columns=COLUMNS):
     """A run folder or metrics.csv -> (run name, {column: list of floats})."""
     csv_path = os.path.join(path, "metrics.csv") if os.path.isdir(path) else path
     name = os.path.basename(os.path.dirname(os.path.abspath(csv_path)))
     if not os.path.isfile(csv_path):
-        raise PlotError(f"{csv_path} not found: pass a run folder (runs/...) or its metrics.csv")
+        raise UserError(f"{csv_path} not found: pass a run folder (runs/...) or its metrics.csv")
     try:
         with open(csv_path, newline="", encoding="utf-8") as source:
             rows = list(csv.DictReader(source))
     except UnicodeDecodeError:
-        raise PlotError(f"{csv_path} is not UTF-8 text; is it a train.py metrics.csv?") from None
+        raise UserError(f"{csv_path} is not UTF-8 text; is it a train.py metrics.csv?") from None
     except OSError as error:
-        raise PlotError(f"cannot read {csv_path}: {error.strerror}") from None
+        raise UserError(f"cannot read {csv_path}: {error.strerror}") from None
     missing = [column for column in columns if rows and column not in rows[0]]
     if not rows or missing:
-        raise PlotError(
+        raise UserError(
             f"{csv_path} has no epoch rows"
             if not rows
             else f"{csv_path} lacks the columns {', '.join(missing)}; is it a train.py metrics.csv?"
@@ -67,7 +64,7 @@ def read_metrics(path, columns=COLUMNS):
     try:
         return name, {column: [float(row[column]) for row in rows] for column in columns}
     except (TypeError, ValueError):
-        raise PlotError(f"{csv_path} has a row that is not numbers; the file may be damaged") from None
+        raise UserError(f"{csv_path} has a row that is not numbers; the file may be damaged") from None
 
 
 def run_folder(path):
@@ -76,11 +73,7 @@ def run_folder(path):
 
 def read_settings(path):
     """The arguments a run recorded in its run.json; None when that file is missing or damaged."""
-    try:
-        with open(os.path.join(run_folder(path), "run.json")) as source:
-            settings = json.load(source)["args"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    settings = common.read_json(os.path.join(run_folder(path), "run.json")).get("args")
     return settings if isinstance(settings, dict) else None
 
 
@@ -132,16 +125,10 @@ def plot_runs(paths, out_path):
     figure.tight_layout()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        data.write_atomically(
-            out_path,
-            lambda temp_path: figure.savefig(temp_path, dpi=120, format="png", metadata={"Software": SOFTWARE}),
-        )
     except OSError as error:
-        raise PlotError(f"cannot write {out_path}: {error.strerror or error}") from None
-    except data.PCAMError as error:
-        raise PlotError(str(error)) from None
-    finally:
         plt.close(figure)
+        raise UserError(f"cannot write {out_path}: {error.strerror or error}") from None
+    common.save_figure(figure, out_path, SOFTWARE)
     return figure
 
 
@@ -158,11 +145,11 @@ def summarize_run(path):
             raise TypeError("args and test must be objects")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {"run": name, "settings": None, "status": "unreadable: run.json"}
-    if status == "running" and not data.run_is_live(run_folder(path)):
+    if status == "running" and not run_is_live(run_folder(path)):
         status = "not running (killed?)"
     try:
         _, metrics = read_metrics(run_folder(path), TABLE_COLUMNS)
-    except PlotError:
+    except UserError:
         # a run still in its first epoch has no metrics.csv yet
         status = status if status == "running" else "unreadable: metrics.csv"
         return {"run": name, "settings": settings, "status": status}
@@ -247,18 +234,8 @@ def print_table(header, text_rows):
         )
 
 
-def write_summary(header, raw_rows, path):
-    def write(temp_path):
-        with open(temp_path, "w", newline="") as target:
-            writer = csv.writer(target)
-            writer.writerow(header)
-            writer.writerows(raw_rows)
-
-    data.write_atomically(path, write)
-
-
 def is_own_figure(path):
-    return data.png_software(path) == SOFTWARE
+    return common.png_software(path) == SOFTWARE
 
 
 def is_own_summary(path):
@@ -296,19 +273,19 @@ def table_main(args):
         os.path.isdir(path) or os.path.basename(path) == "metrics.csv" and os.path.isfile(path) for path in paths
     ):
         example = "" if "runs/*/" in args.runs else ", e.g. 'runs/*/'"
-        raise PlotError(
+        raise UserError(
             f"no run found in {' '.join(repr(pattern) for pattern in args.runs)}: pass the folders train.py "
             f"wrote (each holds a metrics.csv){example}"
         )
     out_path = args.out or beside_runs(paths)
     summary_path = os.path.join(os.path.dirname(out_path) or ".", "runs_summary.csv")
-    data.check_output(summary_path, is_own_summary, args.force)
-    data.check_output(out_path, is_own_figure, args.force)
+    common.check_output(summary_path, is_own_summary, args.force)
+    common.check_output(out_path, is_own_figure, args.force)
     summaries = [summarize_run(path) for path in paths]
     header, text_rows, raw_rows = runs_table(summaries)
     print_table(header, text_rows)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    write_summary(header, raw_rows, summary_path)
+    common.write_csv(header, raw_rows, summary_path)
     plotted = [path for path, summary in zip(paths, summaries, strict=True) if "best_epoch" in summary]
     if plotted:
         plot_runs(plotted, out_path)
@@ -316,7 +293,7 @@ def table_main(args):
 
 
 def main(argv=None):
-    parser = data.ArgumentParser(description="Plot loss and validation accuracy per epoch from train.py runs.")
+    parser = common.ArgumentParser(description="Plot loss and validation accuracy per epoch from train.py runs.")
     parser.add_argument(
         "runs",
         nargs="+",
@@ -342,19 +319,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     paths = expand(args.runs)
     out_path = args.out or (os.path.join(run_folder(paths[0]), "loss.png") if len(paths) == 1 else beside_runs(paths))
-    try:
-        if args.table:
-            table_main(args)
-        else:
-            data.check_output(out_path, is_own_figure, args.force)
-            plot_runs(paths, out_path)
-            print(f"wrote {out_path}")
-    except (PlotError, data.PCAMError) as error:
-        sys.exit(f"plot_loss.py: error: {error}")
-    except OSError as error:
-        if error.filename is None:  # not a file we write (a closed pipe, say)
-            raise
-        sys.exit(f"plot_loss.py: error: cannot write {error.filename}: {error.strerror}; choose a writable --out")
+    if args.table:
+        common.run_command("plot_loss.py", table_main, args)
+    else:
+        common.run_command("plot_loss.py", plot_one, paths, out_path, args.force)
+
+
+def plot_one(paths, out_path, force):
+    common.check_output(out_path, is_own_figure, force)
+    plot_runs(paths, out_path)
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -31,12 +31,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import data
 import eda
 import evaluate
 import gpu_check
 import manage_data
+import pcam_files
 import plot_loss
+import run_folder
 import train
 from model import MLP
 from test_helpers import (
@@ -136,7 +139,7 @@ class TestCleaningAndFilter:
         assert len(strict) == 97 and 33 not in strict.indices  # a dim tile at the threshold goes too
 
     def test_filter_works_in_blocks_smaller_than_the_file(self, tmp_path, monkeypatch):
-        monkeypatch.setattr(data, "BLOCK_BYTES", 7 * data.IMAGE_BYTES)  # 7-image blocks over 50 images
+        monkeypatch.setattr(pcam_files, "BLOCK_BYTES", 7 * pcam_files.IMAGE_BYTES)  # 7-image blocks over 50 images
         images = tissue(50)
         images[[3, 7, 49]] = 0
         paths = write_split(tmp_path, "train", images, labels_of(50, 25))
@@ -189,7 +192,7 @@ class TestStorageAndPreload:
         for rows in ([5, 63, 0, 5, 17], [20, 21, 22]):  # scattered rows, and a run of rows read as one slice
             assert torch.equal(plain[rows][0], packed[rows][0])
             assert torch.equal(plain[rows][1], packed[rows][1])
-        assert isinstance(plain._reader, data.MappedRows) and isinstance(packed._reader, data.ChunkedRows)
+        assert isinstance(plain._reader, pcam_files.MappedRows) and isinstance(packed._reader, pcam_files.ChunkedRows)
         assert np.array_equal(plain[rows][0].permute(0, 2, 3, 1).numpy(), images[rows])
 
     def test_a_float_file_reads_a_run_of_rows_in_one_system_call(self, tmp_path, monkeypatch):
@@ -203,7 +206,7 @@ class TestStorageAndPreload:
             reads.clear()
             expected = torch.from_numpy(images[rows].astype(np.uint8)).permute(0, 3, 1, 2)
             assert torch.equal(ds[rows][0], expected) and len(reads) == calls, rows
-        assert isinstance(ds._reader, data.PositionalRows)
+        assert isinstance(ds._reader, pcam_files.PositionalRows)
 
     def test_pickled_dataset_carries_no_open_handle(self, small_set):
         ds = data.load_split(small_set, "train")
@@ -214,7 +217,9 @@ class TestStorageAndPreload:
         assert torch.equal(clone[[3, 4]][0], ds[[3, 4]][0])
 
     def test_preload_serves_the_same_batches(self, tmp_path, monkeypatch):
-        monkeypatch.setattr(data, "BLOCK_BYTES", 8 * data.IMAGE_BYTES)  # 8-image blocks, most with a dropped row
+        monkeypatch.setattr(
+            pcam_files, "BLOCK_BYTES", 8 * pcam_files.IMAGE_BYTES
+        )  # 8-image blocks, most with a dropped row
         images, labels = tissue(40), labels_of(40, 16)
         dropped = [0, 5, 6, 17, 39]
         images[dropped[:3]], images[dropped[3:]] = 0, 255
@@ -229,16 +234,16 @@ class TestStorageAndPreload:
 
     def test_preload_refuses_when_memory_is_short(self, small_set, monkeypatch):
         monkeypatch.setattr(data, "free_memory", lambda: (1000, "MemAvailable"))
-        with pytest.raises(data.PCAMError, match=r"in RAM \(--data-on-device\) needs .* free under MemAvailable"):
+        with pytest.raises(common.UserError, match=r"in RAM \(--data-on-device\) needs .* free under MemAvailable"):
             data.load_split(small_set, "train", preload=True)
 
 
 class TestProgress:
-    """data.Progress: the line-based progress of whole-file passes."""
+    """pcam_files.Progress: the line-based progress of whole-file passes."""
 
     def test_progress_lines_come_5_to_30_seconds_apart_and_when_done(self, capsys):
         now = [0.0]
-        progress = data.Progress("filter train", 27e9, clock=lambda: now[0])
+        progress = pcam_files.Progress("filter train", 27e9, clock=lambda: now[0])
         line_times = []
         for second in range(3, 301, 3):  # a block every 3 s for 300 s
             now[0] = float(second)
@@ -251,7 +256,7 @@ class TestProgress:
 
     def test_progress_line_says_how_far_how_fast_and_how_long(self, capsys):
         now = [100.0]
-        progress = data.Progress("filter train", 27e9, clock=lambda: now[0])
+        progress = pcam_files.Progress("filter train", 27e9, clock=lambda: now[0])
         now[0] = 130.0
         progress.update(12.3e9)
         now[0] = 160.0
@@ -331,13 +336,13 @@ class TestMemoryLimits:
         assert data.cgroup_folder_room(tmp_path, "memory.limit_in_bytes", "memory.usage_in_bytes") == 700 * 2**20
 
     def test_a_resident_split_may_take_80_percent_of_free_memory_and_no_more(self, small_set, monkeypatch):
-        needed = 200 * data.IMAGE_BYTES  # small_set's train split
+        needed = 200 * pcam_files.IMAGE_BYTES  # small_set's train split
         for free, fits in ((needed * 5 // 4, True), (needed * 5 // 4 - 1, False)):
             monkeypatch.setattr(data, "free_memory", lambda free=free: (free, "MemAvailable"))
             if fits:
                 assert len(data.load_split(small_set, "train", preload=True)) == 200
             else:
-                with pytest.raises(data.PCAMError, match="free under MemAvailable"):
+                with pytest.raises(common.UserError, match="free under MemAvailable"):
                     data.load_split(small_set, "train", preload=True)
 
 
@@ -359,7 +364,7 @@ class TestLoaders:
         train_loader, val_loader = data.get_dataloaders(tmp_path, batch_size=1)
         assert [len(labels) for _, labels in val_loader] == [1, 1, 1]
         assert len(next(iter(train_loader))[1]) == 1
-        with pytest.raises(data.PCAMError, match="batch size must be positive, got 0"):
+        with pytest.raises(common.UserError, match="batch size must be positive, got 0"):
             data.get_dataloaders(tmp_path, batch_size=0)
 
     def test_validation_reads_every_kept_row_once_in_order(self, tmp_path):
@@ -453,7 +458,7 @@ class TestLoaders:
                 pairs = list(zip(loader, gathered, strict=True))
                 assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
         assert torch.equal(
-            data.sampler_generator(streamed[0]).get_state(), data.sampler_generator(resident[0]).get_state()
+            data.generators(streamed[0])["sampler"].get_state(), data.generators(resident[0])["sampler"].get_state()
         )
         assert torch.equal(streamed[0].generator.get_state(), resident[0].generator.get_state())
 
@@ -487,7 +492,7 @@ def bad_sets():
 
     def missing_key(d):
         with_train(tissue(4), labels_of(4, 2))(d)
-        with h5py.File(data.split_paths(d, "train")[0], "w") as h5file:
+        with h5py.File(pcam_files.split_paths(d, "train")[0], "w") as h5file:
             h5file.create_dataset("images", data=tissue(4))
 
     def truncated(d):
@@ -519,33 +524,33 @@ class TestBadInput:
     def test_bad_files_raise_a_precise_error(self, tmp_path, name):
         write, fragment = bad_sets()[name]
         write(tmp_path)
-        with pytest.raises(data.PCAMError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(common.UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             ds = data.load_split(tmp_path, "train")
             ds[[0, 1]]
         one_line_error(run_script("manage_data.py", "info", "--data-dir", str(tmp_path)), fragment)
 
     def test_missing_data_names_the_files_and_the_fix(self, tmp_path):
-        with pytest.raises(data.MissingDataError, match="does not exist"):
+        with pytest.raises(pcam_files.MissingDataError, match="does not exist"):
             data.get_dataloaders(tmp_path / "nowhere")
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
         fix = r"camelyonpatch_level_2_split_valid_x\.h5.*`python manage_data\.py download"
-        with pytest.raises(data.MissingDataError, match=fix):
+        with pytest.raises(pcam_files.MissingDataError, match=fix):
             data.get_dataloaders(tmp_path)
         one_line_error(run_script("manage_data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
 
     def test_a_split_emptied_by_the_filter_or_of_one_class_is_refused(self, tmp_path):
         write_split(tmp_path / "blank", "train", np.zeros((6, 96, 96, 3), np.uint8), labels_of(6, 3))
-        with pytest.raises(data.PCAMError, match="removed every image"):
+        with pytest.raises(common.UserError, match="removed every image"):
             data.load_split(tmp_path / "blank", "train", filter_data=True)
         write_split(tmp_path / "one", "train", tissue(6), np.zeros(6, np.uint8))
         write_split(tmp_path / "one", "valid", tissue(6), labels_of(6, 3))
-        with pytest.raises(data.PCAMError, match="single class"):
+        with pytest.raises(common.UserError, match="single class"):
             data.get_dataloaders(tmp_path / "one", num_workers=2)
 
     def test_a_split_of_one_image_loads_and_one_of_none_is_refused(self, tmp_path):
         one = data.PCAMDataset(*write_split(tmp_path / "one", "train", tissue(1), labels_of(1, 1)))
         assert len(one) == 1 and one[0][1].item() == 1
-        with pytest.raises(data.PCAMError, match="holds no images"):
+        with pytest.raises(common.UserError, match="holds no images"):
             data.PCAMDataset(*write_split(tmp_path / "none", "train", tissue(0), labels_of(0, 0)))
 
     def test_opening_a_file_on_the_0_to_1_scale_is_refused(self, tmp_path):
@@ -553,7 +558,7 @@ class TestBadInput:
             paths = write_split(
                 tmp_path / str(images), "train", tissue(images, dtype=np.float32) / 255, labels_of(images, 1)
             )
-            with pytest.raises(data.PCAMError, match="all within 0..1"):
+            with pytest.raises(common.UserError, match="all within 0..1"):
                 data.PCAMDataset(*paths)
 
     def test_pixel_scale_is_checked_from_a_sample(self, tmp_path, poisoned_dir, small_set):
@@ -569,7 +574,7 @@ class TestBadInput:
             ("negative", "(median -"),
             ("no pixel", "no finite pixel value"),
         ):
-            with pytest.raises(data.PCAMError, match=re.escape(fragment)):
+            with pytest.raises(common.UserError, match=re.escape(fragment)):
                 data.load_split(tmp_path / name, "train")
             result = run_script(
                 "manage_data.py", "prepare", "--data-dir", str(tmp_path / name), "--out", str(tmp_path / "out")
@@ -592,7 +597,7 @@ class TestBadInput:
             if accepted:
                 assert len(data.load_split(tmp_path / name, "train")) == 40
             else:
-                with pytest.raises(data.PCAMError, match="expected the 0..255 scale"):
+                with pytest.raises(common.UserError, match="expected the 0..255 scale"):
                     data.load_split(tmp_path / name, "train")
 
     @pytest.mark.parametrize(
@@ -601,7 +606,7 @@ class TestBadInput:
     def test_x_of_a_kind_that_is_not_images_is_one_line(self, tmp_path, name, x):
         if x is None:
             write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
-            with h5py.File(data.split_paths(tmp_path, "train")[0], "w") as h5file:
+            with h5py.File(pcam_files.split_paths(tmp_path, "train")[0], "w") as h5file:
                 h5file.create_group("x")
         else:
             write_split(tmp_path, "train", x, labels_of(4, 2))
@@ -617,31 +622,31 @@ class TestDataCommands:
     """The data commands synth, prepare, info, manifest and verify, on good and bad folders."""
 
     def test_a_held_lock_names_its_holder_to_the_next_command_at_once(self, tmp_path):
-        lock = data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}")
-        with pytest.raises(data.PCAMError, match=f"in use by PID {os.getpid()} on {socket.gethostname()}$"):
-            data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}")  # while the holder is still at work
+        lock = common.hold_lock(tmp_path / "pcam.lock", "in use by {holder}")
+        with pytest.raises(common.UserError, match=f"in use by PID {os.getpid()} on {socket.gethostname()}$"):
+            common.hold_lock(tmp_path / "pcam.lock", "in use by {holder}")  # while the holder is still at work
         lock.close()
-        data.hold_lock(tmp_path / "pcam.lock", "in use by {holder}").close()  # let go: the next one takes it
+        common.hold_lock(tmp_path / "pcam.lock", "in use by {holder}").close()  # let go: the next one takes it
 
     def test_env_names_the_files_of_a_split_that_are_missing(self, tmp_path):
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
         result = run_script("manage_data.py", "env", "--data-dir", str(tmp_path))
         output = result.stdout + result.stderr
         assert result.returncode == 1 and "valid split missing in" in result.stderr, output
-        missing = ", ".join(os.path.basename(path) for path in data.split_paths(tmp_path, "valid"))
+        missing = ", ".join(os.path.basename(path) for path in pcam_files.split_paths(tmp_path, "valid"))
         assert f"data valid: missing {missing}" in output, output
         assert "data train: camelyonpatch_level_2_split_train_x.h5 " in output, output
 
     def test_synth_writes_a_split_of_one_image_and_none_of_zero(self, tmp_path):
         manage_data.main(["synth", "--data-dir", str(tmp_path), "--n-train", "8", "--n-valid", "1", "--n-test", "0"])
         assert len(data.load_split(tmp_path, "valid")) == 1
-        assert not any(os.path.exists(path) for path in data.split_paths(tmp_path, "test"))
+        assert not any(os.path.exists(path) for path in pcam_files.split_paths(tmp_path, "test"))
 
     def test_synth_writes_pcam_files_with_the_defects_asked_for(self, tmp_path):
         options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.21 --dtype float32".split()
         run_script("manage_data.py", "synth", "--data-dir", str(tmp_path), *options, check=True)
-        assert not os.path.exists(data.split_paths(tmp_path, "test")[0])
-        with h5py.File(data.split_paths(tmp_path, "train")[0]) as h5file:
+        assert not os.path.exists(pcam_files.split_paths(tmp_path, "test")[0])
+        with h5py.File(pcam_files.split_paths(tmp_path, "train")[0]) as h5file:
             x = h5file["x"][()]
             counts = {k: int(v) for k, v in h5file["x"].attrs.items()}
         assert x.dtype == np.float32 and x.shape == (300, 96, 96, 3)
@@ -654,7 +659,7 @@ class TestDataCommands:
         assert centres[kept.labels == 0].mean() - centres[kept.labels == 1].mean() > 5
 
     def test_synth_never_overwrites_a_data_set(self, small_set, tmp_path):
-        x_train = data.split_paths(small_set, "train")[0]
+        x_train = pcam_files.split_paths(small_set, "train")[0]
         before = hashlib.sha256(Path(x_train).read_bytes()).hexdigest()
         for extra in ([], ["--force"]):
             one_line_error(run_script("manage_data.py", "synth", "--data-dir", str(small_set), *extra), str(small_set))
@@ -694,14 +699,17 @@ class TestDataCommands:
             result = run_script("manage_data.py", "prepare", "--data-dir", str(src), "--out", str(out), check=True)
             assert re.search(r"^prepare train: [\d.]+ of [\d.]+ GB, [\d.]+ GB/s, done in \d+s$", result.stdout, re.M)
             assert not [name for name in os.listdir(out) if name.endswith(".partial")]
-        x_source, x_fast = data.split_paths(source, "train")[0], data.split_paths(tmp_path / "fast", "train")[0]
+        x_source, x_fast = (
+            pcam_files.split_paths(source, "train")[0],
+            pcam_files.split_paths(tmp_path / "fast", "train")[0],
+        )
         assert os.path.getsize(x_fast) < os.path.getsize(x_source) / 3.9  # float32 -> uint8
         original, prepared = data.load_split(source, "valid"), data.load_split(tmp_path / "fast", "valid")
         assert torch.equal(original[list(range(40))][0], prepared[list(range(40))][0])
         assert prepared.labels.tolist() == original.labels.tolist()
         unpacked = data.load_split(tmp_path / "fast_packed", "train")
         assert torch.equal(unpacked[[0, 29]][0], data.load_split(packed, "train")[[0, 29]][0])
-        assert isinstance(unpacked._reader, data.MappedRows)  # the chunked, compressed file became memmap-able
+        assert isinstance(unpacked._reader, pcam_files.MappedRows)  # the chunked, compressed file became memmap-able
         again = run_script(
             "manage_data.py", "prepare", "--data-dir", str(source), "--out", str(tmp_path / "fast"), check=True
         )
@@ -730,7 +738,7 @@ class TestDataCommands:
         synth(source, 0)
         run_script("manage_data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
         synth(source, 1)  # set B written over set A, with A's old mtimes (as cp -p or rsync -t leave them)
-        for path in (p for split in ("train", "valid") for p in data.split_paths(source, split)):
+        for path in (p for split in ("train", "valid") for p in pcam_files.split_paths(source, split)):
             os.utime(path, (1e9, 1e9))
         again = run_script("manage_data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
         assert "already a prepared copy" not in again.stdout
@@ -752,9 +760,9 @@ class TestDataCommands:
         path = tmp_path / "camelyonpatch_level_2_split_train_x.h5"
         with open(path, "wb") as sparse:
             sparse.truncate(128 * 2**20)  # eight 16 MiB reads, the quarters landing exactly on some of them
-        assert data.file_digest(path) == hashlib.sha256(bytes(128 * 2**20)).hexdigest()
+        assert common.file_digest(path) == hashlib.sha256(bytes(128 * 2**20)).hexdigest()
         assert capsys.readouterr().out == ""
-        data.file_digest(path, show_progress=True)
+        common.file_digest(path, show_progress=True)
         lines = [f"sha256 {path.name}: {percent}% of 128 MiB" for percent in (12, 25, 50, 75, 100)]
         assert capsys.readouterr().out.splitlines() == lines
 
@@ -762,7 +770,7 @@ class TestDataCommands:
         run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
         verified = run_script("manage_data.py", "verify", "--data-dir", str(small_set), check=True).stdout
         assert "all 6 files match" in verified and "verify: camelyonpatch_level_2_split_train_x.h5 ok" in verified
-        x_valid = data.split_paths(small_set, "valid")[0]
+        x_valid = pcam_files.split_paths(small_set, "valid")[0]
         with h5py.File(x_valid, "r+") as h5file:
             h5file["x"][0, 0, 0, 0] = 255 - h5file["x"][0, 0, 0, 0]
         result = run_script("manage_data.py", "verify", "--data-dir", str(small_set))
@@ -773,10 +781,10 @@ class TestDataCommands:
     def test_verify_reads_a_hand_edited_manifest_in_one_line(self, small_set, entry):
         name = "camelyonpatch_level_2_split_train_y.h5"
         entry = entry.replace("SIZE", str(os.path.getsize(small_set / name)))
-        (small_set / data.MANIFEST_NAME).write_text(f'{{"files": {{"{name}": {entry}}}}}')
-        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), data.MANIFEST_NAME)
-        (small_set / data.MANIFEST_NAME).write_text(f'{{"files": [{entry}]}}')
-        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), data.MANIFEST_NAME)
+        (small_set / pcam_files.MANIFEST_NAME).write_text(f'{{"files": {{"{name}": {entry}}}}}')
+        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), pcam_files.MANIFEST_NAME)
+        (small_set / pcam_files.MANIFEST_NAME).write_text(f'{{"files": [{entry}]}}')
+        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), pcam_files.MANIFEST_NAME)
 
     def test_a_file_where_an_output_folder_belongs_is_refused_before_any_work(self, small_set, tmp_path):
         in_the_way = tmp_path / "a_file"
@@ -792,11 +800,11 @@ class TestDataCommands:
             run_script("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(tmp_path)),
             "is a folder",
         )
-        one_line_error(run_script("manage_data.py", "synth", "--data-dir", ""), "--data-dir is empty")
+        one_line_error(run_script("manage_data.py", "synth", "--data-dir", ""), "argument --data-dir: is empty")
         assert in_the_way.read_text() == "mine"
 
     def test_a_split_with_x_but_no_y_is_an_error_everywhere(self, small_set, tmp_path):
-        os.remove(data.split_paths(small_set, "test")[1])
+        os.remove(pcam_files.split_paths(small_set, "test")[1])
         missing = "camelyonpatch_level_2_split_test_y.h5 not found"
         for command in ("info", "manifest"):
             one_line_error(run_script("manage_data.py", command, "--data-dir", str(small_set)), missing)
@@ -809,7 +817,7 @@ class TestDataCommands:
         )
 
     def test_manifest_never_replaces_a_file_it_did_not_write(self, small_set, tmp_path):
-        x_train = data.split_paths(small_set, "train")[0]
+        x_train = pcam_files.split_paths(small_set, "train")[0]
         before = Path(x_train).read_bytes()
         for extra in ([], ["--force"]):
             one_line_error(
@@ -863,7 +871,7 @@ class TestDataCommands:
             one_line_error(
                 run_script("manage_data.py", *command, "--data-dir", str(folder)), "valid_x.h5 holds no images"
             )
-        assert not os.path.exists(data.split_paths(tmp_path / "out", "valid")[0])
+        assert not os.path.exists(pcam_files.split_paths(tmp_path / "out", "valid")[0])
         one_line_error(
             run_script("eda.py", "--data-dir", str(folder), "--out-dir", str(tmp_path / "figures")), "holds no images"
         )
@@ -946,13 +954,15 @@ class TestDownload:
         assert len(rates) == 1 and float(rates[0]) > 0, result.stdout  # bytes over the seconds they took
         for split in ("train", "valid"):
             for got, sent in zip(
-                data.split_paths(tmp_path / "data", split), data.split_paths(pcam_server.source, split), strict=True
+                pcam_files.split_paths(tmp_path / "data", split),
+                pcam_files.split_paths(pcam_server.source, split),
+                strict=True,
             ):
                 assert Path(got).read_bytes() == Path(sent).read_bytes()
         assert sorted(os.listdir(tmp_path / "data")) == sorted(
             [
                 manage_data.LOCK_NAME,
-                *(os.path.basename(p) for s in ("train", "valid") for p in data.split_paths(tmp_path, s)),
+                *(os.path.basename(p) for s in ("train", "valid") for p in pcam_files.split_paths(tmp_path, s)),
             ]
         )
         assert download(pcam_server, tmp_path / "data", "train").stdout.count("already present") == 2
@@ -961,7 +971,7 @@ class TestDownload:
         name = "camelyonpatch_level_2_split_valid_y.h5.gz"
         data_dir = tmp_path / "data"
         data_dir.mkdir()
-        y_path = data.split_paths(data_dir, "valid")[1]
+        y_path = pcam_files.split_paths(data_dir, "valid")[1]
         for mine in (b"my notes, not an archive", gzip.compress(b"not the served file")):
             (data_dir / name).write_bytes(mine)
             result = download(pcam_server, data_dir, "valid")
@@ -986,8 +996,8 @@ class TestDownload:
         assert "resuming" in result.stdout
         ranges = [rng for name, rng in pcam_server.requests if name == "camelyonpatch_level_2_split_test_x.h5.gz"]
         assert ranges[0] is None and ranges[1].startswith("bytes=") and int(ranges[1][6:-1]) > 0
-        x_path = data.split_paths(tmp_path / "data", "test")[0]
-        assert Path(x_path).read_bytes() == Path(data.split_paths(pcam_server.source, "test")[0]).read_bytes()
+        x_path = pcam_files.split_paths(tmp_path / "data", "test")[0]
+        assert Path(x_path).read_bytes() == Path(pcam_files.split_paths(pcam_server.source, "test")[0]).read_bytes()
 
     def test_download_resumes_a_partial_file_left_by_an_earlier_run(self, pcam_server, tmp_path):
         name = "camelyonpatch_level_2_split_valid_y.h5.gz"
@@ -1027,8 +1037,8 @@ class TestDownload:
         (tmp_path / "data" / (name + ".part")).write_bytes(bytes(100))  # not the body's first bytes: appending shows
         assert download(pcam_server, tmp_path / "data", "valid").returncode == 0
         assert (name, "bytes=100-") in pcam_server.requests
-        y_path = data.split_paths(tmp_path / "data", "valid")[1]
-        assert Path(y_path).read_bytes() == Path(data.split_paths(pcam_server.source, "valid")[1]).read_bytes()
+        y_path = pcam_files.split_paths(tmp_path / "data", "valid")[1]
+        assert Path(y_path).read_bytes() == Path(pcam_files.split_paths(pcam_server.source, "valid")[1]).read_bytes()
 
     def test_download_reports_a_missing_file_on_the_server(self, pcam_server, tmp_path):
         del pcam_server.files["camelyonpatch_level_2_split_train_y.h5.gz"]
@@ -1213,7 +1223,7 @@ class TestTraining:
         images = tissue(600)  # under NORMALIZATION_SAMPLE, and more than one 512-image read
         images[0], images[599] = 255, 0
         dataset = data.PCAMDataset(*write_split(tmp_path, "train", images, labels_of(600, 300)))
-        mean, std = train.channel_stats(dataset)
+        mean, std = data.channel_stats(dataset)
         pixels = images.reshape(-1, 3).astype(np.float64)
         assert np.allclose(mean.numpy(), pixels.mean(axis=0), rtol=1e-6)
         assert np.allclose(std.numpy(), pixels.std(axis=0), rtol=1e-5)
@@ -1259,7 +1269,7 @@ class TestTraining:
         assert record["best_val_loss"] == pytest.approx(min(val_losses), abs=1e-6)
         evaluated = json.loads((run_dir / "eval-test" / "metrics.json").read_text())
         assert evaluated["checkpoint"]["epoch"] == lowest_epoch
-        assert evaluated["checkpoint"]["sha256"] == data.file_digest(run_dir / "best.pt")
+        assert evaluated["checkpoint"]["sha256"] == common.file_digest(run_dir / "best.pt")
         summary = plot_loss.summarize_run(str(run_dir))
         assert summary["best_epoch"] == lowest_epoch and summary["best_val_loss"] == pytest.approx(min(val_losses))
         rows = read_csv_rows(run_dir / "metrics.csv")
@@ -1358,7 +1368,8 @@ class TestTraining:
     def test_the_data_path_follows_the_flag_then_free_memory(self, small_set, monkeypatch):
         def path(free, *flags):
             monkeypatch.setattr(data, "free_memory", lambda: (free, "MemAvailable"))
-            return train.choose_data_path(train.parse_args(["--data-dir", str(small_set), *flags]), torch.device("cpu"))
+            args = train.parse_args(["--data-dir", str(small_set), *flags])
+            return data.choose_data_path(args.data_dir, args.data_on_device, args.dry_run, torch.device("cpu"))
 
         plenty, short = 2**30, 2**20  # train+valid take 264 images, 7.3 MB
         chosen = [path(plenty, "--data-on-device", flag)[0] for flag in ("auto", "yes", "no")]
@@ -1367,10 +1378,10 @@ class TestTraining:
         assert path(plenty, "--dry-run", "--data-on-device", "yes")[0] == "resident"
 
     def test_the_data_path_follows_free_memory(self, synth_dir, tmp_path, monkeypatch, capsys):
-        needed = (1536 + 512) * data.IMAGE_BYTES
+        needed = (1536 + 512) * pcam_files.IMAGE_BYTES
         for free, path in (
-            (needed / train.RESIDENT_SHARE * 1.01, "resident"),
-            (needed / train.RESIDENT_SHARE * 0.99, "loader"),
+            (needed / data.RESIDENT_SHARE * 1.01, "resident"),
+            (needed / data.RESIDENT_SHARE * 0.99, "loader"),
         ):
             monkeypatch.setattr(data, "free_memory", lambda free=free: (int(free), "MemAvailable"))
             train.main(train_args(synth_dir, tmp_path / path, "--epochs", "1"))
@@ -1384,7 +1395,7 @@ class TestTraining:
 
     @pytest.mark.parametrize("data_on_device", ["yes", "no"])
     def test_filter_data_reads_each_split_file_once(self, synth_dir, tmp_path, monkeypatch, capsys, data_on_device):
-        passes, iter_raw_blocks = [], data.iter_raw_blocks
+        passes, iter_raw_blocks = [], pcam_files.iter_raw_blocks
 
         def counted(x_path, *task):
             passes.append(os.path.basename(x_path))
@@ -1396,7 +1407,9 @@ class TestTraining:
                 synth_dir, tmp_path / "run", "--epochs", "1", "--filter-data", "--data-on-device", data_on_device
             )
         )
-        assert sorted(passes) == sorted(os.path.basename(data.split_paths(synth_dir, s)[0]) for s in data.SPLITS)
+        assert sorted(passes) == sorted(
+            os.path.basename(pcam_files.split_paths(synth_dir, s)[0]) for s in pcam_files.SPLITS
+        )
         out = capsys.readouterr().out
         assert out.index("data path: ") < out.index("filter")  # the decision, then the pass it decided
 
@@ -1460,15 +1473,15 @@ class TestStopAndResume:
             worker_seed = torch.randint(2**31, (1,), generator=train_loader.generator).item()  # what workers get
             return [random.random(), np.random.rand(), torch.rand(1).item(), labels.tolist(), worker_seed]
 
-        train.seed_everything(4)
-        state = train.rng_state(train_loader, device)
+        run_folder.seed_everything(4)
+        state = run_folder.rng_state(data.generators(train_loader), device)
         first = draws()
         save_checkpoint({"model": {}, "model_args": {}, "rng": state}, tmp_path / "last.pt")
-        restored = evaluate.load_checkpoint(tmp_path / "last.pt")["rng"]  # as a resumed run reads it
-        train.seed_everything(5)
-        train.restore_rng_state(restored, train_loader, device)
+        restored = run_folder.load_checkpoint(tmp_path / "last.pt")["rng"]  # as a resumed run reads it
+        run_folder.seed_everything(5)
+        run_folder.restore_rng_state(restored, data.generators(train_loader), device)
         assert draws() == first
-        train.seed_everything(4)
+        run_folder.seed_everything(4)
         assert [random.random(), np.random.rand(), torch.rand(1).item()] == first[:3]
 
     def test_stopping_after_epoch_1_and_resuming_equals_a_straight_run(self, synth_dir, straight_run, tmp_path):
@@ -1591,8 +1604,8 @@ class TestStopAndResume:
             compression="gzip",
         )
         write_split(tmp_path, "valid", tissue(64), labels_of(64, 20))
-        read_up_front = set(np.linspace(0, rows - 1, train.NORMALIZATION_SAMPLE).astype(np.int64)) | set(
-            np.linspace(0, rows - 1, data.SCALE_SAMPLE_ROWS).astype(np.int64)
+        read_up_front = set(np.linspace(0, rows - 1, data.NORMALIZATION_SAMPLE).astype(np.int64)) | set(
+            np.linspace(0, rows - 1, pcam_files.SCALE_SAMPLE_ROWS).astype(np.int64)
         )
         with h5py.File(x_path, "r") as h5file:  # every row only training batches read: the first batch fails
             chunks = [h5file["x"].id.get_chunk_info(row) for row in sorted(set(range(rows)) - read_up_front)]
@@ -1641,7 +1654,7 @@ class TestStopAndResume:
         on_oversize = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
         try:
-            with pytest.raises((OSError, RuntimeError, data.PCAMError)):
+            with pytest.raises((OSError, RuntimeError, common.UserError)):
                 save_checkpoint({"epoch": 2, "weights": torch.zeros(1_000_000)}, path)  # 4 MB
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -1740,14 +1753,14 @@ class TestStopAndResume:
         process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "8"))
         process.kill()  # no handler runs: only what was written before epoch 1 is there
         process.wait(timeout=120)
-        assert evaluate.load_checkpoint(tmp_path / "run" / "last.pt", train.CHECKPOINT_KEYS)["epoch"] == 0
+        assert run_folder.load_checkpoint(tmp_path / "run" / "last.pt", run_folder.CHECKPOINT_KEYS)["epoch"] == 0
 
     @pytest.mark.parametrize("extra", [[], ["--resume"], ["--resume", "auto"]])
     def test_a_run_killed_before_its_first_checkpoint_starts_again(self, synth_dir, tmp_path, extra):
         run_dir = tmp_path / "run"
         run_dir.mkdir()
         (run_dir / "run.json").write_text(json.dumps({"status": "running", "run_id": "0" * 32}))
-        (run_dir / train.LOCK_NAME).write_text("PID 1 on a node that died\n")  # no flock held: its holder is gone
+        (run_dir / run_folder.LOCK_NAME).write_text("PID 1 on a node that died\n")  # no flock held: its holder is gone
         train.main(train_args(synth_dir, run_dir, "--epochs", "1", *extra))
         assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
         assert len(read_csv_rows(run_dir / "metrics.csv")) == 1
@@ -1818,7 +1831,7 @@ def bad_test_splits():
 
     def half(d):
         write_split(d, "test", tissue(8), labels_of(8, 4))
-        os.remove(data.split_paths(d, "test")[1])
+        os.remove(pcam_files.split_paths(d, "test")[1])
 
     return {
         "zero rows": (
@@ -1840,7 +1853,7 @@ class TestTrainRefusals:
             (["--epochs", "0"], "--epochs must be positive"),
             (["--batch-size", "-4"], "--batch-size must be positive"),
             (["--lr", "0"], "--lr must be positive"),
-            (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+            (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
             (["--resume"], "no checkpoint"),
             (["--momentum", "1"], "--momentum must be in [0, 1)"),
             (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
@@ -1863,9 +1876,14 @@ class TestTrainRefusals:
     @pytest.mark.parametrize("available", [True, False])
     def test_the_device_asked_for_is_the_one_used_and_auto_follows_cuda(self, monkeypatch, capsys, available):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
-        assert [train.pick_device(name).type for name in ("cuda", "cpu")] == ["cuda", "cpu"]
+        assert common.pick_device("cpu").type == "cpu"
+        if available:
+            assert common.pick_device("cuda").type == "cuda"
+        else:
+            with pytest.raises(common.UserError, match="--device cuda, but CUDA is not available here"):
+                common.pick_device("cuda")
         assert capsys.readouterr().out == ""  # no fallback to announce
-        assert train.pick_device("auto").type == ("cuda" if available else "cpu")
+        assert common.pick_device("auto").type == ("cuda" if available else "cpu")
         assert ("CUDA not available, using CPU" in capsys.readouterr().out) is not available
 
     @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -1910,9 +1928,9 @@ class TestTrainRefusals:
             monkeypatch.delenv(name, raising=False)
         for name, value in {"SLURM_JOB_ID": "7", **env}.items():
             monkeypatch.setenv(name, value)
-        assert train.slurm_gave_gpus() is given
+        assert common.slurm_gave_gpus() is given
         monkeypatch.delenv("SLURM_JOB_ID")
-        assert train.slurm_gave_gpus() is False
+        assert common.slurm_gave_gpus() is False
 
     def test_an_empty_out_dir_is_refused(self, synth_dir, tmp_path):
         result = run_script(
@@ -1971,7 +1989,7 @@ class TestTrainRefusals:
 
     def test_runs_started_in_the_same_second_get_a_folder_each(self, synth_dir, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(train, "default_out_dir", lambda: os.path.join("runs", "20260101-120000"))
+        monkeypatch.setattr(run_folder, "default_out_dir", lambda: os.path.join("runs", "20260101-120000"))
         args = ["--data-dir", str(synth_dir), "--device", "cpu", "--epochs", "1", "--log-every", "1000"]
         for _ in range(2):
             train.main(args)
@@ -2017,7 +2035,7 @@ class TestTrainRefusals:
         run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
         run_script("train.py", *train_args(small_set, tmp_path / "run", "--epochs", "1"), check=True)
         assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["manifest_matched"] is True
-        x_valid = data.split_paths(small_set, "valid")[0]
+        x_valid = pcam_files.split_paths(small_set, "valid")[0]
         os.utime(x_valid, (1e9, 1e9))
         result = run_script("train.py", *train_args(small_set, tmp_path / "again", "--epochs", "1"))
         one_line_error(result, "camelyonpatch_level_2_split_valid_x.h5 (size or mtime changed)")
@@ -2026,7 +2044,7 @@ class TestTrainRefusals:
 
     def test_a_manifest_naming_a_file_that_is_gone_stops_train_and_verify(self, small_set, tmp_path):
         run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
-        for path in data.split_paths(small_set, "test"):
+        for path in pcam_files.split_paths(small_set, "test"):
             os.remove(path)
         result = run_script("train.py", *train_args(small_set, tmp_path / "run", "--epochs", "1"))
         one_line_error(result, "camelyonpatch_level_2_split_test_x.h5 (missing)")
@@ -2113,7 +2131,7 @@ class TestEvaluate:
         assert result.stdout.startswith("valid: 512 images, loss ") and str(out) in result.stdout
         rows, labels, scores, predicted = read_predictions(out / "predictions.csv")
         assert rows.tolist() == list(range(512))
-        assert labels.tolist() == data.read_labels(data.split_paths(synth_dir, "valid")[1]).tolist()
+        assert labels.tolist() == pcam_files.read_labels(pcam_files.split_paths(synth_dir, "valid")[1]).tolist()
         assert predicted.tolist() == (scores >= 0.5).astype(int).tolist()
         tp, fn = int(((predicted == 1) & (labels == 1)).sum()), int(((predicted == 0) & (labels == 1)).sum())
         fp, tn = int(((predicted == 1) & (labels == 0)).sum()), int(((predicted == 0) & (labels == 0)).sum())
@@ -2125,7 +2143,7 @@ class TestEvaluate:
         assert metrics["auc"] == pytest.approx(auc_by_pairs(scores, labels), abs=1e-12)
         class_probability = np.where(labels == 1, scores, 1 - scores)
         assert metrics["loss"] == pytest.approx(-np.log(class_probability).mean(), abs=1e-5)
-        x_path, y_path = data.split_paths(synth_dir, "valid")
+        x_path, y_path = pcam_files.split_paths(synth_dir, "valid")
         assert metrics["data"]["files"] == {os.path.basename(p): os.path.getsize(p) for p in (x_path, y_path)}
         assert metrics["checkpoint"]["sha256"] == hashlib.sha256((straight_run / "best.pt").read_bytes()).hexdigest()
         assert metrics["versions"]["torch"] == torch.__version__ and metrics["split"] == "valid"
@@ -2264,8 +2282,8 @@ class TestEvaluate:
     ):
         write_split(tmp_path / "data", "train", tissue(8), labels_of(8, 4))
         result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(tmp_path / "data"))
-        with pytest.raises(data.MissingDataError) as missing:
-            data.require_split(tmp_path / "data", "test")
+        with pytest.raises(pcam_files.MissingDataError) as missing:
+            pcam_files.require_split(tmp_path / "data", "test")
         assert result.returncode == 1 and result.stderr == f"evaluate.py: error: {missing.value}\n"
         result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--filter-data")
         one_line_error(result, "holds an evaluation of another checkpoint or other data")
@@ -2337,9 +2355,9 @@ class TestLossPlot:
     def test_force_never_replaces_a_runs_checkpoints_records_or_locks(self, straight_run, tmp_path):
         run_dir = tmp_path / "run"
         shutil.copytree(straight_run, run_dir)
-        (run_dir / train.LOCK_NAME).write_text("")
+        (run_dir / run_folder.LOCK_NAME).write_text("")
         kept = {path: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
-        for name in ("best.pt", "last.pt", "run.json", "metrics.csv", train.LOCK_NAME):
+        for name in ("best.pt", "last.pt", "run.json", "metrics.csv", run_folder.LOCK_NAME):
             one_line_error(
                 run_script("plot_loss.py", str(run_dir), "--out", str(run_dir / name), "--force"), "never this output"
             )
@@ -2552,11 +2570,11 @@ class TestRunsTable:
 
 def expected_counts(directory, split):
     """Defect counts computed here, independently, from the whole file."""
-    x_path, y_path = data.split_paths(directory, split)
+    x_path, y_path = pcam_files.split_paths(directory, split)
     with h5py.File(x_path) as h5file:
         x = h5file["x"][()]
     cleaned_means = np.clip(np.nan_to_num(x, nan=0, posinf=255, neginf=0), 0, 255).astype(np.uint8).mean(axis=(1, 2, 3))
-    labels = data.read_labels(y_path)
+    labels = pcam_files.read_labels(y_path)
     return [
         len(x),
         int((labels == 0).sum()),
@@ -2592,14 +2610,16 @@ class TestEda:
             assert is_nonblank_png(tmp_path / "assets" / name)
 
     def test_eda_memory_stays_bounded_on_a_file_larger_than_a_block(self, poisoned_dir, monkeypatch):
-        monkeypatch.setattr(data, "BLOCK_BYTES", 16 * data.IMAGE_BYTES * 4)  # 16 float32 images of 600
-        x_bytes = os.path.getsize(data.split_paths(poisoned_dir, "train")[0])
+        monkeypatch.setattr(pcam_files, "BLOCK_BYTES", 16 * pcam_files.IMAGE_BYTES * 4)  # 16 float32 images of 600
+        x_bytes = os.path.getsize(pcam_files.split_paths(poisoned_dir, "train")[0])
         tracemalloc.start()
         scan = eda.scan_split(poisoned_dir, "train", 4, data.BLACK_THRESHOLD, data.WHITE_THRESHOLD)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert x_bytes > 30 * data.BLOCK_BYTES
-        assert peak < 8 * data.BLOCK_BYTES, f"peak {peak} bytes for a {x_bytes}-byte file read in {data.BLOCK_BYTES}"
+        assert x_bytes > 30 * pcam_files.BLOCK_BYTES
+        assert peak < 8 * pcam_files.BLOCK_BYTES, (
+            f"peak {peak} bytes for a {x_bytes}-byte file read in {pcam_files.BLOCK_BYTES}"
+        )
         assert list(scan.summary().values())[:7] == expected_counts(poisoned_dir, "train")
 
     def test_eda_figures_hold_their_legend_patches_and_shared_axes(self, tmp_path, monkeypatch):
@@ -2866,7 +2886,7 @@ class TestSlurmJobs:
             pytest.skip("no Slurm here (start one with .ci/slurm-up.sh)")
         user_dir = linked_set(synth_dir, tmp_path / "user_data")
         write_split(user_dir, "test", tissue(8), labels_of(8, 4))
-        os.remove(data.split_paths(user_dir, "test")[1])
+        os.remove(pcam_files.split_paths(user_dir, "test")[1])
         scratch = tmp_path / "scratch"
         scratch.mkdir()
         output = make(

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import manage_data
+import pcam_files
 import plot_loss
+import run_folder
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,7 +67,7 @@ def labels_of(n, positives):
 def write_split(data_dir, split, images, labels, **x_options):
     """Write one split in PCAM layout; x_options go to h5py (chunks, compression)."""
     os.makedirs(data_dir, exist_ok=True)
-    x_path, y_path = data.split_paths(data_dir, split)
+    x_path, y_path = pcam_files.split_paths(data_dir, split)
     with h5py.File(x_path, "w") as h5file:
         h5file.create_dataset("x", data=images, **x_options)
     with h5py.File(y_path, "w") as h5file:
@@ -90,7 +91,7 @@ def linked_set(source_dir, target_dir, splits=("train", "valid")):
     os.makedirs(target_dir, exist_ok=True)
     for split in splits:
         for source, target in zip(
-            data.split_paths(source_dir, split), data.split_paths(target_dir, split), strict=True
+            pcam_files.split_paths(source_dir, split), pcam_files.split_paths(target_dir, split), strict=True
         ):
             os.symlink(source, target)
     return target_dir
@@ -98,7 +99,7 @@ def linked_set(source_dir, target_dir, splits=("train", "valid")):
 
 def add_defects(directory, split, counts):
     """Turn clean images of a split into counts[kind] more defects of each kind."""
-    x_path = data.split_paths(directory, split)[0]
+    x_path = pcam_files.split_paths(directory, split)[0]
     with h5py.File(x_path, "r+") as h5file:
         x = h5file["x"][()]
         means = x.mean(axis=(1, 2, 3))  # NaN for the rows with NaN, so those are not clean
@@ -163,12 +164,12 @@ def is_nonblank_png(path):
 
 def evaluate_model(model, loader):
     """(loss, accuracy, AUC) of model over loader, as training evaluates validation and test, on the CPU."""
-    return train.evaluate(model, loader, torch.device("cpu"))
+    return train.validate(model, loader, torch.device("cpu"))
 
 
 def save_checkpoint(checkpoint, path):
     """Write a checkpoint the way training writes last.pt and best.pt."""
-    train.save_atomically(checkpoint, str(path))
+    run_folder.save_checkpoint(checkpoint, str(path))
 
 
 def loss_plot_lines(paths, out_path):

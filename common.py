@@ -1,0 +1,333 @@
+"""What every script shares: the user-error class and how a command reports one, the common flags, the device,
+atomic writes, output checks and locks. It imports nothing of this project's, so any module may import it."""
+
+import argparse
+import csv
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import torch
+
+# what a run, evaluate.py and the data commands keep in their folders: no other command's output takes these names
+RECORD_NAMES = (
+    "run.json",
+    "metrics.csv",
+    "predictions.csv",
+    "metrics.json",
+    "train.lock",
+    "pcam.lock",
+    "pcam_prepared.json",
+)
+
+
+class UserError(ValueError):
+    """A bad input or state the user can fix; its message says what was wrong and what to do."""
+
+
+def error_line(error):
+    """An error's message on one line; one re-raised from a DataLoader worker carries the worker's traceback,
+    whose last line is the original 'module.Error: message'."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[-1].split(": ", 1)[-1] if len(lines) > 1 else lines[0]
+
+
+def os_reason(error):
+    """The OS's words for an OSError, also when h5py wraps it (h5py's messages carry errno = N)."""
+    text = str(error)
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):  # what a user's disk or folder can cause
+        if f"errno = {code}," in text:
+            return os.strerror(code)
+    return (error.strerror or text).strip().splitlines()[0]
+
+
+def run_command(prog, body, *args, folder=None):
+    """body(*args); a UserError, or an OSError on a file (or in the folder the command writes), ends the command
+    in one line with exit code 1."""
+    try:
+        return body(*args)
+    except UserError as error:
+        sys.exit(f"{prog}: error: {error_line(error)}")
+    except OSError as error:
+        if (error.filename or folder) is None:  # not one of our files (a closed pipe, say)
+            raise
+        sys.exit(f"{prog}: error: {error.filename or folder}: {os_reason(error)}")
+
+
+def log(message):
+    print(message, flush=True)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default, lists as words, but not None or a switch's False: their help says what happens
+    without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        help_text = super()._get_help_string(action)
+        if isinstance(action.default, list):
+            return help_text.replace("%(default)s", " ".join(map(str, action.default)))
+        return help_text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported in one line (usage stays behind --help)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def data_folder(text):
+    if text == "":
+        raise argparse.ArgumentTypeError("is empty (is $PCAM_DIR set to an empty string?); name the PCAM data folder")
+    return text
+
+
+def add_data_dir_argument(parser):
+    """--data-dir, the same in every script: $PCAM_DIR when set, else data/."""
+    parser.add_argument(
+        "--data-dir",
+        type=data_folder,
+        default=os.environ.get("PCAM_DIR", "data"),
+        metavar="DIR",
+        help="folder of the camelyonpatch_level_2_split_*.h5 files (default: $PCAM_DIR if set, else data; "
+        "now %(default)s)",
+    )
+
+
+def add_num_workers_argument(parser):
+    """--num-workers, the same in every script: $SLURM_CPUS_PER_TASK in a Slurm job, else 0."""
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
+        metavar="W",
+        help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)",
+    )
+
+
+def add_device_argument(parser):
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto takes CUDA when available and says so when it falls back to the CPU",
+    )
+
+
+def slurm_gave_gpus():
+    """Inside a Slurm job that was given GPUs, where a silent fall back to the CPU would waste the allocation."""
+    env = os.environ
+    counts = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_NODE")  # "1", "a100:2"; --gpus=0 sets "0"
+    gpus = env.get("SLURM_JOB_GPUS") or any(env.get(name, "0").rsplit(":", 1)[-1] not in ("", "0") for name in counts)
+    return bool(env.get("SLURM_JOB_ID") and (gpus or env.get("CUDA_VISIBLE_DEVICES")))
+
+
+def driver_cuda_version():
+    """The CUDA version nvidia-smi says the driver supports ("12.4"), "unknown", or None without nvidia-smi."""
+    try:
+        banner = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"CUDA Version:\s*([\d.]+)", banner)
+    return found.group(1) if found else "unknown"
+
+
+def cuda_diagnosis():
+    """Why CUDA is not usable, in one line: the torch build, the driver, the visible devices, and what to do."""
+    driver = driver_cuda_version()
+    found = ", ".join(
+        [
+            f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
+            if torch.version.cuda
+            else "CPU build of torch",
+            f"driver CUDA {driver}" if driver else "no nvidia-smi",
+            *(f"{name}={os.environ.get(name, '(unset)')}" for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS")),
+        ]
+    )
+    if not driver:
+        fix = "run on a GPU node"
+    elif torch.version.cuda:
+        fix = f"install a torch built for CUDA {driver} or older, or load a newer driver"
+    else:
+        fix = f"install a torch built for CUDA (CUDA {driver} or older: see pytorch.org)"
+    return f"CUDA is not available here ({found}); {fix}, or pass --device cpu to train on the CPU"
+
+
+def pick_device(requested):
+    """The device --device names. auto falls back to the CPU with a line saying so, except in a Slurm job given
+    GPUs: there, as with --device cuda, no CUDA is an error saying why."""
+    if requested != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda" or requested == "auto" and slurm_gave_gpus():
+        asked = "--device cuda" if requested == "cuda" else "this Slurm job was given GPUs"
+        raise UserError(f"{asked}, but {cuda_diagnosis()}")
+    if requested == "auto":
+        log("device: CUDA not available, using CPU")
+    return torch.device("cpu")
+
+
+def write_atomically(path, write):
+    """Call write(temp_path), then move the finished file into place; a failure leaves no file at path, and no
+    temporary file. The temporary name carries the PID, so two writers never share one."""
+    temp_path = f"{path}.{os.getpid()}.partial"
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {os_reason(error)}") from None
+    finally:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+
+
+def write_bytes(content, path):
+    def write(temp_path):
+        with open(temp_path, "wb") as target:
+            target.write(content)
+
+    write_atomically(path, write)
+
+
+def json_ready(value):
+    """value with NaN as None (a one-class split's AUC, say), so that any JSON reader takes the file."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def write_json(obj, path):
+    write_bytes(json.dumps(json_ready(obj), indent=2, default=str).encode(), path)
+
+
+def write_csv(header, rows, path):
+    def write(temp_path):
+        with open(temp_path, "w", newline="") as target:
+            writer = csv.writer(target)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    write_atomically(path, write)
+
+
+def save_figure(figure, path, software, dpi=120):
+    """A PNG of figure, its Software text marking which script wrote it (see png_software); the figure is closed."""
+    import matplotlib.pyplot as plt  # the caller drew the figure, so pyplot is loaded already
+
+    try:
+        write_atomically(
+            path, lambda temp_path: figure.savefig(temp_path, format="png", dpi=dpi, metadata={"Software": software})
+        )
+    finally:
+        plt.close(figure)
+
+
+def read_json(path):
+    """A JSON object's content; {} for a missing or unreadable file, or one holding something else."""
+    try:
+        with open(path) as source:
+            content = json.load(source)
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def file_digest(path, algorithm="sha256", show_progress=False):
+    digest, size, done, next_report = hashlib.new(algorithm), os.path.getsize(path), 0, 0.0
+    with open(path, "rb") as source:
+        while chunk := source.read(16 * 2**20):
+            digest.update(chunk)
+            done += len(chunk)
+            if show_progress and done / size >= next_report:
+                log(f"{algorithm} {os.path.basename(path)}: {100 * done // size}% of {size / 2**20:.0f} MiB")
+                next_report += 0.25
+    return digest.hexdigest()
+
+
+def is_data_file(path):
+    """A split file, what download makes of one, a checkpoint or a record a run or data folder keeps: no
+    command's output may take such a name, whatever the flags."""
+    name = os.path.basename(str(path))
+    return name.startswith("camelyonpatch_") or name.endswith((".h5", ".h5.gz", ".hdf5", ".pt")) or name in RECORD_NAMES
+
+
+def check_output(path, written_here, force=False):
+    """Refuse an output path that would replace what this command did not write: a data file or a run's record
+    whatever the flags, any other existing file unless force. written_here(path) tells the command's own earlier
+    output. A folder where the file belongs is refused before any work."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: name the output file itself")
+    if is_data_file(path) and not (os.path.isfile(path) and written_here(path)):
+        raise UserError(f"{path} is a data file or a run's record, never this output: choose another output path")
+    if os.path.isfile(path) and not force and not written_here(path):
+        raise UserError(f"{path} exists and this command did not write it: choose another path, or add --force")
+
+
+def check_output_folder(path, flag):
+    """A folder a command will write into: refused before any work when a file stands in its place."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder: name a folder (it is created when missing)")
+
+
+def png_software(path):
+    """The Software text of a PNG file (what wrote it), or None for anything else. PNG: an 8-byte signature,
+    then chunks of (length, type, data, crc); savefig's metadata comes as tEXt chunks before the pixels."""
+    try:
+        with open(path, "rb") as source:
+            if source.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while len(header := source.read(8)) == 8:
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                body = source.read(length + 4)[:length]
+                keyword, _, text = body.partition(b"\0")
+                if kind == b"tEXt" and keyword == b"Software":
+                    return text.decode("latin-1")
+    except OSError:
+        return None
+    return None
+
+
+def hold_lock(path, in_use):
+    """An open file holding an exclusive flock on path, with this process's PID and host in it (closing it, or the
+    process ending however it ends, lets go), or a UserError: in_use with {holder} filled in."""
+    lock = open(path, "a+")  # noqa: SIM115 (held open while its holder writes)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not written its PID yet"
+        lock.close()
+        raise UserError(in_use.format(holder=holder)) from None
+    lock.truncate(0)
+    lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def is_locked(path):
+    """Whether a live process holds path's flock (see hold_lock)."""
+    try:
+        with open(path) as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False

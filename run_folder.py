@@ -1,0 +1,320 @@
+"""A training run's folder: its name, creation, lock, refusals and release; run.json and its statuses; metrics.csv;
+checkpoints with the RNG states that make a resume exact; the record of the environment and data.
+
+A run holds an exclusive flock on <folder>/train.lock while it writes there; the kernel lets go when it dies.
+"""
+
+import contextlib
+import datetime
+import io
+import json
+import os
+import pickle
+import platform
+import random
+import socket
+import subprocess
+
+import h5py
+import numpy as np
+import torch
+
+from common import UserError, file_digest, hold_lock, is_locked, log, read_json, write_bytes, write_csv, write_json
+from pcam_files import MANIFEST_NAME, SPLITS, split_paths
+
+LOCK_NAME = "train.lock"
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "run.json", "loss.png", "eval-test")  # what a run writes
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best_val_loss", "history", "rng", "model_args", "args")
+METRIC_FORMATS = {  # metrics.csv's columns, a row per epoch
+    "epoch": "{}",
+    "train_loss": "{:.6f}",
+    "train_acc": "{:.6f}",
+    "val_loss": "{:.6f}",
+    "val_acc": "{:.6f}",
+    "val_auc": "{:.6f}",
+    "lr": "{:.6f}",
+    "epoch_s": "{:.2f}",
+    "images_per_s": "{:.0f}",
+}
+RESUMED_SETTINGS = (
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "hidden_units",
+    "dropout",
+    "seed",
+    "filter_data",
+    "bf16",
+)  # a resumed run takes these from its checkpoint
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def now():
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def default_out_dir():
+    """runs/slurm-<job id> (or <array job>_<task>) in a Slurm job, else runs/<date-time>."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return os.path.join("runs", f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
+    if os.environ.get("SLURM_JOB_ID"):
+        return os.path.join("runs", f"slurm-{os.environ['SLURM_JOB_ID']}")
+    return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def new_run_folder(path):
+    """path, else path-2, path-3, ...: the first that does not exist yet, created here, so that two runs started
+    in the same second each get a folder of their own."""
+    candidate, number = path, 1
+    while True:
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = f"{path}-{number}"
+
+
+def run_is_live(folder):
+    """Whether a live train.py holds the run folder's lock."""
+    return is_locked(os.path.join(folder, LOCK_NAME))
+
+
+class RunFolder:
+    """A run's folder, created when needed (a new runs/<date-time> when path is None) and locked before anything in
+    it is looked at. release() gives it back; a run refused before it started leaves it as it found it."""
+
+    def __init__(self, path):
+        try:
+            self.created = path is None or not os.path.isdir(path)
+            self.path = new_run_folder(default_out_dir()) if path is None else path
+            os.makedirs(self.path, exist_ok=True)
+            self.created_lock = not os.path.exists(self.file(LOCK_NAME))
+            in_use = (
+                f"{self.path} is in use by another run ({{holder}}); wait for it to end, or choose another --out-dir"
+            )
+            self.lock = hold_lock(self.file(LOCK_NAME), in_use)
+        except OSError as error:
+            raise UserError(f"cannot write to --out-dir {path}: {error.strerror}; choose a writable folder") from None
+        self.record = None  # run.json, once the run has started
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def should_resume(self, resume):
+        """Whether to continue from last.pt. A new run never writes over a folder holding any file a run writes,
+        except the run.json of a run that died before its first checkpoint (the same run, started again)."""
+        present = [name for name in RUN_FILES if os.path.exists(self.file(name))]
+        record = read_json(self.file("run.json"))
+        if present == ["run.json"] and "run_id" in record and record.get("status", "done") != "done":
+            log(f"{self.path}: its run ended before its first checkpoint; starting it again")
+            return False
+        last_path = self.file("last.pt")
+        if resume and not os.path.isfile(last_path):
+            raise UserError(f"--resume: no checkpoint {last_path}; start the run without --resume")
+        if not resume and present:
+            held = f"{self.path} already holds a run ({', '.join(present)})"
+            if os.path.isfile(last_path):
+                raise UserError(f"{held}; add --resume to continue it or choose another --out-dir")
+            raise UserError(f"{held} but no last.pt to continue it from; choose another --out-dir")
+        return resume
+
+    def checkpoint_to_resume(self):
+        """last.pt, checked to belong to the run run.json records, as best.pt must too (the test split scores it)."""
+        record = read_json(self.file("run.json"))
+        checkpoint = load_checkpoint(self.file("last.pt"), CHECKPOINT_KEYS)
+        check_same_run(checkpoint, record, self.file("last.pt"))
+        if os.path.isfile(self.file("best.pt")):
+            check_same_run(load_checkpoint(self.file("best.pt"), CHECKPOINT_KEYS), record, self.file("best.pt"))
+        return checkpoint
+
+    def start(self, record):
+        """run.json says "running"; from here on the run's end is recorded in it, whatever that end is."""
+        for stale in ("error", "stop_signal"):  # from the attempt this run resumes
+            record.pop(stale, None)
+        write_json({**record, "status": "running"}, self.file("run.json"))
+        self.record = {**record, "status": "running"}
+
+    def finish(self, status, **details):
+        """run.json's final status: done, stopped, interrupted or failed (with the error line)."""
+        if self.record is None:
+            return
+        self.record.update(status=status, finished_at=now(), **details)
+        with contextlib.suppress(UserError):  # a full disk: run.json keeps its last state, the error line says why
+            write_json(self.record, self.file("run.json"))
+
+    def release(self):
+        """Let go of the lock; a folder this run created, or its lock file, goes again if the run never started."""
+        if self.record is None and (self.created or self.created_lock):
+            os.remove(self.lock.name)  # refused before it started: it leaves the folder as it found it
+        if self.created and self.record is None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)  # only when empty: nothing of value goes
+        self.lock.close()
+
+
+def check_same_run(checkpoint, record, path):
+    """A checkpoint continues only the run its folder's run.json records: the same run id and settings."""
+    if not record:
+        return
+    recorded = record.get("args", {})
+    differing = [
+        name for name in RESUMED_SETTINGS if name in recorded and recorded[name] != checkpoint["args"].get(name)
+    ]
+    if checkpoint.get("run_id") != record.get("run_id") or differing:
+        what = f"settings {', '.join(differing)} differ" if differing else f"run id {checkpoint.get('run_id')}"
+        raise UserError(
+            f"--resume: {path} belongs to another run than the folder's run.json ({what}, run.json has run id "
+            f"{record.get('run_id')}); put this run's own {os.path.basename(path)} back, or resume that run in its "
+            "own folder"
+        )
+
+
+def run_is_complete(out_dir, args):
+    """Whether the run in out_dir is done at the --epochs asked (its own when not given), with no setting given
+    that differs: then a --resume says so and touches nothing, no lock taken, no file written."""
+    record = read_json(os.path.join(out_dir, "run.json"))
+    recorded = record.get("args", {})
+    epochs = recorded.get("epochs")
+    changed = [
+        name
+        for name in RESUMED_SETTINGS
+        if name in args.given and json.loads(json.dumps(getattr(args, name))) != recorded.get(name)
+    ]
+    if record.get("status") != "done" or "epochs" in args.given and args.epochs != epochs or changed:
+        return False  # not done, or asked for more: the resume goes on, and refuses changed settings in one line
+    log(f"{out_dir}: complete, {epochs} of {epochs} epochs done; nothing to do")
+    return True
+
+
+def resumed_settings(args, checkpoint):
+    """The settings a resumed run continues with: its checkpoint's, where an explicit different value is an error,
+    its own --epochs unless given, and the data it started on unless --data-dir is given."""
+    saved, kept = checkpoint["args"], {}
+    for name in RESUMED_SETTINGS:
+        if name in args.given and getattr(args, name) != saved[name]:
+            flag = f"--{name.replace('_', '-')}"
+            what = "the model shape" if name == "hidden_units" else "the run"
+            raise UserError(
+                f"--resume: {flag} {getattr(args, name)} does not match {what} in the checkpoint "
+                f"({flag} {saved[name]}); drop {flag} to continue the run as it started"
+            )
+        kept[name] = saved[name]
+    if "epochs" not in args.given:  # the run continues to its own end
+        kept["epochs"] = saved["epochs"]
+    elif args.epochs < checkpoint["epoch"]:
+        raise UserError(
+            f"--resume: --epochs {args.epochs} is below the {checkpoint['epoch']} epochs this run has done; "
+            f"give --epochs {checkpoint['epoch']} or more (a run is continued, never rewound)"
+        )
+    if "data_dir" not in args.given:  # the data the run started on, not what $PCAM_DIR says today
+        kept["data_dir"] = saved["data_dir"]
+    return kept
+
+
+def load_checkpoint(path, required=("model", "model_args")):
+    """A train.py checkpoint dict holding the required keys, loaded on the CPU with weights_only=True."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} not found; pass a run's best.pt or last.pt") from None
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise UserError(
+            f"cannot load checkpoint {path} ({type(error).__name__}): it is incomplete or not a checkpoint; pass a "
+            "whole best.pt or last.pt written by train.py (a run's other checkpoint, or a new run)"
+        ) from None
+    if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
+        raise UserError(
+            f"{path} is not a train.py checkpoint (it lacks {', '.join(required)}); "
+            "pass a best.pt or last.pt written by train.py"
+        )
+    return checkpoint
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save into memory first, every tensor moved to the CPU (it then loads anywhere, with or without CUDA):
+    a failed file write is then an error naming its cause (a full disk)."""
+    buffer = io.BytesIO()
+    torch.save(on_cpu(checkpoint), buffer)
+    write_bytes(buffer.getbuffer(), path)
+
+
+def on_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generators, device):
+    """The generators a resumed run restores, generators being the loader's own ({name: torch.Generator});
+    CUDA's of the training device only, so a CPU run never touches CUDA."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        **{name: generator.get_state() for name, generator in generators.items()},
+    }
+
+
+def restore_rng_state(state, generators, device):
+    """The reverse of rng_state, onto this run's device, however many GPUs the writer saw."""
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and torch.is_tensor(state["cuda"]):
+        torch.cuda.set_rng_state(state["cuda"], device)
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    for name, generator in generators.items():
+        generator.set_state(state[name])
+
+
+def write_metrics(history, path):
+    rows = [[METRIC_FORMATS[name].format(row[name]) for name in METRIC_FORMATS] for row in history]
+    write_csv(list(METRIC_FORMATS), rows, path)
+
+
+def git_commit():
+    try:
+        return subprocess.run(
+            ["git", "-C", HERE, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def describe_environment(device):
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "host": socket.gethostname(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "git_commit": git_commit(),
+    }
+
+
+def data_record(data_dir):
+    """The data folder, its split files' sizes and its manifest's sha256, as run.json records them."""
+    files = {
+        os.path.basename(p): os.path.getsize(p) for s in SPLITS for p in split_paths(data_dir, s) if os.path.isfile(p)
+    }
+    manifest = os.path.join(data_dir, MANIFEST_NAME)
+    manifest_sha256 = file_digest(manifest) if os.path.isfile(manifest) else None
+    return {"dir": os.path.abspath(data_dir), "files": files, "manifest_sha256": manifest_sha256}
