@@ -61,8 +61,9 @@ def run_command(prog, body, *args, folder=None):
         sys.exit(f"{prog}: error: {error.filename or folder}: {os_reason(error)}")
 
 
-def log(message):
-    print(message, flush=True)
+def log(message, file=None):
+    """A line of the log, flushed at once: batch logs are read while the job runs."""
+    print(message, file=file, flush=True)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -10,6 +10,7 @@ import functools
 import multiprocessing
 import os
 import signal
+import sys
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ BLACK_THRESHOLD = 5.0  # a tile whose mean intensity is at or below this is a bl
 WHITE_THRESHOLD = 250.0  # at or above this, a washout; real tissue stays well below
 RESIDENT_SHARE = 0.7  # the splits go resident when they take at most this share of free memory
 NORMALIZATION_SAMPLE = 2048  # training images the per-channel mean and std are measured on
+TINY_CLASS_SHARE, TINY_CLASS_IMAGES = 0.01, 10  # a training split's minority class below either is warned about
 
 
 class FilteredOutError(UserError):
@@ -492,8 +494,27 @@ def training_batches(args, device):
         resident,
         pin_memory=device.type == "cuda" and not resident,
     )
+    describe_splits(*(loader.dataset for loader in loaders))
     if resident:
         return tuple(DeviceBatches(loader, device) for loader in loaders)
     if device.type == "cuda":
         return tuple(PrefetchBatches(loader, device) for loader in loaders)
     return loaders
+
+
+def describe_splits(train_set, val_set):
+    """A line per split with its class counts, and a warning when the training split's minority class is tiny."""
+    for name, dataset in (("train", train_set), ("valid", val_set)):
+        counts = np.bincount(dataset.labels, minlength=2)
+        log(
+            f"{name}: {len(dataset):,} images kept, class 0 {counts[0]:,} / class 1 {counts[1]:,} "
+            f"({100 * counts[1] / counts.sum():.1f}% positive)"
+        )
+    counts = np.bincount(train_set.labels, minlength=2)
+    if counts.min() < max(TINY_CLASS_IMAGES, TINY_CLASS_SHARE * counts.sum()):
+        log(
+            f"train.py: warning: the training split's minority class is tiny (class {counts.argmin()}: "
+            f"{counts.min():,} of {counts.sum():,} kept images); the balanced sampler repeats those few images, "
+            "expect a model that does not generalise",
+            sys.stderr,
+        )

@@ -109,6 +109,13 @@ def predict(model, batches, device, max_batches=None):
     return loss_sum.item() / len(labels_seen), scores, labels_seen
 
 
+def validate(model, batches, device, max_batches=None):
+    """Loss, accuracy and ROC AUC over batches, in order, from fp32 logits whatever the training precision."""
+    loss, scores, labels = predict(model, batches, device, max_batches)
+    accuracy = float(((scores >= THRESHOLD) == (labels == 1)).mean())
+    return loss, accuracy, roc_auc(scores, labels)
+
+
 def ratio(numerator, denominator):
     return numerator / denominator if denominator else float("nan")
 

@@ -139,13 +139,9 @@ def print_table(rows, device_name, n_images):
 
 def main(argv=None):
     parser = common.ArgumentParser(description="Prove train.py's GPU path on this node (see README.md).")
-    parser.add_argument(
-        "--dir", default="bench_data", metavar="DIR", help="where the set and runs go"
-    )
+    parser.add_argument("--dir", default="bench_data", metavar="DIR", help="where the set and runs go")
     parser.add_argument("--images", type=int, default=IMAGES, metavar="N", help="train images")
-    parser.add_argument(
-        "--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the same checks, for tests"
-    )
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the same checks, for tests")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(

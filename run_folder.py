@@ -4,6 +4,7 @@ checkpoints with the RNG states that make a resume exact; the record of the envi
 A run holds an exclusive flock on <folder>/train.lock while it writes there; the kernel lets go when it dies.
 """
 
+import argparse
 import contextlib
 import datetime
 import io
@@ -214,6 +215,24 @@ def resumed_settings(args, checkpoint):
     return kept
 
 
+def resume_target(args):
+    """(run folder, whether to resume): --resume continues --out-dir (this Slurm job's folder when not given);
+    --resume auto does when that folder holds a last.pt, and starts the run there otherwise."""
+    if not args.resume:
+        return args.out_dir, False
+    out_dir = args.out_dir or default_out_dir()
+    return out_dir, args.resume is True or os.path.isfile(os.path.join(out_dir, "last.pt"))
+
+
+def run_settings(args, folder, checkpoint):
+    """The settings the run trains with, as run.json records them: the arguments, with a resumed run's own settings
+    from its checkpoint and the folder it writes to."""
+    parsed = {name: value for name, value in vars(args).items() if name != "given"}
+    resumed = resumed_settings(args, checkpoint) if checkpoint else {}
+    where = {"out_dir": folder.path if folder else args.out_dir, "resume": checkpoint is not None}
+    return argparse.Namespace(**{**parsed, **resumed, **where})
+
+
 def load_checkpoint(path, required=("model", "model_args")):
     """A train.py checkpoint dict holding the required keys, loaded on the CPU with weights_only=True."""
     try:
@@ -310,11 +329,36 @@ def describe_environment(device):
     }
 
 
-def data_record(data_dir):
-    """The data folder, its split files' sizes and its manifest's sha256, as run.json records them."""
+def written_on(device, environment):
+    """Where a checkpoint was written, which a run resumed elsewhere notes (see note_other_device)."""
+    return {
+        "device": device.type,
+        "device_name": environment["device"],
+        "cuda": torch.version.cuda,
+        "torch": str(torch.__version__),  # a plain str: weights_only loading refuses TorchVersion
+    }
+
+
+def note_other_device(checkpoint, device):
+    written = checkpoint.get("written_on", {}).get("device")
+    if written and written != device.type:
+        log(
+            f"checkpoint written on {written}, resumed on {device.type}: results need not match bit for bit those "
+            "of an uninterrupted run"
+        )
+
+
+def data_record(data_dir, manifest_matched):
+    """The data folder, its split files' sizes, its manifest's sha256 and whether the files matched it (None: no
+    manifest), as run.json records them."""
     files = {
         os.path.basename(p): os.path.getsize(p) for s in SPLITS for p in split_paths(data_dir, s) if os.path.isfile(p)
     }
     manifest = os.path.join(data_dir, MANIFEST_NAME)
     manifest_sha256 = file_digest(manifest) if os.path.isfile(manifest) else None
-    return {"dir": os.path.abspath(data_dir), "files": files, "manifest_sha256": manifest_sha256}
+    return {
+        "dir": os.path.abspath(data_dir),
+        "files": files,
+        "manifest_sha256": manifest_sha256,
+        "manifest_matched": manifest_matched,
+    }

@@ -1334,7 +1334,7 @@ class TestTraining:
 
     def test_help_shows_zero_and_list_defaults(self):
         help_text = " ".join(run_script("train.py", "--help", check=True).stdout.split())
-        for shown in ("L2 weight decay (default: 0.0)", "(default: 0)", "hidden layer (default: 64 32)"):
+        for shown in ("L2 weight decay (default: 0.0)", "(default: 0)", "hidden layer widths (default: 64 32)"):
             assert shown in help_text
 
     def test_dry_run_takes_one_batch_each_and_writes_nothing(self, synth_dir, tmp_path):

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import manage_data
 import pcam_files
 import plot_loss
 import run_folder
-import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -164,7 +164,7 @@ def is_nonblank_png(path):
 
 def evaluate_model(model, loader):
     """(loss, accuracy, AUC) of model over loader, as training evaluates validation and test, on the CPU."""
-    return train.validate(model, loader, torch.device("cpu"))
+    return evaluate.validate(model, loader, torch.device("cpu"))
 
 
 def save_checkpoint(checkpoint, path):

@@ -1,11 +1,8 @@
 """Train the PCAM MLP: `python train.py --epochs 5`, on a laptop, in salloc, or inside train_job.sh.
 
-Each run writes to its --out-dir: metrics.csv (a row per epoch), last.pt (end of every epoch, and before the
-first), best.pt (lowest validation loss), run.json (settings, versions, data, results), loss.png, and eval-test/
-(best.pt scored on the test split, as by evaluate.py). SIGTERM or SIGUSR1 stop the run after the current step with
-exit code 75 (Ctrl-C: 130); `--resume` then restarts the interrupted epoch from last.pt, and the result equals an
-uninterrupted run; `--resume auto` continues a run when its folder holds a last.pt and starts it otherwise (what
-train_job.sh passes). The run folder's life (lock, refusals, statuses, checkpoints) is in run_folder.py.
+A run writes metrics.csv, last.pt, best.pt, run.json, loss.png and eval-test/ to its --out-dir (run_folder.py keeps
+that folder; docs/runs.md describes it). SIGTERM or SIGUSR1 stop it after the current step with exit code 75
+(Ctrl-C: 130); `--resume` continues it from last.pt exactly, `--resume auto` also starts it when there is none.
 """
 
 import argparse
@@ -19,7 +16,6 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,19 +33,15 @@ INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (SIGINT), as a shell reports it
 # ten times a constant guess's validation loss (ln 2): the model puts on average about 0.1% on the true class, a
 # run that diverged rather than one that learns slowly (a fresh MLP starts near ln 2, an overfitting one below 3)
 DIVERGED_LOSS = 10 * math.log(2)
-TINY_CLASS_SHARE, TINY_CLASS_IMAGES = 0.01, 10  # a training split's minority class below either is warned about
-ARGUMENT_RULES = {  # name: (test, what the value must be)
-    "epochs": (lambda value: value > 0, "positive"),
-    "batch_size": (lambda value: value > 0, "positive"),
-    "log_every": (lambda value: value > 0, "positive"),
-    "lr": (lambda value: 0 < value < math.inf, "positive and finite"),
-    "weight_decay": (lambda value: 0 <= value < math.inf, "a finite number, 0 or more"),
-    "seed": (lambda value: 0 <= value < 2**32, "in 0 .. 2**32 - 1 (numpy's range)"),
-    "num_workers": (lambda value: value >= 0, "0 or more"),
-    "dropout": (lambda value: 0 <= value < 1, "in [0, 1)"),
-    "momentum": (lambda value: 0 <= value < 1, "in [0, 1)"),
-    "hidden_units": (lambda value: min(value) >= 1, "positive widths"),
-}
+ARGUMENT_RULES = (  # (arguments, test, what their values must be)
+    (("epochs", "batch_size", "log_every"), lambda value: value > 0, "positive"),
+    (("lr",), lambda value: 0 < value < math.inf, "positive and finite"),
+    (("weight_decay",), lambda value: 0 <= value < math.inf, "a finite number, 0 or more"),
+    (("seed",), lambda value: 0 <= value < 2**32, "in 0 .. 2**32 - 1 (numpy's range)"),
+    (("num_workers",), lambda value: value >= 0, "0 or more"),
+    (("dropout", "momentum"), lambda value: 0 <= value < 1, "in [0, 1)"),
+    (("hidden_units",), lambda value: min(value) >= 1, "positive widths"),
+)
 
 
 def build_parser():
@@ -66,7 +58,7 @@ def build_parser():
         "auto does when they fit",
     )
     group = parser.add_argument_group("model")
-    group.add_argument("--hidden-units", type=int, nargs="+", default=[64, 32], metavar="H", help="width of each hidden layer")
+    group.add_argument("--hidden-units", type=int, nargs="+", default=[64, 32], metavar="H", help="hidden layer widths")
     group.add_argument("--dropout", type=float, default=0.2, metavar="P", help="dropout after each hidden layer")
     group = parser.add_argument_group("optimisation")
     for flag, kind, default, metavar, text in (
@@ -113,22 +105,14 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    for name, (holds, what) in ARGUMENT_RULES.items():
-        if not holds(getattr(args, name)):
-            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    for names, holds, what in ARGUMENT_RULES:
+        for name in names:
+            if not holds(getattr(args, name)):
+                raise UserError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
     if args.out_dir == "":
         raise UserError("--out-dir is empty (an unset shell variable?); name the run folder, or leave the flag out")
     if args.resume is True and not args.out_dir and not os.environ.get("SLURM_JOB_ID"):
         raise UserError("--resume needs --out-dir: the run folder to continue (e.g. runs/20260101-120000)")
-
-
-def resume_target(args):
-    """(run folder, whether to resume): --resume continues --out-dir (this Slurm job's folder when not given);
-    --resume auto does when that folder holds a last.pt, and starts the run there otherwise."""
-    if not args.resume:
-        return args.out_dir, False
-    out_dir = args.out_dir or run_folder.default_out_dir()
-    return out_dir, args.resume is True or os.path.isfile(os.path.join(out_dir, "last.pt"))
 
 
 class StoppedDuringStartUp(Exception):
@@ -179,15 +163,6 @@ class Session:
             self.folder.finish(status, **details)
 
 
-def configure(args, folder, checkpoint):
-    """The settings the run trains with, as run.json records them: the arguments, with a resumed run's own settings
-    from its checkpoint and the folder it writes to."""
-    parsed = {name: value for name, value in vars(args).items() if name != "given"}
-    resumed = run_folder.resumed_settings(args, checkpoint) if checkpoint else {}
-    where = {"out_dir": folder.path if folder else args.out_dir, "resume": checkpoint is not None}
-    return argparse.Namespace(**{**parsed, **resumed, **where})
-
-
 def build_model(config, device):
     try:
         model = MLP(hidden_units=tuple(config.hidden_units), dropout_rate=config.dropout).to(device)
@@ -215,28 +190,12 @@ def set_up(session, device):
     log("arguments: " + " ".join(f"{k}={v}" for k, v in vars(config).items()))
     log("environment: " + " ".join(f"{k}={v}" for k, v in session.environment.items()))
     log(f"model: MLP hidden {config.hidden_units}, {sum(p.numel() for p in session.model.parameters()):,} parameters")
-    for name, batches in (("train", session.train_batches), ("valid", session.val_batches)):
-        counts = np.bincount(batches.dataset.labels, minlength=2)
-        log(
-            f"{name}: {len(batches.dataset):,} images kept, class 0 {counts[0]:,} / class 1 {counts[1]:,} "
-            f"({100 * counts[1] / counts.sum():.1f}% positive)"
-        )
-    counts = np.bincount(session.train_batches.dataset.labels, minlength=2)
-    if counts.min() < max(TINY_CLASS_IMAGES, TINY_CLASS_SHARE * counts.sum()):
-        print(
-            f"train.py: warning: the training split's minority class is tiny (class {counts.argmin()}: "
-            f"{counts.min():,} of {counts.sum():,} kept images); the balanced sampler repeats those few images, "
-            "expect a model that does not generalise",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def check_splits(config):
-    """What the end-of-run test evaluation will read, checked before the first step (training_batches checks train
-    and valid): the manifest when there is one, and the test split when any of its files is there, by its metadata
-    and a pixel-scale sample. Returns whether the data matched its manifest (None without one), and the test split
-    opened unfiltered (or None)."""
+    """Checked before the first step (training_batches checks train and valid): the manifest when there is one, and
+    the test split the run ends on when any of its files is there. (whether the data matched its manifest or None,
+    the test split opened unfiltered or None)."""
     manifest_matched = pcam_files.check_manifest(config.data_dir)
     test_set = None
     if any(os.path.exists(path) for path in pcam_files.split_paths(config.data_dir, "test")):
@@ -246,13 +205,8 @@ def check_splits(config):
 
 def train_one_epoch(session, epoch):
     """One pass over the train batches. Returns (loss, accuracy, images/s), or None when stopped early."""
-    model, batches, optimizer, device, config = (
-        session.model,
-        session.train_batches,
-        session.optimizer,
-        session.device,
-        session.config,
-    )
+    model, batches, optimizer = session.model, session.train_batches, session.optimizer
+    device, config = session.device, session.config
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=config.bf16)
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -284,13 +238,6 @@ def train_one_epoch(session, epoch):
     return loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - started)
 
 
-def validate(model, batches, device, max_batches=None):
-    """Loss, accuracy and ROC AUC over batches, in order, from fp32 logits whatever the training precision."""
-    loss, scores, labels = evaluate.predict(model, batches, device, max_batches)
-    accuracy = float(((scores >= evaluate.THRESHOLD) == (labels == 1)).mean())
-    return loss, accuracy, evaluate.roc_auc(scores, labels)
-
-
 def check_diverged(model, train_loss, val_loss, epoch):
     """A non-finite loss or weight, or an absurd validation loss, stops the run before its checkpoint is written."""
     for name, value in (("training loss", train_loss), ("validation loss", val_loss)):
@@ -311,7 +258,7 @@ def dry_run(session):
     """One logged batch of training and one of validation; nothing is written."""
     session.model.set_normalization(*data.channel_stats(session.train_batches.dataset))
     train_one_epoch(session, 1)
-    val_loss, val_acc, _ = validate(session.model, session.val_batches, session.device, max_batches=1)
+    val_loss, val_acc, _ = evaluate.validate(session.model, session.val_batches, session.device, max_batches=1)
     log(f"dry run: one validation batch, loss {val_loss:.4f} accuracy {val_acc:.3f}; nothing written")
 
 
@@ -328,17 +275,12 @@ def start_or_resume(session, checkpoint, manifest_matched):
         record = common.read_json(folder.file("run.json"))
         record.setdefault("resumed_at", []).append(run_folder.now())
         log(f"resuming {folder.path} after epoch {checkpoint['epoch']}")
-        written_on = checkpoint.get("written_on", {}).get("device")
-        if written_on and written_on != session.device.type:
-            log(
-                f"checkpoint written on {written_on}, resumed on {session.device.type}: results need not match bit "
-                "for bit those of an uninterrupted run"
-            )
+        run_folder.note_other_device(checkpoint, session.device)
     else:
         model.set_normalization(*data.channel_stats(session.train_batches.dataset))
         record = {"run_id": uuid.uuid4().hex, "started_at": run_folder.now()}
     log(f"normalisation: mean {model.channel_mean.flatten().tolist()} std {model.channel_std.flatten().tolist()}")
-    data_record = {**run_folder.data_record(session.config.data_dir), "manifest_matched": manifest_matched}
+    data_record = run_folder.data_record(session.config.data_dir, manifest_matched)
     folder.start({**record, "args": vars(session.config), "environment": session.environment, "data": data_record})
     if not checkpoint:
         run_folder.save_checkpoint(checkpoint_of(session, 0), folder.file("last.pt"))
@@ -348,12 +290,7 @@ def checkpoint_of(session, epoch):
     """Everything a resumed run needs, after epoch (0: before the first)."""
     return {
         "run_id": session.folder.record["run_id"],
-        "written_on": {
-            "device": session.device.type,
-            "device_name": session.environment["device"],
-            "cuda": torch.version.cuda,
-            "torch": str(torch.__version__),  # a plain str: weights_only loading refuses TorchVersion
-        },
+        "written_on": run_folder.written_on(session.device, session.environment),
         "model": session.model.state_dict(),
         "optimizer": session.optimizer.state_dict(),
         "epoch": epoch,
@@ -377,7 +314,7 @@ def train_epochs(session):
         if trained is None:
             return
         train_loss, train_acc, images_per_s = trained
-        val_loss, val_acc, val_auc = validate(session.model, session.val_batches, session.device)
+        val_loss, val_acc, val_auc = evaluate.validate(session.model, session.val_batches, session.device)
         check_diverged(session.model, train_loss, val_loss, epoch)
         improved = val_loss < session.best_val_loss
         session.best_val_loss = min(session.best_val_loss, val_loss)
@@ -406,10 +343,9 @@ def finish(session, test_set):
             signal.signal(signum, signal.SIG_IGN)
         interrupted = stopped_by == "SIGINT"
         exit_code = INTERRUPTED_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE
-        if interrupted:
-            folder.finish("interrupted")
-        else:
-            folder.finish("stopped", stop_signal=stopped_by)
+        folder.finish(
+            "interrupted" if interrupted else "stopped", **({} if interrupted else {"stop_signal": stopped_by})
+        )
         log(
             f"{'interrupted' if interrupted else 'stopped'} by {stopped_by}: {folder.file('last.pt')} holds epoch "
             f"{len(session.history)}; continue with --resume --out-dir {folder.path} (exit code {exit_code})"
@@ -423,7 +359,7 @@ def finish(session, test_set):
     try:
         plot_loss.plot_runs([folder.file("metrics.csv")], folder.file("loss.png"))
     except UserError as error:
-        print(f"train.py: note: loss.png not drawn: {error}", file=sys.stderr, flush=True)
+        log(f"train.py: note: loss.png not drawn: {error}", sys.stderr)
     log(f"done: {folder.path} (metrics.csv, best.pt, last.pt, run.json, loss.png, eval-test/)")
 
 
@@ -432,7 +368,7 @@ def run(session):
     the epoch loop, and the finish."""
     args = session.args
     check_args(args)
-    out_dir, resume = resume_target(args)
+    out_dir, resume = run_folder.resume_target(args)
     if resume and run_folder.run_is_complete(out_dir, args):
         return
     device = common.pick_device(args.device)
@@ -441,7 +377,7 @@ def run(session):
         session.folder = run_folder.RunFolder(out_dir)
         if session.folder.should_resume(resume):
             checkpoint = session.folder.checkpoint_to_resume()
-    session.config = configure(args, session.folder, checkpoint)
+    session.config = run_folder.run_settings(args, session.folder, checkpoint)
     manifest_matched, test_set = check_splits(session.config)
     set_up(session, device)
     if args.dry_run:
@@ -474,16 +410,12 @@ def main(argv=None):
         fail(session, f"train.py: error: {error}; {advice}")
     except StoppedDuringStartUp as error:
         session.end("stopped", stop_signal=str(error))
-        print(
-            f"train.py: stopped by {error} during start-up, before training; run the same command again "
-            f"(exit code {REQUEUE_EXIT_CODE})",
-            file=sys.stderr,
-            flush=True,
-        )
+        again = f"run the same command again (exit code {REQUEUE_EXIT_CODE})"
+        log(f"train.py: stopped by {error} during start-up, before training; {again}", sys.stderr)
         sys.exit(REQUEUE_EXIT_CODE)
     except KeyboardInterrupt:
         session.end("interrupted")
-        print("train.py: interrupted by SIGINT; last.pt keeps the last completed epoch", file=sys.stderr, flush=True)
+        log("train.py: interrupted by SIGINT; last.pt keeps the last completed epoch", sys.stderr)
         sys.exit(INTERRUPTED_EXIT_CODE)
     except Exception as error:  # a bug: the traceback follows, and run.json says the run failed
         session.end("failed", error=f"{type(error).__name__}: {common.error_line(error)}")
