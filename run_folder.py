@@ -88,9 +88,10 @@ class RunFolder:
     it is looked at. release() gives it back; a run refused before it started leaves it as it found it."""
 
     def __init__(self, path):
+        target = default_out_dir() if path is None else path
         try:
             self.created = path is None or not os.path.isdir(path)
-            self.path = new_run_folder(default_out_dir()) if path is None else path
+            self.path = new_run_folder(target) if path is None else path
             os.makedirs(self.path, exist_ok=True)
             self.created_lock = not os.path.exists(self.file(LOCK_NAME))
             in_use = (
@@ -98,7 +99,7 @@ class RunFolder:
             )
             self.lock = hold_lock(self.file(LOCK_NAME), in_use)
         except OSError as error:
-            raise UserError(f"cannot write to --out-dir {path}: {error.strerror}; choose a writable folder") from None
+            raise UserError(f"cannot write to --out-dir {target}: {error.strerror}; choose a writable folder") from None
         self.record = None  # run.json, once the run has started
 
     def file(self, name):

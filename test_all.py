@@ -67,6 +67,7 @@ from test_helpers import (
     settled_job,
     slurm_is_up,
     submitted_job,
+    throwaway_repo,
     tissue,
     train_args,
     wait_for_job,
@@ -3025,18 +3026,17 @@ class TestMutate:
     """mutate.py, on a throwaway module and its tests: it must tell a caught mutant from a missed one."""
 
     def test_a_mutant_a_test_catches_is_killed_one_it_misses_survives_and_equivalents_are_skipped(self, tmp_path):
-        (tmp_path / "clamp.py").write_text(
+        code = (
             "def clamp(value, low, high):\n    if value < low:\n        return low\n    return min(value, high)\n\n\n"
             "def unused():\n    return 1\n"
         )
-        (tmp_path / "test_clamp.py").write_text(
+        tests = (
             "import subprocess, sys\nfrom clamp import clamp\n\n\ndef test_low_values_become_low():\n"
             "    assert clamp(-5, 0, 10) == 0\n\n\ndef test_high_values_become_high_in_a_subprocess():\n"
             "    high = 'import clamp; assert clamp.clamp(20, 0, 10) == 10'\n"
             "    subprocess.run([sys.executable, '-c', high], check=True)\n"
         )
-        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-        options = ["--root", str(tmp_path), "--files", "clamp.py", "--tests", "test_clamp.py", "--mutants", "99"]
+        options = throwaway_repo(tmp_path, "clamp", code, tests, "--mutants", "99")
         output = run_script("mutate.py", *options, check=True).stdout
         assert "clamp.py:2: value < low -> value <= low  survived, 2 tests" in output, output
         assert "clamp.py:3: return low -> return None  killed, 1 tests" in output, output
@@ -3060,12 +3060,8 @@ class TestMutate:
         )
 
     def test_again_reruns_only_the_survivors_of_the_same_sample(self, tmp_path):
-        (tmp_path / "double.py").write_text("def double(x):\n    return x * 2  # twice\n")
-        (tmp_path / "test_double.py").write_text(
-            "from double import double\n\n\ndef test_zero():\n    assert double(0) == 0\n"
-        )
-        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-        options = ["--root", str(tmp_path), "--files", "double.py", "--tests", "test_double.py", "--max-tests", "1"]
+        code, tests = "def double(x):\n    return x * 2  # twice\n", "from double import double\n\n\ndef test_zero():\n"
+        options = throwaway_repo(tmp_path, "double", code, tests + "    assert double(0) == 0\n", "--max-tests", "1")
         result = run_script("mutate.py", *options, "--again")
         one_line_error(result, "no readable .mutate/results.json")
         assert "mapping lines" not in result.stdout  # refused before the suite runs under coverage
@@ -3088,12 +3084,9 @@ class TestMutate:
         one_line_error(run_script("mutate.py", "--root", str(tmp_path)), "is not a git work tree")
 
     def test_a_mutant_that_hangs_is_stopped_and_counted_as_killed(self, tmp_path):
-        (tmp_path / "countdown.py").write_text("def countdown(n):\n    while n > 0:\n        n = n - 1\n    return n\n")
-        (tmp_path / "test_countdown.py").write_text(
-            "from countdown import countdown\n\n\ndef test_countdown_ends_at_0():\n    assert countdown(3) == 0\n"
-        )
-        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-        options = ["--root", str(tmp_path), "--files", "countdown.py", "--tests", "test_countdown.py", "--grace", "2"]
+        code = "def countdown(n):\n    while n > 0:\n        n = n - 1\n    return n\n"
+        tests = "from countdown import countdown\n\n\ndef test_countdown_ends_at_0():\n    assert countdown(3) == 0\n"
+        options = throwaway_repo(tmp_path, "countdown", code, tests, "--grace", "2")
         output = run_script("mutate.py", *options, "--file", "countdown.py", "--line", "3", check=True).stdout
         assert "countdown.py:3: n - 1 -> n + 1  killed (timeout)" in output, output
         assert "mutation score: 2 killed of 2 (100%)" in output, output

@@ -344,3 +344,11 @@ def settled_job(job_id, timeout=120):
         return show if state and state.group(1) in JOB_ENDS else None
 
     return wait_until(settled_record, timeout, f"a final state of job {job_id} in scontrol")
+
+
+def throwaway_repo(folder, module, code, tests, *options):
+    """A git work tree holding module.py and test_module.py, and mutate.py's options for them."""
+    Path(folder, f"{module}.py").write_text(code)
+    Path(folder, f"test_{module}.py").write_text(tests)
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    return ["--root", str(folder), "--files", f"{module}.py", "--tests", f"test_{module}.py", *options]
