@@ -95,6 +95,13 @@ def data_folder(text):
     return text
 
 
+def output_folder(text):
+    """argparse's type for a folder a command writes: an empty one is an unset shell variable, never a folder."""
+    if text == "":
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); name the folder, or leave the flag out")
+    return text
+
+
 def add_data_dir_argument(parser):
     """--data-dir, the same in every script: $PCAM_DIR when set, else data/."""
     parser.add_argument(
@@ -112,7 +119,7 @@ def add_num_workers_argument(parser):
     parser.add_argument(
         "--num-workers",
         type=int,
-        default=int(os.environ.get("SLURM_CPUS_PER_TASK", "0")),
+        default=os.environ.get("SLURM_CPUS_PER_TASK") or "0",  # a string: argparse checks it as given
         metavar="W",
         help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)",
     )
@@ -163,7 +170,7 @@ def cuda_diagnosis():
         fix = f"install a torch built for CUDA {driver} or older, or load a newer driver"
     else:
         fix = f"install a torch built for CUDA (CUDA {driver} or older: see pytorch.org)"
-    return f"CUDA is not available here ({found}); {fix}, or pass --device cpu to train on the CPU"
+    return f"CUDA is not available here ({found}); {fix}, or pass --device cpu"
 
 
 def pick_device(requested):

@@ -239,7 +239,13 @@ def parse_args(argv=None):
         metavar="SPLIT",
         help="splits to scan; a missing one is skipped with a note while others are present",
     )
-    parser.add_argument("--out-dir", default=os.path.join("runs", "eda"), metavar="DIR", help="where the PNGs go")
+    parser.add_argument(
+        "--out-dir",
+        type=common.output_folder,
+        default=os.path.join("runs", "eda"),
+        metavar="DIR",
+        help="where the PNGs go",
+    )
     parser.add_argument(
         "--force", action="store_true", help="replace PNGs in --out-dir that eda.py did not write (never a data file)"
     )

@@ -42,7 +42,12 @@ def parse_args(argv=None):
     common.add_data_dir_argument(parser)
     parser.add_argument("--split", choices=pcam_files.SPLITS, default="test", help="the split to score")
     parser.add_argument("--filter-data", action="store_true", help="drop black and white outlier tiles")
-    parser.add_argument("--out-dir", metavar="DIR", help="output folder (default: eval-<split> beside the checkpoint)")
+    parser.add_argument(
+        "--out-dir",
+        type=common.output_folder,
+        metavar="DIR",
+        help="output folder (default: eval-<split> beside the checkpoint)",
+    )
     common.add_device_argument(parser)
     parser.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass")
     common.add_num_workers_argument(parser)
@@ -236,7 +241,7 @@ def prepare_out_dir(out_dir, about):
     """Refuse to replace an evaluation of another checkpoint or other data (results are not overwritten), or to
     write into a run folder while its run trains. Nothing is created here: evaluate_split makes the folder."""
     folder = os.path.dirname(os.path.abspath(out_dir))
-    if run_folder.run_is_live(folder):
+    if run_folder.run_is_live(folder) or run_folder.run_is_live(out_dir):
         raise UserError(
             f"{folder} belongs to a run that is still training (train.lock is held); evaluate once it has "
             "ended, or pass another --out-dir"

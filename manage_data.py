@@ -457,7 +457,11 @@ def parse_args(argv=None):
     add_synth_arguments(command("synth", "write a small synthetic PCAM-format set whose classes are learnable"))
     prepare = command("prepare", "write a cleaned, contiguous uint8 copy of every split present")
     prepare.add_argument(
-        "--out", required=True, metavar="DIR", help="folder for the prepared copy (e.g. node-local scratch)"
+        "--out",
+        type=common.output_folder,
+        required=True,
+        metavar="DIR",
+        help="folder for the prepared copy (e.g. node-local scratch)",
     )
     command("info", "print rows, dtype, layout, size and class balance per split")
     command("env", "check python, torch, CUDA and its device, h5py, and the PCAM files in the data dir")
@@ -480,6 +484,8 @@ def check_synth_arguments(args):
             sys.exit(f"manage_data.py synth: error: {flag} {count}: a split needs at least one image")
     if args.n_test < 0:
         sys.exit(f"manage_data.py synth: error: --n-test {args.n_test}: give 0 (no test split) or more images")
+    if args.seed < 0:
+        sys.exit(f"manage_data.py synth: error: --seed {args.seed}: give 0 or more")
     if not 0 <= args.poison <= 1:
         sys.exit(f"manage_data.py synth: error: --poison {args.poison:g}: give a fraction between 0 and 1")
 
@@ -497,7 +503,7 @@ def add_download_arguments(download):
         "--base-url",
         default=os.environ.get("PCAM_BASE_URL", ZENODO_URL),
         metavar="URL",
-        help="where the .h5.gz files live ($PCAM_BASE_URL if set, else Zenodo record 2546921)",
+        help="where the .h5.gz files live ($PCAM_BASE_URL if set)",
     )
     download.add_argument(
         "--checksums",

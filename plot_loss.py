@@ -50,8 +50,8 @@ def read_metrics(path, columns=COLUMNS):
     try:
         with open(csv_path, newline="", encoding="utf-8") as source:
             rows = list(csv.DictReader(source))
-    except UnicodeDecodeError:
-        raise UserError(f"{csv_path} is not UTF-8 text; is it a train.py metrics.csv?") from None
+    except (UnicodeDecodeError, csv.Error):
+        raise UserError(f"{csv_path} is not CSV text; is it a train.py metrics.csv?") from None
     except OSError as error:
         raise UserError(f"cannot read {csv_path}: {error.strerror}") from None
     missing = [column for column in columns if rows and column not in rows[0]]

@@ -240,7 +240,7 @@ def load_checkpoint(path, required=("model", "model_args")):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} not found; pass a run's best.pt or last.pt") from None
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, pickle.UnpicklingError) as error:
         raise UserError(
             f"cannot load checkpoint {path} ({type(error).__name__}): it is incomplete or not a checkpoint; pass a "
             "whole best.pt or last.pt written by train.py (a run's other checkpoint, or a new run)"

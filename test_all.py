@@ -1326,6 +1326,9 @@ class TestTraining:
             ("manage_data.py prepare", "the following arguments are required: --out"),
             ("eda.py --splits bogus", "invalid choice: 'bogus'"),
             ("plot_loss.py", "the following arguments are required: RUN_DIR_OR_CSV"),
+            ("eda.py --out-dir=", "argument --out-dir: is empty"),
+            ("evaluate.py best.pt --out-dir=", "argument --out-dir: is empty"),
+            ("manage_data.py prepare --out=", "argument --out: is empty"),
         ],
     )
     def test_command_line_mistakes_are_one_line_pointing_to_help(self, command, fragment):
@@ -1487,7 +1490,10 @@ class TestStopAndResume:
 
     def test_stopping_after_epoch_1_and_resuming_equals_a_straight_run(self, synth_dir, straight_run, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1"))
+        run_id = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["run_id"]
+        (tmp_path / "split" / "run.json").unlink()  # lost: the run goes on, its id taken from its checkpoint
         train.main(["--out-dir", str(tmp_path / "split"), "--data-dir", str(synth_dir), "--resume", "--epochs", "3"])
+        assert json.loads((tmp_path / "split" / "run.json").read_text())["run_id"] == run_id
         assert loss_columns(tmp_path / "split") == loss_columns(straight_run)
         assert_same_weights(tmp_path / "split", straight_run)
 
@@ -1937,7 +1943,7 @@ class TestTrainRefusals:
         result = run_script(
             "train.py", "--data-dir", str(synth_dir), "--out-dir", "", "--epochs", "1", "--device", "cpu"
         )
-        one_line_error(result, "--out-dir is empty")
+        one_line_error(result, "argument --out-dir: is empty")
         assert "step 1/" not in result.stdout
 
     def test_unwritable_out_dir_and_missing_data_are_reported(self, synth_dir, tmp_path):
@@ -2067,7 +2073,16 @@ class TestTrainRefusals:
         torch.save({"weights": torch.zeros(3)}, run_dir / "last.pt")
         one_line_error(run_script("train.py", *train_args(synth_dir, run_dir, "--resume")), "not a train.py checkpoint")
         (tmp_path / "metrics.csv").write_bytes(b"\xff\xfe\x00e\x00p\x00o\x00c\x00h")
-        one_line_error(run_script("plot_loss.py", str(tmp_path / "metrics.csv")), "not UTF-8 text")
+        one_line_error(run_script("plot_loss.py", str(tmp_path / "metrics.csv")), "is not CSV text")
+        (tmp_path / "metrics.csv").write_bytes(bytes(300_000))  # what a crash can leave: one field past csv's limit
+        one_line_error(run_script("plot_loss.py", str(tmp_path / "metrics.csv")), "is not CSV text")
+        one_line_error(
+            run_script("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), "--seed", "-1"), "--seed -1"
+        )
+        assert not (tmp_path / "s").exists()
+        dry_run = train_args(synth_dir, tmp_path / "dry", "--dry-run")  # as a broken job environment may set it:
+        assert run_script("train.py", *dry_run, env={"SLURM_CPUS_PER_TASK": ""}, check=True).returncode == 0
+        one_line_error(run_script("train.py", *dry_run, env={"SLURM_CPUS_PER_TASK": "abc"}), "invalid int value: 'abc'")
         for script in (("manage_data.py", "info"), ("train.py",), ("eda.py",)):
             one_line_error(run_script(*script, env={"PCAM_DIR": ""}), "empty")
         one_line_error(
@@ -2099,12 +2114,14 @@ def bad_checkpoints(run_dir, directory):
     best = torch.load(run_dir / "best.pt", weights_only=True)
     torch.save({"weights": torch.zeros(3)}, directory / "other.pt")
     (directory / "notes.pt").write_text("not a checkpoint\n")
+    (directory / "hello.pt").write_text("hello\n")  # torch's unpickler reads 'h' as an opcode: a KeyError
     whole = (run_dir / "best.pt").read_bytes()
     (directory / "truncated.pt").write_bytes(whole[: len(whole) // 2])  # a save cut off half-way
     torch.save({**best, "model_args": {"hidden_units": [128, 32], "dropout_rate": 0.2}}, directory / "shape.pt")
     return {
         "not ours": (directory / "other.pt", "is not a train.py checkpoint"),
         "text": (directory / "notes.pt", "cannot load checkpoint"),
+        "hello": (directory / "hello.pt", "cannot load checkpoint"),
         "truncated": (directory / "truncated.pt", "cannot load checkpoint"),
         "other shape": (directory / "shape.pt", "do not fit the MLP"),
         "missing": (directory / "nowhere.pt", "not found"),
@@ -2235,7 +2252,7 @@ class TestEvaluate:
         area = np.sum(np.diff(false_positive_rate) * (true_positive_rate[1:] + true_positive_rate[:-1]) / 2)
         assert area == pytest.approx(auc_by_pairs(scores, labels), abs=1e-12)  # the drawn curve has that area
 
-    @pytest.mark.parametrize("name", ["not ours", "text", "truncated", "other shape", "missing"])
+    @pytest.mark.parametrize("name", ["not ours", "text", "hello", "truncated", "other shape", "missing"])
     def test_evaluate_refuses_a_bad_checkpoint_in_one_line(self, straight_run, synth_dir, tmp_path, name):
         path, fragment = bad_checkpoints(straight_run, tmp_path)[name]
         result = run_script("evaluate.py", str(path), "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "eval"))
@@ -2267,6 +2284,12 @@ class TestEvaluate:
             result = run_script("evaluate.py", str(tmp_path / "run" / "last.pt"), "--data-dir", str(synth_dir))
             one_line_error(result, "still training")
             assert not (tmp_path / "run" / "eval-test").exists()
+            into_the_run = run_script(
+                *("evaluate.py", str(tmp_path / "run" / "last.pt"), "--data-dir", str(synth_dir)),
+                *("--out-dir", str(tmp_path / "run")),
+            )
+            one_line_error(into_the_run, "still training")
+            assert not (tmp_path / "run" / "metrics.json").exists()
             elsewhere = tmp_path / "elsewhere"
             run_script(
                 *("evaluate.py", str(tmp_path / "run" / "last.pt"), "--data-dir", str(synth_dir)),

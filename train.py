@@ -75,7 +75,10 @@ def build_parser():
     common.add_device_argument(group)
     group.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (CUDA or CPU)")
     group.add_argument(
-        "--out-dir", metavar="DIR", help="run folder (default: runs/<date-time>, or runs/slurm-<job id> in a Slurm job)"
+        "--out-dir",
+        type=common.output_folder,
+        metavar="DIR",
+        help="run folder (default: runs/<date-time>, or runs/slurm-<job id> in a Slurm job)",
     )
     group.add_argument(
         "--resume",
@@ -109,8 +112,6 @@ def check_args(args):
         for name in names:
             if not holds(getattr(args, name)):
                 raise UserError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
-    if args.out_dir == "":
-        raise UserError("--out-dir is empty (an unset shell variable?); name the run folder, or leave the flag out")
     if args.resume is True and not args.out_dir and not os.environ.get("SLURM_JOB_ID"):
         raise UserError("--resume needs --out-dir: the run folder to continue (e.g. runs/20260101-120000)")
 
@@ -272,7 +273,7 @@ def start_or_resume(session, checkpoint, manifest_matched):
         run_folder.restore_rng_state(checkpoint["rng"], data.generators(session.train_batches), session.device)
         session.start_epoch, session.best_val_loss = checkpoint["epoch"] + 1, checkpoint["best_val_loss"]
         session.history = checkpoint["history"]
-        record = common.read_json(folder.file("run.json"))
+        record = {"run_id": checkpoint["run_id"], **common.read_json(folder.file("run.json"))}  # run.json may be gone
         record.setdefault("resumed_at", []).append(run_folder.now())
         log(f"resuming {folder.path} after epoch {checkpoint['epoch']}")
         run_folder.note_other_device(checkpoint, session.device)
