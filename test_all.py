@@ -1346,6 +1346,17 @@ class TestTraining:
         assert "epoch 1/5 step 1/" in result.stdout and "dry run: one validation batch" in result.stdout
         assert not (tmp_path / "dry").exists()
 
+    def test_a_dry_run_of_a_resume_starts_from_the_checkpoints_weights(self, synth_dir, straight_run, tmp_path):
+        shutil.copytree(straight_run, tmp_path / "run")
+        before = sorted(os.listdir(tmp_path / "run"))
+
+        def validation_loss(*flags):
+            output = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--dry-run", *flags)).stdout
+            return float(re.search(r"dry run: one validation batch, loss ([\d.]+)", output).group(1))
+
+        assert validation_loss("--resume", "--epochs", "4") < validation_loss() - 0.1  # 3 epochs trained, or none
+        assert sorted(os.listdir(tmp_path / "run")) == before
+
     def test_start_up_says_what_it_runs_on(self, synth_dir, tmp_path, capsys):
         train.main(
             train_args(synth_dir, tmp_path / "r", "--dry-run")

@@ -255,9 +255,13 @@ def check_diverged(model, train_loss, val_loss, epoch):
         )
 
 
-def dry_run(session):
-    """One logged batch of training and one of validation; nothing is written."""
-    session.model.set_normalization(*data.channel_stats(session.train_batches.dataset))
+def dry_run(session, checkpoint):
+    """One logged batch of training and one of validation, from the checkpoint's weights when resuming; nothing is
+    written."""
+    if checkpoint:
+        session.model.load_state_dict(checkpoint["model"])
+    else:
+        session.model.set_normalization(*data.channel_stats(session.train_batches.dataset))
     train_one_epoch(session, 1)
     val_loss, val_acc, _ = evaluate.validate(session.model, session.val_batches, session.device, max_batches=1)
     log(f"dry run: one validation batch, loss {val_loss:.4f} accuracy {val_acc:.3f}; nothing written")
@@ -382,7 +386,7 @@ def run(session):
     manifest_matched, test_set = check_splits(session.config)
     set_up(session, device)
     if args.dry_run:
-        dry_run(session)
+        dry_run(session, checkpoint)
         return
     if session.stop.signal_name == "SIGINT":  # stopped during start-up: nothing trained, so no checkpoint to write
         raise KeyboardInterrupt
