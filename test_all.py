@@ -3005,6 +3005,8 @@ class TestMakeAndShellScripts:
             text=True,
             env=make_env({"HOLD": "yes" if ctrl_c else ""}),
             start_new_session=True,
+            # as in a terminal: a suite started in the background (nohup, CI) passes its ignored SIGINT down
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         busy = [int(pid) for pid in re.search(r"busy processes (\d+) (\d+)", process.stdout.readline()).groups()]
         wait_until(lambda: (tmp_path / "started").exists(), 120, "the suite's start")
