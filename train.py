@@ -277,7 +277,7 @@ def start_or_resume(session, checkpoint, manifest_matched):
         run_folder.restore_rng_state(checkpoint["rng"], data.generators(session.train_batches), session.device)
         session.start_epoch, session.best_val_loss = checkpoint["epoch"] + 1, checkpoint["best_val_loss"]
         session.history = checkpoint["history"]
-        record = {"run_id": checkpoint["run_id"], **common.read_json(folder.file("run.json"))}  # run.json may be gone
+        record = {"run_id": checkpoint.get("run_id") or uuid.uuid4().hex, **common.read_json(folder.file("run.json"))}
         record.setdefault("resumed_at", []).append(run_folder.now())
         log(f"resuming {folder.path} after epoch {checkpoint['epoch']}")
         run_folder.note_other_device(checkpoint, session.device)
