@@ -79,7 +79,7 @@ def images_per_s(loader, max_images=None):
 
 
 def read_in_blocks(x_path):
-    """Read the whole x file once, in data.py's large blocks, through h5py: the baseline of a pass."""
+    """Read the whole x file once, in pcam_files.py's large blocks, through h5py: the baseline of a pass."""
     with h5py.File(x_path, "r") as h5file:
         dset = h5file["x"]
         step = pcam_files.block_rows(dset)
