@@ -3043,7 +3043,7 @@ class TestLayout:
                 node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
             }
             imports[module] = names & modules - {module}
-        assert {"data", "train", "model"} <= modules and imports["model"] == set()
+        assert {"data", "train", "model"} <= modules and imports["model"] == imports["common"] == set()
 
         def reachable(start):
             seen, pending = set(), list(imports[start])
@@ -3056,6 +3056,18 @@ class TestLayout:
 
         cycles = sorted(module for module in modules if module in reachable(module))
         assert cycles == [], {module: sorted(imports[module]) for module in cycles}
+
+    def test_every_script_reads_in_one_sitting(self):
+        scripts = [path for path in os.listdir(HERE) if path.endswith(".py") and not path.startswith(("test_", "conf"))]
+        lines = {path: len(Path(HERE, path).read_text().splitlines()) for path in scripts}
+        assert lines["train.py"] < 450 and max(lines.values()) <= 600, lines
+        functions = [(path, node) for path in scripts for node in ast.walk(ast.parse(Path(HERE, path).read_text()))]
+        too_long = [
+            f"{path}:{node.name}"
+            for path, node in functions
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 50
+        ]
+        assert too_long == []
 
 
 class TestMutate:

@@ -91,9 +91,7 @@ def build_parser():
         "it when --out-dir holds a last.pt and starts it there otherwise (as a Slurm job that may be requeued does)",
     )
     group.add_argument("--log-every", type=int, default=50, metavar="STEPS", help="a progress line every STEPS steps")
-    group.add_argument(
-        "--dry-run", action="store_true", help="one logged batch of train and of validation, then stop; writes nothing"
-    )
+    group.add_argument("--dry-run", action="store_true", help="one batch of train and of validation; writes nothing")
     return parser
 
 
