@@ -1,7 +1,7 @@
 """PCAM data folders from the command line: download, synth, prepare, info, manifest, verify, env.
 
-`python manage_data.py COMMAND -h` for each; `python manage_data.py COMMAND` runs the same commands. What
-training imports (reading, cleaning, the filter, loaders) is in data.py.
+`python manage_data.py COMMAND -h` for each. Reading and checking the files is in pcam_files.py, cleaning and
+the loaders in data.py; the manifest these commands write is checked by pcam_files.check_manifest.
 """
 
 import errno
