@@ -208,6 +208,10 @@ class TestStorageAndPreload:
             expected = torch.from_numpy(images[rows].astype(np.uint8)).permute(0, 3, 1, 2)
             assert torch.equal(ds[rows][0], expected) and len(reads) == calls, rows
         assert isinstance(ds._reader, pcam_files.PositionalRows)
+        descriptor = ds._reader.fd
+        del ds  # the reader goes with its dataset, and its file descriptor with it
+        with pytest.raises(OSError):
+            os.fstat(descriptor)
 
     def test_pickled_dataset_carries_no_open_handle(self, small_set):
         ds = data.load_split(small_set, "train")
@@ -356,8 +360,9 @@ class TestLoaders:
         assert images.shape == (32, 3, 96, 96) and images.dtype == torch.uint8
         assert labels.shape == (32,) and labels.dtype == torch.long
         assert sum(len(labels) for _, labels in train_loader) == 200  # one epoch = the kept train rows
-        test_images, _ = next(iter(data.get_test_loader(small_set, batch_size=16)))
-        assert test_images.shape == (16, 3, 96, 96)
+        test_loader = data.get_test_loader(small_set, batch_size=16)
+        assert next(iter(test_loader))[0].shape == (16, 3, 96, 96)
+        assert train_loader.num_workers == test_loader.num_workers == 0  # no worker processes unless asked for
 
     def test_a_batch_size_of_one_is_the_smallest_the_loaders_take(self, tmp_path):
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
@@ -878,6 +883,10 @@ class TestDataCommands:
         )
         for flag in ("--n-train", "--n-valid"):
             one_line_error(run_script("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), flag, "0"), flag)
+        for share in ("1.5", "-0.1"):
+            one_line_error(
+                run_script("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), "--poison", share), share
+            )
         assert not os.path.exists(tmp_path / "s")
 
     @pytest.mark.download
@@ -951,6 +960,7 @@ class TestDownload:
         result = download(pcam_server, tmp_path / "data", "train", "valid")
         assert result.returncode == 0, result.stderr
         assert "md5 ok" in result.stdout and "download" in result.stdout
+        assert result.stdout.count(" ready (") == 4, result.stdout  # a line per unpacked file
         rates = re.findall(r"_train_x\.h5\.gz\S*: 100%, ([\d.]+) MiB/s", result.stdout)
         assert len(rates) == 1 and float(rates[0]) > 0, result.stdout  # bytes over the seconds they took
         for split in ("train", "valid"):
@@ -1051,6 +1061,8 @@ class TestModel:
 
     def test_mlp_maps_a_batch_to_two_logits(self):
         assert MLP()(torch.rand(8, 3, 96, 96) * 255).shape == (8, 2)
+        widths = [tuple(layer.weight.shape) for layer in MLP().modules() if isinstance(layer, torch.nn.Linear)]
+        assert widths == [(64, 3 * 96 * 96), (32, 64), (2, 32)]  # train.py's --hidden-units 64 32 by default
         assert MLP(hidden_units=(16,), num_classes=5)(torch.rand(3, 3, 96, 96)).shape == (3, 5)
         torch.manual_seed(0)
         model = MLP(hidden_units=(16, 8), dropout_rate=0.5).eval()
@@ -1345,6 +1357,18 @@ class TestTraining:
         result = run_script("train.py", *train_args(synth_dir, tmp_path / "dry", "--dry-run"), check=True)
         assert "epoch 1/5 step 1/" in result.stdout and "dry run: one validation batch" in result.stdout
         assert not (tmp_path / "dry").exists()
+
+    def test_a_dry_run_validates_one_batch(self, synth_dir, tmp_path, monkeypatch):
+        scored, predict = [], evaluate.predict
+
+        def counted(model, batches, device, max_batches=None):
+            result = predict(model, batches, device, max_batches)
+            scored.append(len(result[2]))
+            return result
+
+        monkeypatch.setattr(evaluate, "predict", counted)
+        train.main(train_args(synth_dir, tmp_path / "dry", "--dry-run"))
+        assert scored == [64]  # one batch of --batch-size 64, of a 512-image split
 
     def test_a_dry_run_of_a_resume_starts_from_the_checkpoints_weights(self, synth_dir, straight_run, tmp_path):
         shutil.copytree(straight_run, tmp_path / "run")
@@ -2005,6 +2029,16 @@ class TestTrainRefusals:
         one_line_error(run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", "1")), "best.pt")
         assert {name: (tmp_path / "run" / name).read_bytes() for name in kept} == kept
 
+    def test_a_slurm_job_and_an_array_task_each_get_their_own_folder(self, monkeypatch):
+        for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+            monkeypatch.delenv(name, raising=False)
+        assert re.fullmatch(r"runs/\d{8}-\d{6}", run_folder.default_out_dir())
+        monkeypatch.setenv("SLURM_JOB_ID", "124")
+        monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "123")  # Slurm sets it alone for a job's heterogeneous parts too
+        assert run_folder.default_out_dir() == "runs/slurm-124"
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+        assert run_folder.default_out_dir() == "runs/slurm-123_7"
+
     def test_runs_started_in_the_same_second_get_a_folder_each(self, synth_dir, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
         monkeypatch.setattr(run_folder, "default_out_dir", lambda: os.path.join("runs", "20260101-120000"))
@@ -2158,6 +2192,7 @@ class TestEvaluate:
             check=True,
         )
         assert result.stdout.startswith("valid: 512 images, loss ") and str(out) in result.stdout
+        assert len(result.stdout.splitlines()) == 1, result.stdout  # the checkpoint's digest prints no progress
         rows, labels, scores, predicted = read_predictions(out / "predictions.csv")
         assert rows.tolist() == list(range(512))
         assert labels.tolist() == pcam_files.read_labels(pcam_files.split_paths(synth_dir, "valid")[1]).tolist()
@@ -2177,6 +2212,9 @@ class TestEvaluate:
         assert metrics["checkpoint"]["sha256"] == hashlib.sha256((straight_run / "best.pt").read_bytes()).hexdigest()
         assert metrics["versions"]["torch"] == torch.__version__ and metrics["split"] == "valid"
         assert is_nonblank_png(out / "roc.png") and is_nonblank_png(out / "confusion.png")
+        best_epoch = read_csv_rows(straight_run / "metrics.csv")[metrics["checkpoint"]["epoch"] - 1]
+        assert float(best_epoch["val_acc"]) == pytest.approx(metrics["accuracy"], abs=1e-6)  # train.py's validation
+        assert float(best_epoch["val_loss"]) == pytest.approx(metrics["loss"], abs=1e-5)
 
     def test_evaluate_with_filter_data_names_the_rows_of_the_split_file(self, straight_run, tmp_path):
         images = tissue(40, seed=5)
@@ -2630,6 +2668,15 @@ class TestEda:
         summary = eda.scan_split(tmp_path, "train", 4, data.BLACK_THRESHOLD, data.WHITE_THRESHOLD).summary()
         pixels = images.reshape(-1, 3).astype(np.float64)
         assert np.allclose(summary["mean"], pixels.mean(axis=0)) and np.allclose(summary["std"], pixels.std(axis=0))
+
+    def test_a_pixel_of_0_beside_a_nan_is_in_range(self, tmp_path):
+        images = tissue(8, dtype=np.float32)
+        images[1, 0, 0, 0], images[1, 0, 1, 0] = np.nan, 0.0  # a suspect row, for its NaN
+        images[2, 0, 0, 0] = -1.0
+        write_split(tmp_path, "train", images, labels_of(8, 4))
+        scan = eda.scan_split(tmp_path, "train", 4, data.BLACK_THRESHOLD, data.WHITE_THRESHOLD)
+        assert scan.flags["nan"].tolist() == [False, True] + [False] * 6
+        assert scan.flags["out_of_range"].tolist() == [False, False, True] + [False] * 5
 
     def test_eda_counts_are_exact_and_its_figures_are_drawn(self, poisoned_dir, tmp_path):
         result = run_script(
