@@ -114,6 +114,10 @@ def add_data_dir_argument(parser):
     )
 
 
+def add_out_dir_argument(parser, help_text, default=None):
+    parser.add_argument("--out-dir", type=output_folder, default=default, metavar="DIR", help=help_text)
+
+
 def add_num_workers_argument(parser):
     """--num-workers, the same in every script: $SLURM_CPUS_PER_TASK in a Slurm job, else 0."""
     parser.add_argument(

@@ -239,13 +239,7 @@ def parse_args(argv=None):
         metavar="SPLIT",
         help="splits to scan; a missing one is skipped with a note while others are present",
     )
-    parser.add_argument(
-        "--out-dir",
-        type=common.output_folder,
-        default=os.path.join("runs", "eda"),
-        metavar="DIR",
-        help="where the PNGs go",
-    )
+    common.add_out_dir_argument(parser, "where the PNGs go", default=os.path.join("runs", "eda"))
     parser.add_argument(
         "--force", action="store_true", help="replace PNGs in --out-dir that eda.py did not write (never a data file)"
     )

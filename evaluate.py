@@ -42,12 +42,7 @@ def parse_args(argv=None):
     common.add_data_dir_argument(parser)
     parser.add_argument("--split", choices=pcam_files.SPLITS, default="test", help="the split to score")
     parser.add_argument("--filter-data", action="store_true", help="drop black and white outlier tiles")
-    parser.add_argument(
-        "--out-dir",
-        type=common.output_folder,
-        metavar="DIR",
-        help="output folder (default: eval-<split> beside the checkpoint)",
-    )
+    common.add_out_dir_argument(parser, "output folder (default: eval-<split> beside the checkpoint)")
     common.add_device_argument(parser)
     parser.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass")
     common.add_num_workers_argument(parser)

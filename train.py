@@ -74,12 +74,7 @@ def build_parser():
     group = parser.add_argument_group("run")
     common.add_device_argument(group)
     group.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (CUDA or CPU)")
-    group.add_argument(
-        "--out-dir",
-        type=common.output_folder,
-        metavar="DIR",
-        help="run folder (default: runs/<date-time>, or runs/slurm-<job id> in a Slurm job)",
-    )
+    common.add_out_dir_argument(group, "run folder (default: runs/<date-time>, or runs/slurm-<job id> in a Slurm job)")
     group.add_argument(
         "--resume",
         nargs="?",
