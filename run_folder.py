@@ -78,6 +78,17 @@ def new_run_folder(path):
             candidate = f"{path}-{number}"
 
 
+def outermost_missing(path):
+    """The outermost folder on the way to path that does not exist yet (path itself when its parent does), or None
+    when path exists: what creating path creates."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return None
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
 def run_is_live(folder):
     """Whether a live train.py holds the run folder's lock."""
     return is_locked(os.path.join(folder, LOCK_NAME))
@@ -89,10 +100,11 @@ class RunFolder:
 
     def __init__(self, path):
         target = default_out_dir() if path is None else path
+        outermost = outermost_missing(target)
         try:
-            self.created = path is None or not os.path.isdir(path)
             self.path = new_run_folder(target) if path is None else path
             os.makedirs(self.path, exist_ok=True)
+            self.created = outermost or (os.path.abspath(self.path) if path is None else None)  # what release removes
             self.created_lock = not os.path.exists(self.file(LOCK_NAME))
             in_use = (
                 f"{self.path} is in use by another run ({{holder}}); wait for it to end, or choose another --out-dir"
@@ -151,9 +163,13 @@ class RunFolder:
         """Let go of the lock; a folder this run created, or its lock file, goes again if the run never started."""
         if self.record is None and (self.created or self.created_lock):
             os.remove(self.lock.name)  # refused before it started: it leaves the folder as it found it
-        if self.created and self.record is None:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.path)  # only when empty: nothing of value goes
+        folder = os.path.abspath(self.path)
+        with contextlib.suppress(OSError):  # only empty folders go: nothing of value
+            while self.created and self.record is None:
+                os.rmdir(folder)
+                if folder == self.created:
+                    break
+                folder = os.path.dirname(folder)
         self.lock.close()
 
 

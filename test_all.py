@@ -1908,6 +1908,20 @@ class TestTrainRefusals:
         one_line_error(run_script("train.py", *args), fragment)
         assert not (tmp_path / "run" / "metrics.csv").exists()
 
+    def test_a_refused_run_removes_every_folder_it_made_and_no_other(self, synth_dir, tmp_path):
+        (tmp_path / "mine").mkdir()  # the user's own empty folder
+        deep = train_args(synth_dir, tmp_path / "mine" / "a" / "b", "--resume")
+        one_line_error(run_script("train.py", *deep), "no checkpoint")
+        in_a_job = subprocess.run(  # its folder is runs/slurm-123, and runs/ is made for it
+            [sys.executable, os.path.join(HERE, "train.py"), "--data-dir", str(synth_dir), "--resume"],
+            cwd=tmp_path / "mine",
+            env={**os.environ, "SLURM_JOB_ID": "123"},
+            capture_output=True,
+            text=True,
+        )
+        one_line_error(in_a_job, "no checkpoint")
+        assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []
+
     @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
     def test_cuda_without_cuda_is_refused_and_auto_falls_back(self, synth_dir, tmp_path):
         result = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--device", "cuda")
