@@ -1338,6 +1338,7 @@ class TestTraining:
             ("manage_data.py prepare", "the following arguments are required: --out"),
             ("eda.py --splits bogus", "invalid choice: 'bogus'"),
             ("plot_loss.py", "the following arguments are required: RUN_DIR_OR_CSV"),
+            ("train.py --resume runs/demo", "--resume: takes auto or nothing, not 'runs/demo': continue a run with"),
             ("eda.py --out-dir=", "argument --out-dir: is empty"),
             ("evaluate.py best.pt --out-dir=", "argument --out-dir: is empty"),
             ("manage_data.py prepare --out=", "argument --out: is empty"),

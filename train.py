@@ -44,6 +44,14 @@ ARGUMENT_RULES = (  # (arguments, test, what their values must be)
 )
 
 
+def resume_mode(text):
+    if text != "auto":  # a folder, most likely: the run to continue is named by --out-dir
+        raise argparse.ArgumentTypeError(
+            f"takes auto or nothing, not {text!r}: continue a run with --out-dir DIR --resume"
+        )
+    return text
+
+
 def build_parser():
     parser = common.ArgumentParser(description="Train an MLP on PCAM patches (see README.md).")
     group = parser.add_argument_group("data")
@@ -80,7 +88,7 @@ def build_parser():
         nargs="?",
         const=True,
         default=False,
-        choices=("auto",),
+        type=resume_mode,
         metavar="auto",
         help="continue the run in --out-dir from its last.pt, refused when there is none; --resume auto continues "
         "it when --out-dir holds a last.pt and starts it there otherwise (as a Slurm job that may be requeued does)",
