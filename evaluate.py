@@ -109,13 +109,6 @@ def predict(model, batches, device, max_batches=None):
     return loss_sum.item() / len(labels_seen), scores, labels_seen
 
 
-def validate(model, batches, device, max_batches=None):
-    """Loss, accuracy and ROC AUC over batches, in order, from fp32 logits whatever the training precision."""
-    loss, scores, labels = predict(model, batches, device, max_batches)
-    accuracy = float(((scores >= THRESHOLD) == (labels == 1)).mean())
-    return loss, accuracy, roc_auc(scores, labels)
-
-
 def ratio(numerator, denominator):
     return numerator / denominator if denominator else float("nan")
 
@@ -135,6 +128,13 @@ def classification_metrics(loss, scores, labels):
         "specificity": specificity,
         "confusion": [[tn, fp], [fn, tp]],
     }
+
+
+def validate(model, batches, device, max_batches=None):
+    """Loss, accuracy and ROC AUC over batches, in order, from fp32 logits whatever the training precision."""
+    loss, scores, labels = predict(model, batches, device, max_batches)
+    metrics = classification_metrics(loss, scores, labels)
+    return loss, metrics["accuracy"], metrics["auc"]
 
 
 def describe(checkpoint_path, checkpoint, data_dir, split, filter_data, device):

@@ -146,10 +146,9 @@ class RunFolder:
 
     def start(self, record):
         """run.json says "running"; from here on the run's end is recorded in it, whatever that end is."""
-        for stale in ("error", "stop_signal"):  # from the attempt this run resumes
-            record.pop(stale, None)
-        write_json({**record, "status": "running"}, self.file("run.json"))
-        self.record = {**record, "status": "running"}
+        stale = ("error", "stop_signal")  # from the attempt this run resumes
+        self.record = {**{key: value for key, value in record.items() if key not in stale}, "status": "running"}
+        write_json(self.record, self.file("run.json"))
 
     def finish(self, status, **details):
         """run.json's final status: done, stopped, interrupted or failed (with the error line)."""
