@@ -39,11 +39,11 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed ## create .venv and install requirements.txt
 
-test: $(VENV)/.installed $(VENV)/.mutate-tools ## run the test suite (test_all.py), the Slurm and download tests included
-	$(PY) -m pytest test_all.py
+test: $(VENV)/.installed $(VENV)/.mutate-tools ## run the test suite (every test_*.py), the Slurm and download tests included
+	$(PY) -m pytest $(wildcard test_*.py)
 
 test-fast: $(VENV)/.installed $(VENV)/.mutate-tools ## the test suite without the Slurm and download tests
-	$(PY) -m pytest test_all.py -m "not slurm and not download"
+	$(PY) -m pytest $(wildcard test_*.py) -m "not slurm and not download"
 
 .PHONY: test-loaded mutate
 test-loaded: $(VENV)/.installed ## make test beside two CPU-bound processes: the suite must not depend on timing

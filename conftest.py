@@ -1,4 +1,4 @@
-"""pytest fixtures and hooks for test_all.py: data sets, training runs to compare against, a PCAM server on
+"""pytest fixtures and hooks for the test_*.py files: data sets, training runs to compare against, a PCAM server on
 127.0.0.1 and a copy of the project to submit to Slurm. The helpers the tests import are in test_helpers.py."""
 
 import gzip
@@ -29,9 +29,9 @@ def small_set(tmp_path):
     return tmp_path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    """A synthetic set of 1,536 train, 512 valid and 256 test images, shared by the module."""
+    """A synthetic set of 1,536 train, 512 valid and 256 test images, shared by the suite."""
     directory = tmp_path_factory.mktemp("synth")
     manage_data.main(
         ["synth", "--data-dir", str(directory), "--n-train", "1536", "--n-valid", "512", "--n-test", "256"]
@@ -39,7 +39,7 @@ def synth_dir(tmp_path_factory):
     return directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def poisoned_dir(tmp_path_factory):
     """A float32 set with known defects: train and valid, no test split."""
     directory = tmp_path_factory.mktemp("poisoned")
@@ -72,7 +72,7 @@ def read_only_dir(small_disk):
     return small_disk
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight_run(synth_dir, tmp_path_factory):
     """A 3-epoch run that the reproducibility and resume tests compare against."""
     out_dir = tmp_path_factory.mktemp("runs") / "straight"

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--file", metavar="PATH", help="try every mutant of one file's --line instead of a sample")
     parser.add_argument("--line", type=int, metavar="N", help="the line of --file")
     parser.add_argument("--files", nargs="+", default=SCRIPTS, metavar="PATH", help="files to mutate (the scripts)")
-    parser.add_argument("--tests", default="test_all.py", metavar="PATH", help="test file (default: test_all.py)")
+    parser.add_argument("--tests", nargs="+", metavar="PATH", help="test files (default: the root's test_*.py)")
     parser.add_argument(
         "--max-tests", type=int, default=25, metavar="N", help="fastest covering tests run (default: 25)"
     )
@@ -62,6 +62,7 @@ def parse_args(argv=None):
         help="the last sample again, running only its survivors and uncovered mutants (after new tests)",
     )
     args = parser.parse_args(argv)
+    args.tests = args.tests or sorted(path.name for path in Path(args.root).glob("test_*.py"))
     if (args.file is None) != (args.line is None):
         parser.error("--file and --line go together")
     if args.again and args.file:
@@ -197,7 +198,7 @@ def scratch_copy(root):
 
 def covering_tests(root, scratch, args):
     """({file: {line: [test ids, fastest first]}}, {test id: seconds}), from the cache while no .py file changed."""
-    digest = hashlib.sha256(" ".join([args.tests, *args.files]).encode())
+    digest = hashlib.sha256(" ".join([*args.tests, *args.files]).encode())
     for path in sorted(Path(scratch).glob("*.py")):
         if path.name != os.path.basename(__file__):  # the runner's own changes leave the map as it was
             digest.update(path.name.encode() + path.read_bytes())
@@ -205,7 +206,7 @@ def covering_tests(root, scratch, args):
     cached = read_json(cache)
     if isinstance(cached, dict) and cached.get("key") == digest.hexdigest() and "map" in cached:
         return cached["map"]
-    print(f"mutate: mapping lines to tests (one run of {args.tests} under coverage)", flush=True)
+    print("mutate: mapping lines to tests (one run of the suite under coverage)", flush=True)
     lines_and_seconds = measure(scratch, args)
     cache.parent.mkdir(exist_ok=True)
     (cache.parent / ".gitignore").write_text("*\n")
@@ -222,12 +223,12 @@ def measure(scratch, args):
     (data_dir / "coveragerc").write_text(f"[run]\nparallel = true\ninclude ={include}\n")
     command = [sys.executable, "-m", "coverage", "run", f"--rcfile={data_dir / 'coveragerc'}"]
     command += [f"--data-file={data_dir / 'main'}", "-m", "pytest"]
-    command += [args.tests, "-q", "-m", "not slurm", "-p", "mutate", "-p", "no:cacheprovider"]
+    command += [*args.tests, "-q", "-m", "not slurm", "-p", "mutate", "-p", "no:cacheprovider"]
     plugin_path = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), os.getenv("PYTHONPATH")]))
     env = {**os.environ, "MUTATE_MAP_DIR": str(data_dir), "PYTHONPATH": plugin_path}
     subprocess.run(command, cwd=scratch, env=env, check=False)
     if not (data_dir / "tests.json").exists():
-        sys.exit(f"mutate.py: error: pytest stopped before the end of {args.tests}; its output above says why")
+        sys.exit("mutate.py: error: pytest stopped before the end of the suite; its output above says why")
     tests = json.loads((data_dir / "tests.json").read_text())
     covering = {name: {} for name in args.files}
     for data_file in [*data_dir.glob("main.*"), *data_dir.glob("test-*.*[!c]")]:

@@ -352,3 +352,26 @@ def throwaway_repo(folder, module, code, tests, *options):
     Path(folder, f"test_{module}.py").write_text(tests)
     subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
     return ["--root", str(folder), "--files", f"{module}.py", "--tests", f"test_{module}.py", *options]
+
+
+def train_until(args, marker, env=None, new_session=False):
+    """train.py in a process of its own, returned once it has logged a line holding marker; new_session: in its
+    own process group, as sbatch and a terminal start it."""
+    process = subprocess.Popen(
+        [sys.executable, "-u", "train.py", *args],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=new_session,
+    )
+    for line in process.stdout:
+        if marker in line:
+            return process
+    raise AssertionError(f"train.py ended before logging {marker!r}, with exit code {process.wait()}")
+
+
+def start_run(args):
+    """train.py in its own process group, returned once step 10 is logged."""
+    return train_until(args, " step 10/", new_session=True)

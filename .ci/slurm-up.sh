@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a single-node Slurm on this machine, on loopback, for the job-script tests in test_all.py:
+# Start a single-node Slurm on this machine, on loopback, for the job-script tests in test_jobs.py:
 # partitions thin_course (default) and gpu_course, one GPU the node advertises without a real device,
 # and accounting (sacct) through slurmdbd with a private MariaDB. Run as root; safe to run twice.
 set -euo pipefail
