@@ -148,12 +148,12 @@ def reference_end_to_end(x_path, y_path):
     return seen / (time.perf_counter() - started)
 
 
-def seconds(work, repeats=2):
-    """Best wall time of a few runs."""
+def seconds(work, *args, repeats=2, **kwargs):
+    """Best wall time of a few runs of work(*args, **kwargs)."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        work()
+        work(*args, **kwargs)
         times.append(time.perf_counter() - started)
     return min(times)
 
@@ -166,31 +166,14 @@ def ensure_set(directory, n_train, dtype, poison, **x_options):
             if len(h5file["x"]) == n_train and h5file["x"].dtype == np.dtype(dtype):
                 return
     source = directory + "_source" if x_options else directory
-    args = [
-        "synth",
-        "--data-dir",
-        source,
-        "--n-train",
-        str(n_train),
-        "--n-valid",
-        str(max(n_train // 8, 256)),
-        "--n-test",
-        "0",
-        "--dtype",
-        dtype,
-        "--poison",
-        str(poison),
-        "--force",
-    ]
-    manage_data.main(args)
+    args = ["synth", "--data-dir", source, "--n-train", str(n_train), "--n-valid", str(max(n_train // 8, 256))]
+    manage_data.main([*args, "--n-test", "0", "--dtype", dtype, "--poison", str(poison), "--force"])
     if x_options:
         os.makedirs(directory, exist_ok=True)
         for split in ("train", "valid"):
-            for src, out in zip(
-                pcam_files.split_paths(source, split), pcam_files.split_paths(directory, split), strict=True
-            ):
+            sources, outputs = pcam_files.split_paths(source, split), pcam_files.split_paths(directory, split)
+            for key, src, out in zip("xy", sources, outputs, strict=True):
                 with h5py.File(src, "r") as h5src, h5py.File(out, "w") as h5out:
-                    key = "x" if src.endswith("_x.h5") else "y"
                     h5out.create_dataset(key, data=h5src[key][()], **(x_options if key == "x" else {}))
 
 
@@ -216,22 +199,8 @@ def end_to_end(data_dir):
         with tempfile.TemporaryDirectory() as out_dir:
             # SGD, as the plain step; torch imports torch._dynamo (about 2 s here) when the first optimiser is
             # made: start-up, not training
-            argv = [
-                "--data-dir",
-                data_dir,
-                "--epochs",
-                "1",
-                "--device",
-                "cpu",
-                "--optimizer",
-                "sgd",
-                "--momentum",
-                "0",
-                "--out-dir",
-                os.path.join(out_dir, "run"),
-                "--log-every",
-                "1000",
-            ]
+            argv = ["--data-dir", data_dir, "--epochs", "1", "--device", "cpu", "--optimizer", "sgd", "--momentum", "0"]
+            argv += ["--out-dir", os.path.join(out_dir, "run"), "--log-every", "1000"]
             run = subprocess.run([sys.executable, "-c", timed, *argv], check=True, capture_output=True, text=True)
             with open(os.path.join(out_dir, "run", "metrics.csv"), newline="") as metrics:
                 rate = float(next(csv.DictReader(metrics))["images_per_s"])
@@ -284,25 +253,6 @@ def training_rows(data_dir, n_train, plain_train, plain_forward):
     ]
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Benchmark the PCAM data pipeline and training against plain PyTorch.")
-    parser.add_argument(
-        "--n-train", type=int, default=32768, metavar="N", help="train images in each synthetic set (default: 32768)"
-    )
-    parser.add_argument(
-        "--n-packed",
-        type=int,
-        default=16384,
-        metavar="N",
-        help="train images in the chunked gzip set, twice the chunk cache (default: 16384)",
-    )
-    parser.add_argument(
-        "--dir", default="bench_data", metavar="DIR", help="where the sets are written (default: bench_data)"
-    )
-    parser.add_argument("--rss-probe", metavar="DIR", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
 def data_path_rows(sets, plain_train):
     """Loader epochs, filter passes and eda.py scans of each set, against the reference pipeline."""
     rows = []  # (what, file, value, unit, ratio)
@@ -320,14 +270,11 @@ def data_path_rows(sets, plain_train):
                 ("  vs plain MLP training step", label, ours, "images/s", f"{ours / plain_train:.1f}x plain step")
             )
         if name != "packed":
-            read = seconds(lambda x_path=x_path: read_in_blocks(x_path))
-            mask = seconds(lambda x_path=x_path: data.outlier_mask(x_path))
-            ref_filter = seconds(
-                lambda x_path=x_path, y_path=y_path: ReferencePCAM(x_path, y_path, filter_data=True), 1
-            )
+            read, mask = seconds(read_in_blocks, x_path), seconds(data.outlier_mask, x_path)
+            ref_filter = seconds(ReferencePCAM, x_path, y_path, filter_data=True, repeats=1)
             rows.append(("filter pass, pcam-mlp", label, mask, "s", f"{mask / read:.2f}x block read ({read:.2f} s)"))
             rows.append(("filter pass, reference", label, ref_filter, "s", f"{ref_filter / mask:.1f}x pcam-mlp"))
-            scan = seconds(lambda x_path=x_path: eda.scan_split(os.path.dirname(x_path), "train", 8, 5.0, 250.0))
+            scan = seconds(eda.scan_split, os.path.dirname(x_path), "train", 8, 5.0, 250.0)
             rows.append(("eda.py scan", label, scan, "s", f"{scan / read:.2f}x block read"))
     return rows
 
@@ -368,13 +315,7 @@ def streaming_run_rss_row(float32_dir):
         )
     size = sum(os.path.getsize(pcam_files.split_paths(float32_dir, s)[0]) for s in ("train", "valid", "valid"))
     peak = int(run.stdout.split()[-1]) / 1024
-    return (
-        "peak RSS, streaming train.py run",
-        f"float32 {size / 2**30:.2f} GiB",
-        peak,
-        "MiB",
-        "valid+test+plots; < 600",
-    )
+    return "peak RSS, streaming train.py run", f"float32 {size / 2**30:.2f} GiB", peak, "MiB", "valid+test+plots; < 600"
 
 
 def print_table(rows):
@@ -389,7 +330,22 @@ def print_table(rows):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(description="Benchmark the PCAM data pipeline and training against plain PyTorch.")
+    parser.add_argument(
+        "--n-train", type=int, default=32768, metavar="N", help="train images in each synthetic set (default: 32768)"
+    )
+    parser.add_argument(
+        "--n-packed",
+        type=int,
+        default=16384,
+        metavar="N",
+        help="train images in the chunked gzip set, twice the chunk cache (default: 16384)",
+    )
+    parser.add_argument(
+        "--dir", default="bench_data", metavar="DIR", help="where the sets are written (default: bench_data)"
+    )
+    parser.add_argument("--rss-probe", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.rss_probe:
         return peak_rss_probe(args.rss_probe)
     torch.manual_seed(0)

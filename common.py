@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -103,7 +104,6 @@ def output_folder(text):
 
 
 def add_data_dir_argument(parser):
-    """--data-dir, the same in every script: $PCAM_DIR when set, else data/."""
     parser.add_argument(
         "--data-dir",
         type=data_folder,
@@ -119,7 +119,6 @@ def add_out_dir_argument(parser, help_text, default=None):
 
 
 def add_num_workers_argument(parser):
-    """--num-workers, the same in every script: $SLURM_CPUS_PER_TASK in a Slurm job, else 0."""
     parser.add_argument(
         "--num-workers",
         type=int,
@@ -158,23 +157,19 @@ def driver_cuda_version():
 
 def cuda_diagnosis():
     """Why CUDA is not usable, in one line: the torch build, the driver, the visible devices, and what to do."""
-    driver = driver_cuda_version()
-    found = ", ".join(
-        [
-            f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
-            if torch.version.cuda
-            else "CPU build of torch",
-            f"driver CUDA {driver}" if driver else "no nvidia-smi",
-            *(f"{name}={os.environ.get(name, '(unset)')}" for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS")),
-        ]
-    )
+    driver, cuda = driver_cuda_version(), torch.version.cuda
+    found = [
+        f"torch {torch.__version__} built for CUDA {cuda}" if cuda else "CPU build of torch",
+        f"driver CUDA {driver}" if driver else "no nvidia-smi",
+        *(f"{name}={os.environ.get(name, '(unset)')}" for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS")),
+    ]
     if not driver:
         fix = "run on a GPU node"
-    elif torch.version.cuda:
+    elif cuda:
         fix = f"install a torch built for CUDA {driver} or older, or load a newer driver"
     else:
         fix = f"install a torch built for CUDA (CUDA {driver} or older: see pytorch.org)"
-    return f"CUDA is not available here ({found}); {fix}, or pass --device cpu"
+    return f"CUDA is not available here ({', '.join(found)}); {fix}, or pass --device cpu"
 
 
 def pick_device(requested):
@@ -205,11 +200,7 @@ def write_atomically(path, write):
 
 
 def write_bytes(content, path):
-    def write(temp_path):
-        with open(temp_path, "wb") as target:
-            target.write(content)
-
-    write_atomically(path, write)
+    write_atomically(path, lambda temp_path: Path(temp_path).write_bytes(content))
 
 
 def json_ready(value):
@@ -230,9 +221,7 @@ def write_json(obj, path):
 def write_csv(header, rows, path):
     def write(temp_path):
         with open(temp_path, "w", newline="") as target:
-            writer = csv.writer(target)
-            writer.writerow(header)
-            writer.writerows(rows)
+            csv.writer(target).writerows([header, *rows])
 
     write_atomically(path, write)
 
@@ -250,7 +239,6 @@ def save_figure(figure, path, software, dpi=120):
 
 
 def read_json(path):
-    """A JSON object's content; {} for a missing or unreadable file, or one holding something else."""
     try:
         with open(path) as source:
             content = json.load(source)
@@ -291,7 +279,6 @@ def check_output(path, written_here, force=False):
 
 
 def check_output_folder(path, flag):
-    """A folder a command will write into: refused before any work when a file stands in its place."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a folder: name a folder (it is created when missing)")
 
@@ -307,8 +294,7 @@ def png_software(path):
                 length, kind = int.from_bytes(header[:4], "big"), header[4:]
                 if kind in (b"IDAT", b"IEND"):
                     return None
-                body = source.read(length + 4)[:length]
-                keyword, _, text = body.partition(b"\0")
+                keyword, _, text = source.read(length + 4)[:length].partition(b"\0")
                 if kind == b"tEXt" and keyword == b"Software":
                     return text.decode("latin-1")
     except OSError:
@@ -334,7 +320,6 @@ def hold_lock(path, in_use):
 
 
 def is_locked(path):
-    """Whether a live process holds path's flock (see hold_lock)."""
     try:
         with open(path) as lock:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)

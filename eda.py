@@ -100,10 +100,7 @@ class SplitScan:
             "rows": len(self.labels),
             "class_0": int((self.labels == 0).sum()),
             "class_1": int(self.labels.sum()),
-            "nan": int(self.flags["nan"].sum()),
-            "out_of_range": int(self.flags["out_of_range"].sum()),
-            "black": int(self.flags["black"].sum()),
-            "white": int(self.flags["white"].sum()),
+            **{kind: int(self.flags[kind].sum()) for kind in ("nan", "out_of_range", "black", "white")},  # table order
             "mean": mean.tolist(),
             "std": std.tolist(),
         }
@@ -147,15 +144,15 @@ def plot_intensity_outliers(scans, path):
         )
     axes.set_yscale("log")
     black, white = scans[0].black_threshold, scans[0].white_threshold
-    for threshold, name, kind, align in ((black, "black", "black", "left"), (white, "white", "white", "right")):
+    for threshold, kind, sign, align, shift in ((black, "black", "≤", "left", 4), (white, "white", "≥", "right", -4)):
         axes.axvline(threshold, color="k", linestyle="--", linewidth=1)
         total = sum(scan.summary()[kind] for scan in scans)
         axes.annotate(
-            f"{name} ≤ {threshold:g}: {total:,}" if kind == "black" else f"{name} ≥ {threshold:g}: {total:,}",
+            f"{kind} {sign} {threshold:g}: {total:,}",
             xy=(threshold, 0.92),
             xycoords=("data", "axes fraction"),
             ha=align,
-            xytext=(4 if align == "left" else -4, 0),
+            xytext=(shift, 0),
             textcoords="offset points",
             fontsize=9,
         )
@@ -185,18 +182,14 @@ def plot_class_balance(scans, path):
 def plot_sample_grid(scan, path):
     outliers = [(kind, image) for kind, image in scan.outlier_examples.items() if image is not None]
     columns = max(len(scan.samples[0]), len(scan.samples[1]), len(outliers), 1)
-    rows = [
-        ("class 0", [(None, image) for image in scan.samples[0]]),
-        ("class 1", [(None, image) for image in scan.samples[1]]),
-    ]
+    rows = [(f"class {label}", [(None, image) for image in scan.samples[label]]) for label in (0, 1)]
     if outliers:
         rows.append(("outliers", outliers))
     figure, axes = plt.subplots(len(rows), columns, figsize=(1.6 * columns, 1.8 * len(rows)), squeeze=False)
     for row_index, (name, images) in enumerate(rows):
         for column in range(columns):
             ax = axes[row_index, column]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if column >= len(images):
                 ax.axis("off")
             else:
@@ -227,9 +220,7 @@ def save(figure, path):
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(
-        description="Exploratory analysis of PCAM files: exact defect counts and figures.",
-    )
+    parser = common.ArgumentParser(description="Exploratory analysis of PCAM files: exact defect counts and figures.")
     common.add_data_dir_argument(parser)
     parser.add_argument(
         "--splits",

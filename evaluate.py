@@ -35,9 +35,7 @@ OUTPUT_FILES = ("predictions.csv", "metrics.json", "roc.png", "confusion.png")
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(
-        description="Score a train.py checkpoint on one PCAM split (see README.md).",
-    )
+    parser = common.ArgumentParser(description="Score a train.py checkpoint on one PCAM split (see README.md).")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's best.pt or last.pt")
     common.add_data_dir_argument(parser)
     parser.add_argument("--split", choices=pcam_files.SPLITS, default="test", help="the split to score")
@@ -72,7 +70,6 @@ def roc_points(scores, labels):
 
 
 def model_from_checkpoint(checkpoint, path):
-    """The MLP the checkpoint describes, with its weights and normalisation buffers."""
     model_args = checkpoint["model_args"]
     try:
         model = MLP(hidden_units=tuple(model_args["hidden_units"]), dropout_rate=model_args["dropout_rate"])
@@ -132,9 +129,8 @@ def classification_metrics(loss, scores, labels):
 
 def validate(model, batches, device, max_batches=None):
     """Loss, accuracy and ROC AUC over batches, in order, from fp32 logits whatever the training precision."""
-    loss, scores, labels = predict(model, batches, device, max_batches)
-    metrics = classification_metrics(loss, scores, labels)
-    return loss, metrics["accuracy"], metrics["auc"]
+    metrics = classification_metrics(*predict(model, batches, device, max_batches))
+    return metrics["loss"], metrics["accuracy"], metrics["auc"]
 
 
 def describe(checkpoint_path, checkpoint, data_dir, split, filter_data, device):
@@ -167,9 +163,8 @@ def write_predictions(rows, labels, scores, path):
 
 
 def plot_roc(scores, labels, auc, path):
-    false_positive_rate, true_positive_rate = roc_points(scores, labels)
     figure, axes = plt.subplots(figsize=(4.8, 4.6))
-    axes.plot(false_positive_rate, true_positive_rate, color="C0", label=f"ROC, AUC {auc:.4f}")
+    axes.plot(*roc_points(scores, labels), color="C0", label=f"ROC, AUC {auc:.4f}")  # false and true positive rates
     axes.plot([0, 1], [0, 1], "--", color="grey", label="chance (AUC 0.5)")
     axes.set(
         title="ROC curve",
@@ -260,10 +255,8 @@ def prepare_out_dir(out_dir, about):
         raise UserError(f"{out_dir} holds {', '.join(present)} not written by evaluate.py; pass another --out-dir")
     if earlier is None:
         return
-    keys = ("split", "data", "filter_data")
-    if [earlier.get(key) for key in keys] != [about[key] for key in keys] or earlier.get("checkpoint", {}).get(
-        "sha256"
-    ) != about["checkpoint"]["sha256"]:
+    same_data = all(earlier.get(key) == about[key] for key in ("split", "data", "filter_data"))
+    if not same_data or earlier.get("checkpoint", {}).get("sha256") != about["checkpoint"]["sha256"]:
         raise UserError(f"{out_dir} holds an evaluation of another checkpoint or other data; pass another --out-dir")
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -59,8 +60,7 @@ def train(data_dir, out_dir, device, *flags):
         *("--data-dir", data_dir, "--out-dir", out_dir, "--device", device, "--num-workers", "2"),
         *("--log-every", str(10**9), *flags),
     )
-    with open(os.path.join(out_dir, "run.json")) as source:
-        record = json.load(source)
+    record = json.loads(Path(out_dir, "run.json").read_text())
     with open(os.path.join(out_dir, "metrics.csv"), newline="") as source:
         rate = float(list(csv.DictReader(source))[-1]["images_per_s"])
     path = re.search(r"^data path: (\w+)", output, re.MULTILINE).group(1)
@@ -102,11 +102,7 @@ def portability_rows(data_dir, work_dir, run_dir):
     rows = [("best.pt loads with weights_only, no GPU visible", f"yes, {tensors.strip()} tensors on the CPU", True)]
     evaluated = os.path.join(work_dir, "evaluate")
     script("evaluate.py", os.path.join(run_dir, "best.pt"), "--data-dir", data_dir, "--out-dir", evaluated)
-    predictions = []
-    for folder in (os.path.join(run_dir, "eval-test"), evaluated):
-        with open(os.path.join(folder, "predictions.csv")) as source:
-            predictions.append(source.read())
-    equal = predictions[0] == predictions[1]
+    equal = Path(run_dir, "eval-test", "predictions.csv").read_text() == Path(evaluated, "predictions.csv").read_text()
     rows.append(("eval-test/ equals evaluate.py (predictions.csv)", "yes" if equal else "NO", equal))
     return rows
 

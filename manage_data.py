@@ -20,35 +20,10 @@ import numpy as np
 import torch
 
 import common
-from common import (
-    ArgumentParser,
-    UserError,
-    add_data_dir_argument,
-    check_output,
-    check_output_folder,
-    cuda_diagnosis,
-    file_digest,
-    hold_lock,
-    log,
-    read_json,
-    write_atomically,
-    write_json,
-)
+import pcam_files
+from common import UserError, file_digest, log
 from data import clean
-from pcam_files import (
-    IMAGE_SHAPE,
-    MANIFEST_NAME,
-    SPLITS,
-    check_pixel_scale,
-    iter_raw_blocks,
-    open_h5,
-    present_splits,
-    read_manifest,
-    read_split_labels,
-    require_split,
-    split_labels,
-    split_paths,
-)
+from pcam_files import SPLITS, split_paths
 
 PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
 LOCK_NAME = "pcam.lock"  # synth, prepare and download hold it with flock while they write the folder
@@ -69,7 +44,7 @@ def lock_folder(folder):
     the command that holds it: one writer at a time, so two sets or two sources never mix in one folder."""
     os.makedirs(folder, exist_ok=True)
     in_use = f"{folder} is being written by another command ({{holder}}); wait for it to end, or choose another folder"
-    return hold_lock(os.path.join(folder, LOCK_NAME), in_use)
+    return common.hold_lock(os.path.join(folder, LOCK_NAME), in_use)
 
 
 def is_synthetic(x_path):
@@ -125,7 +100,7 @@ def write_synth_split(data_dir, split, n, rng, fraction, dtype):
 
     def write_x(path):
         with h5py.File(path, "w") as h5file:
-            dset = h5file.create_dataset("x", shape=(n,) + IMAGE_SHAPE, dtype=dtype)
+            dset = h5file.create_dataset("x", shape=(n,) + pcam_files.IMAGE_SHAPE, dtype=dtype)
             step = 1024
             for start in range(0, n, step):
                 block = synth_images(rng, labels[start : start + step]).astype(dtype)
@@ -139,35 +114,31 @@ def write_synth_split(data_dir, split, n, rng, fraction, dtype):
         with h5py.File(path, "w") as h5file:
             h5file.create_dataset("y", data=labels.reshape(n, 1, 1, 1))
 
-    write_atomically(x_path, write_x)
-    write_atomically(y_path, write_y)
+    common.write_atomically(x_path, write_x)
+    common.write_atomically(y_path, write_y)
     defects = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "no defects"
     log(f"synth {split}: {n} images ({labels.sum()} positive), {np.dtype(dtype).name}, {defects} -> {x_path}")
 
 
 def cmd_synth(args):
     with lock_folder(args.data_dir):
-        write_synth_set(args)
-
-
-def write_synth_set(args):
-    existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
-    if existing and not args.force:
-        raise UserError(
-            f"{args.data_dir} already holds PCAM split files ({os.path.basename(existing[0])}, ...); "
-            "synth writes only into a folder without them: choose another --data-dir, or add --force "
-            "to overwrite a synthetic set"
-        )
-    real = [p for p in existing if p.endswith("_x.h5") and not is_synthetic(p)]
-    if real:
-        raise UserError(
-            f"{real[0]} was not written by manage_data.py synth; --force overwrites synthetic sets only: "
-            "choose another --data-dir"
-        )
-    rng = np.random.default_rng(args.seed)
-    for split, n in (("train", args.n_train), ("valid", args.n_valid), ("test", args.n_test)):
-        if n > 0:
-            write_synth_split(args.data_dir, split, n, rng, args.poison, np.dtype(args.dtype))
+        existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
+        if existing and not args.force:
+            raise UserError(
+                f"{args.data_dir} already holds PCAM split files ({os.path.basename(existing[0])}, ...); "
+                "synth writes only into a folder without them: choose another --data-dir, or add --force "
+                "to overwrite a synthetic set"
+            )
+        real = [p for p in existing if p.endswith("_x.h5") and not is_synthetic(p)]
+        if real:
+            raise UserError(
+                f"{real[0]} was not written by manage_data.py synth; --force overwrites synthetic sets only: "
+                "choose another --data-dir"
+            )
+        rng = np.random.default_rng(args.seed)
+        for split, n in (("train", args.n_train), ("valid", args.n_valid), ("test", args.n_test)):
+            if n > 0:
+                write_synth_split(args.data_dir, split, n, rng, args.poison, np.dtype(args.dtype))
 
 
 def source_identity(paths):
@@ -182,7 +153,7 @@ def prepared_copy_is_current(out_dir, split, sources):
     (or a copy of an earlier version of the same files, to rebuild). A copy of other files, or split files
     prepare did not write, are refused: prepare never replaces what it cannot recreate."""
     outputs = [p for p in split_paths(out_dir, split) if os.path.exists(p)]
-    recorded = read_json(os.path.join(out_dir, PREPARED_NAME)).get(split)
+    recorded = common.read_json(os.path.join(out_dir, PREPARED_NAME)).get(split)
     if not outputs:
         return False
     if recorded is None:
@@ -201,23 +172,23 @@ def prepared_copy_is_current(out_dir, split, sources):
 
 
 def record_prepared(out_dir, split, sources):
-    record = {**read_json(os.path.join(out_dir, PREPARED_NAME)), split: source_identity(sources)}
-    write_json(record, os.path.join(out_dir, PREPARED_NAME))
+    record = {**common.read_json(os.path.join(out_dir, PREPARED_NAME)), split: source_identity(sources)}
+    common.write_json(record, os.path.join(out_dir, PREPARED_NAME))
 
 
 def prepare_split(data_dir, out_dir, split):
-    x_src, y_src = require_split(data_dir, split)
+    x_src, y_src = pcam_files.require_split(data_dir, split)
     x_out, y_out = split_paths(out_dir, split)
-    labels = read_split_labels(x_src, y_src)
-    check_pixel_scale(x_src)
+    labels = pcam_files.read_split_labels(x_src, y_src)
+    pcam_files.check_pixel_scale(x_src)
     if prepared_copy_is_current(out_dir, split, (x_src, y_src)):
         log(f"prepare {split}: {x_out} is already a prepared copy of {x_src}, kept")
         return
 
     def write_x(path):
         with h5py.File(path, "w") as h5file:
-            dset = h5file.create_dataset("x", shape=(len(labels),) + IMAGE_SHAPE, dtype=np.uint8)
-            for start, block in iter_raw_blocks(x_src, f"prepare {split}"):
+            dset = h5file.create_dataset("x", shape=(len(labels),) + pcam_files.IMAGE_SHAPE, dtype=np.uint8)
+            for start, block in pcam_files.iter_raw_blocks(x_src, f"prepare {split}"):
                 dset[start : start + len(block)] = clean(block, scratch=True)
 
     def write_y(path):
@@ -225,8 +196,8 @@ def prepare_split(data_dir, out_dir, split):
             h5file.create_dataset("y", data=labels.astype(np.uint8).reshape(-1, 1, 1, 1))
 
     record_prepared(out_dir, split, ())  # while the files change, the record names no source
-    write_atomically(x_out, write_x)
-    write_atomically(y_out, write_y)
+    common.write_atomically(x_out, write_x)
+    common.write_atomically(y_out, write_y)
     record_prepared(out_dir, split, (x_src, y_src))
     log(f"prepare {split}: wrote {x_out} ({os.path.getsize(x_out) / 2**20:.0f} MiB, uint8, contiguous)")
 
@@ -234,10 +205,10 @@ def prepare_split(data_dir, out_dir, split):
 def cmd_prepare(args):
     if os.path.realpath(args.out) == os.path.realpath(args.data_dir):
         raise UserError("--out must differ from --data-dir: prepare writes a cleaned copy beside the original")
-    check_output_folder(args.out, "--out")
-    splits = present_splits(args.data_dir)
+    common.check_output_folder(args.out, "--out")
+    splits = pcam_files.present_splits(args.data_dir)
     for split in splits:  # an empty split is refused before anything is copied
-        split_labels(args.data_dir, split)
+        pcam_files.split_labels(args.data_dir, split)
     with lock_folder(args.out):
         for split in splits:
             prepare_split(args.data_dir, args.out, split)
@@ -245,10 +216,10 @@ def cmd_prepare(args):
 
 def cmd_info(args):
     log(f"{'split':<6} {'rows':>8} {'dtype':>8} {'shape':>16} {'layout':>22} {'MiB':>8} {'class 0':>8} {'class 1':>8}")
-    for split in present_splits(args.data_dir):
+    for split in pcam_files.present_splits(args.data_dir):
         x_path, y_path = split_paths(args.data_dir, split)
-        labels = split_labels(args.data_dir, split)
-        with open_h5(x_path) as h5file:
+        labels = pcam_files.split_labels(args.data_dir, split)
+        with pcam_files.open_h5(x_path) as h5file:
             dset = h5file["x"]
             layout = "contiguous" if dset.chunks is None else f"chunks {dset.chunks[0]}"
             if dset.compression:
@@ -261,34 +232,26 @@ def cmd_info(args):
         )
 
 
-def split_file_names(data_dir):
-    return sorted(os.path.basename(p) for s in present_splits(data_dir) for p in split_paths(data_dir, s))
-
-
 def is_manifest(path):
     """Whether path holds what cmd_manifest writes: a JSON object with "files" and nothing else."""
-    manifest = read_json(path)
+    manifest = common.read_json(path)
     return list(manifest) == ["files"] and isinstance(manifest["files"], dict)
 
 
 def cmd_manifest(args):
-    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
-    check_output(manifest_path, is_manifest, args.force)
-    files = {
-        name: {
-            "bytes": os.path.getsize(os.path.join(args.data_dir, name)),
-            "mtime": os.path.getmtime(os.path.join(args.data_dir, name)),
-            "sha256": file_digest(os.path.join(args.data_dir, name), show_progress=True),
-        }
-        for name in split_file_names(args.data_dir)
-    }
-    write_json({"files": files}, manifest_path)
+    manifest_path = args.manifest or os.path.join(args.data_dir, pcam_files.MANIFEST_NAME)
+    common.check_output(manifest_path, is_manifest, args.force)
+    files = {}
+    for path in sorted(p for s in pcam_files.present_splits(args.data_dir) for p in split_paths(args.data_dir, s)):
+        stat, digest = os.stat(path), file_digest(path, show_progress=True)
+        files[os.path.basename(path)] = {"bytes": stat.st_size, "mtime": stat.st_mtime, "sha256": digest}
+    common.write_json({"files": files}, manifest_path)
     log(f"manifest: {len(files)} files -> {manifest_path}")
 
 
 def cmd_verify(args):
-    manifest_path = args.manifest or os.path.join(args.data_dir, MANIFEST_NAME)
-    expected = read_manifest(manifest_path, args.data_dir)
+    manifest_path = args.manifest or os.path.join(args.data_dir, pcam_files.MANIFEST_NAME)
+    expected = pcam_files.read_manifest(manifest_path, args.data_dir)
     differing = []
     for name, record in sorted(expected.items()):
         path = os.path.join(args.data_dir, name)
@@ -412,7 +375,7 @@ def download_file(args, checksums, h5_path):
             os.remove(gz_path)
             raise UserError(f"corrupt archive {gz_name}, deleted: it is downloaded again next time") from None
 
-    write_atomically(h5_path, unpack)
+    common.write_atomically(h5_path, unpack)
     if fetched:
         os.remove(gz_path)
     log(f"download: {h5_path} ready ({os.path.getsize(h5_path) / 2**20:.0f} MiB)")
@@ -425,32 +388,28 @@ def cmd_env(args):
     if torch.cuda.is_available():
         log(f"CUDA available: yes, {torch.cuda.device_count()} device(s), {torch.cuda.get_device_name(0)}")
     else:
-        log(f"CUDA available: no: {cuda_diagnosis()}")
+        log(f"CUDA available: no: {common.cuda_diagnosis()}")
     log(f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), numpy {np.__version__}")
     for split in SPLITS:
         paths = split_paths(args.data_dir, split)
-        found = [p for p in paths if os.path.isfile(p)]
-        sizes = ", ".join(f"{os.path.basename(p)} {os.path.getsize(p) / 2**20:,.0f} MiB" for p in found)
-        log(
-            f"data {split}: "
-            + (
-                sizes
-                if len(found) == 2
-                else "missing " + ", ".join(os.path.basename(p) for p in paths if p not in found)
-            )
-        )
+        missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+        if missing:
+            log(f"data {split}: missing {', '.join(missing)}")
+        else:
+            sizes = ", ".join(f"{os.path.basename(p)} {os.path.getsize(p) / 2**20:,.0f} MiB" for p in paths)
+            log(f"data {split}: {sizes}")
     for split in ("train", "valid"):
-        require_split(args.data_dir, split)
+        pcam_files.require_split(args.data_dir, split)
     log(f"ok: {args.data_dir} holds the train and valid splits")
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description="PCAM data: fetch, make, clean, inspect and version the HDF5 files.")
+    parser = common.ArgumentParser(description="PCAM data: fetch, make, clean, inspect and version the HDF5 files.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help_text):
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        add_data_dir_argument(sub)
+        common.add_data_dir_argument(sub)
         return sub
 
     add_download_arguments(command("download", "fetch the official PCAM files (about 7 GB), verify their md5, unpack"))
@@ -468,7 +427,7 @@ def parse_args(argv=None):
     manifest = command("manifest", "write each PCAM file's size and sha256 to a manifest")
     verify = command("verify", "check the PCAM files against a manifest and name each one that differs")
     for sub in (manifest, verify):
-        sub.add_argument("--manifest", metavar="FILE", help=f"manifest path (default: DIR/{MANIFEST_NAME})")
+        sub.add_argument("--manifest", metavar="FILE", help=f"manifest path (default: DIR/{pcam_files.MANIFEST_NAME})")
     manifest.add_argument(
         "--force", action="store_true", help="replace a --manifest file that manifest did not write (never a data file)"
     )
@@ -492,12 +451,7 @@ def check_synth_arguments(args):
 
 def add_download_arguments(download):
     download.add_argument(
-        "--splits",
-        nargs="+",
-        choices=SPLITS,
-        default=list(SPLITS),
-        metavar="SPLIT",
-        help="which splits to fetch",
+        "--splits", nargs="+", choices=SPLITS, default=list(SPLITS), metavar="SPLIT", help="which splits to fetch"
     )
     download.add_argument(
         "--base-url",

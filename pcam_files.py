@@ -33,7 +33,6 @@ class MissingDataError(UserError, FileNotFoundError):
 
 
 def split_paths(data_dir, split):
-    """The (x, y) file paths of one split in PCAM's naming."""
     name = os.path.join(str(data_dir), f"camelyonpatch_level_2_split_{split}_{{}}.h5")
     return name.format("x"), name.format("y")
 
@@ -97,9 +96,7 @@ def dataset_in(h5file, key, path):
 
 
 def block_rows(dset):
-    """Rows per block so that one raw block is about BLOCK_BYTES."""
-    row_bytes = IMAGE_BYTES * dset.dtype.itemsize
-    rows = max(1, BLOCK_BYTES // row_bytes)
+    rows = max(1, BLOCK_BYTES // (IMAGE_BYTES * dset.dtype.itemsize))  # one raw block is about BLOCK_BYTES
     if dset.chunks:  # whole chunks per block, so no chunk is decompressed twice
         rows = max(dset.chunks[0], rows // dset.chunks[0] * dset.chunks[0])
     return rows
@@ -181,14 +178,13 @@ def raw_blocks(x_path):
 
 
 def read_labels(y_path):
-    """All labels of a y file as int64 (N,), checking shape and values."""
     with open_h5(y_path) as h5file:
         dset = dataset_in(h5file, "y", y_path)
         if dset.ndim not in (1, 2, 4) or any(size != 1 for size in dset.shape[1:]):
             raise UserError(f"{y_path}: labels have shape {dset.shape}; expected (N,), (N, 1) or (N, 1, 1, 1)")
         raw = dset[()].reshape(-1)
-    if not np.all((raw == 0) | (raw == 1)):
-        bad = np.unique(raw[~((raw == 0) | (raw == 1))])[:5]
+    bad = np.unique(raw[(raw != 0) & (raw != 1)])[:5]
+    if bad.size:
         raise UserError(f"{y_path}: labels must be 0 or 1, found {', '.join(map(str, bad))}")
     return raw.astype(np.int64)
 
@@ -275,15 +271,13 @@ class PositionalRows:
         self.row_bytes = IMAGE_BYTES * dtype.itemsize
 
     def read(self, rows):
-        batch = np.empty((len(rows),) + IMAGE_SHAPE, self.dtype)
+        batch, size = np.empty((len(rows),) + IMAGE_SHAPE, self.dtype), self.row_bytes
         buffer = memoryview(batch).cast("B")
         if is_consecutive(rows):  # validation and streaming passes: one read for the whole batch
-            os.preadv(self.fd, [buffer], self.offset + int(rows[0]) * self.row_bytes)
+            os.preadv(self.fd, [buffer], self.offset + int(rows[0]) * size)
             return batch
         for i, row in enumerate(rows.tolist()):  # one system call per row, no per-row numpy work
-            os.preadv(
-                self.fd, [buffer[i * self.row_bytes : (i + 1) * self.row_bytes]], self.offset + row * self.row_bytes
-            )
+            os.preadv(self.fd, [buffer[i * size : (i + 1) * size]], self.offset + row * size)
         return batch
 
     def __del__(self):
@@ -305,21 +299,18 @@ class ChunkedRows:
 
     def read(self, rows):
         try:
-            return self._read(rows)
+            if is_consecutive(rows):
+                return self.dset[rows[0] : rows[-1] + 1]
+            batch = np.empty((len(rows),) + self.dset.shape[1:], self.dset.dtype)
+            order = np.argsort(rows, kind="stable")
+            chunk_starts = rows[order] // self.chunk_rows * self.chunk_rows
+            boundaries = np.flatnonzero(np.diff(chunk_starts)) + 1  # where the sorted rows enter another chunk
+            for group, start in zip(np.split(order, boundaries), chunk_starts[np.r_[0, boundaries]], strict=True):
+                block = self.dset[start : start + self.chunk_rows]
+                batch[group] = block[rows[group] - start]
+            return batch
         except OSError as error:
             raise unreadable(self.x_path, error) from None
-
-    def _read(self, rows):
-        if is_consecutive(rows):
-            return self.dset[rows[0] : rows[-1] + 1]
-        batch = np.empty((len(rows),) + self.dset.shape[1:], self.dset.dtype)
-        order = np.argsort(rows, kind="stable")
-        chunk_starts = rows[order] // self.chunk_rows * self.chunk_rows
-        groups = np.split(order, np.flatnonzero(np.diff(chunk_starts)) + 1)
-        for group, start in zip(groups, chunk_starts[np.r_[0, np.cumsum([len(g) for g in groups])[:-1]]], strict=True):
-            block = self.dset[start : start + self.chunk_rows]
-            batch[group] = block[rows[group] - start]
-        return batch
 
 
 def keep_large_buffers_off_the_heap():
@@ -331,7 +322,6 @@ def keep_large_buffers_off_the_heap():
 
 
 def open_rows(x_path):
-    """A row reader for the x file, chosen by its layout (dset.chunks, compression, byte offset)."""
     keep_large_buffers_off_the_heap()  # in the process that reads: the main one, or a loader worker
     with open_h5(x_path) as h5file:
         dset = h5file["x"]
@@ -358,7 +348,6 @@ def present_splits(data_dir):
 
 
 def split_labels(data_dir, split):
-    """The labels of a split that is there, checked, and holds at least one image."""
     x_path, y_path = require_split(data_dir, split)
     labels = read_split_labels(x_path, y_path)
     if not len(labels):

@@ -24,18 +24,9 @@ from run_folder import run_is_live
 
 COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc")
 TABLE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_auc", "epoch_s", "images_per_s")
-RESULTS = (
-    "epochs_done",
-    "best_epoch",
-    "best_val_loss",
-    "val_acc",
-    "val_auc",
-    "test_acc",
-    "test_auc",
-    "images_per_s",
-    "wall_s",
-)
-AVERAGED = RESULTS[2:]  # the metrics a group of seeds gets a mean and std of
+# the metrics a group of seeds gets a mean and std of
+AVERAGED = ("best_val_loss", "val_acc", "val_auc", "test_acc", "test_auc", "images_per_s", "wall_s")
+RESULTS = ("epochs_done", "best_epoch", *AVERAGED)
 RUN_MARKERS = "os^DvPX*"  # one per overlaid run, with its colour
 UNCOMPARED_SETTINGS = ("out_dir", "resume", "log_every")  # differ without changing what a run computes
 SOFTWARE = "pcam-mlp plot_loss.py"  # the PNG text that marks a figure as this script's to redraw
@@ -54,13 +45,11 @@ def read_metrics(path, columns=COLUMNS):
         raise UserError(f"{csv_path} is not CSV text; is it a train.py metrics.csv?") from None
     except OSError as error:
         raise UserError(f"cannot read {csv_path}: {error.strerror}") from None
-    missing = [column for column in columns if rows and column not in rows[0]]
-    if not rows or missing:
-        raise UserError(
-            f"{csv_path} has no epoch rows"
-            if not rows
-            else f"{csv_path} lacks the columns {', '.join(missing)}; is it a train.py metrics.csv?"
-        )
+    if not rows:
+        raise UserError(f"{csv_path} has no epoch rows")
+    missing = [column for column in columns if column not in rows[0]]
+    if missing:
+        raise UserError(f"{csv_path} lacks the columns {', '.join(missing)}; is it a train.py metrics.csv?")
     try:
         return name, {column: [float(row[column]) for row in rows] for column in columns}
     except (TypeError, ValueError):
@@ -239,7 +228,7 @@ def is_own_figure(path):
 
 
 def is_own_summary(path):
-    """Whether path is a runs_summary.csv as write_summary writes them, judged by its header."""
+    """Whether path is a runs_summary.csv as table_main writes them, judged by its header."""
     try:
         with open(path, newline="", encoding="utf-8") as source:
             header = next(csv.reader(source), [])
