@@ -7,7 +7,6 @@ versions), roc.png and confusion.png. train.py scores its best.pt on the test sp
 """
 
 import datetime
-import json
 import math
 import os
 import platform
@@ -243,18 +242,15 @@ def prepare_out_dir(out_dir, about):
         parent = os.path.dirname(parent)
     if not os.path.isdir(out_dir) and not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot create --out-dir {out_dir}: {parent} is not writable; choose a writable one")
-    try:
-        with open(os.path.join(out_dir, "metrics.json")) as source:
-            earlier = json.load(source)
-    except FileNotFoundError:
-        earlier = None
-    except (OSError, ValueError):
-        earlier = {}
+    metrics_path = os.path.join(out_dir, "metrics.json")
     present = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(out_dir, name))]
-    if earlier is None and present or earlier is not None and not isinstance(earlier, dict):
-        raise UserError(f"{out_dir} holds {', '.join(present)} not written by evaluate.py; pass another --out-dir")
-    if earlier is None:
+    if not os.path.exists(metrics_path):
+        if present:
+            raise UserError(f"{out_dir} holds {', '.join(present)} not written by evaluate.py; pass another --out-dir")
         return
+    earlier = common.read_json(metrics_path)
+    if not earlier:
+        raise UserError(f"{metrics_path} is damaged or not written by evaluate.py; pass another --out-dir")
     same_data = all(earlier.get(key) == about[key] for key in ("split", "data", "filter_data"))
     if not same_data or earlier.get("checkpoint", {}).get("sha256") != about["checkpoint"]["sha256"]:
         raise UserError(f"{out_dir} holds an evaluation of another checkpoint or other data; pass another --out-dir")

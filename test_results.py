@@ -267,6 +267,8 @@ class TestEvaluate:
         args = (str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--out-dir", str(users))
         one_line_error(run_script("evaluate.py", *args), "predictions.csv not written by evaluate.py")
         assert (users / "predictions.csv").read_text() == "my own predictions\n"
+        (users / "metrics.json").write_text('{"split": ')  # cut short
+        one_line_error(run_script("evaluate.py", *args), "metrics.json is damaged or not written by evaluate.py")
 
 
 class TestLossPlot:
