@@ -1,5 +1,5 @@
-"""train.py stopped (signals, time limits, Ctrl-C, a killed process) and resumed: the resumed run is the
-run that was never stopped."""
+"""train.py stopped (signals, time limits, Ctrl-C, a killed process) and resumed: a resumed run equals the run
+that was never stopped, its checkpoints load anywhere, and a resume refuses what it cannot continue."""
 
 import json
 import os
