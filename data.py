@@ -16,18 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, WeightedRandomSampler
 
+import pcam_files
 from common import UserError, log
-from pcam_files import (
-    IMAGE_BYTES,
-    IMAGE_SHAPE,
-    MissingDataError,
-    check_pixel_scale,
-    iter_raw_blocks,
-    open_rows,
-    read_labels,
-    read_split_labels,
-    require_split,
-)
+from pcam_files import IMAGE_BYTES, iter_raw_blocks
 
 BLACK_THRESHOLD = 5.0  # a tile whose mean intensity is at or below this is a blackout
 WHITE_THRESHOLD = 250.0  # at or above this, a washout; real tissue stays well below
@@ -76,9 +67,8 @@ def tile_means(raw, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRES
     """
     if raw.dtype == np.uint8 or not np.issubdtype(raw.dtype, np.floating):
         return clean(raw).reshape(len(raw), -1).sum(axis=1, dtype=np.uint32) / IMAGE_BYTES
-    suspect = suspect_rows(raw) if suspect is None else suspect
     means = raw.reshape(len(raw), -1).sum(axis=1).astype(np.float64) / IMAGE_BYTES  # pairwise: error << 0.01
-    exact = suspect.copy()
+    exact = suspect_rows(raw) if suspect is None else suspect.copy()
     for threshold in (black_threshold, white_threshold):
         exact |= (means > threshold - 0.01) & (means < threshold + 1.01)  # 0.01: room for summation error
     if exact.any():
@@ -87,13 +77,11 @@ def tile_means(raw, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRES
 
 
 def outlier_rows(block, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
-    """Boolean mask of a block's rows whose cleaned mean is at or below black_threshold or at or above white."""
     means = tile_means(block, black_threshold, white_threshold)
     return (means <= black_threshold) | (means >= white_threshold)
 
 
 def outlier_mask(x_path, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD):
-    """outlier_rows of a whole x file."""
     masks = [outlier_rows(block, black_threshold, white_threshold) for _, block in iter_raw_blocks(x_path)]
     return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
@@ -118,13 +106,13 @@ class PCAMDataset(Dataset):
         self.x_path, self.y_path, self.transform = str(x_path), str(y_path), transform
         for path in (self.x_path, self.y_path):
             if not os.path.isfile(path):
-                raise MissingDataError(f"{path} not found")
-        all_labels = read_split_labels(self.x_path, self.y_path)
+                raise pcam_files.MissingDataError(f"{path} not found")
+        all_labels = pcam_files.read_split_labels(self.x_path, self.y_path)
         if len(all_labels) == 0:
             raise UserError(
                 f"{self.x_path} holds no images; a PCAM split needs at least one row: write or fetch it again"
             )
-        check_pixel_scale(self.x_path)
+        pcam_files.check_pixel_scale(self.x_path)
         self.indices, self._memory = np.arange(len(all_labels)), None
         if filter_data or preload:
             thresholds = (black_threshold, white_threshold) if filter_data else None
@@ -149,15 +137,14 @@ class PCAMDataset(Dataset):
     def _batch(self, positions):
         rows = self.indices[positions]
         images = self._memory[positions] if self._memory is not None else clean(self._read_rows(rows), scratch=True)
+        labels = torch.from_numpy(self.labels[positions])
         if self.transform is not None:
-            return torch.stack([torch.as_tensor(self.transform(image)) for image in images]), torch.from_numpy(
-                self.labels[positions]
-            )
-        return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(self.labels[positions])
+            return torch.stack([torch.as_tensor(self.transform(image)) for image in images]), labels
+        return torch.from_numpy(images).permute(0, 3, 1, 2), labels
 
     def _read_rows(self, rows):
         if self._reader_pid != os.getpid():  # first read in this process (a fresh worker, say): open here
-            self._reader, self._reader_pid = open_rows(self.x_path), os.getpid()
+            self._reader, self._reader_pid = pcam_files.open_rows(self.x_path), os.getpid()
         return self._reader.read(rows)
 
     def _read_whole_file(self, thresholds, load):
@@ -184,7 +171,7 @@ class PCAMDataset(Dataset):
                 f"{available / 2**20:,.0f} MiB is free under {which}; stream it (--data-on-device no) or ask for more "
                 "memory"
             )
-        return np.empty((len(self.indices),) + IMAGE_SHAPE, dtype=np.uint8)
+        return np.empty((len(self.indices),) + pcam_files.IMAGE_SHAPE, dtype=np.uint8)
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None, "_reader_pid": None}
@@ -273,7 +260,6 @@ def slurm_allocation():
 
 
 def resident_bytes():
-    """This process's resident memory (VmRSS), 0 where /proc does not say."""
     try:
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
@@ -282,7 +268,7 @@ def resident_bytes():
 
 
 def load_split(data_dir, split, filter_data=False, preload=False, **thresholds):
-    x_path, y_path = require_split(data_dir, split)
+    x_path, y_path = pcam_files.require_split(data_dir, split)
     return PCAMDataset(x_path, y_path, filter_data=filter_data, preload=preload, **thresholds)
 
 
@@ -294,13 +280,8 @@ def balanced_sampler(labels, seed):
             f"the training split holds a single class (counts {class_counts.tolist()}); "
             "a class-balanced sampler needs both"
         )
-    class_weights = 1.0 / class_counts
-    return WeightedRandomSampler(
-        torch.from_numpy(class_weights[labels]),
-        num_samples=len(labels),
-        replacement=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    weights = torch.from_numpy((1.0 / class_counts)[labels])
+    return WeightedRandomSampler(weights, len(labels), replacement=True, generator=torch.Generator().manual_seed(seed))
 
 
 @functools.cache
@@ -349,11 +330,9 @@ def get_dataloaders(
         raise UserError(f"batch size must be positive, got {batch_size}")
     train_set = load_split(data_dir, "train", filter_data, preload, **thresholds)
     val_set = load_split(data_dir, "valid", filter_data, preload, **thresholds)
-    train_loader = batch_loader(
-        train_set, balanced_sampler(train_set.labels, seed), batch_size, num_workers, pin_memory, seed
-    )
-    val_loader = in_order(val_set, batch_size, num_workers, pin_memory, seed)
-    return train_loader, val_loader
+    train_sampler = balanced_sampler(train_set.labels, seed)
+    train_loader = batch_loader(train_set, train_sampler, batch_size, num_workers, pin_memory, seed)
+    return train_loader, in_order(val_set, batch_size, num_workers, pin_memory, seed)
 
 
 def get_test_loader(data_dir, batch_size=256, num_workers=0, filter_data=False, pin_memory=False, **thresholds):
@@ -466,8 +445,8 @@ def choose_data_path(data_dir, data_on_device, dry_run, device):
         return "loader", "--data-on-device no"
     if dry_run and data_on_device == "auto":
         return "loader", "--dry-run reads one batch of each split"
-    rows = sum(len(read_labels(require_split(data_dir, split)[1])) for split in ("train", "valid"))
-    needed = rows * IMAGE_BYTES
+    label_paths = (pcam_files.require_split(data_dir, split)[1] for split in ("train", "valid"))
+    needed = sum(len(pcam_files.read_labels(path)) for path in label_paths) * IMAGE_BYTES
     free, which = room_on(device)
     fits = needed <= RESIDENT_SHARE * free
     reason = (
@@ -485,14 +464,9 @@ def training_batches(args, device):
     path, reason = choose_data_path(args.data_dir, args.data_on_device, args.dry_run, device)
     log(f"data path: {path} ({reason})")  # before the passes that load or filter the splits
     resident = path == "resident"
+    pin_memory = device.type == "cuda" and not resident
     loaders = get_dataloaders(
-        args.data_dir,
-        args.batch_size,
-        args.num_workers,
-        args.filter_data,
-        args.seed,
-        resident,
-        pin_memory=device.type == "cuda" and not resident,
+        args.data_dir, args.batch_size, args.num_workers, args.filter_data, args.seed, resident, pin_memory
     )
     describe_splits(*(loader.dataset for loader in loaders))
     if resident:
@@ -503,7 +477,6 @@ def training_batches(args, device):
 
 
 def describe_splits(train_set, val_set):
-    """A line per split with its class counts, and a warning when the training split's minority class is tiny."""
     for name, dataset in (("train", train_set), ("valid", val_set)):
         counts = np.bincount(dataset.labels, minlength=2)
         log(

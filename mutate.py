@@ -84,7 +84,6 @@ def statement_nodes(statement):
 
 
 def variants(node):
-    """The mutated copies of node, each one small change."""
     if isinstance(node, ast.Compare):
         for position, op in enumerate(node.ops):
             if type(op) in FLIPS:
@@ -143,7 +142,6 @@ def statements(tree, where="<module>"):
 
 
 def shortened(code):
-    """One line of code, at most 60 characters, for a mutant's label."""
     code = " ".join(code.split())
     return code if len(code) <= 60 else code[:57] + "..."
 
@@ -183,9 +181,8 @@ def scratch_copy(root):
     )
     if listing.returncode != 0:
         sys.exit(f"mutate.py: error: {root} is not a git work tree; run mutate.py in the repo or give --root")
-    names = listing.stdout.splitlines()
     scratch = tempfile.mkdtemp(prefix="mutate-")
-    for name in names:
+    for name in listing.stdout.splitlines():
         if os.path.isfile(os.path.join(root, name)) and not os.path.islink(os.path.join(root, name)):
             os.makedirs(os.path.join(scratch, os.path.dirname(name)), exist_ok=True)
             shutil.copy2(os.path.join(root, name), os.path.join(scratch, name))

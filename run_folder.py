@@ -28,12 +28,7 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "run.json", "loss.png", "eval-
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best_val_loss", "history", "rng", "model_args", "args")
 METRIC_FORMATS = {  # metrics.csv's columns, a row per epoch
     "epoch": "{}",
-    "train_loss": "{:.6f}",
-    "train_acc": "{:.6f}",
-    "val_loss": "{:.6f}",
-    "val_acc": "{:.6f}",
-    "val_auc": "{:.6f}",
-    "lr": "{:.6f}",
+    **dict.fromkeys(("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr"), "{:.6f}"),
     "epoch_s": "{:.2f}",
     "images_per_s": "{:.0f}",
 }
@@ -371,10 +366,9 @@ def data_record(data_dir, manifest_matched):
         os.path.basename(p): os.path.getsize(p) for s in SPLITS for p in split_paths(data_dir, s) if os.path.isfile(p)
     }
     manifest = os.path.join(data_dir, MANIFEST_NAME)
-    manifest_sha256 = file_digest(manifest) if os.path.isfile(manifest) else None
     return {
         "dir": os.path.abspath(data_dir),
         "files": files,
-        "manifest_sha256": manifest_sha256,
+        "manifest_sha256": file_digest(manifest) if os.path.isfile(manifest) else None,
         "manifest_matched": manifest_matched,
     }

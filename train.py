@@ -173,17 +173,13 @@ def build_model(config, device):
             f"cannot build the model with --hidden-units {config.hidden_units} on {device}: "
             f"{common.error_line(error)}; choose smaller widths"
         ) from None
+    settings = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return model, optimizer
+        return model, torch.optim.SGD(model.parameters(), momentum=config.momentum, **settings)
+    return model, torch.optim.Adam(model.parameters(), **settings)
 
 
 def set_up(session, device):
-    """Seeds, batches, model and optimiser, and the start-up lines of the log."""
     config = session.config
     run_folder.seed_everything(config.seed)
     session.train_batches, session.val_batches = data.training_batches(config, device)
@@ -199,10 +195,9 @@ def check_splits(config):
     the test split the run ends on when any of its files is there. (whether the data matched its manifest or None,
     the test split opened unfiltered or None)."""
     manifest_matched = pcam_files.check_manifest(config.data_dir)
-    test_set = None
-    if any(os.path.exists(path) for path in pcam_files.split_paths(config.data_dir, "test")):
-        test_set = data.load_split(config.data_dir, "test")
-    return manifest_matched, test_set
+    if not any(os.path.exists(path) for path in pcam_files.split_paths(config.data_dir, "test")):
+        return manifest_matched, None
+    return manifest_matched, data.load_split(config.data_dir, "test")
 
 
 def train_one_epoch(session, epoch):
@@ -348,12 +343,10 @@ def finish(session, test_set):
         for signum in (signal.SIGTERM, signal.SIGUSR1):  # a second signal while exiting must not change the code
             signal.signal(signum, signal.SIG_IGN)
         interrupted = stopped_by == "SIGINT"
-        exit_code = INTERRUPTED_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE
-        folder.finish(
-            "interrupted" if interrupted else "stopped", **({} if interrupted else {"stop_signal": stopped_by})
-        )
+        exit_code, status = (INTERRUPTED_EXIT_CODE, "interrupted") if interrupted else (REQUEUE_EXIT_CODE, "stopped")
+        folder.finish(status, **({} if interrupted else {"stop_signal": stopped_by}))
         log(
-            f"{'interrupted' if interrupted else 'stopped'} by {stopped_by}: {folder.file('last.pt')} holds epoch "
+            f"{status} by {stopped_by}: {folder.file('last.pt')} holds epoch "
             f"{len(session.history)}; continue with --resume --out-dir {folder.path} (exit code {exit_code})"
         )
         sys.exit(exit_code)
