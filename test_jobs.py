@@ -401,6 +401,18 @@ class TestMutate:
         (tmp_path / ".mutate" / "results.json").write_text('{"sample": ')
         one_line_error(run_script("mutate.py", *options, "--again"), "no readable .mutate/results.json")
 
+    def test_by_default_every_test_file_of_the_root_runs(self, tmp_path):
+        code, tests = "def double(x):\n    return x * 2\n", "from double import double\n\n\ndef test_zero():\n"
+        options = throwaway_repo(tmp_path, "double", code, tests + "    assert double(0) == 0\n", "--file", "double.py")
+        (tmp_path / "test_more.py").write_text(
+            "from double import double\n\n\ndef test_three():\n    assert double(3) == 6\n"
+        )
+        one_file = run_script("mutate.py", *options, "--line", "2", check=True).stdout
+        assert "1 killed of 3 (33%), 2 survived" in one_file, one_file
+        default = [option for option in options if option not in ("--tests", "test_double.py")]
+        every_file = run_script("mutate.py", *default, "--line", "2", check=True).stdout
+        assert "3 killed of 3 (100%)" in every_file, every_file
+
     def test_a_folder_outside_git_ends_in_one_line(self, tmp_path):
         one_line_error(run_script("mutate.py", "--root", str(tmp_path)), "is not a git work tree")
 
