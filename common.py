@@ -10,9 +10,11 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -49,17 +51,34 @@ def os_reason(error):
     return (error.strerror or text).strip().splitlines()[0]
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_command(prog, body, *args, folder=None):
     """body(*args); a UserError, or an OSError on a file (or in the folder the command writes), ends the command
-    in one line with exit code 1."""
+    in one line with exit code 1. Ctrl-C or SIGTERM (scancel, a time limit) end it in one line too, after the
+    file being written is removed (write_atomically); a reader gone from the pipe (`| head`) ends it quietly."""
+    handler = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return body(*args)
+        result = body(*args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then an exception of this try
+        return result
+    except KeyboardInterrupt as stop:
+        name = str(stop) or "SIGINT"
+        log(f"{prog}: interrupted by {name}; run the same command again", sys.stderr)
+        sys.exit(128 + signal.Signals[name])
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing is left to flush at exit
+        sys.exit(128 + signal.SIGPIPE)
     except UserError as error:
         sys.exit(f"{prog}: error: {error_line(error)}")
     except OSError as error:
-        if (error.filename or folder) is None:  # not one of our files (a closed pipe, say)
+        if (error.filename or folder) is None:  # not one of our files
             raise
         sys.exit(f"{prog}: error: {error.filename or folder}: {os_reason(error)}")
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def log(message, file=None):
@@ -279,8 +298,17 @@ def check_output(path, written_here, force=False):
 
 
 def check_output_folder(path, flag):
+    """A folder a command will write into, checked before any work: no file in its place, and the nearest folder
+    on its way that exists takes a new file (a read-only mount or a folder without permission does not)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a folder: name a folder (it is created when missing)")
+    nearest = os.path.abspath(path)
+    while not os.path.isdir(nearest):
+        nearest = os.path.dirname(nearest)
+    try:
+        tempfile.TemporaryFile(dir=nearest).close()  # unnamed (O_TMPFILE): nothing is left behind, even when killed
+    except OSError as error:
+        raise UserError(f"cannot write {flag} {path}: {os_reason(error)}; choose a writable folder") from None
 
 
 def png_software(path):

@@ -10,6 +10,7 @@ import datetime
 import math
 import os
 import platform
+import shutil
 
 import h5py
 import matplotlib
@@ -218,11 +219,17 @@ def evaluate_split(model, batches, rows, device, out_dir, about):
             "pass a checkpoint of a run that trained"
         )
     metrics = {**classification_metrics(loss, scores, labels), "images": len(labels), **about}
-    os.makedirs(out_dir, exist_ok=True)  # only now: a refused or failed evaluation leaves no folder behind
-    write_predictions(rows, labels, scores, os.path.join(out_dir, "predictions.csv"))
-    common.write_json(metrics, os.path.join(out_dir, "metrics.json"))
-    plot_roc(scores, labels, metrics["auc"], os.path.join(out_dir, "roc.png"))
-    plot_confusion(metrics["confusion"], os.path.join(out_dir, "confusion.png"))
+    created = run_folder.outermost_missing(out_dir)  # made only now, and removed again if a write fails
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        write_predictions(rows, labels, scores, os.path.join(out_dir, "predictions.csv"))
+        common.write_json(metrics, os.path.join(out_dir, "metrics.json"))
+        plot_roc(scores, labels, metrics["auc"], os.path.join(out_dir, "roc.png"))
+        plot_confusion(metrics["confusion"], os.path.join(out_dir, "confusion.png"))
+    except BaseException:  # a full disk, Ctrl-C: no half an evaluation behind
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return metrics
 
 
@@ -249,7 +256,7 @@ def prepare_out_dir(out_dir, about):
             raise UserError(f"{out_dir} holds {', '.join(present)} not written by evaluate.py; pass another --out-dir")
         return
     earlier = common.read_json(metrics_path)
-    if not earlier:
+    if not isinstance(earlier.get("checkpoint"), dict):
         raise UserError(f"{metrics_path} is damaged or not written by evaluate.py; pass another --out-dir")
     same_data = all(earlier.get(key) == about[key] for key in ("split", "data", "filter_data"))
     if not same_data or earlier.get("checkpoint", {}).get("sha256") != about["checkpoint"]["sha256"]:

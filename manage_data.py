@@ -42,6 +42,7 @@ ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
 def lock_folder(folder):
     """An open lock file holding an exclusive flock on a data folder (closing it lets go), or a UserError naming
     the command that holds it: one writer at a time, so two sets or two sources never mix in one folder."""
+    common.check_output_folder(folder, "--data-dir")
     os.makedirs(folder, exist_ok=True)
     in_use = f"{folder} is being written by another command ({{holder}}); wait for it to end, or choose another folder"
     return common.hold_lock(os.path.join(folder, LOCK_NAME), in_use)
@@ -139,6 +140,11 @@ def cmd_synth(args):
         for split, n in (("train", args.n_train), ("valid", args.n_valid), ("test", args.n_test)):
             if n > 0:
                 write_synth_split(args.data_dir, split, n, rng, args.poison, np.dtype(args.dtype))
+            elif is_synthetic(split_paths(args.data_dir, split)[0]):  # it belongs to the set this one replaces
+                for path in split_paths(args.data_dir, split):
+                    if os.path.exists(path):
+                        os.remove(path)
+                log(f"synth {split}: the earlier synthetic {split} split is removed (--n-{split} 0)")
 
 
 def source_identity(paths):
@@ -241,6 +247,10 @@ def is_manifest(path):
 def cmd_manifest(args):
     manifest_path = args.manifest or os.path.join(args.data_dir, pcam_files.MANIFEST_NAME)
     common.check_output(manifest_path, is_manifest, args.force)
+    folder = os.path.dirname(os.path.abspath(manifest_path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--manifest {manifest_path}: {folder}: No such file or directory; create it or choose another")
+    common.check_output_folder(folder, "--manifest")
     files = {}
     for path in sorted(p for s in pcam_files.present_splits(args.data_dir) for p in split_paths(args.data_dir, s)):
         stat, digest = os.stat(path), file_digest(path, show_progress=True)
@@ -322,15 +332,16 @@ def read_checksums(path):
     try:
         with open(path) as source:
             return {
-                name.strip().lstrip("*"): md5 for md5, name in (line.split(None, 1) for line in source if line.strip())
+                name.strip().lstrip("*"): md5.lower()
+                for md5, name in (line.split(None, 1) for line in source if line.strip())
             }
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read checksums file {path} ({error}); expected '<md5>  <file name>' lines") from None
 
 
 def cmd_download(args):
-    if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https", "file"):
-        raise UserError(f"--base-url {args.base_url!r} has no http:// or https:// scheme; give the full URL")
+    if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https"):
+        raise UserError(f"--base-url {args.base_url!r} is not an http:// or https:// URL; give the full URL")
     checksums = read_checksums(args.checksums) if args.checksums else ZENODO_MD5
     with lock_folder(args.data_dir):
         for split in args.splits:

@@ -227,6 +227,8 @@ def read_split_labels(x_path, y_path):
         dset = dataset_in(h5file, "x", x_path)
         if dset.shape[1:] != IMAGE_SHAPE:
             raise UserError(f"{x_path}: images have shape {dset.shape[1:]}; expected {IMAGE_SHAPE} (H, W, C)")
+        if dset.dtype == np.int8:  # a byte with a sign: 128..255 would read as negative
+            raise UserError(f"{x_path}: int8 pixels cannot hold the 0..255 scale; store the images as uint8")
         if len(dset) != len(labels):
             raise UserError(
                 f"{x_path} has {len(dset)} images but {y_path} has {len(labels)} labels; "

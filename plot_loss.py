@@ -9,6 +9,7 @@ the mean and std over runs that differ only in --seed, and writes them to runs_s
 import csv
 import glob
 import json
+import math
 import os
 import re
 import statistics
@@ -130,8 +131,9 @@ def summarize_run(path):
         with open(os.path.join(run_folder(path), "run.json")) as source:
             record = json.load(source)
         settings, status, test = record["args"], str(record.get("status", "unknown")), record.get("test") or {}
-        if not isinstance(settings, dict) or not isinstance(test, dict):
-            raise TypeError("args and test must be objects")
+        scores = [test.get(key) for key in ("accuracy", "auc")] if isinstance(test, dict) else [""]
+        if not isinstance(settings, dict) or not all(isinstance(score, (int, float, type(None))) for score in scores):
+            raise TypeError("args must be an object, test an object of numbers")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {"run": name, "settings": None, "status": "unreadable: run.json"}
     if status == "running" and not run_is_live(run_folder(path)):
@@ -168,7 +170,7 @@ def seed_groups(rows, differing):
         if row["settings"] is not None and "best_epoch" in row:
             key = json.dumps({name: row["settings"].get(name) for name in differing if name != "seed"}, sort_keys=True)
             groups.setdefault(key, []).append(row)
-    return [group for group in groups.values() if len({row["settings"].get("seed") for row in group}) > 1]
+    return [group for group in groups.values() if len({json.dumps(row["settings"].get("seed")) for row in group}) > 1]
 
 
 def spread_rows(group, differing):
@@ -178,7 +180,7 @@ def spread_rows(group, differing):
         {"run": f"{what} of {len(group)} seeds", "settings": settings, "status": ""} for what in ("mean", "std")
     )
     for column in AVERAGED:
-        values = [row[column] for row in group if row.get(column) is not None]
+        values = [row[column] for row in group if row.get(column) is not None and not math.isnan(row[column])]
         mean_row[column] = statistics.fmean(values) if values else None
         std_row[column] = statistics.stdev(values) if len(values) > 1 else None
     return [mean_row, std_row]

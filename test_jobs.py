@@ -415,6 +415,14 @@ class TestMutate:
 
     def test_a_folder_outside_git_ends_in_one_line(self, tmp_path):
         one_line_error(run_script("mutate.py", "--root", str(tmp_path)), "is not a git work tree")
+        one_line_error(run_script("mutate.py", "--root", str(tmp_path / "missing")), "is not a git work tree")
+
+    def test_a_test_file_pytest_cannot_find_stops_before_any_mutant(self, tmp_path):
+        code, tests = "def double(x):\n    return x * 2\n", "from double import double\n\n\ndef test_zero():\n"
+        options = throwaway_repo(tmp_path, "double", code, tests + "    assert double(0) == 0\n", "--tests", "nope.py")
+        result = run_script("mutate.py", *options)  # pytest's own words come first, on stderr too
+        assert result.returncode == 1 and "mutation score" not in result.stdout
+        assert result.stderr.splitlines()[-1].startswith("mutate.py: error: pytest ended with exit code 4")
 
     def test_a_mutant_that_hangs_is_stopped_and_counted_as_killed(self, tmp_path):
         code = "def countdown(n):\n    while n > 0:\n        n = n - 1\n    return n\n"

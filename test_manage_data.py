@@ -6,7 +6,10 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -19,6 +22,7 @@ import data
 import manage_data
 import pcam_files
 from test_helpers import (
+    HERE,
     download,
     folder_held_by_another_command,
     labels_of,
@@ -39,6 +43,44 @@ def no_partial_files(directory):
 
 class TestDataCommands:
     """The data commands synth, prepare, info, manifest and verify, on good and bad folders."""
+
+    def test_sigterm_mid_write_ends_in_one_line_and_leaves_no_partial_file(self, tmp_path, capsys):
+        def write_until_stopped(path):
+            Path(path).write_bytes(b"the first half")
+            os.kill(os.getpid(), signal.SIGTERM)  # as scancel or a time limit sends it
+            Path(path).write_bytes(b"never written")
+
+        with pytest.raises(SystemExit) as ended:
+            common.run_command("cmd", common.write_atomically, str(tmp_path / "out"), write_until_stopped)
+        assert ended.value.code == 128 + signal.SIGTERM and os.listdir(tmp_path) == []
+        assert capsys.readouterr().err == "cmd: interrupted by SIGTERM; run the same command again\n"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
+
+    def test_ctrl_c_is_one_line_with_exit_code_130(self, capsys):
+        def interrupted():
+            raise KeyboardInterrupt
+
+        with pytest.raises(SystemExit) as ended:
+            common.run_command("cmd", interrupted)
+        assert (
+            ended.value.code == 130
+            and capsys.readouterr().err == "cmd: interrupted by SIGINT; run the same command again\n"
+        )
+
+    @pytest.mark.parametrize("command", [["manage_data.py", "info", "--data-dir"], ["eda.py", "--data-dir"]])
+    def test_a_reader_gone_from_the_pipe_ends_the_command_quietly(self, small_set, tmp_path, command):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # `| head` that has read its lines and gone
+        out = ["--out-dir", str(tmp_path / "eda")] if command[0] == "eda.py" else []
+        process = subprocess.run(
+            [sys.executable, *command, str(small_set), *out],
+            cwd=HERE,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(write_end)
+        assert (process.returncode, process.stderr) == (128 + signal.SIGPIPE, "")
 
     def test_a_held_lock_names_its_holder_to_the_next_command_at_once(self, tmp_path):
         lock = common.hold_lock(tmp_path / "pcam.lock", "in use by {holder}")
@@ -84,7 +126,7 @@ class TestDataCommands:
             one_line_error(run_script("manage_data.py", "synth", "--data-dir", str(small_set), *extra), str(small_set))
         assert hashlib.sha256(Path(x_train).read_bytes()).hexdigest() == before
         synthetic = tmp_path / "synthetic"
-        options = "--n-train 20 --n-valid 8 --n-test 0".split()
+        options = "--n-train 20 --n-valid 8 --n-test 8".split()
         run_script("manage_data.py", "synth", "--data-dir", str(synthetic), *options, check=True)
         one_line_error(
             run_script("manage_data.py", "synth", "--data-dir", str(synthetic), "--n-train", "30"), "--force"
@@ -92,6 +134,7 @@ class TestDataCommands:
         options = "--n-train 30 --n-test 0 --force".split()
         run_script("manage_data.py", "synth", "--data-dir", str(synthetic), *options, check=True)
         assert len(data.load_split(synthetic, "train")) == 30
+        assert pcam_files.present_splits(synthetic) == ["train", "valid"]  # no test split left of the set replaced
 
     def test_prepare_writes_a_clean_contiguous_uint8_copy(self, tmp_path):
         source = tmp_path / "course"
@@ -211,6 +254,7 @@ class TestDataCommands:
         for command, fragment in (
             (["eda.py", "--data-dir", str(small_set), "--out-dir", str(in_the_way)], "--out-dir"),
             (["manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(in_the_way)], "--out"),
+            (["manage_data.py", "synth", "--data-dir", str(in_the_way)], "--data-dir"),
         ):
             result = run_script(*command)
             one_line_error(result, f"{fragment} {in_the_way} is a file")
@@ -303,7 +347,7 @@ class TestDataCommands:
         assert not os.path.exists(tmp_path / "s")
 
     @pytest.mark.download
-    def test_a_full_disk_is_one_line_everywhere(self, small_disk, synth_dir, pcam_server):
+    def test_a_full_disk_is_one_line_everywhere(self, small_disk, synth_dir, straight_run, pcam_server):
         one_line_error(
             run_script("manage_data.py", "synth", "--data-dir", str(small_disk / "synth")), "No space left on device"
         )
@@ -319,6 +363,13 @@ class TestDataCommands:
         result = download(pcam_server, small_disk / "pcam", "train")
         one_line_error(result, "No space left on device")
         assert "attempt" not in result.stdout  # a full disk is not retried
+        shutil.rmtree(small_disk / "pcam")
+        free = os.statvfs(small_disk)
+        (small_disk / "filler-2").write_bytes(bytes(max(0, free.f_bavail * free.f_frsize - 40_000)))
+        evaluated = small_disk / "eval" / "test"
+        args = (str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--out-dir", str(evaluated))
+        one_line_error(run_script("evaluate.py", *args), "No space left on device")
+        assert not (small_disk / "eval").exists()  # no half an evaluation
 
     @pytest.mark.download
     def test_read_only_folders_and_files_in_the_way_are_one_line(
@@ -331,16 +382,14 @@ class TestDataCommands:
             run_script("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(read_only_dir)),
             "Read-only file system",
         )
-        one_line_error(
-            run_script(
-                "manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(read_only_dir / "m.json")
-            ),
-            "Read-only file system",
-        )
+        manifest = ("--data-dir", str(small_set), "--manifest", str(read_only_dir / "m.json"))
+        result = run_script("manage_data.py", "manifest", *manifest)
+        one_line_error(result, "Read-only file system")
+        assert "sha256" not in result.stdout  # refused before any file is hashed
         for out_dir in (read_only_dir, read_only_dir / "eda"):  # figures that cannot be written, a folder not made
-            one_line_error(
-                run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(out_dir)), "Read-only file system"
-            )
+            result = run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(out_dir))
+            one_line_error(result, "Read-only file system")
+            assert "scanning" not in result.stdout  # refused before the first scan
         one_line_error(
             run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
             "Read-only file system",
@@ -463,6 +512,17 @@ class TestDownload:
         assert (name, "bytes=100-") in pcam_server.requests
         y_path = pcam_files.split_paths(tmp_path / "data", "valid")[1]
         assert Path(y_path).read_bytes() == Path(pcam_files.split_paths(pcam_server.source, "valid")[1]).read_bytes()
+
+    def test_checksums_in_upper_case_match_as_md5sum_reads_them(self, pcam_server, tmp_path):
+        sums = [line.split() for line in Path(pcam_server.checksums).read_text().splitlines()]
+        Path(pcam_server.checksums).write_text("".join(f"{md5.upper()}  {name}\n" for md5, name in sums))
+        assert download(pcam_server, tmp_path / "data", "valid").returncode == 0
+
+    def test_a_base_url_that_is_not_http_is_refused_before_any_attempt(self, pcam_server, tmp_path):
+        pcam_server.base_url = f"file://{tmp_path}"
+        result = download(pcam_server, tmp_path / "data", "valid")
+        one_line_error(result, "is not an http:// or https:// URL")
+        assert "attempt" not in result.stdout
 
     def test_download_reports_a_missing_file_on_the_server(self, pcam_server, tmp_path):
         del pcam_server.files["camelyonpatch_level_2_split_train_y.h5.gz"]

@@ -267,8 +267,9 @@ class TestEvaluate:
         args = (str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--out-dir", str(users))
         one_line_error(run_script("evaluate.py", *args), "predictions.csv not written by evaluate.py")
         assert (users / "predictions.csv").read_text() == "my own predictions\n"
-        (users / "metrics.json").write_text('{"split": ')  # cut short
-        one_line_error(run_script("evaluate.py", *args), "metrics.json is damaged or not written by evaluate.py")
+        for damaged in ('{"split": ', '{"checkpoint": null}'):  # cut short, or not evaluate.py's shape
+            (users / "metrics.json").write_text(damaged)
+            one_line_error(run_script("evaluate.py", *args), "metrics.json is damaged or not written by evaluate.py")
 
 
 class TestLossPlot:
@@ -452,6 +453,26 @@ class TestRunsTable:
             assert float(by_run["std of 3 seeds"][column]) == pytest.approx(statistics.stdev(values))
         assert by_run["mean of 3 seeds"]["lr"] == "0.0001" and by_run["mean of 3 seeds"]["seed"] == ""
         assert "mean of 3 seeds" in result.stdout and is_nonblank_png(sweep_runs / "runs.png")
+
+    def test_a_one_class_validation_split_and_damaged_records_leave_the_table_whole(self, sweep_runs, tmp_path):
+        for seed in (1, 2):  # AUC is nan when the validation split holds one class: no mean, no std
+            shutil.copytree(sweep_runs / f"seed-{seed}", tmp_path / f"one-class-{seed}")
+            metrics = tmp_path / f"one-class-{seed}" / "metrics.csv"
+            lines = metrics.read_text().splitlines()
+            auc = lines[0].split(",").index("val_auc")
+            rows = [line.split(",") for line in lines[1:]]
+            metrics.write_text("\n".join([lines[0], *(",".join(row[:auc] + ["nan"] + row[auc + 1 :]) for row in rows)]))
+        for name, change in (("text-score", {"test": {"accuracy": "x"}}), ("list-seed", {"args": {"seed": [1, 2]}})):
+            shutil.copytree(sweep_runs / "seed-3", tmp_path / name)
+            record = json.loads((tmp_path / name / "run.json").read_text())
+            (tmp_path / name / "run.json").write_text(json.dumps({**record, **change}))
+        run_script("plot_loss.py", "--table", str(tmp_path / "*"), check=True)
+        by_run = {row["run"]: row for row in read_csv_rows(tmp_path / "runs_summary.csv")}
+        assert by_run["one-class-1"]["val_auc"] == "nan" and by_run["mean of 2 seeds"]["val_auc"] == ""
+        assert float(by_run["mean of 2 seeds"]["val_acc"]) == pytest.approx(
+            statistics.fmean(float(by_run[f"one-class-{seed}"]["val_acc"]) for seed in (1, 2))
+        )
+        assert by_run["text-score"]["status"] == "unreadable: run.json" and by_run["list-seed"]["seed"] == "1 2"
 
     def test_runs_are_named_in_the_legend_by_what_differs(self, sweep_runs):
         names = plot_loss.legend_names(
