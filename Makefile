@@ -104,7 +104,7 @@ plot: $(VENV)/.installed ## loss plot of RUN (default: the newest run; a pattern
 	test -n "$$RUN" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }
 	$(PY) plot_loss.py "$$RUN" $${OUT:+--out "$$OUT"}
 
-runs: $(VENV)/.installed ## table of RUNS (default: every run under runs/), mean and std over seeds; runs_summary.csv
+runs: $(VENV)/.installed ## table of RUNS, one folder or pattern (default: every run under runs/), mean and std over seeds; runs_summary.csv
 	$(PY) plot_loss.py --table "$$RUNS"
 
 hello: ## submit first_job.sh, the course's hello-world batch job

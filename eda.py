@@ -264,8 +264,8 @@ def main(argv=None):
 
 
 def run(args):
-    present = [s for s in args.splits if s in pcam_files.present_splits(args.data_dir)]
-    for split in args.splits:
+    present = [s for s in dict.fromkeys(args.splits) if s in pcam_files.present_splits(args.data_dir)]
+    for split in dict.fromkeys(args.splits):  # each split once, as given
         if split not in present:
             print(f"note: {split} split not in {args.data_dir}, skipped", flush=True)
     if not present:

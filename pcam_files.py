@@ -377,6 +377,8 @@ def read_manifest(manifest_path, data_dir):
         raise UserError(
             f"manifest {manifest_path} is malformed (each file needs integer 'bytes' and a 'sha256' string); {fix}"
         )
+    if not files:
+        raise UserError(f"manifest {manifest_path} lists no files, so it vouches for none; {fix}")
     return files
 
 

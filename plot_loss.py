@@ -271,7 +271,7 @@ def table_main(args):
     out_path = args.out or beside_runs(paths)
     summary_path = os.path.join(os.path.dirname(out_path) or ".", "runs_summary.csv")
     common.check_output(summary_path, is_own_summary, args.force)
-    common.check_output(out_path, is_own_figure, args.force)
+    check_figure_path(out_path, args.force)
     summaries = [summarize_run(path) for path in paths]
     header, text_rows, raw_rows = runs_table(summaries)
     print_table(header, text_rows)
@@ -316,8 +316,14 @@ def main(argv=None):
         common.run_command("plot_loss.py", plot_one, paths, out_path, args.force)
 
 
-def plot_one(paths, out_path, force):
+def check_figure_path(out_path, force):
     common.check_output(out_path, is_own_figure, force)
+    if not out_path.lower().endswith(".png"):
+        raise UserError(f"--out {out_path}: plot_loss.py draws PNG images; name a .png file")
+
+
+def plot_one(paths, out_path, force):
+    check_figure_path(out_path, force)
     plot_runs(paths, out_path)
     print(f"wrote {out_path}")
 

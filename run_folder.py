@@ -255,9 +255,10 @@ def load_checkpoint(path, required=("model", "model_args")):
             f"cannot load checkpoint {path} ({type(error).__name__}): it is incomplete or not a checkpoint; pass a "
             "whole best.pt or last.pt written by train.py (a run's other checkpoint, or a new run)"
         ) from None
-    if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
+    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
         raise UserError(
-            f"{path} is not a train.py checkpoint (it lacks {', '.join(required)}); "
+            f"{path} is not a train.py checkpoint (it lacks {', '.join(missing)}); "
             "pass a best.pt or last.pt written by train.py"
         )
     return checkpoint

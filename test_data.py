@@ -473,10 +473,9 @@ class TestEda:
         assert scan.flags["out_of_range"].tolist() == [False, False, True] + [False] * 5
 
     def test_eda_counts_are_exact_and_its_figures_are_drawn(self, poisoned_dir, tmp_path):
-        result = run_script(
-            "eda.py", "--data-dir", str(poisoned_dir), "--out-dir", str(tmp_path / "assets"), check=True
-        )
-        assert "note: test split not in" in result.stdout
+        options = ("--data-dir", str(poisoned_dir), "--out-dir", str(tmp_path / "assets"), "--splits")
+        result = run_script("eda.py", *options, "train", "valid", "test", "valid", check=True)
+        assert "note: test split not in" in result.stdout and result.stdout.count("scanning valid") == 1
         for split in ("train", "valid"):
             line = next(line for line in result.stdout.splitlines() if line.startswith(split + " "))
             assert [int(value) for value in line.split()[1:8]] == expected_counts(poisoned_dir, split)

@@ -247,6 +247,8 @@ class TestDataCommands:
         one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), pcam_files.MANIFEST_NAME)
         (small_set / pcam_files.MANIFEST_NAME).write_text(f'{{"files": [{entry}]}}')
         one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), pcam_files.MANIFEST_NAME)
+        (small_set / pcam_files.MANIFEST_NAME).write_text('{"files": {}}')
+        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), "lists no files")
 
     def test_a_file_where_an_output_folder_belongs_is_refused_before_any_work(self, small_set, tmp_path):
         in_the_way = tmp_path / "a_file"

@@ -64,8 +64,10 @@ def bad_checkpoints(run_dir, directory):
     whole = (run_dir / "best.pt").read_bytes()
     (directory / "truncated.pt").write_bytes(whole[: len(whole) // 2])  # a save cut off half-way
     torch.save({**best, "model_args": {"hidden_units": [128, 32], "dropout_rate": 0.2}}, directory / "shape.pt")
+    torch.save({"model": best["model"]}, directory / "weights-only.pt")
     return {
-        "not ours": (directory / "other.pt", "is not a train.py checkpoint"),
+        "not ours": (directory / "other.pt", "is not a train.py checkpoint (it lacks model, model_args)"),
+        "no model_args": (directory / "weights-only.pt", "is not a train.py checkpoint (it lacks model_args)"),
         "text": (directory / "notes.pt", "cannot load checkpoint"),
         "hello": (directory / "hello.pt", "cannot load checkpoint"),
         "truncated": (directory / "truncated.pt", "cannot load checkpoint"),
@@ -202,7 +204,9 @@ class TestEvaluate:
         area = np.sum(np.diff(false_positive_rate) * (true_positive_rate[1:] + true_positive_rate[:-1]) / 2)
         assert area == pytest.approx(auc_by_pairs(scores, labels), abs=1e-12)  # the drawn curve has that area
 
-    @pytest.mark.parametrize("name", ["not ours", "text", "hello", "truncated", "other shape", "missing"])
+    @pytest.mark.parametrize(
+        "name", ["not ours", "no model_args", "text", "hello", "truncated", "other shape", "missing"]
+    )
     def test_evaluate_refuses_a_bad_checkpoint_in_one_line(self, straight_run, synth_dir, tmp_path, name):
         path, fragment = bad_checkpoints(straight_run, tmp_path)[name]
         result = run_script("evaluate.py", str(path), "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "eval"))
@@ -367,6 +371,8 @@ class TestLossPlot:
         run_script("plot_loss.py", str(straight_run), "--out", str(photo), "--force", check=True)
         for _ in range(2):  # its own output it may draw again
             run_script("plot_loss.py", str(straight_run), "--out", str(tmp_path / "loss.png"), check=True)
+        one_line_error(run_script("plot_loss.py", str(straight_run), "--out", str(tmp_path / "loss.pdf")), ".png file")
+        assert not (tmp_path / "loss.pdf").exists()
         assert is_nonblank_png(tmp_path / "loss.png")
 
     @pytest.mark.parametrize(
