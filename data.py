@@ -341,7 +341,7 @@ def get_test_loader(data_dir, batch_size=256, num_workers=0, filter_data=False, 
     return in_order(test_set, batch_size, num_workers, pin_memory)
 
 
-def in_order(dataset, batch_size, num_workers=0, pin_memory=False, seed=0):
+def in_order(dataset, batch_size, num_workers, pin_memory, seed=0):
     """A loader of every kept row of dataset once, in order: validation, test and evaluate.py's passes."""
     return batch_loader(dataset, SequentialSampler(dataset), batch_size, num_workers, pin_memory, seed)
 

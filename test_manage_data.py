@@ -218,6 +218,14 @@ class TestDataCommands:
         assert train[1] == "200" and train[2] == "uint8" and train[-2:] == ["120", "80"]
         assert any(line.startswith("test") for line in lines)
 
+    def test_info_sizes_a_split_by_both_of_its_files(self, tmp_path):
+        x_path, y_path = write_split(tmp_path, "train", tissue(40), labels_of(40, 20))
+        with h5py.File(y_path, "a") as h5file:  # another dataset beside y: 1 MiB more in the y file
+            h5file.create_dataset("notes", data=np.zeros(2**20, np.uint8))
+        lines = run_script("manage_data.py", "info", "--data-dir", str(tmp_path), check=True).stdout.splitlines()
+        mib = next(line for line in lines if line.startswith("train")).split()[-3]
+        assert mib == f"{(os.path.getsize(x_path) + os.path.getsize(y_path)) / 2**20:.1f}" and float(mib) > 2
+
     def test_checksum_progress_comes_each_quarter_and_ends_at_100_percent(self, tmp_path, capsys):
         path = tmp_path / "camelyonpatch_level_2_split_train_x.h5"
         with open(path, "wb") as sparse:
