@@ -242,13 +242,7 @@ def prepare_out_dir(out_dir, about):
             f"{folder} belongs to a run that is still training (train.lock is held); evaluate once it has "
             "ended, or pass another --out-dir"
         )
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out-dir {out_dir} is a file; name a folder")
-    parent = folder
-    while not os.path.isdir(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(out_dir) and not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot create --out-dir {out_dir}: {parent} is not writable; choose a writable one")
+    common.check_output_folder(out_dir, "--out-dir")
     metrics_path = os.path.join(out_dir, "metrics.json")
     present = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(out_dir, name))]
     if not os.path.exists(metrics_path):
