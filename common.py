@@ -341,6 +341,10 @@ def hold_lock(path, in_use):
         holder = lock.read().strip() or "a process that has not written its PID yet"
         lock.close()
         raise UserError(in_use.format(holder=holder)) from None
+    lock.seek(0)
+    if not re.fullmatch(r"(PID \d+ on \S+\n)?", lock.read()):  # a file of the user's, by chance of that name
+        lock.close()
+        raise UserError(f"{path} is not a lock file of this project: move it away, or choose another folder")
     lock.truncate(0)
     lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
