@@ -184,11 +184,19 @@ def cuda_diagnosis():
     ]
     if not driver:
         fix = "run on a GPU node"
-    elif cuda:
-        fix = f"install a torch built for CUDA {driver} or older, or load a newer driver"
-    else:
+    elif driver == "unknown":
+        fix = "nvidia-smi shows no GPU with a working driver: run where Slurm gave the job a GPU (--gpus=1)"
+    elif not cuda:
         fix = f"install a torch built for CUDA (CUDA {driver} or older: see pytorch.org)"
+    elif version_tuple(cuda) <= version_tuple(driver):
+        fix = "the driver supports this torch, so no GPU is visible to this process: check CUDA_VISIBLE_DEVICES"
+    else:
+        fix = f"install a torch built for CUDA {driver} or older, or load a newer driver"
     return f"CUDA is not available here ({', '.join(found)}); {fix}, or pass --device cpu"
+
+
+def version_tuple(text):
+    return tuple(int(part) for part in re.findall(r"\d+", text))
 
 
 def pick_device(requested):

@@ -1,4 +1,4 @@
-"""Prove train.py's GPU path on this node in one table: `make gpu-check` (e.g. `srun --gpus=1 make gpu-check`).
+"""Prove train.py's GPU path on this node in one table: `make gpu-check` (see docs/benchmark.md).
 
 Every row comes from train.py and evaluate.py run as a user runs them, each in a fresh process, on a
 synthetic set: exact resume (fp32 and bf16, on the resident and the streaming path, with 2 workers), a
@@ -97,11 +97,14 @@ def resume_rows(data_dir, work_dir, device):
 
 
 def portability_rows(data_dir, work_dir, run_dir):
-    """best.pt read where no GPU is visible, and eval-test/ against evaluate.py on the same checkpoint."""
-    tensors = script("-c", CHECKPOINT_ON_CPU, os.path.join(run_dir, "best.pt"), env={"CUDA_VISIBLE_DEVICES": ""})
+    """best.pt read where no GPU is visible, and eval-test/ against evaluate.py on the same checkpoint, in batches
+    of the run's size (cuBLAS may sum a row in another order for another batch size)."""
+    best = os.path.join(run_dir, "best.pt")
+    tensors = script("-c", CHECKPOINT_ON_CPU, best, env={"CUDA_VISIBLE_DEVICES": ""})
     rows = [("best.pt loads with weights_only, no GPU visible", f"yes, {tensors.strip()} tensors on the CPU", True)]
     evaluated = os.path.join(work_dir, "evaluate")
-    script("evaluate.py", os.path.join(run_dir, "best.pt"), "--data-dir", data_dir, "--out-dir", evaluated)
+    batch_size = json.loads(Path(run_dir, "run.json").read_text())["args"]["batch_size"]
+    script("evaluate.py", best, "--data-dir", data_dir, "--out-dir", evaluated, "--batch-size", str(batch_size))
     equal = Path(run_dir, "eval-test", "predictions.csv").read_text() == Path(evaluated, "predictions.csv").read_text()
     rows.append(("eval-test/ equals evaluate.py (predictions.csv)", "yes" if equal else "NO", equal))
     return rows
@@ -142,7 +145,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(
             "gpu_check.py: CUDA is not available here (no GPU, or a CPU build of torch); "
-            "run it on a GPU node, e.g. srun --gpus=1 make gpu-check"
+            "run it on a GPU node, e.g. srun --partition=gpu_course --gpus=1 make gpu-check"
         )
     data_dir = os.path.join(args.dir, f"gpu_check_{args.images}")
     if not os.path.isfile(pcam_files.split_paths(data_dir, "test")[1]):

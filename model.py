@@ -36,7 +36,8 @@ class MLP(nn.Module):
 
         W @ ((x - mean) / std) + b == (W / std) @ x + (b - (W / std) @ mean): a pass over the weight
         (27,648 x 64) instead of over every batch, recomputed per call so gradients reach the weight.
-        In fp32 under any autocast: a bfloat16 bias would shift every logit of the run by its rounding.
+        The fold runs in fp32 under any autocast: in bfloat16 the bias's sum over 9,216 pixels would carry its
+        rounding into every logit; autocast then rounds the finished weight and bias once, for the matmul.
         """
         first = self.layers[0]
         with torch.autocast(first.weight.device.type, enabled=False):

@@ -351,11 +351,15 @@ def written_on(device, environment):
     }
 
 
-def note_other_device(checkpoint, device):
-    written = checkpoint.get("written_on", {}).get("device")
-    if written and written != device.type:
+def note_other_device(checkpoint, here):
+    """A resume on another device, GPU model or torch or CUDA build (here: written_on's record of this run) is not
+    bit for bit an uninterrupted run: kernels differ between them."""
+    written = checkpoint.get("written_on") or {}
+    differing = [key for key, value in here.items() if key in written and written[key] != value]
+    if differing:
         log(
-            f"checkpoint written on {written}, resumed on {device.type}: results need not match bit for bit those "
+            f"checkpoint written with {', '.join(f'{key} {written[key]}' for key in differing)}, resumed with "
+            f"{', '.join(f'{key} {here[key]}' for key in differing)}: results need not match bit for bit those "
             "of an uninterrupted run"
         )
 

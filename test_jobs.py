@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import common
 import gpu_check
 import manage_data
 import pcam_files
@@ -67,6 +68,33 @@ class TestGpuCheck:
         train.main(train_args(synth_dir, other, "--seed", "7"))
         assert gpu_check.same_run(straight_run, straight_run)
         assert not gpu_check.same_run(straight_run, other)
+
+    def test_evaluate_py_scores_in_batches_of_the_runs_size(self, synth_dir, tmp_path, monkeypatch):
+        run = tmp_path / "run"
+        train.main(train_args(synth_dir, run, "--epochs", "1", "--batch-size", "96"))
+        calls, real_script = [], gpu_check.script
+        monkeypatch.setattr(
+            gpu_check, "script", lambda *args, **kwargs: calls.append(args) or real_script(*args, **kwargs)
+        )
+        assert all(ok for *_, ok in gpu_check.portability_rows(str(synth_dir), str(tmp_path), str(run)))
+        (evaluated,) = [args for args in calls if args[0] == "evaluate.py"]
+        assert evaluated[evaluated.index("--batch-size") + 1] == "96"
+
+    @pytest.mark.parametrize(
+        "driver, build, fix",
+        [
+            (None, "13.0", "run on a GPU node"),
+            ("unknown", "13.0", "nvidia-smi shows no GPU"),
+            ("13.0", "13.0", "no GPU is visible to this process"),
+            ("13.2", "12.8", "no GPU is visible to this process"),
+            ("12.4", "13.0", "install a torch built for CUDA 12.4 or older, or load a newer driver"),
+            ("12.4", None, "install a torch built for CUDA (CUDA 12.4 or older"),
+        ],
+    )
+    def test_no_cuda_is_explained_by_what_was_found(self, monkeypatch, driver, build, fix):
+        monkeypatch.setattr(common, "driver_cuda_version", lambda: driver)
+        monkeypatch.setattr(torch.version, "cuda", build)
+        assert fix in common.cuda_diagnosis()
 
 
 @pytest.mark.slurm

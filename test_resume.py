@@ -278,10 +278,14 @@ class TestStopAndResume:
             }
         train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
         last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-        save_checkpoint({**last, "written_on": {**last["written_on"], "device": "cuda"}}, tmp_path / "run" / "last.pt")
+        elsewhere = {**last["written_on"], "device": "cuda", "device_name": "NVIDIA A100", "cuda": "12.8"}
+        save_checkpoint({**last, "written_on": elsewhere}, tmp_path / "run" / "last.pt")
         resumed = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2"))
         assert resumed.returncode == 0, resumed.stderr
-        assert "written on cuda, resumed on cpu: results need not match bit for bit" in resumed.stdout
+        note = "checkpoint written with device cuda, device_name NVIDIA A100, cuda 12.8, resumed with device cpu"
+        assert f"{note}, device_name " in resumed.stdout and "results need not match bit for bit" in resumed.stdout
+        same_place = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "3"))
+        assert same_place.returncode == 0 and "checkpoint written with" not in same_place.stdout
 
     def test_a_cpu_run_never_touches_cuda_even_where_cuda_is_available(self, synth_dir, tmp_path, monkeypatch):
         calls = []

@@ -276,7 +276,7 @@ def start_or_resume(session, checkpoint, manifest_matched):
         record = {"run_id": checkpoint.get("run_id") or uuid.uuid4().hex, **common.read_json(folder.file("run.json"))}
         record.setdefault("resumed_at", []).append(run_folder.now())
         log(f"resuming {folder.path} after epoch {checkpoint['epoch']}")
-        run_folder.note_other_device(checkpoint, session.device)
+        run_folder.note_other_device(checkpoint, run_folder.written_on(session.device, session.environment))
     else:
         model.set_normalization(*data.channel_stats(session.train_batches.dataset))
         record = {"run_id": uuid.uuid4().hex, "started_at": run_folder.now()}
