@@ -340,8 +340,9 @@ def png_software(path):
 
 def hold_lock(path, in_use):
     """An open file holding an exclusive flock on path, with this process's PID and host in it (closing it, or the
-    process ending however it ends, lets go), or a UserError: in_use with {holder} filled in."""
-    lock = open(path, "a+")  # noqa: SIM115 (held open while its holder writes)
+    process ending however it ends, lets go; lock.found is what the file held before), or a UserError: in_use with
+    {holder} filled in."""
+    lock = open(path, "a+", errors="replace")  # noqa: SIM115 (held open while its holder writes)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -350,7 +351,8 @@ def hold_lock(path, in_use):
         lock.close()
         raise UserError(in_use.format(holder=holder)) from None
     lock.seek(0)
-    if not re.fullmatch(r"(PID \d+ on \S+\n)?", lock.read()):  # a file of the user's, by chance of that name
+    lock.found = lock.read()
+    if not re.fullmatch(r"(PID \d+ on .+\n)?", lock.found):  # a file of the user's, by chance of that name
         lock.close()
         raise UserError(f"{path} is not a lock file of this project: move it away, or choose another folder")
     lock.truncate(0)

@@ -242,6 +242,16 @@ def prepare_out_dir(out_dir, about):
             f"{folder} belongs to a run that is still training (train.lock is held); evaluate once it has "
             "ended, or pass another --out-dir"
         )
+    record = common.read_json(os.path.join(folder, "run.json"))
+    if (
+        os.path.basename(os.path.abspath(out_dir)) == "eval-test"
+        and record.get("run_id")
+        and record.get("status") != "done"
+    ):
+        raise UserError(
+            f"{out_dir} is where the run in {folder} writes its own test evaluation when it ends (it is "
+            f"{record.get('status', 'not done')}); pass another --out-dir to keep this one"
+        )
     common.check_output_folder(out_dir, "--out-dir")
     metrics_path = os.path.join(out_dir, "metrics.json")
     present = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(out_dir, name))]
@@ -295,8 +305,8 @@ def score_run(config, device, test_set):
 
 
 def run(args):
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise UserError("--batch-size must be positive and --num-workers 0 or more")
+    if not 0 < args.batch_size <= 2**31 or args.num_workers < 0:
+        raise UserError("--batch-size must be in 1 .. 2**31 and --num-workers 0 or more")
     device = common.pick_device(args.device)
     dataset = data.load_split(args.data_dir, args.split, args.filter_data)
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval-{args.split}")

@@ -23,9 +23,8 @@ import common
 import pcam_files
 from common import UserError, file_digest, log
 from data import clean
-from pcam_files import SPLITS, split_paths
+from pcam_files import PREPARED_NAME, SPLITS, split_paths
 
-PREPARED_NAME = "pcam_prepared.json"  # prepare's record of the source files its copy was made from
 LOCK_NAME = "pcam.lock"  # synth, prepare and download hold it with flock while they write the folder
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
@@ -212,6 +211,7 @@ def cmd_prepare(args):
     if os.path.realpath(args.out) == os.path.realpath(args.data_dir):
         raise UserError("--out must differ from --data-dir: prepare writes a cleaned copy beside the original")
     common.check_output_folder(args.out, "--out")
+    pcam_files.check_manifest(args.data_dir)  # a copy of changed files would train with no check left to fail
     splits = pcam_files.present_splits(args.data_dir)
     for split in splits:  # an empty split is refused before anything is copied
         pcam_files.split_labels(args.data_dir, split)
@@ -267,7 +267,10 @@ def cmd_verify(args):
         path = os.path.join(args.data_dir, name)
         if not os.path.isfile(path):
             differing.append(f"{name} (missing)")
-        elif os.path.getsize(path) != record["bytes"] or file_digest(path, show_progress=True) != record["sha256"]:
+        elif (
+            os.path.getsize(path) != record["bytes"]
+            or file_digest(path, show_progress=True) != record["sha256"].lower()
+        ):
             differing.append(f"{name} (contents differ)")
         else:
             log(f"verify: {name} ok")
@@ -332,7 +335,7 @@ def read_checksums(path):
     try:
         with open(path) as source:
             return {
-                name.strip().lstrip("*"): md5.lower()
+                os.path.basename(name.strip().lstrip("*")): md5.lower()
                 for md5, name in (line.split(None, 1) for line in source if line.strip())
             }
     except (OSError, ValueError) as error:
@@ -343,6 +346,12 @@ def cmd_download(args):
     if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https"):
         raise UserError(f"--base-url {args.base_url!r} is not an http:// or https:// URL; give the full URL")
     checksums = read_checksums(args.checksums) if args.checksums else ZENODO_MD5
+    missing = [path for split in args.splits for path in split_paths(args.data_dir, split) if not os.path.isfile(path)]
+    unlisted = [os.path.basename(path) + ".gz" for path in missing if os.path.basename(path) + ".gz" not in checksums]
+    if unlisted:
+        raise UserError(
+            f"no checksum for {', '.join(unlisted)} in {args.checksums}: add them, or leave --checksums out"
+        )
     with lock_folder(args.data_dir):
         for split in args.splits:
             for h5_path in split_paths(args.data_dir, split):
@@ -357,8 +366,6 @@ def download_file(args, checksums, h5_path):
     after unpacking, or when it turns out corrupt; one that was there already is checked and kept."""
     gz_name = os.path.basename(h5_path) + ".gz"
     gz_path, part_path = h5_path + ".gz", h5_path + ".gz.part"
-    if gz_name not in checksums:
-        raise UserError(f"no checksum for {gz_name} in {args.checksums}")
     fetched = not os.path.isfile(gz_path)
     if fetched:
         fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", part_path)

@@ -26,6 +26,7 @@ MMAP_THRESHOLD_BYTES = 4 * 2**20  # buffers this large are mapped for themselves
 PROGRESS_EVERY_S = 10  # a whole-file pass prints a line this often (a batch log wants 5 to 30 s), and when done
 SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
 MANIFEST_NAME = "pcam_manifest.json"  # manage_data.py manifest: each file's size, mtime and sha256
+PREPARED_NAME = "pcam_prepared.json"  # manage_data.py prepare's record of the source files its copy was made from
 
 
 class MissingDataError(UserError, FileNotFoundError):
@@ -44,6 +45,8 @@ def require_split(data_dir, split):
             "the data folder is an empty string (is $PCAM_DIR set but empty?); "
             "pass --data-dir DIR or set PCAM_DIR to the PCAM folder"
         )
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise MissingDataError(f"data directory {data_dir} is a file, not a folder: pass --data-dir (or set PCAM_DIR)")
     if not os.path.isdir(data_dir):
         raise MissingDataError(
             f"data directory {data_dir} does not exist: pass --data-dir (or set PCAM_DIR), or create it "
@@ -66,7 +69,8 @@ def open_h5(path, **kwargs):
         return h5py.File(path, "r", **kwargs)
     except OSError as error:
         raise UserError(
-            f"{path} is not a readable HDF5 file ({error}); it may be truncated: download or copy it again"
+            f"{path} is not a readable HDF5 file ({error}); it may be truncated: remove it, then download or copy "
+            "it again"
         ) from None
 
 

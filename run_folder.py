@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from common import UserError, file_digest, hold_lock, is_locked, log, read_json, write_bytes, write_csv, write_json
-from pcam_files import MANIFEST_NAME, SPLITS, split_paths
+from pcam_files import MANIFEST_NAME, PREPARED_NAME, SPLITS, split_paths
 
 LOCK_NAME = "train.lock"
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "run.json", "loss.png", "eval-test")  # what a run writes
@@ -84,6 +84,19 @@ def outermost_missing(path):
     return path
 
 
+def read_record(path):
+    """run.json as a dict ({} when missing or not an object), refused when a field the resume reads is of another
+    kind (edited by hand, or written by something else)."""
+    record = read_json(path)
+    for key, kind in (("args", dict), ("resumed_at", list)):
+        if key in record and not isinstance(record[key], kind):
+            raise UserError(
+                f"{path} is damaged ('{key}' is not a JSON {'object' if kind is dict else 'list'}): put the run's own "
+                "run.json back, or remove it to continue from last.pt alone"
+            )
+    return record
+
+
 def run_is_live(folder):
     """Whether a live train.py holds the run folder's lock."""
     return is_locked(os.path.join(folder, LOCK_NAME))
@@ -115,8 +128,12 @@ class RunFolder:
     def should_resume(self, resume):
         """Whether to continue from last.pt. A new run never writes over a folder holding any file a run writes,
         except the run.json of a run that died before its first checkpoint (the same run, started again)."""
+        for name in RUN_FILES:
+            if os.path.lexists(self.file(name)) and os.path.isdir(self.file(name)) != (name == "eval-test"):
+                kind = "a folder" if name == "eval-test" else "a file"
+                raise UserError(f"{self.file(name)} is not {kind} as a run writes it: move it away, then run again")
         present = [name for name in RUN_FILES if os.path.exists(self.file(name))]
-        record = read_json(self.file("run.json"))
+        record = read_record(self.file("run.json"))
         if present == ["run.json"] and "run_id" in record and record.get("status", "done") != "done":
             log(f"{self.path}: its run ended before its first checkpoint; starting it again")
             return False
@@ -132,11 +149,17 @@ class RunFolder:
 
     def checkpoint_to_resume(self):
         """last.pt, checked to belong to the run run.json records, as best.pt must too (the test split scores it)."""
-        record = read_json(self.file("run.json"))
+        record = read_record(self.file("run.json"))
         checkpoint = load_checkpoint(self.file("last.pt"), CHECKPOINT_KEYS)
         check_same_run(checkpoint, record, self.file("last.pt"))
+        if checkpoint["epoch"] > 0 and not os.path.isfile(self.file("best.pt")):  # written with the first epoch
+            raise UserError(
+                f"--resume: {self.file('best.pt')} is missing and the run ends by scoring it on the test split: put "
+                "it back, or start a new run in another --out-dir"
+            )
         if os.path.isfile(self.file("best.pt")):
-            check_same_run(load_checkpoint(self.file("best.pt"), CHECKPOINT_KEYS), record, self.file("best.pt"))
+            of_this_run = record or {"run_id": checkpoint.get("run_id"), "args": checkpoint["args"]}
+            check_same_run(load_checkpoint(self.file("best.pt"), CHECKPOINT_KEYS), of_this_run, self.file("best.pt"))
         return checkpoint
 
     def start(self, record):
@@ -154,9 +177,13 @@ class RunFolder:
             write_json(self.record, self.file("run.json"))
 
     def release(self):
-        """Let go of the lock; a folder this run created, or its lock file, goes again if the run never started."""
+        """Let go of the lock. A run that never started leaves the folder as it found it: a folder or lock file it
+        created goes again, a lock file it found gets its text back."""
         if self.record is None and (self.created or self.created_lock):
-            os.remove(self.lock.name)  # refused before it started: it leaves the folder as it found it
+            os.remove(self.lock.name)
+        elif self.record is None:
+            self.lock.truncate(0)
+            self.lock.write(self.lock.found)
         folder = os.path.abspath(self.path)
         with contextlib.suppress(OSError):  # only empty folders go: nothing of value
             while self.created and self.record is None:
@@ -178,16 +205,16 @@ def check_same_run(checkpoint, record, path):
     if checkpoint.get("run_id") != record.get("run_id") or differing:
         what = f"settings {', '.join(differing)} differ" if differing else f"run id {checkpoint.get('run_id')}"
         raise UserError(
-            f"--resume: {path} belongs to another run than the folder's run.json ({what}, run.json has run id "
+            f"--resume: {path} belongs to another run than the folder's run.json or last.pt ({what}, this run's id is "
             f"{record.get('run_id')}); put this run's own {os.path.basename(path)} back, or resume that run in its "
             "own folder"
         )
 
 
 def run_is_complete(out_dir, args):
-    """Whether the run in out_dir is done at the --epochs asked (its own when not given), with no setting given
+    """Whether the run in out_dir is done at or past the --epochs asked (its own when not given), with no setting given
     that differs: then a --resume says so and touches nothing, no lock taken, no file written."""
-    record = read_json(os.path.join(out_dir, "run.json"))
+    record = read_record(os.path.join(out_dir, "run.json"))
     recorded = record.get("args", {})
     epochs = recorded.get("epochs")
     changed = [
@@ -195,9 +222,11 @@ def run_is_complete(out_dir, args):
         for name in RESUMED_SETTINGS
         if name in args.given and json.loads(json.dumps(getattr(args, name))) != recorded.get(name)
     ]
-    if record.get("status") != "done" or "epochs" in args.given and args.epochs != epochs or changed:
+    asked = args.epochs if "epochs" in args.given else epochs
+    if record.get("status") != "done" or type(epochs) is not int or asked > epochs or changed:
         return False  # not done, or asked for more: the resume goes on, and refuses changed settings in one line
-    log(f"{out_dir}: complete, {epochs} of {epochs} epochs done; nothing to do")
+    past = f", past --epochs {asked} (a run is never rewound)" if asked < epochs else ""
+    log(f"{out_dir}: complete, {epochs} of {epochs} epochs done{past}; nothing to do")
     return True
 
 
@@ -205,6 +234,12 @@ def resumed_settings(args, checkpoint):
     """The settings a resumed run continues with: its checkpoint's, where an explicit different value is an error,
     its own --epochs unless given, and the data it started on unless --data-dir is given."""
     saved, kept = checkpoint["args"], {}
+    lacking = [name for name in (*RESUMED_SETTINGS, "epochs", "data_dir") if name not in saved]
+    if lacking:
+        raise UserError(
+            f"--resume: last.pt does not record the settings {', '.join(lacking)}: it was not written by this "
+            "train.py; start a new run in another --out-dir"
+        )
     for name in RESUMED_SETTINGS:
         if name in args.given and getattr(args, name) != saved[name]:
             flag = f"--{name.replace('_', '-')}"
@@ -223,6 +258,8 @@ def resumed_settings(args, checkpoint):
         )
     if "data_dir" not in args.given:  # the data the run started on, not what $PCAM_DIR says today
         kept["data_dir"] = saved["data_dir"]
+    elif os.path.abspath(args.data_dir) != os.path.abspath(saved["data_dir"]):  # a staged copy, say
+        log(f"data: continuing on --data-dir {args.data_dir}; the run's last epoch trained on {saved['data_dir']}")
     return kept
 
 
@@ -366,7 +403,7 @@ def note_other_device(checkpoint, here):
 
 def data_record(data_dir, manifest_matched):
     """The data folder, its split files' sizes, its manifest's sha256 and whether the files matched it (None: no
-    manifest), as run.json records them."""
+    manifest), and for a prepared copy the files it was made from, as run.json records them."""
     files = {
         os.path.basename(p): os.path.getsize(p) for s in SPLITS for p in split_paths(data_dir, s) if os.path.isfile(p)
     }
@@ -376,4 +413,5 @@ def data_record(data_dir, manifest_matched):
         "files": files,
         "manifest_sha256": file_digest(manifest) if os.path.isfile(manifest) else None,
         "manifest_matched": manifest_matched,
+        "prepared_from": read_json(os.path.join(data_dir, PREPARED_NAME)) or None,
     }

@@ -108,6 +108,8 @@ class TestDataCommands:
         missing = ", ".join(os.path.basename(path) for path in pcam_files.split_paths(tmp_path, "valid"))
         assert f"data valid: missing {missing}" in output, output
         assert "data train: camelyonpatch_level_2_split_train_x.h5 " in output, output
+        x_path = pcam_files.split_paths(tmp_path, "train")[0]
+        one_line_error(run_script("manage_data.py", "info", "--data-dir", x_path), f"{x_path} is a file, not a folder")
 
     def test_synth_writes_a_split_of_one_image_and_none_of_zero(self, tmp_path):
         manage_data.main(["synth", "--data-dir", str(tmp_path), "--n-train", "8", "--n-valid", "1", "--n-test", "0"])
@@ -249,6 +251,9 @@ class TestDataCommands:
 
     def test_manifest_then_verify_names_the_changed_file(self, small_set):
         run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
+        manifest_path = small_set / pcam_files.MANIFEST_NAME
+        upper = re.sub(r'"sha256": "(\w+)"', lambda m: m.group(0).upper(), manifest_path.read_text())
+        manifest_path.write_text(upper.replace('"SHA256"', '"sha256"'))  # as PowerShell's Get-FileHash writes them
         verified = run_script("manage_data.py", "verify", "--data-dir", str(small_set), check=True).stdout
         assert "all 6 files match" in verified and "verify: camelyonpatch_level_2_split_train_x.h5 ok" in verified
         x_valid = pcam_files.split_paths(small_set, "valid")[0]
@@ -534,10 +539,18 @@ class TestDownload:
         y_path = pcam_files.split_paths(tmp_path / "data", "valid")[1]
         assert Path(y_path).read_bytes() == Path(pcam_files.split_paths(pcam_server.source, "valid")[1]).read_bytes()
 
-    def test_checksums_in_upper_case_match_as_md5sum_reads_them(self, pcam_server, tmp_path):
+    def test_checksums_in_upper_case_or_with_paths_match_as_md5sum_reads_them(self, pcam_server, tmp_path):
         sums = [line.split() for line in Path(pcam_server.checksums).read_text().splitlines()]
-        Path(pcam_server.checksums).write_text("".join(f"{md5.upper()}  {name}\n" for md5, name in sums))
+        Path(pcam_server.checksums).write_text("".join(f"{md5.upper()}  ./{name}\n" for md5, name in sums))
         assert download(pcam_server, tmp_path / "data", "valid").returncode == 0
+
+    def test_a_file_without_a_checksum_is_named_before_anything_is_fetched(self, pcam_server, tmp_path):
+        sums = Path(pcam_server.checksums).read_text().splitlines()
+        Path(pcam_server.checksums).write_text("".join(f"{line}\n" for line in sums if "train_y" not in line))
+        one_line_error(
+            download(pcam_server, tmp_path / "data", "train"), "no checksum for camelyonpatch_level_2_split_train_y"
+        )
+        assert pcam_server.requests == []
 
     def test_a_base_url_that_is_not_http_is_refused_before_any_attempt(self, pcam_server, tmp_path):
         pcam_server.base_url = f"file://{tmp_path}"

@@ -255,6 +255,17 @@ class TestEvaluate:
             live.send_signal(signal.SIGKILL)
             live.wait(timeout=60)
 
+    def test_evaluate_leaves_the_eval_test_of_a_run_that_is_not_done_to_the_run(
+        self, straight_run, synth_dir, tmp_path
+    ):
+        run_dir = tmp_path / "run"
+        shutil.copytree(straight_run, run_dir, ignore=shutil.ignore_patterns("eval-test"))
+        record = json.loads((run_dir / "run.json").read_text())
+        (run_dir / "run.json").write_text(json.dumps({**record, "status": "stopped"}))
+        result = run_script("evaluate.py", str(run_dir / "best.pt"), "--data-dir", str(synth_dir))
+        one_line_error(result, f"{run_dir / 'eval-test'} is where the run in {run_dir} writes its own test evaluation")
+        assert not (run_dir / "eval-test").exists()
+
     def test_evaluate_reports_a_missing_split_and_another_evaluation_in_one_line(
         self, straight_run, synth_dir, tmp_path
     ):

@@ -26,6 +26,7 @@ from test_helpers import (
     HERE,
     assert_same_weights,
     labels_of,
+    linked_set,
     loss_columns,
     one_line_error,
     read_csv_rows,
@@ -349,6 +350,37 @@ class TestStopAndResume:
             train.main(train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2"))
         assert "belongs to another run than the folder's run.json (settings lr differ" in str(stop.value.code)
 
+    @pytest.mark.parametrize(
+        "damage, fragment",
+        [
+            ({"best.pt": None}, "best.pt is missing and the run ends by scoring it"),
+            ({"run.json": None, "best.pt": {"run_id": "f" * 32}}, "best.pt belongs to another run"),
+            ({"run.json": {"args": 5}}, "is damaged ('args' is not a JSON object)"),
+            ({"run.json": {"resumed_at": "today"}}, "is damaged ('resumed_at' is not a JSON list)"),
+            ({"run.json": None, "last.pt": {"args": {}}}, "does not record the settings batch_size, lr,"),
+            ({"eval-test": "a file"}, "eval-test is not a folder as a run writes it"),
+        ],
+    )
+    def test_resume_refuses_a_damaged_run_folder_before_training(
+        self, synth_dir, straight_run, tmp_path, damage, fragment
+    ):
+        run_dir = tmp_path / "run"
+        shutil.copytree(straight_run, run_dir)
+        for name, change in damage.items():
+            if name == "eval-test":
+                shutil.rmtree(run_dir / name)
+                (run_dir / name).write_text(change)
+            elif change is None:
+                (run_dir / name).unlink()
+            elif name == "run.json":
+                (run_dir / name).write_text(json.dumps({**json.loads((run_dir / name).read_text()), **change}))
+            else:
+                checkpoint = torch.load(run_dir / name, weights_only=True)
+                save_checkpoint({**checkpoint, **change}, run_dir / name)
+        kept = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+        one_line_error(run_script("train.py", *train_args(synth_dir, run_dir, "--resume", "--epochs", "4")), fragment)
+        assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == kept
+
     def test_a_run_killed_in_its_first_epoch_leaves_the_checkpoint_of_epoch_0(self, synth_dir, tmp_path):
         process = start_run(train_args(synth_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "8"))
         process.kill()  # no handler runs: only what was written before epoch 1 is there
@@ -368,15 +400,15 @@ class TestStopAndResume:
     def test_resume_continues_to_the_runs_epochs_never_rewinds_and_leaves_a_finished_run_alone(
         self, synth_dir, tmp_path
     ):
-        args = train_args(synth_dir, tmp_path / "run", "--epochs", "2")
-        exit_code, output = signal_at(args, "epoch 2/2 step 10/", signal.SIGTERM)
+        args = train_args(synth_dir, tmp_path / "run", "--epochs", "3")
+        exit_code, output = signal_at(args, "epoch 3/3 step 10/", signal.SIGTERM)
         assert exit_code == 75, output
-        train.main(train_args(synth_dir, tmp_path / "run", "--resume"))  # no --epochs: the run's own 2
-        assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 2
         one_line_error(
             run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "1")),
             "--epochs 1 is below the 2 epochs",
         )
+        train.main(train_args(synth_dir, tmp_path / "run", "--resume"))  # no --epochs: the run's own 3
+        assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 3
 
         def files():
             return {
@@ -384,10 +416,11 @@ class TestStopAndResume:
             }
 
         before = files()
-        for extra in ([], ["--epochs", "2"]):  # the second as make demo runs it
+        rewound = ", past --epochs 1 (a run is never rewound)"
+        for extra, past in (([], ""), (["--epochs", "3"], ""), (["--epochs", "1"], rewound)):  # 3: as make demo
             again = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", *extra), check=True)
             assert again.stdout.strip().splitlines() == [
-                f"{tmp_path / 'run'}: complete, 2 of 2 epochs done; nothing to do"
+                f"{tmp_path / 'run'}: complete, 3 of 3 epochs done{past}; nothing to do"
             ]
         assert files() == before
 
@@ -452,9 +485,13 @@ class TestStopAndResume:
         assert "--lr 0.5 does not match the run in the checkpoint" in str(stop.value.code)
         assert {path.name: path.read_bytes() for path in (tmp_path / "done").iterdir() if path.is_file()} == kept
 
-    def test_a_resumed_run_reads_the_data_it_started_on(self, synth_dir, tmp_path, monkeypatch):
+    def test_a_resumed_run_reads_the_data_it_started_on(self, synth_dir, tmp_path, monkeypatch, capsys):
         train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
         monkeypatch.setenv("PCAM_DIR", str(tmp_path / "elsewhere"))
         train.main(["--out-dir", str(tmp_path / "run"), "--resume", "--epochs", "2", "--device", "cpu"])
         assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["dir"] == str(synth_dir)
         assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 2
+        linked_set(synth_dir, tmp_path / "staged")
+        train.main(train_args(tmp_path / "staged", tmp_path / "run", "--resume", "--epochs", "3"))
+        note = f"data: continuing on --data-dir {tmp_path / 'staged'}; the run's last epoch trained on {synth_dir}"
+        assert note in capsys.readouterr().out

@@ -369,7 +369,8 @@ class TestTrainRefusals:
         "flags, fragment",
         [
             (["--epochs", "0"], "--epochs must be positive"),
-            (["--batch-size", "-4"], "--batch-size must be positive"),
+            (["--batch-size", "-4"], "--batch-size must be in 1 .. 2**31, got -4"),
+            (["--batch-size", "99999999999999999999"], "--batch-size must be in 1 .. 2**31"),
             (["--lr", "0"], "--lr must be positive"),
             (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
             (["--resume"], "no checkpoint"),
@@ -544,6 +545,10 @@ class TestTrainRefusals:
         one_line_error(result, "camelyonpatch_level_2_split_valid_x.h5 (size or mtime changed)")
         assert "manage_data.py verify" in result.stderr and "manage_data.py manifest" in result.stderr
         assert "step 1/" not in result.stdout
+        staged = run_script(
+            "manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(tmp_path / "staged")
+        )
+        one_line_error(staged, "camelyonpatch_level_2_split_valid_x.h5 (size or mtime changed)")  # nor copied
 
     def test_a_manifest_naming_a_file_that_is_gone_stops_train_and_verify(self, small_set, tmp_path):
         run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)

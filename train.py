@@ -34,7 +34,8 @@ INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (SIGINT), as a shell reports it
 # run that diverged rather than one that learns slowly (a fresh MLP starts near ln 2, an overfitting one below 3)
 DIVERGED_LOSS = 10 * math.log(2)
 ARGUMENT_RULES = (  # (arguments, test, what their values must be)
-    (("epochs", "batch_size", "log_every"), lambda value: value > 0, "positive"),
+    (("epochs", "log_every"), lambda value: value > 0, "positive"),
+    (("batch_size",), lambda value: 0 < value <= 2**31, "in 1 .. 2**31"),
     (("lr",), lambda value: 0 < value < math.inf, "positive and finite"),
     (("weight_decay",), lambda value: 0 <= value < math.inf, "a finite number, 0 or more"),
     (("seed",), lambda value: 0 <= value < 2**32, "in 0 .. 2**32 - 1 (numpy's range)"),
@@ -113,8 +114,9 @@ def check_args(args):
         for name in names:
             if not holds(getattr(args, name)):
                 raise UserError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
-    if args.resume is True and not args.out_dir and not os.environ.get("SLURM_JOB_ID"):
-        raise UserError("--resume needs --out-dir: the run folder to continue (e.g. runs/20260101-120000)")
+    if args.resume and not args.out_dir and not os.environ.get("SLURM_JOB_ID"):
+        flag = "--resume auto" if args.resume == "auto" else "--resume"
+        raise UserError(f"{flag} needs --out-dir: the run folder to continue (e.g. runs/20260101-120000)")
 
 
 class StoppedDuringStartUp(Exception):
@@ -273,7 +275,10 @@ def start_or_resume(session, checkpoint, manifest_matched):
         run_folder.restore_rng_state(checkpoint["rng"], data.generators(session.train_batches), session.device)
         session.start_epoch, session.best_val_loss = checkpoint["epoch"] + 1, checkpoint["best_val_loss"]
         session.history = checkpoint["history"]
-        record = {"run_id": checkpoint.get("run_id") or uuid.uuid4().hex, **common.read_json(folder.file("run.json"))}
+        record = {
+            "run_id": checkpoint.get("run_id") or uuid.uuid4().hex,
+            **run_folder.read_record(folder.file("run.json")),
+        }
         record.setdefault("resumed_at", []).append(run_folder.now())
         log(f"resuming {folder.path} after epoch {checkpoint['epoch']}")
         run_folder.note_other_device(checkpoint, run_folder.written_on(session.device, session.environment))
@@ -355,11 +360,13 @@ def finish(session, test_set):
     if session.device.type == "cuda":
         peak["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
     folder.finish("done", test=test, best_val_loss=session.best_val_loss, **peak)
+    written = ["metrics.csv", "best.pt", "last.pt", "run.json", "loss.png"] + ["eval-test/"] * bool(test)
     try:
         plot_loss.plot_runs([folder.file("metrics.csv")], folder.file("loss.png"))
     except UserError as error:
         log(f"train.py: note: loss.png not drawn: {error}", sys.stderr)
-    log(f"done: {folder.path} (metrics.csv, best.pt, last.pt, run.json, loss.png, eval-test/)")
+        written.remove("loss.png")
+    log(f"done: {folder.path} ({', '.join(written)})")
 
 
 def run(session):
@@ -414,7 +421,9 @@ def main(argv=None):
         sys.exit(REQUEUE_EXIT_CODE)
     except KeyboardInterrupt:
         session.end("interrupted")
-        log("train.py: interrupted by SIGINT; last.pt keeps the last completed epoch", sys.stderr)
+        kept = session.folder and os.path.isfile(session.folder.file("last.pt"))
+        what = "last.pt keeps the last completed epoch" if kept else "nothing was trained"
+        log(f"train.py: interrupted by SIGINT; {what}", sys.stderr)
         sys.exit(INTERRUPTED_EXIT_CODE)
     except Exception as error:  # a bug: the traceback follows, and run.json says the run failed
         session.end("failed", error=f"{type(error).__name__}: {common.error_line(error)}")

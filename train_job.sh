@@ -91,13 +91,14 @@ if [[ "$time_limit" == yes && ( "$status" -eq 75 || "$status" -eq 138 ) ]]; then
     restarts="${SLURM_RESTART_COUNT:-0}"
     if (( restarts < ${MAX_REQUEUES:-3} )); then
         echo "checkpoint written; requeueing job ${SLURM_JOB_ID} (requeue $((restarts + 1)) of ${MAX_REQUEUES:-3})"
-        scontrol requeue "${SLURM_JOB_ID}"
-        exit 0
+        scontrol requeue "${SLURM_JOB_ID}" && exit 0
+        why="scontrol requeue failed"
+    else
+        why="stopped after ${restarts} requeues (MAX_REQUEUES)"
     fi
     # the run folder as train.py named it in its stop line in this log (the job's stdout, a file)
     run_dir="$(sed -n 's/.*; continue with --resume --out-dir \(.*\) (exit code 75)$/\1/p' "/proc/$$/fd/1" | tail -n 1)"
-    echo "stopped after ${restarts} requeues (MAX_REQUEUES); continue with:" \
-        "make train ARGS=\"--resume --out-dir ${run_dir:-<the run folder>}\"" >&2
+    echo "${why}; continue with: make train ARGS=\"--resume --out-dir ${run_dir:-<the run folder>}\"" >&2
 fi
 echo "job ${SLURM_JOB_ID} ended $(date -Is) with exit code ${status}"
 exit "$status"
