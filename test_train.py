@@ -471,6 +471,8 @@ class TestTrainRefusals:
         )
         one_line_error(result, "argument --out-dir: is empty")
         assert "step 1/" not in result.stdout
+        auto = run_script("train.py", "--data-dir", str(synth_dir), "--resume", "auto", env={"SLURM_JOB_ID": ""})
+        one_line_error(auto, "--resume auto needs --out-dir")  # else each run would start a new runs/<date-time>
 
     def test_unwritable_out_dir_and_missing_data_are_reported(self, synth_dir, tmp_path):
         (tmp_path / "a_file").write_text("")
