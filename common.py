@@ -137,10 +137,18 @@ def add_out_dir_argument(parser, help_text, default=None):
     parser.add_argument("--out-dir", type=output_folder, default=default, metavar="DIR", help=help_text)
 
 
+def worker_count(text):
+    try:
+        return int(text)
+    except ValueError:
+        given = "$SLURM_CPUS_PER_TASK" if text == os.environ.get("SLURM_CPUS_PER_TASK") else "it"
+        raise argparse.ArgumentTypeError(f"{given} is {text!r}, not a whole number of workers") from None
+
+
 def add_num_workers_argument(parser):
     parser.add_argument(
         "--num-workers",
-        type=int,
+        type=worker_count,
         default=os.environ.get("SLURM_CPUS_PER_TASK") or "0",  # a string: argparse checks it as given
         metavar="W",
         help="DataLoader worker processes ($SLURM_CPUS_PER_TASK if set)",

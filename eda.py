@@ -234,7 +234,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--force", action="store_true", help="replace PNGs in --out-dir that eda.py did not write (never a data file)"
     )
-    parser.add_argument("--sample-grid", type=int, default=8, metavar="N", help="sample patches per class in the grid")
+    parser.add_argument(
+        "--sample-grid", type=int, default=8, metavar="N", help="sample patches per class in the grid, 1 to 64"
+    )
     for colour, default, side in (("black", data.BLACK_THRESHOLD, "below"), ("white", data.WHITE_THRESHOLD, "above")):
         parser.add_argument(
             f"--{colour}-threshold",
@@ -244,8 +246,8 @@ def parse_args(argv=None):
             help=f"tiles with a mean at or {side} this are {colour} (as the filter)",
         )
     args = parser.parse_args(argv)
-    if args.sample_grid < 1:
-        sys.exit("eda.py: error: --sample-grid must be at least 1")
+    if not 1 <= args.sample_grid <= 64:
+        sys.exit(f"eda.py: error: --sample-grid {args.sample_grid}: give 1 to 64 patches per class (one figure row)")
     for name, value in (("--black-threshold", args.black_threshold), ("--white-threshold", args.white_threshold)):
         if not (math.isfinite(value) and 0 <= value <= 255):
             sys.exit(f"eda.py: error: {name} {value:g} is not a mean intensity: give a number from 0 to 255")

@@ -272,6 +272,7 @@ def table_main(args):
     summary_path = os.path.join(os.path.dirname(out_path) or ".", "runs_summary.csv")
     common.check_output(summary_path, is_own_summary, args.force)
     check_figure_path(out_path, args.force)
+    common.check_output_folder(os.path.dirname(os.path.abspath(out_path)), "--out")
     summaries = [summarize_run(path) for path in paths]
     header, text_rows, raw_rows = runs_table(summaries)
     print_table(header, text_rows)

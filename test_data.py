@@ -534,9 +534,11 @@ class TestEda:
             (["--black-threshold", "-1"], "--black-threshold"),
             (["--white-threshold", "256"], "--white-threshold"),
             (["--black-threshold", "200", "--white-threshold", "100"], "below --white-threshold"),
+            (["--sample-grid", "0"], "--sample-grid 0: give 1 to 64"),
+            (["--sample-grid", "99999999999999999999"], "give 1 to 64 patches per class"),
         ],
     )
-    def test_eda_thresholds_are_finite_ordered_and_within_0_to_255(self, small_set, tmp_path, flags, fragment):
+    def test_eda_thresholds_and_grid_size_out_of_range_are_one_line(self, small_set, tmp_path, flags, fragment):
         result = run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures"), *flags)
         one_line_error(result, fragment)
         assert not (tmp_path / "figures").exists()

@@ -420,6 +420,9 @@ class TestDataCommands:
             run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
             "Read-only file system",
         )
+        table = run_script("plot_loss.py", "--table", str(straight_run), "--out", str(read_only_dir / "runs.png"))
+        one_line_error(table, "Read-only file system")
+        assert table.stdout == ""  # refused before the table is printed
         result = download(pcam_server, read_only_dir, "valid")
         one_line_error(result, "Read-only file system")
         assert "attempt" not in result.stdout  # a read-only folder is not retried

@@ -226,6 +226,10 @@ class TestTraining:
         one_line_error(result, fragment)
         assert result.stderr.strip().endswith("--help")
 
+    def test_a_bad_slurm_cpu_count_is_named_as_the_variable(self):
+        result = run_script("train.py", "--epochs", "1", env={"SLURM_CPUS_PER_TASK": "abc"})
+        one_line_error(result, "argument --num-workers: $SLURM_CPUS_PER_TASK is 'abc', not a whole number of workers")
+
     def test_help_shows_zero_and_list_defaults(self):
         help_text = " ".join(run_script("train.py", "--help", check=True).stdout.split())
         for shown in ("L2 weight decay (default: 0.0)", "(default: 0)", "hidden layer widths (default: 64 32)"):
