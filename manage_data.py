@@ -362,20 +362,21 @@ def cmd_download(args):
 
 
 def download_file(args, checksums, h5_path):
-    """Fetch one .h5.gz (unless it is there), check its md5, unpack it. Only an archive fetched here is deleted:
-    after unpacking, or when it turns out corrupt; one that was there already is checked and kept."""
+    """Fetch one .h5.gz (unless it is there), check its md5, unpack it. A fetched archive keeps its .part name until
+    it is unpacked, then goes (a run stopped while unpacking leaves a .part the next run finds complete); so it goes
+    when it turns out corrupt. An archive that was there already is checked and kept."""
     gz_name = os.path.basename(h5_path) + ".gz"
-    gz_path, part_path = h5_path + ".gz", h5_path + ".gz.part"
+    gz_path = h5_path + ".gz"
     fetched = not os.path.isfile(gz_path)
+    archive = h5_path + ".gz.part" if fetched else gz_path
     if fetched:
-        fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", part_path)
-        if file_digest(part_path, "md5") != checksums[gz_name]:
-            os.remove(part_path)
+        fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", archive)
+        if file_digest(archive, "md5") != checksums[gz_name]:
+            os.remove(archive)
             raise UserError(
                 f"{gz_name}: md5 does not match {checksums[gz_name]}; the corrupt download "
                 "was deleted, run the same command again to fetch it anew"
             )
-        os.replace(part_path, gz_path)
     elif file_digest(gz_path, "md5") != checksums[gz_name]:
         raise UserError(
             f"{gz_path} was already there and its md5 does not match {checksums[gz_name]}; it is kept: "
@@ -385,17 +386,17 @@ def download_file(args, checksums, h5_path):
 
     def unpack(path):
         try:
-            with gzip.open(gz_path, "rb") as source, open(path, "wb") as target:
+            with gzip.open(archive, "rb") as source, open(path, "wb") as target:
                 shutil.copyfileobj(source, target, 16 * 2**20)
         except (EOFError, gzip.BadGzipFile, zlib.error):  # cut short, not gzip at all, or damaged inside
             if not fetched:
                 raise UserError(f"corrupt archive {gz_path} (it was already there, kept): move it away") from None
-            os.remove(gz_path)
+            os.remove(archive)
             raise UserError(f"corrupt archive {gz_name}, deleted: it is downloaded again next time") from None
 
     common.write_atomically(h5_path, unpack)
     if fetched:
-        os.remove(gz_path)
+        os.remove(archive)
     log(f"download: {h5_path} ready ({os.path.getsize(h5_path) / 2**20:.0f} MiB)")
 
 

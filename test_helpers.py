@@ -194,6 +194,9 @@ class PCAMServer(http.server.BaseHTTPRequestHandler):
         body, start = self.server.files[name], 0
         if self.headers.get("Range") and not self.server.ignore_range:
             start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+            if start >= len(body):  # the client holds the whole file already
+                self.send_error(416)
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:

@@ -508,6 +508,22 @@ class TestDownload:
         assert download(pcam_server, tmp_path / "data", "valid").returncode == 0
         assert ("camelyonpatch_level_2_split_valid_y.h5.gz", "bytes=100-") in pcam_server.requests
 
+    def test_a_download_stopped_while_unpacking_unpacks_next_time_and_keeps_no_archive(
+        self, pcam_server, tmp_path, monkeypatch
+    ):
+        def stopped(*args):
+            raise KeyboardInterrupt("SIGTERM")  # as run_command's handler raises it for scancel
+
+        monkeypatch.setattr(manage_data.shutil, "copyfileobj", stopped)
+        source = ("--base-url", pcam_server.base_url, "--checksums", pcam_server.checksums)
+        with pytest.raises(SystemExit) as ended:
+            manage_data.main(["download", "--data-dir", str(tmp_path / "data"), "--splits", "valid", *source])
+        assert ended.value.code == 128 + signal.SIGTERM
+        monkeypatch.undo()
+        assert download(pcam_server, tmp_path / "data", "valid").returncode == 0
+        valid = [os.path.basename(path) for path in pcam_files.split_paths(tmp_path / "data", "valid")]
+        assert sorted(os.listdir(tmp_path / "data")) == sorted([manage_data.LOCK_NAME, *valid])  # no 7 GB archive left
+
     def test_a_corrupt_download_never_keeps_its_final_name(self, pcam_server, tmp_path):
         name = "camelyonpatch_level_2_split_valid_x.h5.gz"
         pcam_server.files[name] = pcam_server.files[name][:-10] + b"0123456789"
