@@ -108,19 +108,22 @@ class RunFolder:
 
     def __init__(self, path):
         target = default_out_dir() if path is None else path
-        outermost = outermost_missing(target)
+        self.path, self.lock, self.created_lock = target, None, False
+        self.record = None  # run.json, once the run has started
+        self.created = outermost_missing(target)  # what release removes when the run never starts
         try:
-            self.path = new_run_folder(target) if path is None else path
+            if path is None:
+                self.path = new_run_folder(target)
+                self.created = self.created or os.path.abspath(self.path)
             os.makedirs(self.path, exist_ok=True)
-            self.created = outermost or (os.path.abspath(self.path) if path is None else None)  # what release removes
             self.created_lock = not os.path.exists(self.file(LOCK_NAME))
             in_use = (
                 f"{self.path} is in use by another run ({{holder}}); wait for it to end, or choose another --out-dir"
             )
             self.lock = hold_lock(self.file(LOCK_NAME), in_use)
-        except OSError as error:
+        except OSError as error:  # a full disk, say: what was made on the way goes again
+            self.release()
             raise UserError(f"cannot write to --out-dir {target}: {error.strerror}; choose a writable folder") from None
-        self.record = None  # run.json, once the run has started
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -180,8 +183,9 @@ class RunFolder:
         """Let go of the lock. A run that never started leaves the folder as it found it: a folder or lock file it
         created goes again, a lock file it found gets its text back."""
         if self.record is None and (self.created or self.created_lock):
-            os.remove(self.lock.name)
-        elif self.record is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.file(LOCK_NAME))
+        elif self.record is None and self.lock:
             self.lock.truncate(0)
             self.lock.write(self.lock.found)
         folder = os.path.abspath(self.path)
@@ -191,7 +195,8 @@ class RunFolder:
                 if folder == self.created:
                     break
                 folder = os.path.dirname(folder)
-        self.lock.close()
+        if self.lock:
+            self.lock.close()
 
 
 def check_same_run(checkpoint, record, path):

@@ -396,6 +396,11 @@ class TestDataCommands:
         args = (str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--out-dir", str(evaluated))
         one_line_error(run_script("evaluate.py", *args), "No space left on device")
         assert not (small_disk / "eval").exists()  # no half an evaluation
+        free = os.statvfs(small_disk)
+        (small_disk / "filler-3").write_bytes(bytes(free.f_bavail * free.f_frsize))  # not a byte left
+        result = run_script("train.py", *train_args(synth_dir, small_disk / "new" / "run", "--epochs", "1"))
+        one_line_error(result, "cannot write to --out-dir")
+        assert not (small_disk / "new").exists()  # nor the folders made on the way, nor an empty train.lock
 
     @pytest.mark.download
     def test_read_only_folders_and_files_in_the_way_are_one_line(
