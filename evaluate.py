@@ -249,8 +249,8 @@ def prepare_out_dir(out_dir, about):
         and record.get("status") != "done"
     ):
         raise UserError(
-            f"{out_dir} is where the run in {folder} writes its own test evaluation when it ends (it is "
-            f"{record.get('status', 'not done')}); pass another --out-dir to keep this one"
+            f"{out_dir} is the run's own: train.py writes it when the run in {folder} ends (run.json says "
+            f"{record.get('status', 'not done')}); pass another --out-dir for this evaluation"
         )
     common.check_output_folder(out_dir, "--out-dir")
     metrics_path = os.path.join(out_dir, "metrics.json")

@@ -350,7 +350,8 @@ def cmd_download(args):
     unlisted = [os.path.basename(path) + ".gz" for path in missing if os.path.basename(path) + ".gz" not in checksums]
     if unlisted:
         raise UserError(
-            f"no checksum for {', '.join(unlisted)} in {args.checksums}: add them, or leave --checksums out"
+            f"no checksum for {', '.join(unlisted)} in {args.checksums}: add them, or leave --checksums (and "
+            "$PCAM_CHECKSUMS) out"
         )
     with lock_folder(args.data_dir):
         for split in args.splits:
@@ -369,7 +370,8 @@ def download_file(args, checksums, h5_path):
     gz_path = h5_path + ".gz"
     fetched = not os.path.isfile(gz_path)
     archive = h5_path + ".gz.part" if fetched else gz_path
-    if fetched:
+    complete = fetched and os.path.isfile(archive) and file_digest(archive, "md5") == checksums[gz_name]
+    if fetched and not complete:  # complete: fetched whole by a run stopped while unpacking
         fetch(f"{args.base_url.rstrip('/')}/{gz_name}?download=1", archive)
         if file_digest(archive, "md5") != checksums[gz_name]:
             os.remove(archive)
@@ -377,7 +379,7 @@ def download_file(args, checksums, h5_path):
                 f"{gz_name}: md5 does not match {checksums[gz_name]}; the corrupt download "
                 "was deleted, run the same command again to fetch it anew"
             )
-    elif file_digest(gz_path, "md5") != checksums[gz_name]:
+    elif not fetched and file_digest(gz_path, "md5") != checksums[gz_name]:
         raise UserError(
             f"{gz_path} was already there and its md5 does not match {checksums[gz_name]}; it is kept: "
             "move it away and run the same command again to fetch it anew"

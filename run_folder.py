@@ -92,7 +92,7 @@ def read_record(path):
         if key in record and not isinstance(record[key], kind):
             raise UserError(
                 f"{path} is damaged ('{key}' is not a JSON {'object' if kind is dict else 'list'}): put the run's own "
-                "run.json back, or remove it to continue from last.pt alone"
+                "run.json back, or remove it (a resume then goes on from last.pt alone)"
             )
     return record
 
@@ -154,15 +154,18 @@ class RunFolder:
         """last.pt, checked to belong to the run run.json records, as best.pt must too (the test split scores it)."""
         record = read_record(self.file("run.json"))
         checkpoint = load_checkpoint(self.file("last.pt"), CHECKPOINT_KEYS)
-        check_same_run(checkpoint, record, self.file("last.pt"))
+        check_same_run(checkpoint, record, self.file("last.pt"), "the folder's run.json")
         if checkpoint["epoch"] > 0 and not os.path.isfile(self.file("best.pt")):  # written with the first epoch
             raise UserError(
                 f"--resume: {self.file('best.pt')} is missing and the run ends by scoring it on the test split: put "
                 "it back, or start a new run in another --out-dir"
             )
         if os.path.isfile(self.file("best.pt")):
-            of_this_run = record or {"run_id": checkpoint.get("run_id"), "args": checkpoint["args"]}
-            check_same_run(load_checkpoint(self.file("best.pt"), CHECKPOINT_KEYS), of_this_run, self.file("best.pt"))
+            against, of_this_run = "the folder's run.json", record
+            if not record:
+                against, of_this_run = "last.pt", {"run_id": checkpoint.get("run_id"), "args": checkpoint["args"]}
+            best = load_checkpoint(self.file("best.pt"), CHECKPOINT_KEYS)
+            check_same_run(best, of_this_run, self.file("best.pt"), against)
         return checkpoint
 
     def start(self, record):
@@ -183,7 +186,7 @@ class RunFolder:
         """Let go of the lock. A run that never started leaves the folder as it found it: a folder or lock file it
         created goes again, a lock file it found gets its text back."""
         if self.record is None and (self.created or self.created_lock):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # none made (a read-only folder), or already gone
                 os.remove(self.file(LOCK_NAME))
         elif self.record is None and self.lock:
             self.lock.truncate(0)
@@ -199,8 +202,8 @@ class RunFolder:
             self.lock.close()
 
 
-def check_same_run(checkpoint, record, path):
-    """A checkpoint continues only the run its folder's run.json records: the same run id and settings."""
+def check_same_run(checkpoint, record, path, against):
+    """A checkpoint continues only the run record describes (against names it): the same run id and settings."""
     if not record:
         return
     recorded = record.get("args", {})
@@ -210,7 +213,7 @@ def check_same_run(checkpoint, record, path):
     if checkpoint.get("run_id") != record.get("run_id") or differing:
         what = f"settings {', '.join(differing)} differ" if differing else f"run id {checkpoint.get('run_id')}"
         raise UserError(
-            f"--resume: {path} belongs to another run than the folder's run.json or last.pt ({what}, this run's id is "
+            f"--resume: {path} belongs to another run than {against} ({what}, {against} has run id "
             f"{record.get('run_id')}); put this run's own {os.path.basename(path)} back, or resume that run in its "
             "own folder"
         )

@@ -425,6 +425,8 @@ class TestDataCommands:
             run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
             "Read-only file system",
         )
+        run = run_script("train.py", *train_args(small_set, read_only_dir, "--epochs", "1"))  # it exists: no lock made
+        one_line_error(run, "cannot write to --out-dir")
         table = run_script("plot_loss.py", "--table", str(straight_run), "--out", str(read_only_dir / "runs.png"))
         one_line_error(table, "Read-only file system")
         assert table.stdout == ""  # refused before the table is printed
@@ -516,15 +518,22 @@ class TestDownload:
     def test_a_download_stopped_while_unpacking_unpacks_next_time_and_keeps_no_archive(
         self, pcam_server, tmp_path, monkeypatch
     ):
-        def stopped(*args):
-            raise KeyboardInterrupt("SIGTERM")  # as run_command's handler raises it for scancel
+        unpacked, copy = [], shutil.copyfileobj
 
-        monkeypatch.setattr(manage_data.shutil, "copyfileobj", stopped)
+        def stopped_at_the_second(*args):  # valid_x unpacks, valid_y is fetched whole, then scancel comes
+            if unpacked:
+                raise KeyboardInterrupt("SIGTERM")  # as run_command's handler raises it
+            unpacked.append(copy(*args))
+
+        monkeypatch.setattr(manage_data.shutil, "copyfileobj", stopped_at_the_second)
         source = ("--base-url", pcam_server.base_url, "--checksums", pcam_server.checksums)
         with pytest.raises(SystemExit) as ended:
             manage_data.main(["download", "--data-dir", str(tmp_path / "data"), "--splits", "valid", *source])
         assert ended.value.code == 128 + signal.SIGTERM
         monkeypatch.undo()
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            pcam_server.base_url = f"http://127.0.0.1:{closed.getsockname()[1]}/files"  # offline: nothing listens
         assert download(pcam_server, tmp_path / "data", "valid").returncode == 0
         valid = [os.path.basename(path) for path in pcam_files.split_paths(tmp_path / "data", "valid")]
         assert sorted(os.listdir(tmp_path / "data")) == sorted([manage_data.LOCK_NAME, *valid])  # no 7 GB archive left

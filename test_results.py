@@ -263,7 +263,9 @@ class TestEvaluate:
         record = json.loads((run_dir / "run.json").read_text())
         (run_dir / "run.json").write_text(json.dumps({**record, "status": "stopped"}))
         result = run_script("evaluate.py", str(run_dir / "best.pt"), "--data-dir", str(synth_dir))
-        one_line_error(result, f"{run_dir / 'eval-test'} is where the run in {run_dir} writes its own test evaluation")
+        one_line_error(
+            result, f"{run_dir / 'eval-test'} is the run's own: train.py writes it when the run in {run_dir} ends"
+        )
         assert not (run_dir / "eval-test").exists()
 
     def test_evaluate_reports_a_missing_split_and_another_evaluation_in_one_line(
