@@ -109,7 +109,7 @@ def block_rows(dset):
 def contiguous_offset(x_path, dset):
     """Byte offset of an uncompressed, contiguous, native-order dataset (None for any other layout)."""
     offset = dset.id.get_offset()
-    if dset.chunks is not None or dset.compression is not None or offset is None or not dset.dtype.isnative:
+    if dset.chunks is not None or offset is None or not dset.dtype.isnative:  # HDF5 compresses chunked data only
         return None
     if os.path.getsize(x_path) < offset + dset.nbytes:
         raise UserError(f"{x_path} is truncated; download or copy it again")

@@ -425,6 +425,15 @@ class TestDataCommands:
             run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
             "Read-only file system",
         )
+        evaluated = run_script(
+            "evaluate.py",
+            str(straight_run / "best.pt"),
+            "--data-dir",
+            str(small_set),
+            "--out-dir",
+            str(read_only_dir / "eval"),
+        )
+        one_line_error(evaluated, "cannot write --out-dir")  # before the scoring, not at its first file
         run = run_script("train.py", *train_args(small_set, read_only_dir, "--epochs", "1"))  # it exists: no lock made
         one_line_error(run, "cannot write to --out-dir")
         table = run_script("plot_loss.py", "--table", str(straight_run), "--out", str(read_only_dir / "runs.png"))

@@ -391,8 +391,8 @@ class TestTrainRefusals:
 
     def test_a_refused_run_removes_every_folder_it_made_and_no_other(self, synth_dir, tmp_path):
         (tmp_path / "mine").mkdir()  # the user's own empty folder
-        deep = train_args(synth_dir, tmp_path / "mine" / "a" / "b", "--resume")
-        one_line_error(run_script("train.py", *deep), "no checkpoint")
+        for out_dir in (tmp_path / "mine" / "a" / "b", tmp_path / "mine"):
+            one_line_error(run_script("train.py", *train_args(synth_dir, out_dir, "--resume")), "no checkpoint")
         in_a_job = subprocess.run(  # its folder is runs/slurm-123, and runs/ is made for it
             [sys.executable, os.path.join(HERE, "train.py"), "--data-dir", str(synth_dir), "--resume"],
             cwd=tmp_path / "mine",
