@@ -89,17 +89,6 @@ class TestDataCommands:
         lock.close()
         common.hold_lock(tmp_path / "pcam.lock", "in use by {holder}").close()  # let go: the next one takes it
 
-    def test_a_users_own_file_named_like_a_lock_is_refused_and_kept(self, synth_dir, tmp_path):
-        (tmp_path / "run").mkdir()
-        for command, lock in (
-            (["train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", "1")], tmp_path / "run" / "train.lock"),
-            (["manage_data.py", "synth", "--data-dir", str(tmp_path)], tmp_path / "pcam.lock"),
-        ):
-            lock.write_text("notes of mine\n")
-            one_line_error(run_script(*command), f"{lock} is not a lock file of this project")
-            assert lock.read_text() == "notes of mine\n"
-        assert sorted(os.listdir(tmp_path)) == ["pcam.lock", "run"] and os.listdir(tmp_path / "run") == ["train.lock"]
-
     def test_env_names_the_files_of_a_split_that_are_missing(self, tmp_path):
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
         result = run_script("manage_data.py", "env", "--data-dir", str(tmp_path))

@@ -234,6 +234,17 @@ class TestStopAndResume:
         )
         assert f"resuming {tmp_path / 'run'} after epoch {epoch}" in resumed.stdout  # the killed run left no lock
 
+    def test_a_users_own_file_named_like_a_lock_is_refused_and_kept(self, synth_dir, tmp_path):
+        (tmp_path / "run").mkdir()
+        for command, lock in (
+            (["train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", "1")], tmp_path / "run" / "train.lock"),
+            (["manage_data.py", "synth", "--data-dir", str(tmp_path)], tmp_path / "pcam.lock"),
+        ):
+            lock.write_text("notes of mine\n")
+            one_line_error(run_script(*command), f"{lock} is not a lock file of this project")
+            assert lock.read_text() == "notes of mine\n"
+        assert sorted(os.listdir(tmp_path)) == ["pcam.lock", "run"] and os.listdir(tmp_path / "run") == ["train.lock"]
+
     def test_temporary_files_carry_the_writers_pid(self, synth_dir, tmp_path):
         run_dir = tmp_path / "run"
         run_dir.mkdir()
