@@ -392,9 +392,7 @@ class TestDataCommands:
         assert not (small_disk / "new").exists()  # nor the folders made on the way, nor an empty train.lock
 
     @pytest.mark.download
-    def test_read_only_folders_and_files_in_the_way_are_one_line(
-        self, read_only_dir, small_set, straight_run, tmp_path, pcam_server
-    ):
+    def test_read_only_folders_and_files_in_the_way_are_one_line(self, read_only_dir, small_set, tmp_path, pcam_server):
         one_line_error(
             run_script("manage_data.py", "synth", "--data-dir", str(read_only_dir / "synth")), "Read-only file system"
         )
@@ -410,24 +408,6 @@ class TestDataCommands:
             result = run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(out_dir))
             one_line_error(result, "Read-only file system")
             assert "scanning" not in result.stdout  # refused before the first scan
-        one_line_error(
-            run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
-            "Read-only file system",
-        )
-        evaluated = run_script(
-            "evaluate.py",
-            str(straight_run / "best.pt"),
-            "--data-dir",
-            str(small_set),
-            "--out-dir",
-            str(read_only_dir / "eval"),
-        )
-        one_line_error(evaluated, "cannot write --out-dir")  # before the scoring, not at its first file
-        run = run_script("train.py", *train_args(small_set, read_only_dir, "--epochs", "1"))  # it exists: no lock made
-        one_line_error(run, "cannot write to --out-dir")
-        table = run_script("plot_loss.py", "--table", str(straight_run), "--out", str(read_only_dir / "runs.png"))
-        one_line_error(table, "Read-only file system")
-        assert table.stdout == ""  # refused before the table is printed
         result = download(pcam_server, read_only_dir, "valid")
         one_line_error(result, "Read-only file system")
         assert "attempt" not in result.stdout  # a read-only folder is not retried
@@ -446,6 +426,28 @@ class TestDataCommands:
             ),
             "No such file or directory",
         )
+
+    def test_read_only_out_dirs_of_runs_evaluations_and_plots_are_refused_before_the_work(
+        self, read_only_dir, small_set, straight_run
+    ):
+        one_line_error(
+            run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
+            "Read-only file system",
+        )
+        evaluated = run_script(
+            "evaluate.py",
+            str(straight_run / "best.pt"),
+            "--data-dir",
+            str(small_set),
+            "--out-dir",
+            str(read_only_dir / "eval"),
+        )
+        one_line_error(evaluated, "cannot write --out-dir")  # before the scoring, not at its first file
+        run = run_script("train.py", *train_args(small_set, read_only_dir, "--epochs", "1"))  # it exists: no lock made
+        one_line_error(run, "cannot write to --out-dir")
+        table = run_script("plot_loss.py", "--table", str(straight_run), "--out", str(read_only_dir / "runs.png"))
+        one_line_error(table, "Read-only file system")
+        assert table.stdout == ""  # refused before the table is printed
 
 
 @pytest.mark.download
