@@ -114,7 +114,8 @@ train: $(VENV)/.installed ## submit train_job.sh: ARGS="--epochs 5" PARTITION=..
 	mkdir -p logs
 	job=$$(PCAM_DIR="$$DATA_DIR" sbatch --parsable --partition="$$PARTITION" --time="$$TIME" --gpus="$$GPUS" \
 		--cpus-per-task="$$CPUS" --mem="$$MEM" train_job.sh $$ARGS) && \
-		echo "submitted job $$job: log logs/pcam_train_$$job.out, run runs/slurm-$$job"
+		run=runs/slurm-$$job && case " $$ARGS " in *" --out-dir"*) run="the --out-dir in ARGS";; esac && \
+		echo "submitted job $$job: log logs/pcam_train_$$job.out, run $$run"
 
 sweep: $(VENV)/.installed ## one job array over SEEDS="1 2 3" (or LRS="1e-3 1e-4"), one run each, same options as train
 	test -n "$$SEEDS$$LRS" && test -z "$$SEEDS" -o -z "$$LRS" || { echo "make sweep: give SEEDS=\"1 2 3\" or LRS=\"...\", not both" >&2; exit 1; }

@@ -404,7 +404,7 @@ def check_manifest(data_dir):
     if differing:
         raise UserError(
             f"{', '.join(differing)} differ from {manifest_path}; check the contents with "
-            f"`python manage_data.py verify --data-dir {data_dir}`, or record the files as they are now with "
-            f"`python manage_data.py manifest --data-dir {data_dir}`"
+            f"`python manage_data.py verify --data-dir {data_dir}`, and when they match (a copy has new mtimes) "
+            f"record the files as they are now with `python manage_data.py manifest --data-dir {data_dir}`"
         )
     return True

@@ -240,14 +240,16 @@ def is_own_summary(path):
 
 
 def expand(patterns):
-    """Run paths as given, each pattern that names no path expanded like a shell glob (runs/*/), in natural order."""
+    """Run paths as given, each pattern that names no path expanded like a shell glob (runs/*/) to the folders and
+    metrics.csv files it matches (not a PNG beside them), in natural order."""
 
     def natural(path):
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
     paths = []
     for pattern in patterns:
-        matches = [] if os.path.exists(pattern) else sorted(glob.glob(pattern), key=natural)
+        found = [] if os.path.exists(pattern) else sorted(glob.glob(pattern), key=natural)
+        matches = [path for path in found if os.path.isdir(path) or os.path.basename(path) == "metrics.csv"]
         paths += [os.path.normpath(match) for match in matches] or [pattern]
     return paths
 

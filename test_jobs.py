@@ -130,7 +130,7 @@ class TestSlurmJobs:
     def test_make_train_gpus_0_trains_on_the_cpu_partition_and_leaves_a_complete_run(self, project):
         output = make(project, "train", env={**SMALL_JOB, "ARGS": "--epochs 2 --batch-size 128"})
         job = submitted_job(output)[0]
-        assert f"logs/pcam_train_{job}.out" in output
+        assert f"logs/pcam_train_{job}.out, run runs/slurm-{job}" in output
         assert wait_for_job(job) == ["COMPLETED"]
         run_dir = project / "runs" / f"slurm-{job}"
         assert len(read_csv_rows(run_dir / "metrics.csv")) == 2
@@ -163,6 +163,7 @@ class TestSlurmJobs:
         train.main(train_args(synth_dir, run_dir, "--epochs", "1"))
         output = make(project, "train", env={**SMALL_JOB, "ARGS": f"--out-dir {run_dir} --epochs 2 --batch-size 64"})
         job = submitted_job(output)[0]
+        assert f"logs/pcam_train_{job}.out, run the --out-dir in ARGS" in output  # not runs/slurm-<job id>
         log = project / "logs" / f"pcam_train_{job}.out"
         assert wait_for_job(job) == ["COMPLETED"], log.read_text()
         assert "--resume auto --out-dir" in log.read_text() and f"resuming {run_dir} after epoch 1" in log.read_text()

@@ -306,6 +306,10 @@ class TestLossPlot:
         (straight_run / "loss.png").unlink()
         run_script("plot_loss.py", str(straight_run), check=True)
         assert is_nonblank_png(straight_run / "loss.png")
+        shutil.copytree(straight_run, tmp_path / "runs" / "demo")
+        shutil.copy(out, tmp_path / "runs" / "demo-loss.png")  # as make plot RUN=runs/demo OUT=runs/demo-loss.png
+        pattern = str(tmp_path / "runs" / "demo*")  # matches the run and the PNG beside it
+        run_script("plot_loss.py", pattern, "--out", str(tmp_path / "sweep.png"), check=True)
 
     def test_plot_draws_train_and_validation_loss_and_accuracy_of_each_run(self, straight_run, tmp_path):
         def column(rows, name):
