@@ -267,10 +267,7 @@ def cmd_verify(args):
         path = os.path.join(args.data_dir, name)
         if not os.path.isfile(path):
             differing.append(f"{name} (missing)")
-        elif (
-            os.path.getsize(path) != record["bytes"]
-            or file_digest(path, show_progress=True) != record["sha256"].lower()
-        ):
+        elif os.path.getsize(path) != record["bytes"] or file_digest(path, show_progress=True) != record["sha256"]:
             differing.append(f"{name} (contents differ)")
         else:
             log(f"verify: {name} ok")

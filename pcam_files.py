@@ -383,7 +383,7 @@ def read_manifest(manifest_path, data_dir):
         )
     if not files:
         raise UserError(f"manifest {manifest_path} lists no files, so it vouches for none; {fix}")
-    return files
+    return {name: {**record, "sha256": record["sha256"].lower()} for name, record in files.items()}  # as sha256sum
 
 
 def check_manifest(data_dir):

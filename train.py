@@ -360,12 +360,15 @@ def finish(session, test_set):
     if session.device.type == "cuda":
         peak["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
     folder.finish("done", test=test, best_val_loss=session.best_val_loss, **peak)
-    written = ["metrics.csv", "best.pt", "last.pt", "run.json", "loss.png"] + ["eval-test/"] * bool(test)
     try:
         plot_loss.plot_runs([folder.file("metrics.csv")], folder.file("loss.png"))
     except UserError as error:
         log(f"train.py: note: loss.png not drawn: {error}", sys.stderr)
-        written.remove("loss.png")
+    written = [
+        name + "/" * os.path.isdir(folder.file(name))
+        for name in run_folder.RUN_FILES
+        if os.path.exists(folder.file(name))
+    ]
     log(f"done: {folder.path} ({', '.join(written)})")
 
 
