@@ -32,18 +32,9 @@ METRIC_FORMATS = {  # metrics.csv's columns, a row per epoch
     "epoch_s": "{:.2f}",
     "images_per_s": "{:.0f}",
 }
-RESUMED_SETTINGS = (
-    "batch_size",
-    "lr",
-    "optimizer",
-    "momentum",
-    "weight_decay",
-    "hidden_units",
-    "dropout",
-    "seed",
-    "filter_data",
-    "bf16",
-)  # a resumed run takes these from its checkpoint
+# a resumed run takes these from its checkpoint (and its --epochs and --data-dir unless given: resumed_settings)
+RESUMED_SETTINGS = ("batch_size", "lr", "optimizer", "momentum", "weight_decay", "hidden_units", "dropout", "seed")
+RESUMED_SETTINGS += ("filter_data", "bf16")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -61,8 +52,7 @@ def default_out_dir():
 
 
 def new_run_folder(path):
-    """path, else path-2, path-3, ...: the first that does not exist yet, created here, so that two runs started
-    in the same second each get a folder of their own."""
+    """path, else path-2, path-3, ...: the first not there yet, created here (two runs started in one second)."""
     candidate, number = path, 1
     while True:
         try:
@@ -74,8 +64,7 @@ def new_run_folder(path):
 
 
 def outermost_missing(path):
-    """The outermost folder on the way to path that does not exist yet (path itself when its parent does), or None
-    when path exists: what creating path creates."""
+    """What creating path creates: the outermost missing folder on the way to it (or path), None when it exists."""
     path = os.path.abspath(path)
     if os.path.exists(path):
         return None
@@ -85,8 +74,7 @@ def outermost_missing(path):
 
 
 def read_record(path):
-    """run.json as a dict ({} when missing or not an object), refused when a field the resume reads is of another
-    kind (edited by hand, or written by something else)."""
+    """run.json as a dict ({} when missing), refused when a field the resume reads is of another kind (hand-edited)."""
     record = read_json(path)
     for key, kind in (("args", dict), ("resumed_at", list)):
         if key in record and not isinstance(record[key], kind):
@@ -98,13 +86,11 @@ def read_record(path):
 
 
 def run_is_live(folder):
-    """Whether a live train.py holds the run folder's lock."""
     return is_locked(os.path.join(folder, LOCK_NAME))
 
 
 class RunFolder:
-    """A run's folder, created when needed (a new runs/<date-time> when path is None) and locked before anything in
-    it is looked at. release() gives it back; a run refused before it started leaves it as it found it."""
+    """A run's folder (a new runs/<date-time> when path is None), locked before anything in it is looked at."""
 
     def __init__(self, path):
         target = default_out_dir() if path is None else path
@@ -272,8 +258,7 @@ def resumed_settings(args, checkpoint):
 
 
 def resume_target(args):
-    """(run folder, whether to resume): --resume continues --out-dir (this Slurm job's folder when not given);
-    --resume auto does when that folder holds a last.pt, and starts the run there otherwise."""
+    """(run folder, whether to resume): --out-dir, else this Slurm job's; --resume auto resumes when it has last.pt."""
     if not args.resume:
         return args.out_dir, False
     out_dir = args.out_dir or default_out_dir()
@@ -281,8 +266,7 @@ def resume_target(args):
 
 
 def run_settings(args, folder, checkpoint):
-    """The settings the run trains with, as run.json records them: the arguments, with a resumed run's own settings
-    from its checkpoint and the folder it writes to."""
+    """The settings the run trains with, as run.json records them: the arguments, a resumed run's own, the folder."""
     parsed = {name: value for name, value in vars(args).items() if name != "given"}
     resumed = resumed_settings(args, checkpoint) if checkpoint else {}
     where = {"out_dir": folder.path if folder else args.out_dir, "resume": checkpoint is not None}
@@ -310,8 +294,7 @@ def load_checkpoint(path, required=("model", "model_args")):
 
 
 def save_checkpoint(checkpoint, path):
-    """torch.save into memory first, every tensor moved to the CPU (it then loads anywhere, with or without CUDA):
-    a failed file write is then an error naming its cause (a full disk)."""
+    """torch.save, every tensor on the CPU (it loads anywhere), into memory first: a failed write names its cause."""
     buffer = io.BytesIO()
     torch.save(on_cpu(checkpoint), buffer)
     write_bytes(buffer.getbuffer(), path)
@@ -334,8 +317,7 @@ def seed_everything(seed):
 
 
 def rng_state(generators, device):
-    """The generators a resumed run restores, generators being the loader's own ({name: torch.Generator});
-    CUDA's of the training device only, so a CPU run never touches CUDA."""
+    """The RNG states a resumed run restores, the loader's too; CUDA's only on CUDA, so a CPU run never touches it."""
     numpy_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -387,7 +369,7 @@ def describe_environment(device):
 
 
 def written_on(device, environment):
-    """Where a checkpoint was written, which a run resumed elsewhere notes (see note_other_device)."""
+    """Where a checkpoint was written (see note_other_device)."""
     return {
         "device": device.type,
         "device_name": environment["device"],
@@ -397,8 +379,7 @@ def written_on(device, environment):
 
 
 def note_other_device(checkpoint, here):
-    """A resume on another device, GPU model or torch or CUDA build (here: written_on's record of this run) is not
-    bit for bit an uninterrupted run: kernels differ between them."""
+    """A resume on another device, GPU or torch or CUDA build (here: written_on's) need not match bit for bit."""
     written = checkpoint.get("written_on") or {}
     differing = [key for key, value in here.items() if key in written and written[key] != value]
     if differing:
@@ -410,8 +391,7 @@ def note_other_device(checkpoint, here):
 
 
 def data_record(data_dir, manifest_matched):
-    """The data folder, its split files' sizes, its manifest's sha256 and whether the files matched it (None: no
-    manifest), and for a prepared copy the files it was made from, as run.json records them."""
+    """run.json's record of the data: the folder, file sizes, manifest sha256 and match, a prepared copy's origin."""
     files = {
         os.path.basename(p): os.path.getsize(p) for s in SPLITS for p in split_paths(data_dir, s) if os.path.isfile(p)
     }

@@ -8,7 +8,6 @@ that folder; docs/runs.md describes it). SIGTERM or SIGUSR1 stop it after the cu
 import argparse
 import dataclasses
 import datetime
-import functools
 import math
 import os
 import signal
@@ -119,14 +118,9 @@ def check_args(args):
         raise UserError(f"{flag} needs --out-dir: the run folder to continue (e.g. runs/20260101-120000)")
 
 
-class StoppedDuringStartUp(Exception):
-    """SIGTERM or SIGUSR1 before the first step: nothing to checkpoint, so the run ends before writing any."""
-
-
 class StopRequest:
-    """Turns SIGTERM, SIGUSR1 and a first SIGINT into a flag the training loop checks after every step; a second
-    SIGINT (Ctrl-C twice) stops at once. DataLoader workers ignore these signals (data.seed_worker), so a signal
-    to the whole process group (scancel, preemption, Ctrl-C) reaches the run through this process alone."""
+    """SIGTERM, SIGUSR1 and a first SIGINT set a flag checked after every step; a second SIGINT stops at once.
+    Loader workers ignore them (data.seed_worker): a signal to the process group reaches the run through here."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -144,8 +138,7 @@ class StopRequest:
 
 @dataclasses.dataclass
 class Session:
-    """A run's state: the arguments as parsed, the settings it trains with (a resumed run's from its checkpoint),
-    its folder, device, model, optimiser, batches, and the progress so far."""
+    """A run's state: its arguments, the settings it trains with (config), its folder, model, batches, progress."""
 
     args: argparse.Namespace
     stop: StopRequest
@@ -192,28 +185,17 @@ def set_up(session, device):
     log(f"model: MLP hidden {config.hidden_units}, {sum(p.numel() for p in session.model.parameters()):,} parameters")
 
 
-def check_splits(config):
-    """Checked before the first step (training_batches checks train and valid): the manifest when there is one, and
-    the test split the run ends on when any of its files is there. (whether the data matched its manifest or None,
-    the test split opened unfiltered or None)."""
-    manifest_matched = pcam_files.check_manifest(config.data_dir)
-    if not any(os.path.exists(path) for path in pcam_files.split_paths(config.data_dir, "test")):
-        return manifest_matched, None
-    return manifest_matched, data.load_split(config.data_dir, "test")
-
-
 def train_one_epoch(session, epoch):
     """One pass over the train batches. Returns (loss, accuracy, images/s), or None when stopped early."""
     model, batches, optimizer = session.model, session.train_batches, session.optimizer
     device, config = session.device, session.config
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=config.bf16)
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen, started = 0, time.perf_counter()
     for step, (images, labels) in enumerate(batches, 1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)  # still uint8
-        with autocast():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -237,11 +219,11 @@ def train_one_epoch(session, epoch):
     return loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - started)
 
 
-def check_diverged(model, train_loss, val_loss, epoch):
-    """A non-finite loss or weight, or an absurd validation loss, stops the run before its checkpoint is written."""
-    for name, value in (("training loss", train_loss), ("validation loss", val_loss)):
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{name} became {value} in epoch {epoch}")
+def check_diverged(model, val_loss, epoch):
+    """A non-finite validation loss or weight, or an absurd validation loss, stops the run before its checkpoint is
+    written (train_one_epoch has checked the training loss at its last step)."""
+    if not math.isfinite(val_loss):
+        raise FloatingPointError(f"validation loss became {val_loss} in epoch {epoch}")
     state = model.state_dict()
     broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if broken:
@@ -254,8 +236,7 @@ def check_diverged(model, train_loss, val_loss, epoch):
 
 
 def dry_run(session, checkpoint):
-    """One logged batch of training and one of validation, from the checkpoint's weights when resuming; nothing is
-    written."""
+    """One logged batch of training and one of validation, on a resumed run's weights when resuming; nothing written."""
     if checkpoint:
         session.model.load_state_dict(checkpoint["model"])
     else:
@@ -309,8 +290,7 @@ def checkpoint_of(session, epoch):
 
 
 def train_epochs(session):
-    """Train and validate epoch by epoch up to --epochs; after each, best.pt (when the validation loss is
-    the lowest yet), last.pt and metrics.csv. A stop signal ends the loop after the current step."""
+    """Train and validate up to --epochs; after each epoch best.pt (at a new best val_loss), last.pt, metrics.csv."""
     folder = session.folder
     for epoch in range(session.start_epoch, session.config.epochs + 1):
         if session.stop.signal_name:
@@ -321,7 +301,7 @@ def train_epochs(session):
             return
         train_loss, train_acc, images_per_s = trained
         val_loss, val_acc, val_auc = evaluate.validate(session.model, session.val_batches, session.device)
-        check_diverged(session.model, train_loss, val_loss, epoch)
+        check_diverged(session.model, val_loss, epoch)
         improved = val_loss < session.best_val_loss
         session.best_val_loss = min(session.best_val_loss, val_loss)
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss}
@@ -373,8 +353,7 @@ def finish(session, test_set):
 
 
 def run(session):
-    """Train as the arguments say: check them, claim the run folder, set up, then a dry run, or start or resume,
-    the epoch loop, and the finish."""
+    """Train as the arguments say: a dry run, or a new or resumed run to its finish."""
     args = session.args
     check_args(args)
     out_dir, resume = run_folder.resume_target(args)
@@ -387,23 +366,24 @@ def run(session):
         if session.folder.should_resume(resume):
             checkpoint = session.folder.checkpoint_to_resume()
     session.config = run_folder.run_settings(args, session.folder, checkpoint)
-    manifest_matched, test_set = check_splits(session.config)
+    # before the first step: the manifest, and the test split the run ends on (training_batches checks the others)
+    manifest_matched = pcam_files.check_manifest(session.config.data_dir)
+    test_set = None
+    if any(os.path.exists(path) for path in pcam_files.split_paths(session.config.data_dir, "test")):
+        test_set = data.load_split(session.config.data_dir, "test")
     set_up(session, device)
     if args.dry_run:
         dry_run(session, checkpoint)
         return
     if session.stop.signal_name == "SIGINT":  # stopped during start-up: nothing trained, so no checkpoint to write
         raise KeyboardInterrupt
-    if session.stop.signal_name:
-        raise StoppedDuringStartUp(session.stop.signal_name)
+    if session.stop.signal_name:  # SIGTERM or SIGUSR1: nothing is written yet, run.json included
+        again = f"run the same command again (exit code {REQUEUE_EXIT_CODE})"
+        log(f"train.py: stopped by {session.stop.signal_name} during start-up, before training; {again}", sys.stderr)
+        sys.exit(REQUEUE_EXIT_CODE)
     start_or_resume(session, checkpoint, manifest_matched)
     train_epochs(session)
     finish(session, test_set)
-
-
-def fail(session, message):
-    session.end("failed", error=message)
-    sys.exit(message)
 
 
 def main(argv=None):
@@ -412,16 +392,12 @@ def main(argv=None):
     session = Session(args, StopRequest())  # first: a signal during start-up must not kill the run without a word
     try:
         run(session)
-    except UserError as error:
-        fail(session, f"train.py: error: {common.error_line(error)}")
-    except FloatingPointError as error:
-        advice = "stopped, last.pt keeps the last good epoch. Try a lower --lr in a new run (another --out-dir)"
-        fail(session, f"train.py: error: {error}; {advice}")
-    except StoppedDuringStartUp as error:
-        session.end("stopped", stop_signal=str(error))
-        again = f"run the same command again (exit code {REQUEUE_EXIT_CODE})"
-        log(f"train.py: stopped by {error} during start-up, before training; {again}", sys.stderr)
-        sys.exit(REQUEUE_EXIT_CODE)
+    except (UserError, FloatingPointError) as error:  # error_line keeps our one-line FloatingPointErrors as they are
+        message = f"train.py: error: {common.error_line(error)}"
+        if isinstance(error, FloatingPointError):
+            message += "; stopped, last.pt keeps the last good epoch. Try a lower --lr in a new run (another --out-dir)"
+        session.end("failed", error=message)
+        sys.exit(message)
     except KeyboardInterrupt:
         session.end("interrupted")
         kept = session.folder and os.path.isfile(session.folder.file("last.pt"))
