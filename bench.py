@@ -29,6 +29,7 @@ import pcam_files
 from model import MLP
 
 BATCH_SIZE = 256
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class ReferencePCAM(Dataset):
@@ -103,38 +104,27 @@ def sgd_step(model, optimizer, images, labels):
     optimizer.step()
 
 
-def step_rate(model, batches, steps=60):
-    """Images/s of forward + backward + SGD over in-memory batches, taken in turn, after 10 warm-up steps."""
+def model_rate(model, batches, train=True):
+    """Images/s of 60 steps over in-memory batches, taken in turn, after 10 warm-up steps: forward + backward + SGD,
+    or with train=False the forward alone."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    model.train()
-    for step in range(steps + 10):
-        if step == 10:
-            started = time.perf_counter()
-        sgd_step(model, optimizer, *batches[step % len(batches)])
-    return steps * len(batches[0][1]) / (time.perf_counter() - started)
-
-
-def forward_rate(model, images, steps=60):
-    model.eval()
-    with torch.no_grad():
-        for step in range(steps + 10):
+    model.train(train)
+    with torch.set_grad_enabled(train):
+        for step in range(70):
             if step == 10:
                 started = time.perf_counter()
-            model(images)
-    return steps * len(images) / (time.perf_counter() - started)
+            images, labels = batches[step % len(batches)]
+            if train:
+                sgd_step(model, optimizer, images, labels)
+            else:
+                model(images)
+    return 60 * len(labels) / (time.perf_counter() - started)
 
 
 def plain_rates():
     """The physical reference: the plain MLP on float input already in memory, training and forward only."""
-    images, labels = torch.rand(BATCH_SIZE, 3, 96, 96), torch.randint(0, 2, (BATCH_SIZE,))
-    return step_rate(plain_mlp(), [(images, labels)]), forward_rate(plain_mlp(), images)
-
-
-def project_step_rate(data_dir):
-    """The project's MLP training on the uint8 channels-last batches its own loader yields."""
-    train_loader, _ = data.get_dataloaders(data_dir, batch_size=BATCH_SIZE)
-    batches = [batch for batch, _ in zip(train_loader, range(8), strict=False)]
-    return step_rate(MLP(), batches)
+    batch = torch.rand(BATCH_SIZE, 3, 96, 96), torch.randint(0, 2, (BATCH_SIZE,))
+    return model_rate(plain_mlp(), [batch]), model_rate(plain_mlp(), [batch], train=False)
 
 
 def reference_end_to_end(x_path, y_path):
@@ -212,44 +202,25 @@ def training_rows(data_dir, n_train, plain_train, plain_forward):
     """The project's step, a train.py epoch and the course-style epoch, each against the plain float step."""
     x_path, y_path = pcam_files.split_paths(data_dir, "train")
     label = f"uint8 {os.path.getsize(x_path) / 2**30:.2f} GiB"
-    project_rate = project_step_rate(data_dir)
+    train_loader, _ = data.get_dataloaders(data_dir, batch_size=BATCH_SIZE)  # uint8 channels-last batches
+    project_rate = model_rate(MLP(), [batch for batch, _ in zip(train_loader, range(8), strict=False)])
     reference_rate = reference_end_to_end(x_path, y_path)
     epoch_rate, run_s = end_to_end(data_dir)
     plain_train_now, plain_forward_now = plain_rates()  # again, next to the end-to-end runs; the faster counts
     plain_train, plain_forward = max(plain_train, plain_train_now), max(plain_forward, plain_forward_now)
     n_valid = len(pcam_files.read_labels(pcam_files.split_paths(data_dir, "valid")[1]))
     bound = n_train / plain_train + n_valid / plain_forward
+    project_ratio = f"{project_rate / plain_train:.2f}x plain step (target 0.75)"
+    epoch_ratio = f"{epoch_rate / plain_train:.2f}x plain step (target 0.65)"
+    reference_ratio = f"train.py {epoch_rate / reference_rate:.1f}x this (target 3)"
+    run_ratio = f"{run_s / bound:.2f}x plain bound ({bound:.1f} s)"
     return [
         ("plain MLP (64, 32) step: fwd+bwd+SGD", "float, in memory", plain_train, "images/s", "the compute bound"),
         ("plain MLP (64, 32) forward", "float, in memory", plain_forward, "images/s", ""),
-        (
-            "pcam-mlp step on its loader's batches",
-            label,
-            project_rate,
-            "images/s",
-            f"{project_rate / plain_train:.2f}x plain step (target 0.75)",
-        ),
-        (
-            "train.py epoch (SGD), metrics.csv rate",
-            label,
-            epoch_rate,
-            "images/s",
-            f"{epoch_rate / plain_train:.2f}x plain step (target 0.65)",
-        ),
-        (
-            "reference epoch: its loader + plain step",
-            label,
-            reference_rate,
-            "images/s",
-            f"train.py {epoch_rate / reference_rate:.1f}x this (target 3)",
-        ),
-        (
-            "train.py 1 epoch (SGD), less start-up",
-            label,
-            run_s,
-            "s",
-            f"{run_s / bound:.2f}x plain bound ({bound:.1f} s)",
-        ),
+        ("pcam-mlp step on its loader's batches", label, project_rate, "images/s", project_ratio),
+        ("train.py epoch (SGD), metrics.csv rate", label, epoch_rate, "images/s", epoch_ratio),
+        ("reference epoch: its loader + plain step", label, reference_rate, "images/s", reference_ratio),
+        ("train.py 1 epoch (SGD), less start-up", label, run_s, "s", run_ratio),
     ]
 
 
@@ -300,19 +271,14 @@ def streaming_run_rss_row(float32_dir):
                 pcam_files.split_paths(float32_dir, source), pcam_files.split_paths(data_dir, split), strict=True
             ):
                 os.symlink(os.path.abspath(path), link)
-        argv = ["train.py", "--data-dir", data_dir, "--out-dir", os.path.join(work, "run"), "--epochs", "1"]
-        argv += ["--device", "cpu", "--data-on-device", "no", "--filter-data", "--num-workers", "0"]
         measured = (  # RUSAGE_CHILDREN of a process whose one child is train.py: that run's peak alone
             "import resource, subprocess, sys\nsubprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
         )
-        run = subprocess.run(
-            [sys.executable, "-c", measured, sys.executable, *argv],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        command = [sys.executable, "-c", measured, sys.executable, "train.py", "--data-dir", data_dir, "--epochs", "1"]
+        command += ["--out-dir", os.path.join(work, "run"), "--device", "cpu", "--data-on-device", "no"]
+        command += ["--filter-data", "--num-workers", "0"]
+        run = subprocess.run(command, cwd=HERE, capture_output=True, text=True, check=True)
     size = sum(os.path.getsize(pcam_files.split_paths(float32_dir, s)[0]) for s in ("train", "valid", "valid"))
     peak = int(run.stdout.split()[-1]) / 1024
     return "peak RSS, streaming train.py run", f"float32 {size / 2**30:.2f} GiB", peak, "MiB", "valid+test+plots; < 600"
@@ -331,29 +297,21 @@ def print_table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark the PCAM data pipeline and training against plain PyTorch.")
-    parser.add_argument(
-        "--n-train", type=int, default=32768, metavar="N", help="train images in each synthetic set (default: 32768)"
-    )
-    parser.add_argument(
-        "--n-packed",
-        type=int,
-        default=16384,
-        metavar="N",
-        help="train images in the chunked gzip set, twice the chunk cache (default: 16384)",
-    )
-    parser.add_argument(
-        "--dir", default="bench_data", metavar="DIR", help="where the sets are written (default: bench_data)"
-    )
+    for flag, default, metavar, text in (
+        ("--n-train", 32768, "N", "train images in each synthetic set"),
+        ("--n-packed", 16384, "N", "train images in the chunked gzip set, twice the chunk cache"),
+        ("--dir", "bench_data", "DIR", "where the sets are written"),
+    ):
+        parser.add_argument(
+            flag, type=type(default), default=default, metavar=metavar, help=f"{text} (default: {default})"
+        )
     parser.add_argument("--rss-probe", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_probe:
         return peak_rss_probe(args.rss_probe)
     torch.manual_seed(0)
-    sets = {
-        "uint8": os.path.join(args.dir, "uint8"),
-        "float32": os.path.join(args.dir, "float32_poisoned"),
-        "packed": os.path.join(args.dir, "uint8_gzip"),
-    }
+    folders = {"uint8": "uint8", "float32": "float32_poisoned", "packed": "uint8_gzip"}
+    sets = {name: os.path.join(args.dir, folder) for name, folder in folders.items()}
     ensure_set(sets["uint8"], args.n_train, "uint8", 0.0)
     ensure_set(sets["float32"], args.n_train, "float32", 0.05)
     ensure_set(sets["packed"], args.n_packed, "uint8", 0.0, chunks=(32, 96, 96, 3), compression="gzip")

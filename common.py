@@ -2,6 +2,7 @@
 atomic writes, output checks and locks. It imports nothing of this project's, so any module may import it."""
 
 import argparse
+import contextlib
 import csv
 import errno
 import fcntl
@@ -20,15 +21,7 @@ from pathlib import Path
 import torch
 
 # what a run, evaluate.py and the data commands keep in their folders: no other command's output takes these names
-RECORD_NAMES = (
-    "run.json",
-    "metrics.csv",
-    "predictions.csv",
-    "metrics.json",
-    "train.lock",
-    "pcam.lock",
-    "pcam_prepared.json",
-)
+RECORD_NAMES = "run.json metrics.csv predictions.csv metrics.json train.lock pcam.lock pcam_prepared.json".split()
 
 
 class UserError(ValueError):
@@ -36,8 +29,7 @@ class UserError(ValueError):
 
 
 def error_line(error):
-    """An error's message on one line; one re-raised from a DataLoader worker carries the worker's traceback,
-    whose last line is the original 'module.Error: message'."""
+    """An error's message in one line; a DataLoader worker's re-raised error ends in the original 'Error: message'."""
     lines = str(error).strip().splitlines() or [type(error).__name__]
     return lines[-1].split(": ", 1)[-1] if len(lines) > 1 else lines[0]
 
@@ -87,8 +79,7 @@ def log(message, file=None):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends each option's default, lists as words, but not None or a switch's False: their help says what happens
-    without them."""
+    """Appends each option's default (a list as words), but not None or a switch's False: their help says what then."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
@@ -295,16 +286,14 @@ def file_digest(path, algorithm="sha256", show_progress=False):
 
 
 def is_data_file(path):
-    """A split file, what download makes of one, a checkpoint or a record a run or data folder keeps: no
-    command's output may take such a name, whatever the flags."""
+    """A split file, what download makes of one, a checkpoint or a run's or data folder's record: never an output."""
     name = os.path.basename(str(path))
     return name.startswith("camelyonpatch_") or name.endswith((".h5", ".h5.gz", ".hdf5", ".pt")) or name in RECORD_NAMES
 
 
 def check_output(path, written_here, force=False):
-    """Refuse an output path that would replace what this command did not write: a data file or a run's record
-    whatever the flags, any other existing file unless force. written_here(path) tells the command's own earlier
-    output. A folder where the file belongs is refused before any work."""
+    """Refuse, before any work, a folder in the output file's place, or a path that would replace what this command
+    did not write (written_here(path) tells its own): a data file or a run's record always, others unless force."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder: name the output file itself")
     if is_data_file(path) and not (os.path.isfile(path) and written_here(path)):
@@ -330,19 +319,16 @@ def check_output_folder(path, flag):
 def png_software(path):
     """The Software text of a PNG file (what wrote it), or None for anything else. PNG: an 8-byte signature,
     then chunks of (length, type, data, crc); savefig's metadata comes as tEXt chunks before the pixels."""
-    try:
-        with open(path, "rb") as source:
-            if source.read(8) != b"\x89PNG\r\n\x1a\n":
+    with contextlib.suppress(OSError), open(path, "rb") as source:
+        if source.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while len(header := source.read(8)) == 8:
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind in (b"IDAT", b"IEND"):
                 return None
-            while len(header := source.read(8)) == 8:
-                length, kind = int.from_bytes(header[:4], "big"), header[4:]
-                if kind in (b"IDAT", b"IEND"):
-                    return None
-                keyword, _, text = source.read(length + 4)[:length].partition(b"\0")
-                if kind == b"tEXt" and keyword == b"Software":
-                    return text.decode("latin-1")
-    except OSError:
-        return None
+            keyword, _, text = source.read(length + 4)[:length].partition(b"\0")
+            if kind == b"tEXt" and keyword == b"Software":
+                return text.decode("latin-1")
     return None
 
 

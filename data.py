@@ -1,9 +1,7 @@
 """PCAM data for training: the Dataset, cleaning to uint8, the outlier filter, the class-balanced sampler, the
-loaders, and where batches come from (resident in device memory, or streamed from the files).
-
-Images stay uint8 until they reach the training device. How rows come out of the files is in pcam_files.py;
-the data commands (download, synth, prepare, ...) are in manage_data.py.
-"""
+loaders, and where batches come from (resident in device memory, or streamed from the files). Images stay uint8
+until they reach the training device. How rows come out of the files is in pcam_files.py; the data commands
+(download, synth, prepare, ...) are in manage_data.py."""
 
 import atexit
 import functools
@@ -32,10 +30,8 @@ class FilteredOutError(UserError):
 
 
 def clean(images, scratch=False):
-    """Raw stored pixels of any dtype -> uint8: NaN -> 0, +inf -> 255, -inf -> 0, clip to [0, 255].
-
-    scratch=True lets a float input be overwritten, sparing a second full-size float array.
-    """
+    """Raw stored pixels of any dtype -> uint8: NaN -> 0, +inf -> 255, -inf -> 0, clip to [0, 255]. scratch=True
+    lets a float input be overwritten, sparing a second full-size float array."""
     if images.dtype == np.uint8:
         return images
     if not images.dtype.isnative:
@@ -59,13 +55,12 @@ def suspect_rows(raw):
 def tile_means(raw, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRESHOLD, suspect=None):
     """Mean intensity of each cleaned image of a raw block (N, 96, 96, 3) -> (N,) float64. Reads only.
 
-    uint8 blocks are summed exactly in uint32 (at most 27,648 * 255), as fast as a memory copy. Float
-    blocks are summed as they are, which is exact for rows already within 0..255 (all but suspect_rows,
-    passed in when the caller has them) up to clean's truncation of each pixel: that mean is at most 1
-    above the cleaned one. The suspect rows and the rows that close to a threshold are cleaned and
-    measured exactly, so filtering a float file or its prepared uint8 copy agree.
-    """
-    if raw.dtype == np.uint8 or not np.issubdtype(raw.dtype, np.floating):
+    Integer blocks are summed exactly in uint32 (at most 27,648 * 255), as fast as a memory copy. Float blocks are
+    summed as they are, which is exact for rows already within 0..255 (all but suspect_rows, passed in when the
+    caller has them) up to clean's truncation of each pixel: that mean is at most 1 above the cleaned one. The
+    suspect rows and the rows that close to a threshold are cleaned and measured exactly, so filtering a float file
+    or its prepared uint8 copy agree."""
+    if not np.issubdtype(raw.dtype, np.floating):
         return clean(raw).reshape(len(raw), -1).sum(axis=1, dtype=np.uint32) / IMAGE_BYTES
     means = raw.reshape(len(raw), -1).sum(axis=1).astype(np.float64) / IMAGE_BYTES  # pairwise: error << 0.01
     exact = suspect_rows(raw) if suspect is None else suspect.copy()
@@ -87,11 +82,8 @@ def outlier_mask(x_path, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_
 
 
 class PCAMDataset(Dataset):
-    """One PCAM split. ds[i] -> (image uint8 (3, 96, 96), label long); ds[list_of_i] -> a whole batch.
-
-    Files are opened lazily in the process that reads them, so the dataset can go to DataLoader
-    workers. See open_rows for how rows are read.
-    """
+    """One PCAM split. ds[i] -> (image uint8 (3, 96, 96), label long); ds[list_of_i] -> a whole batch. Files are
+    opened lazily in the process that reads them, so the dataset can go to DataLoader workers (see open_rows)."""
 
     def __init__(
         self,
@@ -108,10 +100,6 @@ class PCAMDataset(Dataset):
             if not os.path.isfile(path):
                 raise pcam_files.MissingDataError(f"{path} not found")
         all_labels = pcam_files.read_split_labels(self.x_path, self.y_path)
-        if len(all_labels) == 0:
-            raise UserError(
-                f"{self.x_path} holds no images; a PCAM split needs at least one row: write or fetch it again"
-            )
         pcam_files.check_pixel_scale(self.x_path)
         self.indices, self._memory = np.arange(len(all_labels)), None
         if filter_data or preload:
@@ -155,11 +143,11 @@ class PCAMDataset(Dataset):
         kept_parts, filled = [], 0
         task = " and ".join(["filter"] * bool(thresholds) + ["load"] * load) + " " + os.path.basename(self.x_path)
         for start, block in iter_raw_blocks(self.x_path, task):
-            keep = ~outlier_rows(block, *thresholds) if thresholds else np.ones(len(block), bool)
-            kept_parts.append(start + np.flatnonzero(keep))
+            kept = np.flatnonzero(~outlier_rows(block, *thresholds)) if thresholds else np.arange(len(block))
+            kept_parts.append(start + kept)
             if load:
-                memory[filled : filled + len(kept_parts[-1])] = clean(block[keep], scratch=True)
-                filled += len(kept_parts[-1])
+                memory[filled : filled + len(kept)] = clean(block[kept], scratch=True)
+                filled += len(kept)
         return np.concatenate(kept_parts), memory[:filled] if load else None
 
     def _reserve_memory(self):
@@ -354,10 +342,9 @@ def generators(train_loader):
 class DeviceBatches:
     """A loader's batches served from its preloaded split, copied once to a device: each batch an index gather.
 
-    The indices are the loader's own (its batch sampler: the seeded class-balanced draw, or every row in
-    order), and each pass takes one number from its generator as a DataLoader pass does, so both paths
-    give the same batches and a checkpoint resumes on either. On the CPU the split stays where it is.
-    """
+    The indices are the loader's own (its batch sampler: the seeded class-balanced draw, or every row in order),
+    and each pass takes one number from its generator as a DataLoader pass does, so both paths give the same
+    batches and a checkpoint resumes on either. On the CPU the split stays where it is."""
 
     def __init__(self, loader, device):
         self.dataset, self.sampler, self.generator = loader.dataset, loader.sampler, loader.generator

@@ -60,14 +60,12 @@ class SplitScan:
         suspect = None
         if raw.dtype != np.uint8:
             suspect = data.suspect_rows(raw)  # NaN or out-of-range pixels can only be in these rows
-            has_nan, out_of_range = np.zeros(len(raw), dtype=bool), np.zeros(len(raw), dtype=bool)
             if suspect.any():
                 pixels = torch.from_numpy(raw[suspect].astype(np.float32, copy=False)).view(int(suspect.sum()), -1)
-                has_nan[suspect] = pixels.isnan().any(dim=1).numpy()
+                self.flags["nan"][start:stop][suspect] = pixels.isnan().any(dim=1).numpy()
                 finite = pixels.nan_to_num(nan=128.0)  # an in-range stand-in: only real pixels count
-                out_of_range[suspect] = ((finite.amax(dim=1) > 255) | (finite.amin(dim=1) < 0)).numpy()
-            self.flags["nan"][start:stop] = has_nan
-            self.flags["out_of_range"][start:stop] = out_of_range
+                out_of_range = (finite.amax(dim=1) > 255) | (finite.amin(dim=1) < 0)
+                self.flags["out_of_range"][start:stop][suspect] = out_of_range.numpy()
         self.means[start:stop] = data.tile_means(raw, self.black_threshold, self.white_threshold, suspect)
         self.flags["black"][start:stop] = self.means[start:stop] <= self.black_threshold
         self.flags["white"][start:stop] = self.means[start:stop] >= self.white_threshold
@@ -116,10 +114,10 @@ def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
 
 
 def print_table(scans):
-    header = (
+    print(
         f"{'split':<6} {'rows':>8} {'class 0':>8} {'class 1':>8} {'NaN':>6} {'<0|>255':>8} {'black':>6} {'white':>6}"
+        f"   channel mean (R, G, B)   channel std (R, G, B) of <= {2 * HISTOGRAM_IMAGES:,} images"
     )
-    print(header + f"   channel mean (R, G, B)   channel std (R, G, B) of <= {2 * HISTOGRAM_IMAGES:,} images")
     for scan in scans:
         s = scan.summary()
         print(
@@ -134,14 +132,8 @@ def plot_intensity_outliers(scans, path):
     bins = np.linspace(0, 255, 103)
     for index, scan in enumerate(scans):
         s = scan.summary()
-        axes.hist(
-            scan.means,
-            bins=bins,
-            histtype="step",
-            linewidth=1.5,
-            color=f"C{index}",
-            label=f"{scan.split}: {s['rows']:,} tiles, {s['black']:,} black, {s['white']:,} white",
-        )
+        label = f"{scan.split}: {s['rows']:,} tiles, {s['black']:,} black, {s['white']:,} white"
+        axes.hist(scan.means, bins=bins, histtype="step", linewidth=1.5, color=f"C{index}", label=label)
     axes.set_yscale("log")
     black, white = scans[0].black_threshold, scans[0].white_threshold
     for threshold, kind, sign, align, shift in ((black, "black", "≤", "left", 4), (white, "white", "≥", "right", -4)):

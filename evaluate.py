@@ -90,8 +90,7 @@ def model_from_checkpoint(checkpoint, path):
 
 @torch.no_grad()
 def predict(model, batches, device, max_batches=None):
-    """Mean cross-entropy, class-1 scores and labels (numpy) over (uint8 images, labels) batches, in order, from
-    fp32 logits (no autocast), whatever precision the model was trained in."""
+    """(mean cross-entropy, class-1 scores, labels) over (uint8 images, labels) batches, in order, from fp32 logits."""
     model.eval()
     loss_sum, scores, labels_seen = torch.zeros((), device=device, dtype=torch.float64), [], []
     for step, (images, labels) in enumerate(batches, 1):
@@ -106,16 +105,13 @@ def predict(model, batches, device, max_batches=None):
     return loss_sum.item() / len(labels_seen), scores, labels_seen
 
 
-def ratio(numerator, denominator):
-    return numerator / denominator if denominator else float("nan")
-
-
 def classification_metrics(loss, scores, labels):
     predicted = scores >= THRESHOLD
     positive = labels == 1
     tp, fn = int((predicted & positive).sum()), int((~predicted & positive).sum())
     fp, tn = int((predicted & ~positive).sum()), int((~predicted & ~positive).sum())
-    sensitivity, specificity = ratio(tp, tp + fn), ratio(tn, tn + fp)
+    sensitivity = tp / (tp + fn) if tp + fn else float("nan")  # NaN: no image of that class
+    specificity = tn / (tn + fp) if tn + fp else float("nan")
     return {
         "loss": loss,
         "accuracy": (tp + tn) / len(labels),
@@ -136,6 +132,7 @@ def validate(model, batches, device, max_batches=None):
 def describe(checkpoint_path, checkpoint, data_dir, split, filter_data, device):
     """What metrics.json records besides the metrics: which data, which checkpoint, which software."""
     files = {os.path.basename(p): os.path.getsize(p) for p in pcam_files.split_paths(data_dir, split)}
+    libraries = {library.__name__: library.__version__ for library in (torch, np, h5py)}
     return {
         "split": split,
         "data": {"dir": os.path.abspath(data_dir), "files": files},
@@ -145,34 +142,18 @@ def describe(checkpoint_path, checkpoint, data_dir, split, filter_data, device):
             "sha256": common.file_digest(checkpoint_path),
             "epoch": checkpoint.get("epoch"),
         },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "h5py": h5py.__version__,
-        },
+        "versions": {"python": platform.python_version(), **libraries},
         "device": str(device),
         "evaluated_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-
-
-def write_predictions(rows, labels, scores, path):
-    predictions = zip(rows.tolist(), labels.tolist(), scores.tolist(), strict=True)
-    lines = [[row, label, repr(score), int(score >= THRESHOLD)] for row, label, score in predictions]  # repr: exact
-    common.write_csv(PREDICTIONS_HEADER, lines, path)
 
 
 def plot_roc(scores, labels, auc, path):
     figure, axes = plt.subplots(figsize=(4.8, 4.6))
     axes.plot(*roc_points(scores, labels), color="C0", label=f"ROC, AUC {auc:.4f}")  # false and true positive rates
     axes.plot([0, 1], [0, 1], "--", color="grey", label="chance (AUC 0.5)")
-    axes.set(
-        title="ROC curve",
-        xlabel="false positive rate (1 - specificity)",
-        ylabel="true positive rate (sensitivity)",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
+    axes.set(title="ROC curve", xlim=(0, 1), ylim=(0, 1.01))
+    axes.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
@@ -193,25 +174,16 @@ def plot_confusion(confusion, path):
             color="white" if count > counts.max() / 2 else "black",
         )
     class_names = ["0 normal", "1 tumour"]
-    axes.set(
-        title="Confusion matrix: count, share of the true class",
-        xlabel="predicted class",
-        ylabel="true class",
-        xticks=[0, 1],
-        yticks=[0, 1],
-        xticklabels=class_names,
-        yticklabels=class_names,
-    )
+    axes.set(title="Confusion matrix: count, share of the true class", xlabel="predicted class", ylabel="true class")
+    axes.set_xticks([0, 1], class_names)
+    axes.set_yticks([0, 1], class_names)
     figure.tight_layout()
     common.save_figure(figure, path, SOFTWARE)
 
 
 def evaluate_split(model, batches, rows, device, out_dir, about):
-    """Score every batch, write predictions.csv, metrics.json, roc.png and confusion.png to out_dir.
-
-    rows are the split-file row indices the batches hold, in order; about goes into metrics.json as is.
-    Returns metrics.json's contents.
-    """
+    """Score every batch (rows: the split-file row indices they hold, in order) and write OUTPUT_FILES to out_dir;
+    about goes into metrics.json as is. Returns metrics.json's contents."""
     loss, scores, labels = predict(model, batches, device)
     if not (math.isfinite(loss) and np.isfinite(scores).all()):
         raise UserError(
@@ -219,10 +191,12 @@ def evaluate_split(model, batches, rows, device, out_dir, about):
             "pass a checkpoint of a run that trained"
         )
     metrics = {**classification_metrics(loss, scores, labels), "images": len(labels), **about}
+    predictions = zip(rows.tolist(), labels.tolist(), scores.tolist(), strict=True)
+    lines = [[row, label, repr(value), int(value >= THRESHOLD)] for row, label, value in predictions]  # repr: exact
     created = run_folder.outermost_missing(out_dir)  # made only now, and removed again if a write fails
     os.makedirs(out_dir, exist_ok=True)
     try:
-        write_predictions(rows, labels, scores, os.path.join(out_dir, "predictions.csv"))
+        common.write_csv(PREDICTIONS_HEADER, lines, os.path.join(out_dir, "predictions.csv"))
         common.write_json(metrics, os.path.join(out_dir, "metrics.json"))
         plot_roc(scores, labels, metrics["auc"], os.path.join(out_dir, "roc.png"))
         plot_confusion(metrics["confusion"], os.path.join(out_dir, "confusion.png"))
@@ -243,11 +217,8 @@ def prepare_out_dir(out_dir, about):
             "ended, or pass another --out-dir"
         )
     record = common.read_json(os.path.join(folder, "run.json"))
-    if (
-        os.path.basename(os.path.abspath(out_dir)) == "eval-test"
-        and record.get("run_id")
-        and record.get("status") != "done"
-    ):
+    is_own_eval = os.path.basename(os.path.abspath(out_dir)) == "eval-test"
+    if is_own_eval and record.get("run_id") and record.get("status") != "done":
         raise UserError(
             f"{out_dir} is the run's own: train.py writes it when the run in {folder} ends (run.json says "
             f"{record.get('status', 'not done')}); pass another --out-dir for this evaluation"
@@ -263,7 +234,7 @@ def prepare_out_dir(out_dir, about):
     if not isinstance(earlier.get("checkpoint"), dict):
         raise UserError(f"{metrics_path} is damaged or not written by evaluate.py; pass another --out-dir")
     same_data = all(earlier.get(key) == about[key] for key in ("split", "data", "filter_data"))
-    if not same_data or earlier.get("checkpoint", {}).get("sha256") != about["checkpoint"]["sha256"]:
+    if not same_data or earlier["checkpoint"].get("sha256") != about["checkpoint"]["sha256"]:
         raise UserError(f"{out_dir} holds an evaluation of another checkpoint or other data; pass another --out-dir")
 
 
@@ -297,10 +268,8 @@ def score_run(config, device, test_set):
             return None
     out_dir = os.path.join(config.out_dir, "eval-test")
     best, metrics = score(os.path.join(config.out_dir, "best.pt"), test_set, "test", config, out_dir, device, True)
-    log(
-        f"test (best.pt, epoch {best['epoch']}): loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-        f"auc {metrics['auc']:.4f} -> {out_dir}"
-    )
+    scores = " ".join(f"{key} {metrics[key]:.4f}" for key in ("loss", "accuracy", "auc"))
+    log(f"test (best.pt, epoch {best['epoch']}): {scores} -> {out_dir}")
     return {"epoch": best["epoch"], **{key: metrics[key] for key in ("loss", "accuracy", "auc")}}
 
 
@@ -311,11 +280,9 @@ def run(args):
     dataset = data.load_split(args.data_dir, args.split, args.filter_data)
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint) or ".", f"eval-{args.split}")
     _, metrics = score(args.checkpoint, dataset, args.split, args, out_dir, device)
-    log(
-        f"{args.split}: {metrics['images']:,} images, loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-        f"auc {metrics['auc']:.4f} balanced_accuracy {metrics['balanced_accuracy']:.4f} sensitivity "
-        f"{metrics['sensitivity']:.4f} specificity {metrics['specificity']:.4f} -> {out_dir}"
-    )
+    keys = ("loss", "accuracy", "auc", "balanced_accuracy", "sensitivity", "specificity")
+    scores = " ".join(f"{key} {metrics[key]:.4f}" for key in keys)
+    log(f"{args.split}: {metrics['images']:,} images, {scores} -> {out_dir}")
 
 
 def main(argv=None):

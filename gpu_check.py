@@ -27,16 +27,13 @@ IMAGES = 65536  # synthetic train images: 1.8 GB of uint8, resident on any GPU; 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT_ON_CPU = """
 import sys, torch
-checkpoint = torch.load(sys.argv[1], weights_only=True)
-tensors = []
-def walk(value):
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-    elif isinstance(value, dict):
-        [walk(item) for item in value.values()]
-    elif isinstance(value, (list, tuple)):
-        [walk(item) for item in value]
-walk(checkpoint)
+def tensors_in(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in tensors_in(item)]
+    return [value] if isinstance(value, torch.Tensor) else []
+tensors = tensors_in(torch.load(sys.argv[1], weights_only=True))
 assert not torch.cuda.is_available() and tensors and all(t.device.type == "cpu" for t in tensors)
 print(len(tensors))
 """
@@ -53,8 +50,7 @@ def script(*args, env=None):
 
 
 def train(data_dir, out_dir, device, *flags):
-    """train.py with these flags: {"dir", "path" (the data path it took), "record" (run.json), "rate"
-    (images/s of its last epoch)}."""
+    """Run train.py: {"dir", "path" (the data path taken), "record" (run.json), "rate" (last epoch's images/s)}."""
     output = script(
         "train.py",
         *("--data-dir", data_dir, "--out-dir", out_dir, "--device", device, "--num-workers", "2"),

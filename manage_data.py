@@ -1,8 +1,7 @@
 """PCAM data folders from the command line: download, synth, prepare, info, manifest, verify, env.
 
 `python manage_data.py COMMAND -h` for each. Reading and checking the files is in pcam_files.py, cleaning and
-the loaders in data.py; the manifest these commands write is checked by pcam_files.check_manifest.
-"""
+the loaders in data.py; the manifest these commands write is checked by pcam_files.check_manifest."""
 
 import errno
 import gzip
@@ -39,8 +38,7 @@ ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
 
 
 def lock_folder(folder):
-    """An open lock file holding an exclusive flock on a data folder (closing it lets go), or a UserError naming
-    the command that holds it: one writer at a time, so two sets or two sources never mix in one folder."""
+    """hold_lock on a data folder: one writer at a time, so two sets or two sources never mix in one folder."""
     common.check_output_folder(folder, "--data-dir")
     os.makedirs(folder, exist_ok=True)
     in_use = f"{folder} is being written by another command ({{holder}}); wait for it to end, or choose another folder"
@@ -76,9 +74,8 @@ def synth_images(rng, labels):
 
 def poison(images, rng, fraction, dtype):
     """Put the course copy's defects into a block in place; returns the count of each defect."""
-    n_poisoned = round(fraction * len(images))
     kinds = ("black", "white", "nan", "1e5") if dtype != np.uint8 else ("black", "white")
-    rows = rng.choice(len(images), size=n_poisoned, replace=False)
+    rows = rng.choice(len(images), size=round(fraction * len(images)), replace=False)
     counts = dict.fromkeys(kinds, 0)
     for i, row in enumerate(rows):
         kind = kinds[i % len(kinds)]
@@ -121,6 +118,7 @@ def write_synth_split(data_dir, split, n, rng, fraction, dtype):
 
 
 def cmd_synth(args):
+    check_synth_arguments(args)
     with lock_folder(args.data_dir):
         existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
         if existing and not args.force:
@@ -157,10 +155,9 @@ def prepared_copy_is_current(out_dir, split, sources):
     """True when out_dir holds split's copy of exactly these sources; False when it holds nothing of the split
     (or a copy of an earlier version of the same files, to rebuild). A copy of other files, or split files
     prepare did not write, are refused: prepare never replaces what it cannot recreate."""
-    outputs = [p for p in split_paths(out_dir, split) if os.path.exists(p)]
-    recorded = common.read_json(os.path.join(out_dir, PREPARED_NAME)).get(split)
-    if not outputs:
+    if not any(os.path.exists(p) for p in split_paths(out_dir, split)):
         return False
+    recorded = common.read_json(os.path.join(out_dir, PREPARED_NAME)).get(split)
     if recorded is None:
         raise UserError(
             f"{out_dir} already holds {split} split files that prepare did not write; choose an empty --out folder"
@@ -221,7 +218,8 @@ def cmd_prepare(args):
 
 
 def cmd_info(args):
-    log(f"{'split':<6} {'rows':>8} {'dtype':>8} {'shape':>16} {'layout':>22} {'MiB':>8} {'class 0':>8} {'class 1':>8}")
+    row = "{:<6} {:>8} {:>8} {:>16} {:>22} {:>8} {:>8} {:>8}"
+    log(row.format("split", "rows", "dtype", "shape", "layout", "MiB", "class 0", "class 1"))
     for split in pcam_files.present_splits(args.data_dir):
         x_path, y_path = split_paths(args.data_dir, split)
         labels = pcam_files.split_labels(args.data_dir, split)
@@ -232,10 +230,7 @@ def cmd_info(args):
                 layout += f", {dset.compression}"
             shape, dtype = str(tuple(dset.shape[1:])), dset.dtype.name
         mib = (os.path.getsize(x_path) + os.path.getsize(y_path)) / 2**20
-        counts = np.bincount(labels, minlength=2)
-        log(
-            f"{split:<6} {len(labels):>8} {dtype:>8} {shape:>16} {layout:>22} {mib:>8.1f} {counts[0]:>8} {counts[1]:>8}"
-        )
+        log(row.format(split, len(labels), dtype, shape, layout, f"{mib:.1f}", *np.bincount(labels, minlength=2)))
 
 
 def is_manifest(path):
@@ -314,7 +309,7 @@ def fetch(url, part_path, attempts=5):
             if error.code == 416 and have:  # the part file is already complete
                 return
             raise UserError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
-        except (OSError, ConnectionError) as error:
+        except OSError as error:  # ConnectionError and urllib's URLError are OSErrors
             if error.errno in LOCAL_WRITE_ERRORS and not isinstance(error, urllib.error.URLError):
                 raise UserError(f"cannot write {part_path}: {error.strerror}; retrying cannot help") from None
             if attempt == attempts:
@@ -425,14 +420,17 @@ def parse_args(argv=None):
     parser = common.ArgumentParser(description="PCAM data: fetch, make, clean, inspect and version the HDF5 files.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name, help_text):
+    def command(name, run, help_text):
         sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(run=run)
         common.add_data_dir_argument(sub)
         return sub
 
-    add_download_arguments(command("download", "fetch the official PCAM files (about 7 GB), verify their md5, unpack"))
-    add_synth_arguments(command("synth", "write a small synthetic PCAM-format set whose classes are learnable"))
-    prepare = command("prepare", "write a cleaned, contiguous uint8 copy of every split present")
+    download = command("download", cmd_download, "fetch the official PCAM files (about 7 GB), verify their md5, unpack")
+    add_download_arguments(download)
+    synth = command("synth", cmd_synth, "write a small synthetic PCAM-format set whose classes are learnable")
+    add_synth_arguments(synth)
+    prepare = command("prepare", cmd_prepare, "write a cleaned, contiguous uint8 copy of every split present")
     prepare.add_argument(
         "--out",
         type=common.output_folder,
@@ -440,31 +438,28 @@ def parse_args(argv=None):
         metavar="DIR",
         help="folder for the prepared copy (e.g. node-local scratch)",
     )
-    command("info", "print rows, dtype, layout, size and class balance per split")
-    command("env", "check python, torch, CUDA and its device, h5py, and the PCAM files in the data dir")
-    manifest = command("manifest", "write each PCAM file's size and sha256 to a manifest")
-    verify = command("verify", "check the PCAM files against a manifest and name each one that differs")
+    command("info", cmd_info, "print rows, dtype, layout, size and class balance per split")
+    command("env", cmd_env, "check python, torch, CUDA and its device, h5py, and the PCAM files in the data dir")
+    manifest = command("manifest", cmd_manifest, "write each PCAM file's size and sha256 to a manifest")
+    verify = command("verify", cmd_verify, "check the PCAM files against a manifest and name each one that differs")
     for sub in (manifest, verify):
         sub.add_argument("--manifest", metavar="FILE", help=f"manifest path (default: DIR/{pcam_files.MANIFEST_NAME})")
     manifest.add_argument(
         "--force", action="store_true", help="replace a --manifest file that manifest did not write (never a data file)"
     )
-    args = parser.parse_args(argv)
-    if args.command == "synth":
-        check_synth_arguments(args)
-    return args
+    return parser.parse_args(argv)
 
 
 def check_synth_arguments(args):
     for flag, count in (("--n-train", args.n_train), ("--n-valid", args.n_valid)):
         if count < 1:
-            sys.exit(f"manage_data.py synth: error: {flag} {count}: a split needs at least one image")
+            raise UserError(f"{flag} {count}: a split needs at least one image")
     if args.n_test < 0:
-        sys.exit(f"manage_data.py synth: error: --n-test {args.n_test}: give 0 (no test split) or more images")
+        raise UserError(f"--n-test {args.n_test}: give 0 (no test split) or more images")
     if args.seed < 0:
-        sys.exit(f"manage_data.py synth: error: --seed {args.seed}: give 0 or more")
+        raise UserError(f"--seed {args.seed}: give 0 or more")
     if not 0 <= args.poison <= 1:
-        sys.exit(f"manage_data.py synth: error: --poison {args.poison:g}: give a fraction between 0 and 1")
+        raise UserError(f"--poison {args.poison:g}: give a fraction between 0 and 1")
 
 
 def add_download_arguments(download):
@@ -513,16 +508,7 @@ def add_synth_arguments(synth):
 
 def main(argv=None):
     args = parse_args(argv)
-    commands = {
-        "download": cmd_download,
-        "synth": cmd_synth,
-        "prepare": cmd_prepare,
-        "info": cmd_info,
-        "manifest": cmd_manifest,
-        "verify": cmd_verify,
-        "env": cmd_env,
-    }
-    common.run_command(f"manage_data.py {args.command}", commands[args.command], args, folder=args.data_dir)
+    common.run_command(f"manage_data.py {args.command}", args.run, args, folder=args.data_dir)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import ast
 import copy
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -23,18 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SCRIPTS = (
-    "common.py",
-    "pcam_files.py",
-    "data.py",
-    "run_folder.py",
-    "train.py",
-    "evaluate.py",
-    "plot_loss.py",
-    "eda.py",
-    "manage_data.py",
-    "model.py",
-)
+SCRIPTS = ("common.py", "pcam_files.py", "data.py", "run_folder.py", "train.py", "evaluate.py", "plot_loss.py")
+SCRIPTS += ("eda.py", "manage_data.py", "model.py")
 FLIPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq}
 FLIPS |= {ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.And: ast.Or, ast.Or: ast.And}
 FLIPS |= {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}
@@ -107,10 +98,9 @@ def variants(node):
 def mutants_of(root, name):
     """Every mutant of a file: dicts of file, line (of the statement, as coverage counts lines), change, source."""
     source = (Path(root) / name).read_text()
-    lines = source.encode().splitlines(keepends=True)
-    starts = [0]
-    for line in lines:
-        starts.append(starts[-1] + len(line))
+    encoded = source.encode()  # ast's column offsets count UTF-8 bytes
+    lines = encoded.splitlines(keepends=True)
+    starts = [0, *itertools.accumulate(map(len, lines))]  # each line's offset in encoded
     found = []
     for statement, where in statements(ast.parse(source)):
         for node in [statement, *statement_nodes(statement)]:
@@ -118,7 +108,7 @@ def mutants_of(root, name):
                 text = ast.unparse(mutant) if isinstance(mutant, ast.stmt) else f"({ast.unparse(mutant)})"
                 start = starts[node.lineno - 1] + node.col_offset
                 end = starts[node.end_lineno - 1] + node.end_col_offset
-                mutated = (source.encode()[:start] + text.encode() + source.encode()[end:]).decode()
+                mutated = (encoded[:start] + text.encode() + encoded[end:]).decode()
                 change = f"{shortened(ast.unparse(node))} -> {shortened(ast.unparse(mutant))}"
                 if isinstance(node, ast.Constant):  # "0 -> 1" alone does not say which 0 of the line
                     line = lines[node.lineno - 1].decode()
@@ -357,8 +347,7 @@ def main(argv=None):
 
 
 def earlier_outcomes(root, sample_key):
-    """The last run's kills in this same sample (same scripts, size and seed), by the mutant's place in it, and the
-    tests it knew."""
+    """The last run's kills in this same sample (same scripts, size and seed), by place in it, and the tests it knew."""
     results = read_json(Path(root) / ".mutate" / "results.json")
     if not isinstance(results, dict) or not isinstance(results.get("outcomes"), dict):
         sys.exit("mutate.py: error: no readable .mutate/results.json of an earlier run; run the sample whole first")

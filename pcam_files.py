@@ -94,7 +94,7 @@ def dataset_in(h5file, key, path):
             f"{path}: '{key}' is a {type(dset).__name__.lower()}, not a dataset; "
             "PCAM files store images as 'x' and labels as 'y', each one array"
         )
-    if dset.dtype == np.bool_ or not (np.issubdtype(dset.dtype, np.integer) or np.issubdtype(dset.dtype, np.floating)):
+    if not (np.issubdtype(dset.dtype, np.integer) or np.issubdtype(dset.dtype, np.floating)):  # bool is neither
         raise UserError(f"{path}: '{key}' holds {dset.dtype} values; expected integers or floats")
     return dset
 
@@ -148,13 +148,11 @@ def iter_raw_blocks(x_path, task=None):
 
 
 def raw_blocks(x_path):
-    """Yield (start_row, raw_block) over a PCAM x file in large blocks, with bounded memory. Blocks are
-    read-only.
+    """Yield (start_row, read-only raw_block) over a PCAM x file in large blocks, with bounded memory.
 
-    A contiguous file is read through a memory map: blocks are views, no copy, and each block's pages
-    leave RSS once the caller is done with it. Other files are read by h5py, the next block in a
-    background thread while the caller works on the current one (h5py releases the GIL while reading).
-    """
+    A contiguous file is read through a memory map: blocks are views, no copy, and each block's pages leave RSS
+    once the caller is done with it. Other files are read by h5py, the next block in a background thread while the
+    caller works on the current one (h5py releases the GIL while reading)."""
     with open_h5(x_path, rdcc_nbytes=CHUNK_CACHE_BYTES) as h5file:
         dset = dataset_in(h5file, "x", x_path)
         step, offset, shape, dtype = block_rows(dset), contiguous_offset(x_path, dset), dset.shape, dset.dtype
@@ -225,7 +223,7 @@ def check_pixel_scale(x_path):
 
 
 def read_split_labels(x_path, y_path):
-    """The labels of a split, (N,) int64, after checking that its x file holds N images of 96x96x3."""
+    """The labels of a split, (N,) int64, after checking that its x file holds N > 0 images of 96x96x3."""
     labels = read_labels(y_path)
     with open_h5(x_path) as h5file:
         dset = dataset_in(h5file, "x", x_path)
@@ -238,6 +236,8 @@ def read_split_labels(x_path, y_path):
                 f"{x_path} has {len(dset)} images but {y_path} has {len(labels)} labels; "
                 "the two files of a split must match row for row"
             )
+    if not len(labels):
+        raise UserError(f"{x_path} holds no images; a PCAM split needs at least one row: write or fetch it again")
     return labels
 
 
@@ -266,11 +266,9 @@ class MappedRows:
 
 
 class PositionalRows:
-    """Rows of a contiguous float (or other wide) dataset by pread straight into the batch array.
-
-    Memory-mapping a file four times the size of its uint8 content would map large page-cache folios
-    around every random row and inflate RSS; pread touches only the bytes asked for.
-    """
+    """Rows of a contiguous float (or other wide) dataset by pread straight into the batch array. Memory-mapping a
+    file four times the size of its uint8 content would map large page-cache folios around every random row and
+    inflate RSS; pread touches only the bytes asked for."""
 
     def __init__(self, x_path, offset, dtype):
         self.fd, self.offset, self.dtype = os.open(x_path, os.O_RDONLY), offset, dtype
@@ -291,11 +289,9 @@ class PositionalRows:
 
 
 class ChunkedRows:
-    """Rows of a chunked or compressed dataset through h5py, a chunk's worth of rows per read.
-
-    Reading whole row-chunks decompresses each touched chunk once per batch, and the chunk cache keeps
-    recent ones for the next batches; h5py's own point selection is slower than per-image reads here.
-    """
+    """Rows of a chunked or compressed dataset through h5py, a chunk's worth of rows per read. Reading whole
+    row-chunks decompresses each touched chunk once per batch, and the chunk cache keeps recent ones for the next
+    batches; h5py's own point selection is slower than per-image reads here."""
 
     def __init__(self, x_path):
         self.x_path = x_path
@@ -354,11 +350,7 @@ def present_splits(data_dir):
 
 
 def split_labels(data_dir, split):
-    x_path, y_path = require_split(data_dir, split)
-    labels = read_split_labels(x_path, y_path)
-    if not len(labels):
-        raise UserError(f"{x_path} holds no images; a PCAM split needs at least one row: write or fetch it again")
-    return labels
+    return read_split_labels(*require_split(data_dir, split))
 
 
 def read_manifest(manifest_path, data_dir):
@@ -395,11 +387,10 @@ def check_manifest(data_dir):
     differing = []
     for name, record in sorted(read_manifest(manifest_path, data_dir).items()):
         path = os.path.join(data_dir, name)
-        if not os.path.isfile(path):
+        stat = os.stat(path) if os.path.isfile(path) else None
+        if stat is None:
             differing.append(f"{name} (missing)")
-        elif os.path.getsize(path) != record["bytes"] or record.get(
-            "mtime", os.path.getmtime(path)
-        ) != os.path.getmtime(path):
+        elif stat.st_size != record["bytes"] or record.get("mtime", stat.st_mtime) != stat.st_mtime:
             differing.append(f"{name} (size or mtime changed)")
     if differing:
         raise UserError(

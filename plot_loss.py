@@ -207,10 +207,9 @@ def runs_table(summaries):
     for row in rows:
         settings = row["settings"] or {}
         shown = [setting_text(settings[name]) if name in settings else "" for name in differing]
+        raw = ["" if row.get(column) is None else row[column] for column in RESULTS]
         text_rows.append([row["run"], *shown, *(cell(row, column) for column in RESULTS), row["status"]])
-        raw_rows.append(
-            [row["run"], *shown, *("" if row.get(column) is None else row[column] for column in RESULTS), row["status"]]
-        )
+        raw_rows.append([row["run"], *shown, *raw, row["status"]])
     return header, text_rows, raw_rows
 
 
@@ -240,8 +239,7 @@ def is_own_summary(path):
 
 
 def expand(patterns):
-    """Run paths as given, each pattern that names no path expanded like a shell glob (runs/*/) to the folders and
-    metrics.csv files it matches (not a PNG beside them), in natural order."""
+    """Each path as given; a pattern naming none is globbed (runs/*/) to its folders and metrics.csv files, sorted."""
 
     def natural(path):
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
@@ -259,9 +257,22 @@ def beside_runs(paths):
     return os.path.join(os.path.dirname(os.path.normpath(run_folder(paths[0]))) or ".", "runs.png")
 
 
-def table_main(args):
+def check_figure_path(out_path, force):
+    common.check_output(out_path, is_own_figure, force)
+    if not out_path.lower().endswith(".png"):
+        raise UserError(f"--out {out_path}: plot_loss.py draws PNG images; name a .png file")
+
+
+def plot_main(paths, args):
+    """Draw the runs to --out, or to a single run's loss.png, or to runs.png beside several runs."""
+    out_path = args.out or (os.path.join(run_folder(paths[0]), "loss.png") if len(paths) == 1 else beside_runs(paths))
+    check_figure_path(out_path, args.force)
+    plot_runs(paths, out_path)
+    print(f"wrote {out_path}")
+
+
+def table_main(paths, args):
     """Print the runs table, write runs_summary.csv, and overlay the readable runs in the plot beside it."""
-    paths = expand(args.runs)
     if not any(
         os.path.isdir(path) or os.path.basename(path) == "metrics.csv" and os.path.isfile(path) for path in paths
     ):
@@ -300,35 +311,13 @@ def main(argv=None):
         help="output image (default: a single run's loss.png; for several runs, or with --table, runs.png "
         "in the folder holding the first run)",
     )
-    parser.add_argument(
-        "--table",
-        action="store_true",
-        help="also print a table of the runs' results and write it to runs_summary.csv beside the plot",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an existing output that plot_loss.py did not write (never a data file)",
-    )
+    for flag, help_text in (
+        ("--table", "also print a table of the runs' results and write it to runs_summary.csv beside the plot"),
+        ("--force", "replace an existing output that plot_loss.py did not write (never a data file)"),
+    ):
+        parser.add_argument(flag, action="store_true", help=help_text)
     args = parser.parse_args(argv)
-    paths = expand(args.runs)
-    out_path = args.out or (os.path.join(run_folder(paths[0]), "loss.png") if len(paths) == 1 else beside_runs(paths))
-    if args.table:
-        common.run_command("plot_loss.py", table_main, args)
-    else:
-        common.run_command("plot_loss.py", plot_one, paths, out_path, args.force)
-
-
-def check_figure_path(out_path, force):
-    common.check_output(out_path, is_own_figure, force)
-    if not out_path.lower().endswith(".png"):
-        raise UserError(f"--out {out_path}: plot_loss.py draws PNG images; name a .png file")
-
-
-def plot_one(paths, out_path, force):
-    check_figure_path(out_path, force)
-    plot_runs(paths, out_path)
-    print(f"wrote {out_path}")
+    common.run_command("plot_loss.py", table_main if args.table else plot_main, expand(args.runs), args)
 
 
 if __name__ == "__main__":
