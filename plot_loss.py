@@ -239,7 +239,8 @@ def is_own_summary(path):
 
 
 def expand(patterns):
-    """Each path as given; a pattern naming none is globbed (runs/*/) to its folders and metrics.csv files, sorted."""
+    """Each path as given; a pattern naming none is globbed (runs/*/) to its run folders (not eda.py's) and
+    metrics.csv files, sorted."""
 
     def natural(path):
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
@@ -247,9 +248,13 @@ def expand(patterns):
     paths = []
     for pattern in patterns:
         found = [] if os.path.exists(pattern) else sorted(glob.glob(pattern), key=natural)
-        matches = [path for path in found if os.path.isdir(path) or os.path.basename(path) == "metrics.csv"]
+        matches = [path for path in found if is_run(path) or os.path.basename(path) == "metrics.csv"]
         paths += [os.path.normpath(match) for match in matches] or [pattern]
     return paths
+
+
+def is_run(path):
+    return any(os.path.exists(os.path.join(path, name)) for name in ("train.lock", "run.json", "metrics.csv"))
 
 
 def beside_runs(paths):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import eda
 import evaluate
 import manage_data
 import pcam_files
@@ -525,7 +526,10 @@ class TestRunsTable:
         }
         with open(root / "stopped" / "metrics.csv", "a") as metrics_file:
             metrics_file.write(",".join(worse_epoch.values()) + "\n")
-        (root / "empty").mkdir()
+        (root / "empty").mkdir()  # not a run, no more than eda.py's figures in runs/eda/
+        (root / "eda").mkdir()
+        for figure in eda.FIGURES:
+            (root / "eda" / figure).write_bytes(b"\x89PNG\r\n")
         (root / "damaged").mkdir()
         (root / "damaged" / "run.json").write_text('{"args": ')
         (root / "odd").mkdir()
@@ -539,7 +543,6 @@ class TestRunsTable:
         assert float(table["stopped"]["val_acc"]) == float(first_epoch["val_acc"])  # at the best epoch, not the last
         assert statuses == {
             "damaged": "unreadable: run.json",
-            "empty": "unreadable: run.json",
             "going": "running",
             "killed": "not running (killed?)",
             "odd": "unreadable: run.json",
