@@ -62,10 +62,11 @@ class SplitScan:
             suspect = data.suspect_rows(raw)  # NaN or out-of-range pixels can only be in these rows
             if suspect.any():
                 pixels = torch.from_numpy(raw[suspect].astype(np.float32, copy=False)).view(int(suspect.sum()), -1)
-                self.flags["nan"][start:stop][suspect] = pixels.isnan().any(dim=1).numpy()
+                rows = start + np.flatnonzero(suspect)
+                self.flags["nan"][rows] = pixels.isnan().any(dim=1).numpy()
                 finite = pixels.nan_to_num(nan=128.0)  # an in-range stand-in: only real pixels count
                 out_of_range = (finite.amax(dim=1) > 255) | (finite.amin(dim=1) < 0)
-                self.flags["out_of_range"][start:stop][suspect] = out_of_range.numpy()
+                self.flags["out_of_range"][rows] = out_of_range.numpy()
         self.means[start:stop] = data.tile_means(raw, self.black_threshold, self.white_threshold, suspect)
         self.flags["black"][start:stop] = self.means[start:stop] <= self.black_threshold
         self.flags["white"][start:stop] = self.means[start:stop] >= self.white_threshold

@@ -90,7 +90,8 @@ def model_from_checkpoint(checkpoint, path):
 
 @torch.no_grad()
 def predict(model, batches, device, max_batches=None):
-    """(mean cross-entropy, class-1 scores, labels) over (uint8 images, labels) batches, in order, from fp32 logits."""
+    """(mean cross-entropy, class-1 scores, labels) over (uint8 images, labels) batches, in order, from fp32 logits
+    (no autocast), whatever precision the model trained in."""
     model.eval()
     loss_sum, scores, labels_seen = torch.zeros((), device=device, dtype=torch.float64), [], []
     for step, (images, labels) in enumerate(batches, 1):

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 
 import common
 from common import UserError
-from run_folder import run_is_live
+from run_folder import LOCK_NAME, RUN_FILES, run_is_live
 
 COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc")
 TABLE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_auc", "epoch_s", "images_per_s")
@@ -239,8 +239,8 @@ def is_own_summary(path):
 
 
 def expand(patterns):
-    """Each path as given; a pattern naming none is globbed (runs/*/) to its run folders (not eda.py's) and
-    metrics.csv files, sorted."""
+    """Each path as given; a pattern naming none is globbed (runs/*/) to its run folders and metrics.csv files, in
+    natural order (slurm-2 before slurm-10)."""
 
     def natural(path):
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
@@ -254,7 +254,14 @@ def expand(patterns):
 
 
 def is_run(path):
-    return any(os.path.exists(os.path.join(path, name)) for name in ("train.lock", "run.json", "metrics.csv"))
+    """A folder holding what a run writes (not eda.py's figures), or one it cannot list, to show as unreadable."""
+    try:
+        names = os.listdir(path)
+    except (NotADirectoryError, FileNotFoundError):  # a file, a dangling link
+        return False
+    except OSError:
+        return True
+    return any(name in names for name in (LOCK_NAME, *RUN_FILES))
 
 
 def beside_runs(paths):

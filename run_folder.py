@@ -74,7 +74,8 @@ def outermost_missing(path):
 
 
 def read_record(path):
-    """run.json as a dict ({} when missing), refused when a field the resume reads is of another kind (hand-edited)."""
+    """run.json as a dict ({} when missing or not an object), refused when a field the resume reads is of another kind
+    (edited by hand)."""
     record = read_json(path)
     for key, kind in (("args", dict), ("resumed_at", list)):
         if key in record and not isinstance(record[key], kind):

@@ -530,6 +530,8 @@ class TestRunsTable:
         (root / "eda").mkdir()
         for figure in eda.FIGURES:
             (root / "eda" / figure).write_bytes(b"\x89PNG\r\n")
+        (root / "checkpoint").mkdir()  # a run's folder, whatever of its files is left
+        shutil.copy(sweep_runs / "seed-1" / "last.pt", root / "checkpoint")
         (root / "damaged").mkdir()
         (root / "damaged" / "run.json").write_text('{"args": ')
         (root / "odd").mkdir()
@@ -542,6 +544,7 @@ class TestRunsTable:
         assert (table["stopped"]["epochs_done"], table["stopped"]["best_epoch"]) == ("2", "1")
         assert float(table["stopped"]["val_acc"]) == float(first_epoch["val_acc"])  # at the best epoch, not the last
         assert statuses == {
+            "checkpoint": "unreadable: run.json",
             "damaged": "unreadable: run.json",
             "going": "running",
             "killed": "not running (killed?)",

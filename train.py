@@ -204,7 +204,7 @@ def train_one_epoch(session, epoch):
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += len(labels)
-        if step % config.log_every == 0 or step == len(batches) or config.dry_run:
+        if step % config.log_every == 0 or step == len(batches) or config.dry_run:  # the last step: the epoch's loss
             running_loss = loss_sum.item() / seen  # a device sync, once per logged step
             if not math.isfinite(running_loss):
                 raise FloatingPointError(f"training loss became {running_loss} at epoch {epoch} step {step}")
