@@ -253,10 +253,12 @@ def write_csv(header, rows, path):
 
 
 def save_figure(figure, path, software, dpi=120):
-    """A PNG of figure, its Software text marking which script wrote it (see png_software); the figure is closed."""
+    """A PNG of figure, laid out tight, its Software text marking which script wrote it (see written_by); the figure
+    is closed."""
     import matplotlib.pyplot as plt  # the caller drew the figure, so pyplot is loaded already
 
     try:
+        figure.tight_layout()
         write_atomically(
             path, lambda temp_path: figure.savefig(temp_path, format="png", dpi=dpi, metadata={"Software": software})
         )
@@ -314,6 +316,11 @@ def check_output_folder(path, flag):
         tempfile.TemporaryFile(dir=nearest).close()  # unnamed (O_TMPFILE): nothing is left behind, even when killed
     except OSError as error:
         raise UserError(f"cannot write {flag} {path}: {os_reason(error)}; choose a writable folder") from None
+
+
+def written_by(software):
+    """check_output's test for a figure save_figure wrote with this software text."""
+    return lambda path: png_software(path) == software
 
 
 def png_software(path):

@@ -207,7 +207,6 @@ def plot_channel_histograms(scan, path):
 
 
 def save(figure, path):
-    figure.tight_layout()
     common.save_figure(figure, path, SOFTWARE, dpi=110)
     print(f"wrote {path}", flush=True)
 
@@ -249,10 +248,6 @@ def parse_args(argv=None):
     return args
 
 
-def is_own_figure(path):
-    return common.png_software(path) == SOFTWARE
-
-
 def main(argv=None):
     args = parse_args(argv)
     common.run_command("eda.py", run, args, folder=args.out_dir)
@@ -269,7 +264,7 @@ def run(args):
         pcam_files.split_labels(args.data_dir, split)
     common.check_output_folder(args.out_dir, "--out-dir")
     for name in FIGURES:
-        common.check_output(os.path.join(args.out_dir, name), is_own_figure, args.force)
+        common.check_output(os.path.join(args.out_dir, name), common.written_by(SOFTWARE), args.force)
     scans = []
     for split in present:
         print(f"scanning {split} ...", flush=True)

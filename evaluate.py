@@ -157,7 +157,6 @@ def plot_roc(scores, labels, auc, path):
     axes.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
-    figure.tight_layout()
     common.save_figure(figure, path, SOFTWARE)
 
 
@@ -178,7 +177,6 @@ def plot_confusion(confusion, path):
     axes.set(title="Confusion matrix: count, share of the true class", xlabel="predicted class", ylabel="true class")
     axes.set_xticks([0, 1], class_names)
     axes.set_yticks([0, 1], class_names)
-    figure.tight_layout()
     common.save_figure(figure, path, SOFTWARE)
 
 

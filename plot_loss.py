@@ -112,7 +112,6 @@ def plot_runs(paths, out_path):
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
         axes.xaxis.get_major_locator().set_params(integer=True)
-    figure.tight_layout()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     except OSError as error:
@@ -224,10 +223,6 @@ def print_table(header, text_rows):
         )
 
 
-def is_own_figure(path):
-    return common.png_software(path) == SOFTWARE
-
-
 def is_own_summary(path):
     """Whether path is a runs_summary.csv as table_main writes them, judged by its header."""
     try:
@@ -270,7 +265,7 @@ def beside_runs(paths):
 
 
 def check_figure_path(out_path, force):
-    common.check_output(out_path, is_own_figure, force)
+    common.check_output(out_path, common.written_by(SOFTWARE), force)
     if not out_path.lower().endswith(".png"):
         raise UserError(f"--out {out_path}: plot_loss.py draws PNG images; name a .png file")
 
