@@ -131,7 +131,7 @@ def summarize_run(path):
             record = json.load(source)
         settings, status, test = record["args"], str(record.get("status", "unknown")), record.get("test") or {}
         scores = [test.get(key) for key in ("accuracy", "auc")] if isinstance(test, dict) else [""]
-        if not isinstance(settings, dict) or not all(isinstance(score, (int, float, type(None))) for score in scores):
+        if not isinstance(settings, dict) or not all(type(score) in (int, float, type(None)) for score in scores):
             raise TypeError("args must be an object, test an object of numbers")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {"run": name, "settings": None, "status": "unreadable: run.json"}

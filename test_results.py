@@ -486,7 +486,8 @@ class TestRunsTable:
             auc = lines[0].split(",").index("val_auc")
             rows = [line.split(",") for line in lines[1:]]
             metrics.write_text("\n".join([lines[0], *(",".join(row[:auc] + ["nan"] + row[auc + 1 :]) for row in rows)]))
-        for name, change in (("text-score", {"test": {"accuracy": "x"}}), ("list-seed", {"args": {"seed": [1, 2]}})):
+        changes = {"text-score": {"test": {"accuracy": "x"}}, "true-score": {"test": {"auc": True}}}
+        for name, change in {**changes, "list-seed": {"args": {"seed": [1, 2]}}}.items():
             shutil.copytree(sweep_runs / "seed-3", tmp_path / name)
             record = json.loads((tmp_path / name / "run.json").read_text())
             (tmp_path / name / "run.json").write_text(json.dumps({**record, **change}))
@@ -496,7 +497,8 @@ class TestRunsTable:
         assert float(by_run["mean of 2 seeds"]["val_acc"]) == pytest.approx(
             statistics.fmean(float(by_run[f"one-class-{seed}"]["val_acc"]) for seed in (1, 2))
         )
-        assert by_run["text-score"]["status"] == "unreadable: run.json" and by_run["list-seed"]["seed"] == "1 2"
+        assert by_run["text-score"]["status"] == by_run["true-score"]["status"] == "unreadable: run.json"
+        assert by_run["list-seed"]["seed"] == "1 2"
 
     def test_runs_are_named_in_the_legend_by_what_differs(self, sweep_runs):
         names = plot_loss.legend_names(
