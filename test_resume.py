@@ -22,6 +22,7 @@ import evaluate
 import pcam_files
 import run_folder
 import train
+from model import MLP
 from test_helpers import (
     HERE,
     assert_same_weights,
@@ -163,7 +164,14 @@ class TestStopAndResume:
         output = process.stdout.read()
         assert process.wait(timeout=120) == exit_code, output
         assert "Traceback" not in output and "step 1/" not in output
+        assert ("interrupted by SIGINT; nothing was trained" in output) == (signum == signal.SIGINT)
         assert not run_dir.exists()  # nothing trained: the folder this run made goes again
+
+    def test_a_validation_loss_over_ten_times_chance_stops_the_run_as_diverged(self):
+        model = MLP()
+        train.check_diverged(model, 0.99 * train.DIVERGED_LOSS, 3)  # high, but under the bound
+        with pytest.raises(FloatingPointError, match=r"7 in epoch 3, over 6\.93 \(ten times .* ln 2\)"):
+            train.check_diverged(model, 7.0, 3)
 
     def test_a_second_ctrl_c_stops_at_once(self, synth_dir, tmp_path):
         handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
