@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 import common
 import data
+import pcam_files
 from model import MLP
 from test_helpers import (
     HERE,
@@ -37,6 +39,15 @@ class TestLoaders:
         test_loader = data.get_test_loader(small_set, batch_size=16)
         assert next(iter(test_loader))[0].shape == (16, 3, 96, 96)
         assert train_loader.num_workers == test_loader.num_workers == 0  # no worker processes unless asked for
+
+    def test_the_loaders_read_the_files_as_they_go_unless_asked_to_preload(self, small_set):
+        file_bytes = os.path.getsize(pcam_files.split_paths(small_set, "train")[0])  # 5.5 MB of images
+        for asked in ({}, {"preload": True}):  # the default, then preload
+            tracemalloc.start()
+            data.get_dataloaders(small_set, batch_size=32, **asked)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert (peak > file_bytes) == bool(asked), peak
 
     def test_a_batch_size_of_one_is_the_smallest_the_loaders_take(self, tmp_path):
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
