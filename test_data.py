@@ -522,9 +522,18 @@ class TestEda:
 
     def test_eda_reports_bad_input_in_one_line(self, tmp_path):
         one_line_error(run_script("eda.py", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
+        (tmp_path / "empty").mkdir()
+        one_line_error(run_script("eda.py", "--data-dir", str(tmp_path / "empty")), "train split missing in")
         write_split(tmp_path, "train", tissue(4), np.array([0, 1, 3, 1], np.uint8))
         result = run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"))
         one_line_error(result, "labels must be 0 or 1")
+
+    def test_eda_notes_the_splits_a_folder_lacks_and_scans_the_others(self, tmp_path):
+        write_split(tmp_path / "test-only", "test", tissue(8), labels_of(8, 4))
+        args = ("--data-dir", str(tmp_path / "test-only"), "--out-dir", str(tmp_path / "figures"))
+        result = run_script("eda.py", *args, check=True)
+        assert "note: train split not in" in result.stdout and "note: valid split not in" in result.stdout
+        assert "scanning test" in result.stdout and (tmp_path / "figures" / "class_balance.png").exists()
 
     @pytest.mark.parametrize(
         "flags, fragment",
@@ -534,6 +543,7 @@ class TestEda:
             (["--black-threshold", "-1"], "--black-threshold"),
             (["--white-threshold", "256"], "--white-threshold"),
             (["--black-threshold", "200", "--white-threshold", "100"], "below --white-threshold"),
+            (["--black-threshold", "100", "--white-threshold", "100"], "below --white-threshold"),
             (["--sample-grid", "0"], "--sample-grid 0: give 1 to 64"),
             (["--sample-grid", "99999999999999999999"], "give 1 to 64 patches per class"),
         ],

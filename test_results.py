@@ -279,6 +279,10 @@ class TestEvaluate:
         assert result.returncode == 1 and result.stderr == f"evaluate.py: error: {missing.value}\n"
         result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--filter-data")
         one_line_error(result, "holds an evaluation of another checkpoint or other data")
+        result = run_script(
+            "evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--batch-size", "0"
+        )
+        one_line_error(result, "--batch-size must be in 1 .. 2**31")
         users = tmp_path / "mine"
         users.mkdir()
         (users / "predictions.csv").write_text("my own predictions\n")
@@ -558,10 +562,10 @@ class TestRunsTable:
             assert line.endswith(statuses[line.split()[0]])
 
     def test_runs_table_never_replaces_a_summary_it_did_not_write(self, sweep_runs, tmp_path):
-        (tmp_path / "runs_summary.csv").write_text("name,score\nmine,1\n")
+        (tmp_path / "runs_summary.csv").write_text("run,score\nmine,1\n")  # a header like ours at the start only
         result = run_script("plot_loss.py", "--table", str(sweep_runs / "seed-1"), "--out", str(tmp_path / "t.png"))
         one_line_error(result, "runs_summary.csv")
-        assert (tmp_path / "runs_summary.csv").read_text() == "name,score\nmine,1\n"
+        assert (tmp_path / "runs_summary.csv").read_text() == "run,score\nmine,1\n"
         assert not (tmp_path / "t.png").exists()
         for _ in range(2):
             out = str(tmp_path / "mine" / "t.png")
