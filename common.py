@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 # what a run, evaluate.py and the data commands keep in their folders: no other command's output takes these names
-RECORD_NAMES = "run.json metrics.csv predictions.csv metrics.json train.lock pcam.lock pcam_prepared.json".split()
+RECORD_NAMES = tuple(
+    "run.json metrics.csv predictions.csv metrics.json train.lock pcam.lock pcam_prepared.json".split()
+)
 
 
 class UserError(ValueError):

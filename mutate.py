@@ -24,8 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SCRIPTS = ("common.py", "pcam_files.py", "data.py", "run_folder.py", "train.py", "evaluate.py", "plot_loss.py")
-SCRIPTS += ("eda.py", "manage_data.py", "model.py")
+SCRIPTS = tuple(
+    "common.py pcam_files.py data.py run_folder.py train.py evaluate.py plot_loss.py eda.py manage_data.py "
+    "model.py".split()
+)
 FLIPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq}
 FLIPS |= {ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.And: ast.Or, ast.Or: ast.And}
 FLIPS |= {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult}

@@ -33,8 +33,9 @@ METRIC_FORMATS = {  # metrics.csv's columns, a row per epoch
     "images_per_s": "{:.0f}",
 }
 # a resumed run takes these from its checkpoint (and its --epochs and --data-dir unless given: resumed_settings)
-RESUMED_SETTINGS = ("batch_size", "lr", "optimizer", "momentum", "weight_decay", "hidden_units", "dropout", "seed")
-RESUMED_SETTINGS += ("filter_data", "bf16")
+RESUMED_SETTINGS = tuple(
+    "batch_size lr optimizer momentum weight_decay hidden_units dropout seed filter_data bf16".split()
+)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
