@@ -157,42 +157,78 @@ def add_device_argument(parser):
     )
 
 
+NO_GPU_VALUES = ("", "NoDevFiles")  # CUDA_VISIBLE_DEVICES of a process shown no GPU (Slurm's word for a GPU-less job)
+FAMILY_MINIMUM_DRIVER = {11: 450, 12: 525, 13: 580}  # the first driver of each CUDA major version
+
+
 def slurm_gave_gpus():
     """Inside a Slurm job that was given GPUs, where a silent fall back to the CPU would waste the allocation."""
     env = os.environ
+    if env.get("CUDA_VISIBLE_DEVICES") in NO_GPU_VALUES:
+        return False
     counts = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_NODE")  # "1", "a100:2"; --gpus=0 sets "0"
     gpus = env.get("SLURM_JOB_GPUS") or any(env.get(name, "0").rsplit(":", 1)[-1] not in ("", "0") for name in counts)
     return bool(env.get("SLURM_JOB_ID") and (gpus or env.get("CUDA_VISIBLE_DEVICES")))
 
 
-def driver_cuda_version():
-    """The CUDA version nvidia-smi says the driver supports ("12.4"), "unknown", or None without nvidia-smi."""
+def nvidia_driver():
+    """(driver version "550.54", the CUDA version it supports "12.4") from nvidia-smi's banner; "unknown" for what
+    the banner does not show (no working driver), None without nvidia-smi."""
     try:
         banner = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    found = re.search(r"CUDA Version:\s*([\d.]+)", banner)
-    return found.group(1) if found else "unknown"
+    found = [re.search(rf"{name}:\s*([\d.]+)", banner) for name in ("Driver Version", "CUDA Version")]
+    return tuple(match.group(1) if match else "unknown" for match in found)
+
+
+def driver_runs(build, driver_version, driver_cuda):
+    """Whether a driver runs a torch built for CUDA build: a driver of a newer CUDA major version does, and within
+    the build's own major version any driver from that family's first on (NVIDIA's minor-version compatibility:
+    a torch for CUDA 12.8 runs on a driver for CUDA 12.4)."""
+    build_major, driver_major = version_tuple(build)[0], version_tuple(driver_cuda)[0]
+    minimum = FAMILY_MINIMUM_DRIVER.get(build_major, 0)
+    return driver_major > build_major or (
+        driver_major == build_major and version_tuple(driver_version or "0")[:1] >= (minimum,)
+    )
+
+
+def missing_gpu():
+    """What keeps a GPU from this process, once the driver is known to run this torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible in NO_GPU_VALUES:
+        return f"CUDA_VISIBLE_DEVICES={visible or '(empty)'} hides every GPU from this process: ask for one (--gpus=1)"
+    if os.environ.get("SLURM_JOB_ID") and not slurm_gave_gpus():
+        return "this Slurm job was given no GPU: ask for one (--gpus=1, or make train GPUS=1)"
+    return (
+        "the driver runs this torch, so no GPU is visible to this process: check CUDA_VISIBLE_DEVICES and that "
+        "the job asked for a GPU (--gpus=1)"
+    )
 
 
 def cuda_diagnosis():
     """Why CUDA is not usable, in one line: the torch build, the driver, the visible devices, and what to do."""
-    driver, cuda = driver_cuda_version(), torch.version.cuda
+    driver, build = nvidia_driver(), torch.version.cuda
+    driver_version, driver_cuda = driver or (None, None)
     found = [
-        f"torch {torch.__version__} built for CUDA {cuda}" if cuda else "CPU build of torch",
-        f"driver CUDA {driver}" if driver else "no nvidia-smi",
+        f"torch {torch.__version__} built for CUDA {build}" if build else "CPU build of torch",
+        f"driver {driver_version} for CUDA {driver_cuda}" if driver else "no nvidia-smi",
         *(f"{name}={os.environ.get(name, '(unset)')}" for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS")),
     ]
     if not driver:
         fix = "run on a GPU node"
-    elif driver == "unknown":
+    elif driver_cuda == "unknown":
         fix = "nvidia-smi shows no GPU with a working driver: run where Slurm gave the job a GPU (--gpus=1)"
-    elif not cuda:
-        fix = f"install a torch built for CUDA (CUDA {driver} or older: see pytorch.org)"
-    elif version_tuple(cuda) <= version_tuple(driver):
-        fix = "the driver supports this torch, so no GPU is visible to this process: check CUDA_VISIBLE_DEVICES"
+    elif not build:
+        fix = f"install a torch built for CUDA {version_tuple(driver_cuda)[0]}.x (see pytorch.org)"
+    elif driver_runs(build, driver_version, driver_cuda):
+        fix = missing_gpu()
     else:
-        fix = f"install a torch built for CUDA {driver} or older, or load a newer driver"
+        major = version_tuple(build)[0]
+        fix = (
+            f"this torch needs a driver for CUDA {major}.x (version {FAMILY_MINIMUM_DRIVER.get(major, '?')} or "
+            f"newer): install a torch built for CUDA {version_tuple(driver_cuda)[0]}.x, or load a newer driver"
+        )
     return f"CUDA is not available here ({', '.join(found)}); {fix}, or pass --device cpu"
 
 
@@ -202,15 +238,45 @@ def version_tuple(text):
 
 def pick_device(requested):
     """The device --device names. auto falls back to the CPU with a line saying so, except in a Slurm job given
-    GPUs: there, as with --device cuda, no CUDA is an error saying why."""
+    GPUs: there, as with --device cuda, no CUDA is an error saying why. CUDA is started here, so a GPU that is busy
+    or broken ends the command in one line before any work."""
     if requested != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda")
+        device = torch.device("cuda")
+        with cuda_errors(device, "starting CUDA"):
+            torch.zeros(1, device=device)  # the first real CUDA call creates the context; is_available() does not
+        return device
     if requested == "cuda" or requested == "auto" and slurm_gave_gpus():
         asked = "--device cuda" if requested == "cuda" else "this Slurm job was given GPUs"
         raise UserError(f"{asked}, but {cuda_diagnosis()}")
     if requested == "auto":
-        log("device: CUDA not available, using CPU")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hidden = f" (CUDA_VISIBLE_DEVICES={visible or '(empty)'}: no GPU here)" if visible in NO_GPU_VALUES else ""
+        log(f"device: CUDA not available, using CPU{hidden}")
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def cuda_errors(device, doing):
+    """A CUDA error while doing something on device (a GPU busy in exclusive-process mode, memory held by another
+    process, a context that cannot be created, too little memory) as a UserError of one line: which device, what
+    failed and what to do. Other errors pass as they are; on the CPU this does nothing."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        if device.type != "cuda" or not (isinstance(error, torch.AcceleratorError) or "CUDA" in text):
+            raise
+        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text:
+            fix = "the GPU is full: nvidia-smi shows what holds its memory; --data-on-device no streams the data"
+        elif "busy or unavailable" in text:
+            fix = "another process holds this GPU (exclusive-process mode): nvidia-smi shows which; wait, or ask Slurm"
+        else:
+            fix = "nvidia-smi on this node shows the GPU's state; try another node, or pass --device cpu"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
+        what = ". ".join(text.strip().splitlines()[0].split(". ")[:3]).rstrip(".")  # CUDA's advice lines left out
+        raise UserError(
+            f"CUDA device {device} (CUDA_VISIBLE_DEVICES={visible}) failed while {doing}: {what}; {fix}"
+        ) from None
 
 
 def write_atomically(path, write):

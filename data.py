@@ -1,7 +1,7 @@
 """PCAM data for training: the Dataset, cleaning to uint8, the outlier filter, the class-balanced sampler, the
-loaders, and where batches come from (resident in device memory, or streamed from the files). Images stay uint8
-until they reach the training device. How rows come out of the files is in pcam_files.py; the data commands
-(download, synth, prepare, ...) are in manage_data.py."""
+loaders, and where batches come from (resident in device memory, resident in host memory for a GPU smaller than
+the data, or streamed from the files). Images stay uint8 until they reach the training device. How rows come out
+of the files is in pcam_files.py; the data commands (download, synth, prepare, ...) are in manage_data.py."""
 
 import atexit
 import functools
@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, WeightedRandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 import pcam_files
 from common import UserError, log
@@ -83,7 +83,8 @@ def outlier_mask(x_path, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_
 
 class PCAMDataset(Dataset):
     """One PCAM split. ds[i] -> (image uint8 (3, 96, 96), label long); ds[list_of_i] -> a whole batch. Files are
-    opened lazily in the process that reads them, so the dataset can go to DataLoader workers (see open_rows)."""
+    opened lazily in the process that reads them, so the dataset can go to DataLoader workers (see open_rows).
+    preload (True: the CPU, or a torch.device) holds the kept images there as one uint8 tensor, self.memory."""
 
     def __init__(
         self,
@@ -101,10 +102,11 @@ class PCAMDataset(Dataset):
                 raise pcam_files.MissingDataError(f"{path} not found")
         all_labels = pcam_files.read_split_labels(self.x_path, self.y_path)
         pcam_files.check_pixel_scale(self.x_path)
-        self.indices, self._memory = np.arange(len(all_labels)), None
+        self.indices, self.memory = np.arange(len(all_labels)), None
         if filter_data or preload:
             thresholds = (black_threshold, white_threshold) if filter_data else None
-            self.indices, self._memory = self._read_whole_file(thresholds, preload)
+            store = torch.device("cpu") if preload is True else preload or None
+            self.indices, self.memory = self._read_whole_file(thresholds, store)
         if len(self.indices) == 0:
             raise FilteredOutError(
                 f"{self.x_path}: the outlier filter removed every image (thresholds "
@@ -123,34 +125,40 @@ class PCAMDataset(Dataset):
         return self._batch(np.asarray(index))
 
     def _batch(self, positions):
-        rows = self.indices[positions]
-        images = self._memory[positions] if self._memory is not None else clean(self._read_rows(rows), scratch=True)
+        if self.memory is not None:
+            images = self.memory[torch.from_numpy(positions).to(self.memory.device)]
+        else:
+            images = torch.from_numpy(clean(self._read_rows(self.indices[positions]), scratch=True))
         labels = torch.from_numpy(self.labels[positions])
         if self.transform is not None:
-            return torch.stack([torch.as_tensor(self.transform(image)) for image in images]), labels
-        return torch.from_numpy(images).permute(0, 3, 1, 2), labels
+            return torch.stack([torch.as_tensor(self.transform(image)) for image in images.cpu().numpy()]), labels
+        return images.permute(0, 3, 1, 2), labels
 
     def _read_rows(self, rows):
         if self._reader_pid != os.getpid():  # first read in this process (a fresh worker, say): open here
             self._reader, self._reader_pid = pcam_files.open_rows(self.x_path), os.getpid()
         return self._reader.read(rows)
 
-    def _read_whole_file(self, thresholds, load):
-        """(kept rows, their cleaned images or None) in one pass over the x file: the rows the filter keeps (every
-        row without thresholds) and, with load, their images in RAM. The array is sized for every row, the kept
-        count being known only at the end; its tail is never written, so never takes memory."""
-        memory = self._reserve_memory() if load else None
+    def _read_whole_file(self, thresholds, store):
+        """(kept rows, their cleaned images on the store device or None) in one pass over the x file: the rows the
+        filter keeps (every row without thresholds) and, with a store, their images copied there block by block, so
+        the host holds one block at a time, not the split. The store is sized for every row, the kept count being
+        known only at the end; in RAM its tail is never written, so never takes memory."""
+        memory = self._reserve_memory(store) if store else None
         kept_parts, filled = [], 0
-        task = " and ".join(["filter"] * bool(thresholds) + ["load"] * load) + " " + os.path.basename(self.x_path)
-        for start, block in iter_raw_blocks(self.x_path, task):
+        task = " and ".join(["filter"] * bool(thresholds) + ["load"] * bool(store))
+        for start, block in iter_raw_blocks(self.x_path, f"{task} {os.path.basename(self.x_path)}"):
             kept = np.flatnonzero(~outlier_rows(block, *thresholds)) if thresholds else np.arange(len(block))
             kept_parts.append(start + kept)
-            if load:
-                memory[filled : filled + len(kept)] = clean(block[kept], scratch=True)
+            if store:
+                memory[filled : filled + len(kept)] = torch.from_numpy(clean(block[kept], scratch=True))
                 filled += len(kept)
-        return np.concatenate(kept_parts), memory[:filled] if load else None
+        return np.concatenate(kept_parts), memory[:filled] if store else None
 
-    def _reserve_memory(self):
+    def _reserve_memory(self, store):
+        shape = (len(self.indices),) + pcam_files.IMAGE_SHAPE
+        if store.type != "cpu":  # choose_data_path has measured the device's room
+            return torch.empty(shape, dtype=torch.uint8, device=store)
         needed = len(self.indices) * IMAGE_BYTES
         available, which = free_memory()
         if needed > 0.8 * available:
@@ -159,7 +167,7 @@ class PCAMDataset(Dataset):
                 f"{available / 2**20:,.0f} MiB is free under {which}; stream it (--data-on-device no) or ask for more "
                 "memory"
             )
-        return np.empty((len(self.indices),) + pcam_files.IMAGE_SHAPE, dtype=np.uint8)
+        return torch.from_numpy(np.empty(shape, dtype=np.uint8))  # numpy's: pages are taken as rows are written
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None, "_reader_pid": None}
@@ -260,16 +268,35 @@ def load_split(data_dir, split, filter_data=False, preload=False, **thresholds):
     return PCAMDataset(x_path, y_path, filter_data=filter_data, preload=preload, **thresholds)
 
 
-def balanced_sampler(labels, seed):
-    """Draws len(labels) kept rows with replacement, each class equally likely, from a seeded generator."""
-    class_counts = np.bincount(labels, minlength=2)
-    if (class_counts == 0).any():
-        raise UserError(
-            f"the training split holds a single class (counts {class_counts.tolist()}); "
-            "a class-balanced sampler needs both"
-        )
-    weights = torch.from_numpy((1.0 / class_counts)[labels])
-    return WeightedRandomSampler(weights, len(labels), replacement=True, generator=torch.Generator().manual_seed(seed))
+class BalancedSampler(Sampler):
+    """len(labels) positions drawn with replacement from a seeded generator, each class equally likely: for each
+    draw a class, then one of its rows, uniformly. A pass is one vectorised draw() (a few ms for the full train
+    split, where WeightedRandomSampler's multinomial takes 50-140 ms), which the loader and the resident batches
+    both take, so every data path trains on the same batches."""
+
+    def __init__(self, labels, seed):
+        class_counts = np.bincount(labels, minlength=2)
+        if (class_counts == 0).any():
+            raise UserError(
+                f"the training split holds a single class (counts {class_counts.tolist()}); "
+                "a class-balanced sampler needs both"
+            )
+        self.rows_by_class = torch.from_numpy(np.argsort(labels, kind="stable"))  # class 0's positions, then 1's
+        self.class_counts = torch.from_numpy(class_counts)
+        self.class_starts = torch.tensor([0, class_counts[0]])
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return len(self.rows_by_class)
+
+    def __iter__(self):
+        return iter(self.draw().tolist())
+
+    def draw(self):
+        classes = torch.randint(2, (len(self),), generator=self.generator)
+        uniform = torch.rand(len(self), generator=self.generator, dtype=torch.float64)
+        within_class = (uniform * self.class_counts[classes]).long()  # uniform < 1: always a row of that class
+        return self.rows_by_class[self.class_starts[classes] + within_class]
 
 
 @functools.cache
@@ -318,7 +345,7 @@ def get_dataloaders(
         raise UserError(f"batch size must be positive, got {batch_size}")
     train_set = load_split(data_dir, "train", filter_data, preload, **thresholds)
     val_set = load_split(data_dir, "valid", filter_data, preload, **thresholds)
-    train_sampler = balanced_sampler(train_set.labels, seed)
+    train_sampler = BalancedSampler(train_set.labels, seed)
     train_loader = batch_loader(train_set, train_sampler, batch_size, num_workers, pin_memory, seed)
     return train_loader, in_order(val_set, batch_size, num_workers, pin_memory, seed)
 
@@ -339,44 +366,45 @@ def generators(train_loader):
     return {"sampler": train_loader.sampler.sampler.generator, "loader": train_loader.generator}
 
 
-class DeviceBatches:
-    """A loader's batches served from its preloaded split, copied once to a device: each batch an index gather.
+class ResidentBatches:
+    """A loader's batches gathered from its preloaded split (dataset.memory: on the training device, or in host RAM
+    when the device is too small); pinned=True gathers into page-locked memory, for copies ahead to a GPU.
 
-    The indices are the loader's own (its batch sampler: the seeded class-balanced draw, or every row in order),
-    and each pass takes one number from its generator as a DataLoader pass does, so both paths give the same
-    batches and a checkpoint resumes on either. On the CPU the split stays where it is."""
+    The positions are the loader's own (the sampler's draw(), or every row in order), and each pass takes one
+    number from its generator as a DataLoader pass does, so every path gives the same batches and a checkpoint
+    resumes on any of them. Rows are gathered as 8-byte words: a uint8 gather moves one byte per thread on a GPU."""
 
-    def __init__(self, loader, device):
+    def __init__(self, loader, pinned=False):
         self.dataset, self.sampler, self.generator = loader.dataset, loader.sampler, loader.generator
-        self.images = torch.from_numpy(self.dataset._memory).to(device)  # (N, H, W, C) uint8
-        self.labels = torch.from_numpy(self.dataset.labels).to(device)
-        if self.images.device.type != "cpu":
-            self.dataset._memory = None  # the device holds the split now; anything else reads the file
+        self.pinned = pinned
+        memory = self.dataset.memory  # (N, H, W, C) uint8
+        self.words = memory.view(len(memory), -1).view(torch.int64)  # (N, IMAGE_BYTES / 8)
+        self.labels = torch.from_numpy(self.dataset.labels).to(memory.device)
 
     def __len__(self):
         return len(self.sampler)
 
     def __iter__(self):
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        order = self.order().to(self.images.device)
-        for start in range(0, len(order), self.sampler.batch_size):
-            positions = order[start : start + self.sampler.batch_size]
-            # index_select copies whole rows; images[positions] goes byte by byte on the CPU (30x slower)
-            yield self.images.index_select(0, positions).permute(0, 3, 1, 2), self.labels.index_select(0, positions)
+        sampler, store = self.sampler.sampler, self.words.device
+        order = sampler.draw() if isinstance(sampler, BalancedSampler) else torch.arange(len(sampler))
+        if store.type == "cuda":
+            order = order.pin_memory().to(store, non_blocking=True)  # no wait for the copy: no sync per pass
+        for positions in order.split(self.sampler.batch_size):
+            images = self.gather(self.words, positions).view(torch.uint8).view(-1, *pcam_files.IMAGE_SHAPE)
+            yield images.permute(0, 3, 1, 2), self.gather(self.labels, positions)
 
-    def order(self):
-        """This pass's positions as one tensor: WeightedRandomSampler's own multinomial call on its generator, or
-        every row in order."""
-        sampler = self.sampler.sampler
-        if isinstance(sampler, WeightedRandomSampler):
-            return torch.multinomial(
-                sampler.weights, sampler.num_samples, sampler.replacement, generator=sampler.generator
-            )
-        return torch.arange(len(sampler))
+    def gather(self, source, positions):
+        """source's rows at positions, into page-locked memory when pinned (its copy to a GPU waits for nothing)."""
+        rows = torch.empty(
+            (len(positions), *source.shape[1:]), dtype=source.dtype, device=source.device, pin_memory=self.pinned
+        )
+        return torch.index_select(source, 0, positions, out=rows)
 
 
 class PrefetchBatches:
-    """A loader's pinned batches copied to a CUDA device on a side stream: the next one while this one trains."""
+    """Pinned host batches (a loader's, or ResidentBatches' from host memory) copied to a CUDA device on a side
+    stream: the next one while this one trains."""
 
     def __init__(self, loader, device):
         self.loader, self.device = loader, device
@@ -406,61 +434,66 @@ def channel_stats(dataset):
     positions = np.linspace(0, len(dataset) - 1, min(len(dataset), NORMALIZATION_SAMPLE)).astype(np.int64)
     total, total_sq = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(positions), 512):
-        images = dataset[positions[start : start + 512]][0].float()
-        total += images.sum(dim=(0, 2, 3)).double()
-        total_sq += images.square().sum(dim=(0, 2, 3)).double()
+        images = dataset[positions[start : start + 512]][0].float()  # on the device that holds the split
+        total += images.sum(dim=(0, 2, 3)).double().cpu()
+        total_sq += images.square().sum(dim=(0, 2, 3)).double().cpu()
     count = len(positions) * 96 * 96
     mean = total / count
     return mean.float(), (total_sq / count - mean**2).clamp_min(1e-6).sqrt().float()
 
 
-def room_on(device):
-    """(free bytes, which limit) for a resident copy: this process's memory (free_memory), which the splits pass
-    through, and on CUDA the device's, with this process's cached blocks released first."""
-    free, which = free_memory()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # cached blocks count as used in mem_get_info, yet are ours to reuse
-        device_free = torch.cuda.mem_get_info(device)[0]
-        if device_free < free:
-            return device_free, "CUDA device memory"
-    return free, which
+def device_room(device):
+    """(free bytes, which limit) for the splits held on device: on the CPU this process's memory (free_memory), on
+    CUDA the device's, with this process's cached blocks released first. Loading streams block by block, so the
+    host needs room for a block, not for the splits."""
+    if device.type != "cuda":
+        return free_memory()
+    torch.cuda.empty_cache()  # cached blocks count as used in mem_get_info, yet are ours to reuse
+    return torch.cuda.mem_get_info(device)[0], f"{device} memory"
 
 
 def choose_data_path(data_dir, data_on_device, dry_run, device):
-    """('resident' or 'loader', why) for --data-on-device: resident when the uint8 train and valid splits fit."""
+    """(path, why) for --data-on-device: "device" when the uint8 train and valid splits fit the training device's
+    memory, else "host" when they fit this process's RAM (a GPU smaller than the data; auto only), else "files"."""
     if data_on_device == "no":
-        return "loader", "--data-on-device no"
+        return "files", "--data-on-device no"
     if dry_run and data_on_device == "auto":
-        return "loader", "--dry-run reads one batch of each split"
+        return "files", "--dry-run reads one batch of each split"
     label_paths = (pcam_files.require_split(data_dir, split)[1] for split in ("train", "valid"))
     needed = sum(len(pcam_files.read_labels(path)) for path in label_paths) * IMAGE_BYTES
-    free, which = room_on(device)
-    fits = needed <= RESIDENT_SHARE * free
-    reason = (
-        f"uint8 train+valid {needed / 2**30:.2f} GiB {'within' if fits else 'over'} {RESIDENT_SHARE:.0%} "
-        f"of {free / 2**30:.2f} GiB free under {which}"
-    )
-    if data_on_device == "yes" and not fits:
-        raise UserError(f"--data-on-device yes: {reason}; use --data-on-device auto or no to stream from the files")
-    return ("resident" if fits else "loader"), f"{reason}, {device.type}"
+    rooms, host = [("device", *device_room(device))], free_memory()
+    if data_on_device == "auto" and host[1] != rooms[0][2]:  # on the CPU the device's memory is the host's
+        rooms.append(("host", *host))
+    verdicts = []
+    for path, free, which in rooms:
+        fits = needed <= RESIDENT_SHARE * free
+        verdicts.append(
+            f"{'within' if fits else 'over'} {RESIDENT_SHARE:.0%} of {free / 2**30:.2f} GiB free under {which}"
+        )
+        reason = f"uint8 train+valid {needed / 2**30:.2f} GiB {'; '.join(verdicts)}, {device.type}"
+        if fits:
+            return path, reason
+    if data_on_device == "yes":
+        raise UserError(f"--data-on-device yes: {reason}; use --data-on-device auto (host memory) or no (the files)")
+    return "files", reason
 
 
 def training_batches(args, device):
-    """(train, valid) batches for train.py's settings on device: gathered from splits resident there when they
-    fit (choose_data_path), else streamed by the loaders, on CUDA copied ahead on a side stream."""
+    """(train, valid) batches for train.py's settings on device, by choose_data_path: gathered from splits held on
+    the device, or held in host memory and copied ahead to the GPU, or streamed by the loaders (on CUDA also copied
+    ahead, on a side stream)."""
     path, reason = choose_data_path(args.data_dir, args.data_on_device, args.dry_run, device)
     log(f"data path: {path} ({reason})")  # before the passes that load or filter the splits
-    resident = path == "resident"
-    pin_memory = device.type == "cuda" and not resident
+    store = {"device": device, "host": torch.device("cpu"), "files": None}[path]
+    pinned = device.type == "cuda" and path != "device"
     loaders = get_dataloaders(
-        args.data_dir, args.batch_size, args.num_workers, args.filter_data, args.seed, resident, pin_memory
+        args.data_dir, args.batch_size, args.num_workers, args.filter_data, args.seed, store, pinned
     )
     describe_splits(*(loader.dataset for loader in loaders))
-    if resident:
-        return tuple(DeviceBatches(loader, device) for loader in loaders)
-    if device.type == "cuda":
-        return tuple(PrefetchBatches(loader, device) for loader in loaders)
-    return loaders
+    batches = [ResidentBatches(loader, pinned) for loader in loaders] if store else loaders
+    if pinned:
+        return tuple(PrefetchBatches(source, device) for source in batches)
+    return tuple(batches)
 
 
 def describe_splits(train_set, val_set):

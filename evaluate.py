@@ -242,7 +242,9 @@ def score(checkpoint_path, dataset, split, args, out_dir, device, own_run=False)
     batch_size and num_workers: (the checkpoint, metrics.json's contents). own_run: train.py scoring the run it
     holds, into its own eval-test/, which prepare_out_dir would refuse."""
     checkpoint = run_folder.load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
+    model = model_from_checkpoint(checkpoint, checkpoint_path)
+    with common.cuda_errors(device, "moving the model to it"):
+        model = model.to(device)
     loader = data.in_order(dataset, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
     about = describe(checkpoint_path, checkpoint, args.data_dir, split, args.filter_data, device)
     if not own_run:

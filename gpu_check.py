@@ -1,10 +1,10 @@
 """Prove train.py's GPU path on this node in one table: `make gpu-check` (see docs/benchmark.md).
 
-Every row comes from train.py and evaluate.py run as a user runs them, each in a fresh process, on a
-synthetic set: exact resume (fp32 and bf16, on the resident and the streaming path, with 2 workers), a
-checkpoint loaded with weights_only=True where no GPU is visible, eval-test/ equal to evaluate.py,
-training images/s at batch 256 and 1024 (the second epoch, so warmed up; an epoch ends in a device sync),
-peak device memory and the data path each run took. Exits 1 on any mismatch.
+Every run is train.py or evaluate.py run as a user runs them, each in a fresh process, on a synthetic set:
+exact resume (fp32 and bf16, on the device and the files path, with 2 workers), the three data paths giving the
+same last.pt, best.pt loading where no GPU is visible and scored alike on CUDA and on the CPU, a --device cpu run
+that never starts CUDA, 20 steps with no wait for the GPU, and training speed against the targets of
+docs/benchmark.md for the GPU it finds (an unknown GPU's figures get no verdict). Exits 1 when any row fails.
 """
 
 import csv
@@ -18,13 +18,27 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import common
+import data
 import pcam_files
+import train as train_script
 
 IMAGES = 65536  # synthetic train images: 1.8 GB of uint8, resident on any GPU; the whole check takes minutes
 HERE = os.path.dirname(os.path.abspath(__file__))
+SCORE_TOLERANCE = 1e-4  # CUDA and CPU class-1 scores of one checkpoint differ by summation order only
+# images/s at batch 1024 (docs/benchmark.md): per GPU kind (a part of torch's device name), per data path; "epoch"
+# is train+valid images over train.py's epoch_s on the device path, 262,144 + 32,768 images in 0.5 s
+TARGETS = {
+    "H100": {"device": 1_000_000, "epoch": 589_824},
+    "MIG 1g.5gb": {"host": 200_000},
+}
+# train.py as run on a GPU too small for the splits: no room on the device, so auto takes the host path
+ON_A_FULL_DEVICE = (
+    "import sys, data, train; data.device_room = lambda device: (0, 'no room (gpu_check)'); train.main(sys.argv[1:])"
+)
 CHECKPOINT_ON_CPU = """
 import sys, torch
 def tensors_in(value):
@@ -37,6 +51,7 @@ tensors = tensors_in(torch.load(sys.argv[1], weights_only=True))
 assert not torch.cuda.is_available() and tensors and all(t.device.type == "cpu" for t in tensors)
 print(len(tensors))
 """
+CPU_RUN_LEAVES_CUDA = "import sys, torch, train; train.main(sys.argv[1:]); print(torch.cuda.is_initialized())"
 
 
 def script(*args, env=None):
@@ -49,18 +64,27 @@ def script(*args, env=None):
     return result.stdout
 
 
-def train(data_dir, out_dir, device, *flags):
-    """Run train.py: {"dir", "path" (the data path taken), "record" (run.json), "rate" (last epoch's images/s)}."""
+def train(data_dir, out_dir, device, *flags, program=("train.py",)):
+    """Run train.py: {"dir", "path" (the data path taken), "record" (run.json), "rate" (last epoch's train images/s),
+    "epoch_rate" (train+valid images over its epoch_s)}."""
     output = script(
-        "train.py",
+        *program,
         *("--data-dir", data_dir, "--out-dir", out_dir, "--device", device, "--num-workers", "2"),
         *("--log-every", str(10**9), *flags),
     )
     record = json.loads(Path(out_dir, "run.json").read_text())
     with open(os.path.join(out_dir, "metrics.csv"), newline="") as source:
-        rate = float(list(csv.DictReader(source))[-1]["images_per_s"])
+        last = list(csv.DictReader(source))[-1]
+    images = sum(int(n.replace(",", "")) for n in re.findall(r"^(?:train|valid): ([\d,]+) images", output, re.M))
     path = re.search(r"^data path: (\w+)", output, re.MULTILINE).group(1)
-    return {"dir": out_dir, "path": path, "record": record, "rate": rate}
+    epoch_rate = images / float(last["epoch_s"])
+    return {
+        "dir": out_dir,
+        "path": path,
+        "record": record,
+        "rate": float(last["images_per_s"]),
+        "epoch_rate": epoch_rate,
+    }
 
 
 def history(run_dir):
@@ -75,6 +99,10 @@ def same_run(one, other):
     return rows == other_rows and all(torch.equal(weights[name], other_weights[name]) for name in weights)
 
 
+def verdict(ok):
+    return "yes" if ok else "NO"
+
+
 def resume_rows(data_dir, work_dir, device):
     """Per precision and data path: 2 epochs straight against 1 epoch, then --resume to 2 in a new process."""
     rows, straight_runs = [], {}
@@ -87,38 +115,127 @@ def resume_rows(data_dir, work_dir, device):
             train(data_dir, resumed, device, "--epochs", "1", *flags)
             train(data_dir, resumed, device, "--epochs", "2", "--resume", *flags)
             exact = same_run(straight, resumed)
-            what = f"resume equals straight run, {precision}, {straight_runs[name]['path']}"
-            rows.append((what, "yes" if exact else "NO", exact))
+            rows.append(
+                (f"resume equals straight run, {precision}, {straight_runs[name]['path']}", verdict(exact), exact)
+            )
     return rows, straight_runs
 
 
-def portability_rows(data_dir, work_dir, run_dir):
-    """best.pt read where no GPU is visible, and eval-test/ against evaluate.py on the same checkpoint, in batches
-    of the run's size (cuBLAS may sum a row in another order for another batch size)."""
+def path_rows(data_dir, work_dir, device, straight_runs):
+    """The host path (a device with no room for the splits) against the device and files paths: same last.pt."""
+    flags = ("--epochs", "2", "--batch-size", "1024")
+    host = train(data_dir, os.path.join(work_dir, "host"), device, *flags, program=("-c", ON_A_FULL_DEVICE))
+    straight_runs["fp32-host"] = host
+    device_run, files_run = straight_runs["fp32-yes"], straight_runs["fp32-no"]
+    exact = same_run(device_run["dir"], host["dir"]) and same_run(device_run["dir"], files_run["dir"])
+    paths = ", ".join(run["path"] for run in (device_run, host, files_run))
+    return [(f"same last.pt on the {paths} paths", verdict(exact), exact)]
+
+
+def evaluation_rows(data_dir, work_dir, run_dir, device):
+    """best.pt read where no GPU is visible, then scored by evaluate.py on device and on the CPU, in batches of the
+    run's size: scores within SCORE_TOLERANCE, and the same confusion matrix unless a score lies that close to 0.5."""
     best = os.path.join(run_dir, "best.pt")
     tensors = script("-c", CHECKPOINT_ON_CPU, best, env={"CUDA_VISIBLE_DEVICES": ""})
     rows = [("best.pt loads with weights_only, no GPU visible", f"yes, {tensors.strip()} tensors on the CPU", True)]
-    evaluated = os.path.join(work_dir, "evaluate")
     batch_size = json.loads(Path(run_dir, "run.json").read_text())["args"]["batch_size"]
-    script("evaluate.py", best, "--data-dir", data_dir, "--out-dir", evaluated, "--batch-size", str(batch_size))
-    equal = Path(run_dir, "eval-test", "predictions.csv").read_text() == Path(evaluated, "predictions.csv").read_text()
-    rows.append(("eval-test/ equals evaluate.py (predictions.csv)", "yes" if equal else "NO", equal))
+    scores, confusions = [], []
+    for where in (device, "cpu"):
+        out_dir = os.path.join(work_dir, f"evaluate-{where}")
+        script(
+            "evaluate.py",
+            best,
+            "--data-dir",
+            data_dir,
+            "--out-dir",
+            out_dir,
+            "--device",
+            where,
+            "--batch-size",
+            str(batch_size),
+        )
+        with open(os.path.join(out_dir, "predictions.csv"), newline="") as source:
+            scores.append(np.array([float(row["score"]) for row in csv.DictReader(source)]))
+        confusions.append(json.loads(Path(out_dir, "metrics.json").read_text())["confusion"])
+    largest = float(np.abs(scores[0] - scores[1]).max())
+    flipped = (scores[0] >= 0.5) != (scores[1] >= 0.5)
+    explained = bool(np.all(np.abs(scores[1][flipped] - 0.5) <= SCORE_TOLERANCE))
+    agree = confusions[0] == confusions[1] or explained
+    rows.append(
+        (
+            f"{device} and cpu scores of best.pt within {SCORE_TOLERANCE:g}",
+            f"largest {largest:.1e}",
+            largest <= SCORE_TOLERANCE,
+        )
+    )
+    rows.append((f"{device} and cpu confusion matrices equal", f"{verdict(agree)}, {confusions[0]}", agree))
     return rows
 
 
-def speed_rows(data_dir, work_dir, device, straight_runs):
-    """images/s of the second epoch: the resumed check's runs at batch 1024, new ones at batch 256."""
-    rows = []
+def cpu_run_row(data_dir, work_dir):
+    """A --device cpu run, on a node with a GPU, ends without having started CUDA."""
+    out_dir = os.path.join(work_dir, "cpu")
+    args = ("--data-dir", data_dir, "--out-dir", out_dir, "--device", "cpu", "--epochs", "1", "--log-every", "1000")
+    started = script("-c", CPU_RUN_LEAVES_CUDA, *args).strip().splitlines()[-1] == "True"
+    return [("a --device cpu run never starts CUDA", "started CUDA" if started else "yes", not started)]
+
+
+def sync_row(data_dir, device):
+    """20 training steps on the device path, the start of a pass included; on CUDA under
+    torch.cuda.set_sync_debug_mode("error"), where any wait of the host for the GPU (an .item(), a blocking copy)
+    raises. The CPU runs the same steps, with nothing to check."""
+    what, on = "no host-device sync in 20 steps, device path, batch 1024", torch.device(device)
+    args = train_script.parse_args(["--data-dir", data_dir, "--batch-size", "1024", "--data-on-device", "yes"])
+    batches, _ = data.training_batches(args, on)
+    model, optimizer = train_script.build_model(args, on)
+    for images, labels in batches:  # a first step: allocations and kernel choices, outside the check
+        train_script.train_step(model, optimizer, images, labels, False)
+        break
+    if on.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _, (images, labels) in zip(range(20), batches, strict=False):
+            train_script.train_step(model, optimizer, images, labels, False)
+    except RuntimeError as error:
+        return [(what, f"NO: {common.error_line(error)[:50]}", False)]
+    finally:
+        if on.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    return [
+        (what, "yes" if on.type == "cuda" else "steps ran; the check needs CUDA", True if on.type == "cuda" else None)
+    ]
+
+
+def speed_rows(data_dir, work_dir, device, straight_runs, device_name):
+    """images/s of the second epoch on each path at batch 1024 (the runs above) and on the device path at batch 256;
+    the fp32 rows at batch 1024 checked against the target for this GPU kind where there is one."""
+    targets = next((found for kind, found in TARGETS.items() if kind in device_name), {})
     for precision in ("fp32", "bf16"):
-        for batch_size in (256, 1024):
-            run = straight_runs[f"{precision}-yes"]
-            if batch_size == 256:
-                flags = ["--epochs", "2", "--batch-size", "256"] + ["--bf16"] * (precision == "bf16")
-                run = train(data_dir, os.path.join(work_dir, f"{precision}-256"), device, *flags)
-            peak = run["record"].get("peak_device_memory_gib")
-            result = f"{run['rate']:,.0f} images/s" + (f", peak device memory {peak:.2f} GiB" if peak else "")
-            rows.append((f"training, batch {batch_size}, {precision}, {run['path']}", result, True))
+        flags = ["--epochs", "2", "--batch-size", "256"] + ["--bf16"] * (precision == "bf16")
+        straight_runs[f"{precision}-256"] = train(data_dir, os.path.join(work_dir, f"{precision}-256"), device, *flags)
+    rows = []
+    speed_runs = ("fp32-yes", 1024), ("bf16-yes", 1024), ("fp32-host", 1024), ("fp32-no", 1024), ("fp32-256", 256)
+    for name, batch_size in (*speed_runs, ("bf16-256", 256)):
+        run, precision = straight_runs[name], name.split("-")[0]
+        peak = run["record"].get("peak_device_memory_gib")
+        result = f"{run['rate']:,.0f} images/s" + (f", peak device memory {peak:.2f} GiB" if peak else "")
+        target = targets.get(run["path"]) if precision == "fp32" and batch_size == 1024 else None
+        rows.append(
+            (f"training, batch {batch_size}, {precision}, {run['path']}", *against(run["rate"], target, result))
+        )
+    device_run = straight_runs["fp32-yes"]
+    rate = device_run["epoch_rate"]
+    what = f"train+valid epoch, batch 1024, fp32, {device_run['path']}"
+    rows.append((what, *against(rate, targets.get("epoch"), f"{rate:,.0f} images/s")))
     return rows
+
+
+def against(rate, target, result):
+    """(result text, verdict): None where this GPU kind has no target for the row."""
+    if target is None:
+        return result, None
+    return f"{result} (target {target:,})", rate >= target
 
 
 def print_table(rows, device_name, n_images):
@@ -126,10 +243,10 @@ def print_table(rows, device_name, n_images):
         f"\npcam-mlp gpu-check, {time.strftime('%Y-%m-%d')}, {platform.node()}, {device_name}, torch "
         f"{torch.__version__} / CUDA {torch.version.cuda}, {n_images:,} synthetic train images, MLP (64, 32), Adam"
     )
-    print(f"| {'check':<52} | {'result':<56} |")
-    print(f"|{'-' * 54}|{'-' * 58}|")
-    for what, value, _ in rows:
-        print(f"| {what:<52} | {value:<56} |")
+    print(f"| {'check':<56} | {'result':<62} | {'verdict':<7} |")
+    print(f"|{'-' * 58}|{'-' * 64}|{'-' * 9}|")
+    for what, value, ok in rows:
+        print(f"| {what:<56} | {value:<62} | {'-' if ok is None else 'pass' if ok else 'FAIL':<7} |")
 
 
 def main(argv=None):
@@ -152,10 +269,13 @@ def main(argv=None):
         )
     with tempfile.TemporaryDirectory(dir=args.dir) as work_dir:
         rows, straight_runs = resume_rows(data_dir, work_dir, args.device)
-        rows += portability_rows(data_dir, work_dir, straight_runs["fp32-yes"]["dir"])
-        rows += speed_rows(data_dir, work_dir, args.device, straight_runs)
-    print_table(rows, straight_runs["fp32-yes"]["record"]["environment"]["device"], args.images)
-    return 0 if all(ok for *_, ok in rows) else 1
+        rows += path_rows(data_dir, work_dir, args.device, straight_runs)
+        rows += evaluation_rows(data_dir, work_dir, straight_runs["fp32-yes"]["dir"], args.device)
+        rows += cpu_run_row(data_dir, work_dir) + sync_row(data_dir, args.device)
+        device_name = straight_runs["fp32-yes"]["record"]["environment"]["device"]
+        rows += speed_rows(data_dir, work_dir, args.device, straight_runs, device_name)
+    print_table(rows, device_name, args.images)
+    return 1 if any(ok is False for *_, ok in rows) else 0
 
 
 if __name__ == "__main__":

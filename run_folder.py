@@ -20,7 +20,18 @@ import h5py
 import numpy as np
 import torch
 
-from common import UserError, file_digest, hold_lock, is_locked, log, read_json, write_bytes, write_csv, write_json
+from common import (
+    UserError,
+    file_digest,
+    hold_lock,
+    is_locked,
+    log,
+    nvidia_driver,
+    read_json,
+    write_bytes,
+    write_csv,
+    write_json,
+)
 from pcam_files import MANIFEST_NAME, PREPARED_NAME, SPLITS, split_paths
 
 LOCK_NAME = "train.lock"
@@ -357,6 +368,16 @@ def git_commit():
 
 
 def describe_environment(device):
+    """Versions, host and device; on CUDA the device as torch sees it (a MIG slice's own name and memory, not the
+    whole card's) and the driver nvidia-smi names."""
+    gpu = {}
+    if device.type == "cuda":
+        properties, (driver, driver_cuda) = torch.cuda.get_device_properties(device), nvidia_driver() or (None, None)
+        gpu = {
+            "device_memory_gib": round(properties.total_memory / 2**30, 2),
+            "driver": driver,
+            "driver_cuda": driver_cuda,
+        }
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -365,6 +386,7 @@ def describe_environment(device):
         "numpy": np.__version__,
         "host": socket.gethostname(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        **gpu,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "git_commit": git_commit(),
     }

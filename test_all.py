@@ -136,14 +136,14 @@ class TestLoaders:
             pass
         assert multiprocessing.active_children() == []
 
-    def test_device_batches_draw_the_same_indices_as_the_loader(self, tmp_path):
+    def test_resident_batches_draw_the_same_indices_as_the_loader(self, tmp_path):
         images = tissue(300, seed=3)
         images[[5, 77, 140]] = 0  # blackouts: the filter drops them, so positions and file rows differ
         write_split(tmp_path, "train", images, labels_of(300, 90))
         write_split(tmp_path, "valid", tissue(70, seed=4), labels_of(70, 30))
         loaders = data.get_dataloaders(tmp_path, batch_size=32, filter_data=True, seed=5, preload=True)
-        streamed = data.get_dataloaders(tmp_path, batch_size=32, filter_data=True, seed=5, preload=True)
-        resident = [data.DeviceBatches(loader, torch.device("cpu")) for loader in loaders]
+        streamed = data.get_dataloaders(tmp_path, batch_size=32, filter_data=True, seed=5)
+        resident = [data.ResidentBatches(loader) for loader in loaders]
         for _ in range(2):  # two epochs: the sampler's generator carries on from one to the next
             for loader, gathered in zip(streamed, resident, strict=True):
                 pairs = list(zip(loader, gathered, strict=True))
@@ -153,26 +153,56 @@ class TestLoaders:
         )
         assert torch.equal(streamed[0].generator.get_state(), resident[0].generator.get_state())
 
-    def test_a_split_copied_to_a_device_leaves_host_memory_and_one_kept_on_the_cpu_stays(self, small_set):
-        for device, host_copy_kept in (("cpu", True), ("meta", False)):  # meta: a device that is not the CPU
-            train_loader, _ = data.get_dataloaders(small_set, batch_size=32, seed=2, preload=True)
-            data.DeviceBatches(train_loader, torch.device(device))
-            assert (train_loader.dataset._memory is not None) == host_copy_kept, device
+    def test_a_split_loaded_onto_a_device_passes_through_host_memory_a_block_at_a_time(self, small_set, monkeypatch):
+        file_bytes = os.path.getsize(pcam_files.split_paths(small_set, "train")[0])  # 200 images, 5.5 MB
+        monkeypatch.setattr(pcam_files, "BLOCK_BYTES", 16 * pcam_files.IMAGE_BYTES)
+        for store, whole_split_in_ram in ((torch.device("meta"), False), (True, True)):  # meta: not the CPU
+            tracemalloc.start()
+            dataset = data.load_split(small_set, "train", preload=store)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert dataset.memory.device.type == ("cpu" if store is True else "meta")
+            assert dataset.memory.shape == (200, 96, 96, 3) and dataset.memory.dtype == torch.uint8
+            assert (peak > file_bytes) == whole_split_in_ram, peak
 
-    def test_device_batches_draw_a_pass_without_iterating_the_sampler(self, small_set, monkeypatch):
+    def test_the_balanced_draw_takes_each_class_half_the_time_and_its_rows_uniformly(self):
+        labels = np.array([0] * 900 + [1] * 100)
+        sampler = data.BalancedSampler(labels, seed=4)
+        drawn = torch.cat([sampler.draw() for _ in range(40)]).numpy()  # 40,000 draws
+        assert abs(labels[drawn].mean() - 0.5) < 0.015  # 3 sigma: 0.0075
+        per_row = np.bincount(drawn, minlength=1000)  # about 200 each for the 100 positives, 22 for the negatives
+        assert 140 < per_row[900:].min() and per_row[900:].max() < 260 and 0 < per_row[:900].min()
+        assert per_row[:900].max() < 50
+        assert torch.equal(data.BalancedSampler(labels, seed=4).draw(), data.BalancedSampler(labels, seed=4).draw())
+        assert list(data.BalancedSampler(labels, seed=4)) == data.BalancedSampler(labels, seed=4).draw().tolist()
+
+    def test_resident_batches_draw_a_pass_without_iterating_the_sampler(self, small_set, monkeypatch):
         loaders = data.get_dataloaders(small_set, batch_size=32, seed=2, preload=True)
         expected = [list(loader) for loader in data.get_dataloaders(small_set, batch_size=32, seed=2, preload=True)]
-        resident = [data.DeviceBatches(loader, torch.device("cpu")) for loader in loaders]
+        resident = [data.ResidentBatches(loader) for loader in loaders]
 
         def listed(sampler):
             raise AssertionError(f"{type(sampler).__name__} iterated in Python, an int at a time")
 
-        for sampler_class in (torch.utils.data.WeightedRandomSampler, torch.utils.data.SequentialSampler):
+        for sampler_class in (data.BalancedSampler, torch.utils.data.SequentialSampler):
             monkeypatch.setattr(sampler_class, "__iter__", listed)
         for gathered, batches in zip(resident, expected, strict=True):
             assert all(
                 torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(gathered, batches, strict=True)
             )
+
+    def test_resident_batches_gather_whole_words_not_bytes(self, small_set, monkeypatch):
+        gathered, index_select = [], torch.index_select
+
+        def recorded(source, *args, **kwargs):
+            gathered.append((source.dtype, tuple(source.shape[1:])))
+            return index_select(source, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "index_select", recorded)
+        train_loader, _ = data.get_dataloaders(small_set, batch_size=64, seed=2, preload=True)
+        images, labels = next(iter(data.ResidentBatches(train_loader)))
+        assert gathered == [(torch.int64, (96 * 96 * 3 // 8,)), (torch.int64, ())]  # the images, then the labels
+        assert images.dtype == torch.uint8 and images.shape == (64, 3, 96, 96) and labels.shape == (64,)
 
 
 class TestModel:
@@ -221,6 +251,27 @@ class TestModel:
             weight_bf16, bias_bf16 = model.normalised_first_layer()
         assert weight_bf16.dtype == bias_bf16.dtype == torch.float32
         assert torch.equal(weight_bf16, weight) and torch.equal(bias_bf16, bias)
+
+    def test_bf16_keeps_the_first_layers_bias_and_normalisation_in_fp32(self):
+        torch.manual_seed(0)
+        model = MLP(dropout_rate=0.0).eval()
+        mean = [178.0, 137.5, 190.2]  # PCAM's channel statistics, roughly: a bias far from 0 once folded
+        model.set_normalization(mean, [59.0, 70.3, 52.1])
+        stored = torch.tensor(mean) + 55 * torch.randn(64, 96, 96, 3, generator=torch.Generator().manual_seed(1))
+        images = stored.clamp(0, 255).to(torch.uint8).permute(0, 3, 1, 2)
+        first_layer = {}
+        model.layers[1].register_forward_pre_hook(
+            lambda layer, inputs: first_layer.setdefault(torch.is_autocast_enabled("cpu"), inputs[0])
+        )
+        with torch.no_grad():
+            fp32 = model(images)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16 = model(images)
+        assert first_layer[True].dtype == torch.float32  # the bias is added in fp32
+        error = (first_layer[True] - first_layer[False]).square().mean().sqrt()
+        # the matmul's own rounding: 0.0012 here; raw pixels and the bias in bfloat16 gave 0.004
+        assert error < 0.002 * first_layer[False].std() / 0.5, error
+        assert (bf16.float() - fp32).abs().max() < 0.002
 
     def test_normalisation_travels_in_the_state_dict(self):
         model = MLP()

@@ -8,11 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import common
 import gpu_check
 import manage_data
 import pcam_files
@@ -48,20 +48,38 @@ from test_helpers import (
 class TestGpuCheck:
     """gpu_check.py, the end-to-end check of a GPU node, run here on the CPU."""
 
-    def test_gpu_check_runs_every_check_on_a_tiny_set_on_the_cpu(self, tmp_path):
-        result = run_script("gpu_check.py", "--device", "cpu", "--images", "256", "--dir", str(tmp_path))
-        assert result.returncode == 0, result.stdout + result.stderr
-        rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in result.stdout.splitlines()[3:]}
+    def test_gpu_check_runs_every_check_on_a_tiny_set_on_the_cpu_and_fails_on_a_missed_target(
+        self, tmp_path, monkeypatch, capsys
+    ):
+        # every device name holds "": the device path's target is met, the host path's cannot be
+        monkeypatch.setattr(gpu_check, "TARGETS", {"": {"device": 1, "host": 10**12}})
+        assert gpu_check.main(["--device", "cpu", "--images", "256", "--dir", str(tmp_path)]) == 1
+        table = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+        rows = {cells[1].strip(): (cells[2].strip(), cells[3].strip()) for cells in table}
         for precision in ("fp32", "bf16"):
-            for path in ("resident", "loader"):
-                assert rows[f"resume equals straight run, {precision}, {path}"] == "yes"
-            for batch_size in (256, 1024):
-                assert rows[f"training, batch {batch_size}, {precision}, resident"].endswith("images/s")
-        assert rows["best.pt loads with weights_only, no GPU visible"].startswith("yes")
-        assert rows["eval-test/ equals evaluate.py (predictions.csv)"] == "yes"
+            for path in ("device", "files"):
+                assert rows[f"resume equals straight run, {precision}, {path}"] == ("yes", "pass")
+        assert rows["same last.pt on the device, host, files paths"] == ("yes", "pass")
+        assert rows["best.pt loads with weights_only, no GPU visible"][0].startswith("yes")
+        assert rows["cpu and cpu scores of best.pt within 0.0001"] == ("largest 0.0e+00", "pass")
+        assert rows["cpu and cpu confusion matrices equal"][1] == "pass"
+        assert rows["a --device cpu run never starts CUDA"] == ("yes", "pass")
+        assert rows["no host-device sync in 20 steps, device path, batch 1024"][1] == "-"  # no verdict on the CPU
+        assert rows["training, batch 1024, fp32, device"][1] == "pass"
+        assert rows["training, batch 1024, fp32, host"][0].endswith("(target 1,000,000,000,000)")
+        assert [what for what, (_, verdict) in rows.items() if verdict == "FAIL"] == [
+            "training, batch 1024, fp32, host"
+        ]
+        assert rows["training, batch 256, bf16, device"] == (rows["training, batch 256, bf16, device"][0], "-")
         assert os.listdir(tmp_path) == ["gpu_check_256"]  # the runs went with their temporary folder
         if not torch.cuda.is_available():
             one_line_error(run_script("gpu_check.py", "--dir", str(tmp_path)), "CUDA is not available here")
+
+    def test_gpu_check_targets_are_the_ones_docs_benchmark_states(self):
+        page = Path(HERE, "docs", "benchmark.md").read_text()
+        for kind, targets in gpu_check.TARGETS.items():
+            for path, images_per_s in targets.items():
+                assert f"| {kind} | {path} | {images_per_s:,} |" in page
 
     def test_a_resumed_run_that_differs_is_a_mismatch(self, straight_run, synth_dir, tmp_path):
         other = tmp_path / "other"
@@ -76,25 +94,10 @@ class TestGpuCheck:
         monkeypatch.setattr(
             gpu_check, "script", lambda *args, **kwargs: calls.append(args) or real_script(*args, **kwargs)
         )
-        assert all(ok for *_, ok in gpu_check.portability_rows(str(synth_dir), str(tmp_path), str(run)))
-        (evaluated,) = [args for args in calls if args[0] == "evaluate.py"]
-        assert evaluated[evaluated.index("--batch-size") + 1] == "96"
-
-    @pytest.mark.parametrize(
-        "driver, build, fix",
-        [
-            (None, "13.0", "run on a GPU node"),
-            ("unknown", "13.0", "nvidia-smi shows no GPU"),
-            ("13.0", "13.0", "no GPU is visible to this process"),
-            ("13.2", "12.8", "no GPU is visible to this process"),
-            ("12.4", "13.0", "install a torch built for CUDA 12.4 or older, or load a newer driver"),
-            ("12.4", None, "install a torch built for CUDA (CUDA 12.4 or older"),
-        ],
-    )
-    def test_no_cuda_is_explained_by_what_was_found(self, monkeypatch, driver, build, fix):
-        monkeypatch.setattr(common, "driver_cuda_version", lambda: driver)
-        monkeypatch.setattr(torch.version, "cuda", build)
-        assert fix in common.cuda_diagnosis()
+        assert all(ok for *_, ok in gpu_check.evaluation_rows(str(synth_dir), str(tmp_path), str(run), "cpu"))
+        evaluated = [args for args in calls if args[0] == "evaluate.py"]
+        assert len(evaluated) == 2  # on the device, then on the CPU
+        assert all(args[args.index("--batch-size") + 1] == "96" for args in evaluated)
 
 
 @pytest.mark.slurm

@@ -122,7 +122,7 @@ class TestStopAndResume:
     def test_resident_path_stops_after_epoch_1_and_resumes_exactly(self, synth_dir, straight_run, tmp_path, capsys):
         train.main(train_args(synth_dir, tmp_path / "split", "--epochs", "1", "--data-on-device", "yes"))
         train.main(train_args(synth_dir, tmp_path / "split", "--resume", "--epochs", "3", "--data-on-device", "yes"))
-        assert capsys.readouterr().out.count("data path: resident (") == 2
+        assert capsys.readouterr().out.count("data path: device (") == 2
         assert loss_columns(tmp_path / "split") == loss_columns(straight_run)
         assert_same_weights(tmp_path / "split", straight_run)
 

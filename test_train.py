@@ -25,7 +25,6 @@ import train
 from model import MLP
 from test_helpers import (
     HERE,
-    assert_same_weights,
     evaluate_model,
     is_nonblank_png,
     labels_of,
@@ -276,68 +275,6 @@ class TestTraining:
         ):
             assert expected in output
 
-    def test_the_resident_and_loader_paths_train_identically(self, synth_dir, straight_run, tmp_path, capsys):
-        train.main(train_args(synth_dir, tmp_path / "streamed", "--epochs", "3", "--data-on-device", "no"))
-        assert "data path: loader (--data-on-device no)" in capsys.readouterr().out
-        assert loss_columns(tmp_path / "streamed") == loss_columns(straight_run)
-        assert_same_weights(tmp_path / "streamed", straight_run)
-
-    def test_the_data_path_follows_the_flag_then_free_memory(self, small_set, monkeypatch):
-        def path(free, *flags):
-            monkeypatch.setattr(data, "free_memory", lambda: (free, "MemAvailable"))
-            args = train.parse_args(["--data-dir", str(small_set), *flags])
-            return data.choose_data_path(args.data_dir, args.data_on_device, args.dry_run, torch.device("cpu"))
-
-        plenty, short = 2**30, 2**20  # train+valid take 264 images, 7.3 MB
-        chosen = [path(plenty, "--data-on-device", flag)[0] for flag in ("auto", "yes", "no")]
-        assert chosen == ["resident", "resident", "loader"]
-        assert path(short)[0] == "loader" and path(plenty, "--dry-run")[0] == "loader"
-        assert path(plenty, "--dry-run", "--data-on-device", "yes")[0] == "resident"
-
-    def test_the_data_path_follows_free_memory(self, synth_dir, tmp_path, monkeypatch, capsys):
-        needed = (1536 + 512) * pcam_files.IMAGE_BYTES
-        for free, path in (
-            (needed / data.RESIDENT_SHARE * 1.01, "resident"),
-            (needed / data.RESIDENT_SHARE * 0.99, "loader"),
-        ):
-            monkeypatch.setattr(data, "free_memory", lambda free=free: (int(free), "MemAvailable"))
-            train.main(train_args(synth_dir, tmp_path / path, "--epochs", "1"))
-            assert f"data path: {path} (uint8 train+valid" in capsys.readouterr().out
-        with pytest.raises(SystemExit) as stop:
-            train.main(train_args(synth_dir, tmp_path / "forced", "--epochs", "1", "--data-on-device", "yes"))
-        assert "--data-on-device yes: uint8 train+valid 0.05 GiB over 70% of 0.07 GiB free under MemAvailable" in str(
-            stop.value.code
-        )
-        assert not (tmp_path / "forced" / "metrics.csv").exists()
-
-    @pytest.mark.parametrize("data_on_device", ["yes", "no"])
-    def test_filter_data_reads_each_split_file_once(self, synth_dir, tmp_path, monkeypatch, capsys, data_on_device):
-        passes, iter_raw_blocks = [], pcam_files.iter_raw_blocks
-
-        def counted(x_path, *task):
-            passes.append(os.path.basename(x_path))
-            return iter_raw_blocks(x_path, *task)
-
-        monkeypatch.setattr(data, "iter_raw_blocks", counted)
-        train.main(
-            train_args(
-                synth_dir, tmp_path / "run", "--epochs", "1", "--filter-data", "--data-on-device", data_on_device
-            )
-        )
-        assert sorted(passes) == sorted(
-            os.path.basename(pcam_files.split_paths(synth_dir, s)[0]) for s in pcam_files.SPLITS
-        )
-        out = capsys.readouterr().out
-        assert out.index("data path: ") < out.index("filter")  # the decision, then the pass it decided
-
-    def test_a_slurm_memory_allocation_sends_the_run_to_the_loader(self, synth_dir, tmp_path, monkeypatch, capsys):
-        monkeypatch.setenv("SLURM_MEM_PER_NODE", "1")  # 1 MiB: far less than the node's free memory
-        train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
-        assert (
-            "data path: loader (uint8 train+valid 0.05 GiB over 70% of 0.00 GiB free under SLURM_MEM_PER_NODE, cpu)"
-            in capsys.readouterr().out
-        )
-
 
 def bad_test_splits():
     """name -> (writer(data_dir), message fragment): a test split broken in one way each."""
@@ -398,72 +335,6 @@ class TestTrainRefusals:
         )
         one_line_error(in_a_job, "no checkpoint")
         assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []
-
-    @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-    def test_cuda_without_cuda_is_refused_and_auto_falls_back(self, synth_dir, tmp_path):
-        result = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--device", "cuda")
-        one_line_error(result, "CUDA is not available")
-        auto = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--dry-run")
-        assert "CUDA not available, using CPU" in auto.stdout
-
-    @pytest.mark.parametrize("available", [True, False])
-    def test_the_device_asked_for_is_the_one_used_and_auto_follows_cuda(self, monkeypatch, capsys, available):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
-        assert common.pick_device("cpu").type == "cpu"
-        if available:
-            assert common.pick_device("cuda").type == "cuda"
-        else:
-            with pytest.raises(common.UserError, match="--device cuda, but CUDA is not available here"):
-                common.pick_device("cuda")
-        assert capsys.readouterr().out == ""  # no fallback to announce
-        assert common.pick_device("auto").type == ("cuda" if available else "cpu")
-        assert ("CUDA not available, using CPU" in capsys.readouterr().out) is not available
-
-    @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-    def test_a_gpu_job_without_usable_cuda_stops_and_says_what_it_found(self, synth_dir, tmp_path):
-        bin_dir = tmp_path / "bin"
-        bin_dir.mkdir()
-        (bin_dir / "nvidia-smi").write_text(
-            "#!/bin/sh\necho '| NVIDIA-SMI 550.54  Driver Version: 550.54  CUDA Version: 12.4 |'\n"
-        )
-        (bin_dir / "nvidia-smi").chmod(0o755)
-        job = {"SLURM_JOB_ID": "1", "SLURM_GPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0"}
-        job["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
-        args = [*train_args(synth_dir, tmp_path / "run")[:-2], "--epochs", "1"]  # --device auto
-        result = run_script("train.py", *args, env=job)
-        one_line_error(result, "CUDA is not available")
-        assert result.returncode not in (0, train.REQUEUE_EXIT_CODE)
-        for found in ("CPU build", "driver CUDA 12.4", "CUDA_VISIBLE_DEVICES=0", "--device cpu"):
-            assert found in result.stderr
-        assert not (tmp_path / "run" / "metrics.csv").exists()
-        env_check = run_script("manage_data.py", "env", "--data-dir", str(synth_dir), env=job)
-        assert result.stderr[result.stderr.index("CUDA is not available") :].strip() in env_check.stdout
-        run_script("train.py", *args, "--device", "cpu", env=job, check=True)  # make demo on a GPU node
-
-    @pytest.mark.parametrize(
-        "env, given",
-        [
-            ({"SLURM_GPUS": "1"}, True),
-            ({"SLURM_GPUS_PER_NODE": "a100:2"}, True),
-            ({"SLURM_JOB_GPUS": "0"}, True),
-            ({"SLURM_GPUS": "0"}, False),  # make train GPUS=0
-            ({}, False),
-        ],
-    )
-    def test_a_job_given_gpus_is_recognised_by_any_of_slurms_variables(self, monkeypatch, env, given):
-        for name in (
-            "SLURM_GPUS",
-            "SLURM_GPUS_PER_NODE",
-            "SLURM_JOB_GPUS",
-            "SLURM_GPUS_ON_NODE",
-            "CUDA_VISIBLE_DEVICES",
-        ):
-            monkeypatch.delenv(name, raising=False)
-        for name, value in {"SLURM_JOB_ID": "7", **env}.items():
-            monkeypatch.setenv(name, value)
-        assert common.slurm_gave_gpus() is given
-        monkeypatch.delenv("SLURM_JOB_ID")
-        assert common.slurm_gave_gpus() is False
 
     def test_an_empty_out_dir_is_refused(self, synth_dir, tmp_path):
         result = run_script(

@@ -161,14 +161,18 @@ class Session:
 
 
 def build_model(config, device):
+    """The model, built in RAM (too little is the widths' fault) then moved to device (a CUDA failure there is the
+    GPU's), and its optimiser: fused (one kernel for all parameters) on CUDA."""
     try:
-        model = MLP(hidden_units=tuple(config.hidden_units), dropout_rate=config.dropout).to(device)
-    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError too
+        model = MLP(hidden_units=tuple(config.hidden_units), dropout_rate=config.dropout)
+    except (RuntimeError, MemoryError) as error:
         raise UserError(
-            f"cannot build the model with --hidden-units {config.hidden_units} on {device}: "
+            f"cannot build the model with --hidden-units {config.hidden_units}: "
             f"{common.error_line(error)}; choose smaller widths"
         ) from None
-    settings = {"lr": config.lr, "weight_decay": config.weight_decay}
+    with common.cuda_errors(device, "moving the model to it"):
+        model = model.to(device)
+    settings = {"lr": config.lr, "weight_decay": config.weight_decay, "fused": device.type == "cuda"}
     if config.optimizer == "sgd":
         return model, torch.optim.SGD(model.parameters(), momentum=config.momentum, **settings)
     return model, torch.optim.Adam(model.parameters(), **settings)
@@ -177,7 +181,8 @@ def build_model(config, device):
 def set_up(session, device):
     config = session.config
     run_folder.seed_everything(config.seed)
-    session.train_batches, session.val_batches = data.training_batches(config, device)
+    with common.cuda_errors(device, "loading the train and valid splits"):
+        session.train_batches, session.val_batches = data.training_batches(config, device)
     session.model, session.optimizer = build_model(config, device)
     session.device, session.environment = device, run_folder.describe_environment(device)
     log("arguments: " + " ".join(f"{k}={v}" for k, v in vars(config).items()))
@@ -194,13 +199,7 @@ def train_one_epoch(session, epoch):
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen, started = 0, time.perf_counter()
     for step, (images, labels) in enumerate(batches, 1):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)  # still uint8
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, logits = train_step(model, optimizer, images, labels, config.bf16)
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += len(labels)
@@ -217,6 +216,19 @@ def train_one_epoch(session, epoch):
         if session.stop.signal_name or config.dry_run:
             return None
     return loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - started)
+
+
+def train_step(model, optimizer, images, labels, bf16):
+    """One optimiser step on a batch: (loss, logits), left on the device (reading them would wait for the GPU)."""
+    device = next(model.parameters()).device
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)  # still uint8
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
 
 
 def check_diverged(model, val_loss, epoch):
@@ -253,6 +265,8 @@ def start_or_resume(session, checkpoint, manifest_matched):
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         session.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in session.optimizer.param_groups:  # the kernel follows this run's device, not the writer's
+            group["fused"] = session.device.type == "cuda"
         run_folder.restore_rng_state(checkpoint["rng"], data.generators(session.train_batches), session.device)
         session.start_epoch, session.best_val_loss = checkpoint["epoch"] + 1, checkpoint["best_val_loss"]
         session.history = checkpoint["history"]

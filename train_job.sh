@@ -25,7 +25,9 @@ if [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]]; then  # an array task goes by the name of
 fi
 echo "job ${job} on $(hostname), restart ${SLURM_RESTART_COUNT:-0}, started $(date -Is)"
 if command -v nvidia-smi >/dev/null 2>&1; then
-    echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | paste -sd ';')"
+    # -L names the MIG slices too; memory.total would be the whole card's. train.py's environment line gives
+    # the device and its memory as torch sees them.
+    echo "gpu: $(nvidia-smi -L | paste -sd ';'), driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1)"
 else
     echo "gpu: nvidia-smi not found"
 fi
