@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -175,10 +176,10 @@ def nvidia_driver():
     """(driver version "550.54", the CUDA version it supports "12.4") from nvidia-smi's banner; "unknown" for what
     the banner does not show (no working driver), None without nvidia-smi."""
     try:
-        banner = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+        banner = subprocess.run(["nvidia-smi"], capture_output=True, text=True, errors="replace", timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    found = [re.search(rf"{name}:\s*([\d.]+)", banner) for name in ("Driver Version", "CUDA Version")]
+    found = [re.search(rf"{name}:\s*(\d+(?:\.\d+)*)", banner) for name in ("Driver Version", "CUDA Version")]
     return tuple(match.group(1) if match else "unknown" for match in found)
 
 
@@ -187,10 +188,10 @@ def driver_runs(build, driver_version, driver_cuda):
     the build's own major version any driver from that family's first on (NVIDIA's minor-version compatibility:
     a torch for CUDA 12.8 runs on a driver for CUDA 12.4)."""
     build_major, driver_major = version_tuple(build)[0], version_tuple(driver_cuda)[0]
-    minimum = FAMILY_MINIMUM_DRIVER.get(build_major, 0)
-    return driver_major > build_major or (
-        driver_major == build_major and version_tuple(driver_version or "0")[:1] >= (minimum,)
-    )
+    if driver_major != build_major:
+        return driver_major > build_major
+    known = version_tuple(driver_version or "")  # () when nvidia-smi does not show it: judged by the family alone
+    return not known or known[0] >= FAMILY_MINIMUM_DRIVER.get(build_major, 0)
 
 
 def missing_gpu():
@@ -224,10 +225,11 @@ def cuda_diagnosis():
     elif driver_runs(build, driver_version, driver_cuda):
         fix = missing_gpu()
     else:
-        major = version_tuple(build)[0]
+        major, driver_major = version_tuple(build)[0], version_tuple(driver_cuda)[0]
+        older_torch = f"install a torch built for CUDA {driver_major}.x, or " if driver_major < major else ""
         fix = (
             f"this torch needs a driver for CUDA {major}.x (version {FAMILY_MINIMUM_DRIVER.get(major, '?')} or "
-            f"newer): install a torch built for CUDA {version_tuple(driver_cuda)[0]}.x, or load a newer driver"
+            f"newer): {older_torch}load a newer driver"
         )
     return f"CUDA is not available here ({', '.join(found)}); {fix}, or pass --device cpu"
 
@@ -240,7 +242,10 @@ def pick_device(requested):
     """The device --device names. auto falls back to the CPU with a line saying so, except in a Slurm job given
     GPUs: there, as with --device cuda, no CUDA is an error saying why. CUDA is started here, so a GPU that is busy
     or broken ends the command in one line before any work."""
-    if requested != "cpu" and torch.cuda.is_available():
+    with warnings.catch_warnings():  # a CUDA build says why it is unusable in a warning; cuda_diagnosis says it once
+        warnings.simplefilter("ignore")
+        available = requested != "cpu" and torch.cuda.is_available()
+    if available:
         device = torch.device("cuda")
         with cuda_errors(device, "starting CUDA"):
             torch.zeros(1, device=device)  # the first real CUDA call creates the context; is_available() does not

@@ -51,9 +51,10 @@ class MLP(nn.Module):
     def forward(self, images):
         """images (B, C, H, W), float or uint8, in the stored pixel scale (0..255) -> logits (B, num_classes).
 
-        Under autocast only the first matmul runs in the low precision. Its inputs are the pixels less each
-        channel's whole mean, exact integers in bfloat16 (|x| <= 255) whose sum stays near the normalised scale;
-        raw 0..255 pixels would sum to values bfloat16 rounds coarsely. The bias is added in fp32."""
+        Under autocast the first layer's matmul runs in the low precision, its normalisation and bias in fp32;
+        the later layers as autocast runs them. The matmul's inputs are the pixels less each channel's whole
+        mean, exact integers in bfloat16 (|x| <= 255) whose sum stays near the normalised scale; raw 0..255
+        pixels would sum to values bfloat16 rounds coarsely."""
         device_type = images.device.type
         low_precision = torch.is_autocast_enabled(device_type)
         centre = self.channel_mean.flatten().round() if low_precision else None

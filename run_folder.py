@@ -323,6 +323,14 @@ def on_cpu(value):
     return value
 
 
+def load_optimizer(optimizer, state, device):
+    """The optimiser's state from a checkpoint, fused on CUDA (one kernel for all parameters) whatever device wrote
+    it: the flag is set before loading, which then puts a fused Adam's step counts on the parameters' device."""
+    for group in state["param_groups"]:
+        group["fused"] = device.type == "cuda"
+    optimizer.load_state_dict(state)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)

@@ -10,6 +10,7 @@ import torch
 
 import common
 import data
+import gpu_check
 import pcam_files
 import run_folder
 import train
@@ -290,7 +291,9 @@ class TestDevice:
             (("550.54", "12.4"), "12.8", "", "CUDA_VISIBLE_DEVICES=(empty) hides every GPU"),
             (("550.54", "12.4"), "13.0", "0", "this torch needs a driver for CUDA 13.x (version 580 or newer)"),
             (("550.54", "12.4"), "13.0", "0", "install a torch built for CUDA 12.x, or load a newer driver"),
-            (("520.61", "12.0"), "12.8", "0", "needs a driver for CUDA 12.x (version 525 or newer)"),
+            (("520.61", "12.0"), "12.8", "0", "needs a driver for CUDA 12.x (version 525 or newer): load a newer"),
+            (("575.10", "13.0"), "13.0", "0", "needs a driver for CUDA 13.x (version 580 or newer): load a newer"),
+            (("unknown", "12.4"), "12.8", "0", "no GPU is visible to this process"),  # judged by the family
             (("550.54", "12.4"), None, "0", "install a torch built for CUDA 12.x"),
         ],
     )
@@ -318,5 +321,43 @@ class TestDevice:
         assert common.nvidia_driver() == ("550.54.15", "12.4")
         (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no driver'\n")
         assert common.nvidia_driver() == ("unknown", "unknown")
+        (tmp_path / "nvidia-smi").write_text(
+            "#!/bin/sh\nprintf '\\377\\376 Driver Version: 575.10 CUDA Version: .\\n'\n"
+        )
+        assert common.nvidia_driver() == ("575.10", "unknown")  # bytes outside UTF-8, a version without digits
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
         assert common.nvidia_driver() is None
+
+    def test_a_diagnosis_never_asks_for_the_torch_already_installed(self, monkeypatch):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+        for build in ("11.8", "12.1", "12.8", "13.0", "13.2"):
+            for driver in (("470.82", "11.4"), ("535.10", "12.2"), ("575.10", "13.0"), ("580.65", "13.0")):
+                monkeypatch.setattr(common, "nvidia_driver", lambda driver=driver: driver)
+                monkeypatch.setattr(torch.version, "cuda", build)
+                assert f"install a torch built for CUDA {build.split('.')[0]}.x" not in common.cuda_diagnosis()
+
+    def test_a_checkpoint_resumes_with_the_optimiser_kernel_of_this_runs_device(self):
+        model = MLP(hidden_units=(4,))
+        optimizer = torch.optim.Adam(model.parameters())
+        torch.nn.functional.cross_entropy(model(torch.rand(2, 3, 96, 96)), torch.tensor([0, 1])).backward()
+        optimizer.step()
+        state = run_folder.on_cpu(optimizer.state_dict())  # as a CPU run's checkpoint holds it
+        elsewhere = MLP(hidden_units=(4,)).to("meta")  # meta: a device that is not the CPU, as CUDA is
+        resumed = torch.optim.Adam(elsewhere.parameters())
+        run_folder.load_optimizer(resumed, state, torch.device("cuda"))
+        assert resumed.param_groups[0]["fused"] is True
+        # a fused Adam steps with its step counts on the parameters' device; left on the CPU, the first step fails
+        assert {value["step"].device.type for value in resumed.state.values()} == {"meta"}
+        cpu_again = torch.optim.Adam(MLP(hidden_units=(4,)).parameters())
+        run_folder.load_optimizer(cpu_again, state, torch.device("cpu"))
+        assert cpu_again.param_groups[0]["fused"] is False
+
+    def test_gpu_check_holds_a_gpu_kind_to_its_own_targets(self):
+        names = {
+            "NVIDIA H100 80GB HBM3": gpu_check.TARGETS["H100"],
+            "NVIDIA H100 80GB HBM3 MIG 1g.10gb": {},  # a slice of an H100 is not an H100
+            "NVIDIA A100-SXM4-40GB MIG 1g.5gb": gpu_check.TARGETS["MIG 1g.5gb"],
+            "NVIDIA A100-SXM4-80GB": {},
+        }
+        for name, targets in names.items():
+            assert gpu_check.targets_for(name) == targets, name

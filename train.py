@@ -264,9 +264,7 @@ def start_or_resume(session, checkpoint, manifest_matched):
     model, folder = session.model, session.folder
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
-        session.optimizer.load_state_dict(checkpoint["optimizer"])
-        for group in session.optimizer.param_groups:  # the kernel follows this run's device, not the writer's
-            group["fused"] = session.device.type == "cuda"
+        run_folder.load_optimizer(session.optimizer, checkpoint["optimizer"], session.device)
         run_folder.restore_rng_state(checkpoint["rng"], data.generators(session.train_batches), session.device)
         session.start_epoch, session.best_val_loss = checkpoint["epoch"] + 1, checkpoint["best_val_loss"]
         session.history = checkpoint["history"]
