@@ -48,9 +48,9 @@ def lock_folder(folder):
 def is_synthetic(x_path):
     """Whether an x file was written by `manage_data.py synth` (it marks its files)."""
     try:
-        with h5py.File(x_path, "r") as h5file:
+        with pcam_files.open_h5(x_path) as h5file:
             return bool(h5file.attrs.get("synthetic", False))
-    except OSError:
+    except UserError:  # damaged, locked, not HDF5: not one of synth's
         return False
 
 

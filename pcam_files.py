@@ -64,22 +64,42 @@ def require_split(data_dir, split):
     return paths
 
 
+@contextlib.contextmanager
 def open_h5(path, **kwargs):
+    """path opened read-only by h5py for a with block; whatever h5py raises in the block, opening or reading (a
+    byte flipped in a header surfaces as a KeyError, RuntimeError or TypeError as often as an OSError), is one
+    UserError naming the file (file_problem)."""
+    with reading(path):
+        with h5py.File(path, "r", **kwargs) as h5file:
+            yield h5file
+
+
+@contextlib.contextmanager
+def reading(path):
     try:
-        return h5py.File(path, "r", **kwargs)
-    except OSError as error:
-        raise UserError(
-            f"{path} is not a readable HDF5 file ({error}); it may be truncated: remove it, then download or copy "
-            "it again"
-        ) from None
+        yield
+    except UserError:
+        raise
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise file_problem(path, error) from None
 
 
-def unreadable(x_path, error):
-    """The error for rows h5py cannot read: a corrupt compressed chunk, or a truncated file."""
-    return UserError(
-        f"cannot read images of {x_path} ({str(error).splitlines()[0]}): a chunk is corrupt or the "
-        "file is truncated; download or copy it again"
-    )
+def file_problem(path, error):
+    """What is wrong with path, from h5py's error: locked by a process writing it (the file itself may be whole),
+    truncated, not HDF5, or damaged inside; only the last three are reasons to replace it."""
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)  # a KeyError's str quotes
+    what = (text.strip() or type(error).__name__).splitlines()[0]
+    if isinstance(error, BlockingIOError) or "unable to lock file" in what:
+        return UserError(
+            f"{path} is locked by another process that has it open for writing (HDF5 file locking: a notebook's "
+            "h5py.File(path, 'a'), say); close it there and run again (nothing shows the file is damaged)"
+        )
+    replace = "remove it, then download or copy it again"
+    if "truncated file" in what:
+        return UserError(f"{path} is truncated ({what}); {replace}")
+    if "file signature not found" in what:
+        return UserError(f"{path} is not a readable HDF5 file ({what}); {replace}")
+    return UserError(f"{path} is damaged: h5py cannot read it ({type(error).__name__}: {what}); {replace}")
 
 
 def dataset_in(h5file, key, path):
@@ -160,10 +180,7 @@ def raw_blocks(x_path):
             with ThreadPoolExecutor(max_workers=1) as reader:
                 pending = reader.submit(dset.__getitem__, slice(0, step))
                 for start in range(0, len(dset), step):
-                    try:
-                        block = pending.result()
-                    except OSError as error:
-                        raise unreadable(x_path, error) from None
+                    block = pending.result()
                     if not block.dtype.isnative:  # a big-endian file: torch and bit-level checks want native
                         block = block.astype(block.dtype.newbyteorder("="))
                     if start + step < len(dset):
@@ -175,6 +192,7 @@ def raw_blocks(x_path):
         mapping = mmap.mmap(raw_file.fileno(), 0, access=mmap.ACCESS_READ)
     images = np.frombuffer(mapping, dtype, int(np.prod(shape)), offset).reshape(shape)
     for start in range(0, len(images), step):
+        check_still_whole(mapping, offset + images.nbytes, x_path)
         yield start, images[start : start + step]
         mapping.madvise(mmap.MADV_DONTNEED)  # only this block was touched; the page cache keeps the data
 
@@ -201,10 +219,7 @@ def check_pixel_scale(x_path):
         if len(dset) == 0 or contiguous_offset(x_path, dset) is not None and dset.dtype == np.uint8:
             return  # a contiguous file's size was checked; a byte holds 0..255 only
         rows = np.unique(np.linspace(0, len(dset) - 1, min(len(dset), SCALE_SAMPLE_ROWS)).astype(np.int64))
-        try:
-            sample = dset[rows]
-        except OSError as error:
-            raise unreadable(x_path, error) from None
+        sample = dset[rows]
     floating = np.issubdtype(sample.dtype, np.floating)
     finite = sample[np.isfinite(sample)] if floating else sample
     if not finite.size:
@@ -252,9 +267,10 @@ class MappedRows:
         with open(x_path, "rb") as raw_file:
             self.mapping = mmap.mmap(raw_file.fileno(), 0, access=mmap.ACCESS_READ)
         self.images = np.frombuffer(self.mapping, np.uint8, int(np.prod(shape)), offset).reshape(shape)
-        self.bytes_since_release = 0
+        self.x_path, self.end, self.bytes_since_release = x_path, offset + self.images.nbytes, 0
 
     def read(self, rows):
+        check_still_whole(self.mapping, self.end, self.x_path)
         batch = self.images[rows]
         self.bytes_since_release += batch.nbytes
         # mapped page-cache pages count in RSS (though the kernel reclaims them freely); dropping them now
@@ -265,6 +281,16 @@ class MappedRows:
         return batch
 
 
+def check_still_whole(mapping, end, x_path):
+    """A mapped file cut short under its reader would end the process (a loader worker, say) with SIGBUS at the
+    first page past its new end; one fstat before each read finds it first."""
+    if mapping.size() < end:
+        raise UserError(
+            f"{x_path} shrank to {mapping.size():,} bytes while being read (its images end at byte {end:,}): "
+            "another process truncated it; check it with manage_data.py verify, or download or copy it again"
+        )
+
+
 class PositionalRows:
     """Rows of a contiguous float (or other wide) dataset by pread straight into the batch array. Memory-mapping a
     file four times the size of its uint8 content would map large page-cache folios around every random row and
@@ -272,17 +298,24 @@ class PositionalRows:
 
     def __init__(self, x_path, offset, dtype):
         self.fd, self.offset, self.dtype = os.open(x_path, os.O_RDONLY), offset, dtype
-        self.row_bytes = IMAGE_BYTES * dtype.itemsize
+        self.x_path, self.row_bytes = x_path, IMAGE_BYTES * dtype.itemsize
 
     def read(self, rows):
         batch, size = np.empty((len(rows),) + IMAGE_SHAPE, self.dtype), self.row_bytes
         buffer = memoryview(batch).cast("B")
         if is_consecutive(rows):  # validation and streaming passes: one read for the whole batch
-            os.preadv(self.fd, [buffer], self.offset + int(rows[0]) * size)
+            self.read_exactly(buffer, self.offset + int(rows[0]) * size)
             return batch
         for i, row in enumerate(rows.tolist()):  # one system call per row, no per-row numpy work
-            os.preadv(self.fd, [buffer[i * size : (i + 1) * size]], self.offset + row * size)
+            self.read_exactly(buffer[i * size : (i + 1) * size], self.offset + row * size)
         return batch
+
+    def read_exactly(self, buffer, offset):
+        if os.preadv(self.fd, [buffer], offset) != len(buffer):  # a file cut short under its reader
+            raise UserError(
+                f"{self.x_path} ends before byte {offset + len(buffer):,} while being read: another process "
+                "truncated it; check it with manage_data.py verify, or download or copy it again"
+            )
 
     def __del__(self):
         os.close(self.fd)
@@ -295,12 +328,13 @@ class ChunkedRows:
 
     def __init__(self, x_path):
         self.x_path = x_path
-        self.h5file = open_h5(x_path, rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100003, rdcc_w0=1.0)
-        self.dset = self.h5file["x"]
+        with reading(x_path):
+            self.h5file = h5py.File(x_path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100003, rdcc_w0=1.0)
+            self.dset = self.h5file["x"]
         self.chunk_rows = self.dset.chunks[0] if self.dset.chunks else 1
 
     def read(self, rows):
-        try:
+        with reading(self.x_path):
             if is_consecutive(rows):
                 return self.dset[rows[0] : rows[-1] + 1]
             batch = np.empty((len(rows),) + self.dset.shape[1:], self.dset.dtype)
@@ -311,8 +345,6 @@ class ChunkedRows:
                 block = self.dset[start : start + self.chunk_rows]
                 batch[group] = block[rows[group] - start]
             return batch
-        except OSError as error:
-            raise unreadable(self.x_path, error) from None
 
 
 def keep_large_buffers_off_the_heap():

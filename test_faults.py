@@ -1,0 +1,170 @@
+"""Files that are damaged, truncated, locked or changing: every command that opens or reads a split names the file
+in one line, says what is wrong and what to do, and advises replacing it only when it is shown to be damaged."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+import eda
+import evaluate
+import manage_data
+import pcam_files
+import train
+from test_helpers import HERE, labels_of, tissue, train_args, wait_until, write_split
+
+COMMANDS = {  # name -> (main, arguments for data folder d and a scratch folder out)
+    "info": (manage_data.main, lambda d, out: ["info", "--data-dir", d]),
+    "prepare": (manage_data.main, lambda d, out: ["prepare", "--data-dir", d, "--out", f"{out}/prepared"]),
+    "eda": (eda.main, lambda d, out: ["--data-dir", d, "--out-dir", f"{out}/eda"]),
+    "train": (train.main, lambda d, out: train_args(d, f"{out}/run", "--epochs", "1")),
+}
+
+
+def error_of(command, data_dir, out):
+    """The one line a command ends with on data_dir (it must end in one: SystemExit with a message)."""
+    main, arguments = COMMANDS[command]
+    with pytest.raises(SystemExit) as stop:
+        main(arguments(str(data_dir), str(out)))
+    message = str(stop.value.code)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def h5py_error_offsets(path, kinds=(KeyError, RuntimeError, OSError)):
+    """{exception type: a byte offset in path's header whose flip makes h5py raise it while reading the file}."""
+    original, found = open(path, "rb").read(), {}
+    for offset in range(0, 2048, 7):
+        damaged = bytearray(original)
+        damaged[offset] ^= 0xFF
+        with open(path, "wb") as target:
+            target.write(damaged)
+        try:
+            with h5py.File(path, "r") as h5file:
+                h5file[next(iter(h5file))][()]
+        except kinds as error:
+            found.setdefault(type(error), offset)
+    with open(path, "wb") as target:
+        target.write(original)
+    return found
+
+
+class TestDamagedFiles:
+    """A damaged header or chunk: one line naming the file, from every command that reads it."""
+
+    @pytest.mark.parametrize("which", ["x", "y"])
+    def test_a_flipped_header_byte_is_one_line_naming_the_file(self, tmp_path, which):
+        data_dir = tmp_path / "data"
+        write_split(data_dir, "train", tissue(64), labels_of(64, 20))
+        write_split(data_dir, "valid", tissue(16), labels_of(16, 8))
+        path = pcam_files.split_paths(data_dir, "train")[which == "y"]
+        offsets = h5py_error_offsets(path)
+        assert {KeyError, RuntimeError} <= set(offsets), offsets  # what h5py raises besides OSError
+        original = open(path, "rb").read()
+        for kind, offset in offsets.items():
+            content = bytearray(original)
+            content[offset] ^= 0xFF
+            with open(path, "wb") as target:
+                target.write(content)
+            for command in COMMANDS:
+                message = error_of(command, data_dir, tmp_path)
+                assert f": error: {path} is " in message and "remove it, then download or copy it again" in message
+                if kind is not OSError:  # its type as h5py raised it where the command read: KeyError, RuntimeError...
+                    assert f"{path} is damaged: h5py cannot read it (" in message, message
+        with open(path, "wb") as target:
+            target.write(original)
+
+    def test_a_damaged_compressed_chunk_of_a_label_file_is_named(self, tmp_path):
+        write_split(tmp_path, "train", tissue(64), labels_of(64, 20))
+        write_split(tmp_path, "valid", tissue(16), labels_of(16, 8))
+        y_path = pcam_files.split_paths(tmp_path, "train")[1]
+        with h5py.File(y_path, "w") as h5file:
+            h5file.create_dataset("y", data=labels_of(64, 20), chunks=(64, 1, 1, 1), compression="gzip")
+        with h5py.File(y_path, "r") as h5file:
+            chunk = h5file["y"].id.get_chunk_info(0)
+        with open(y_path, "r+b") as target:
+            target.seek(chunk.byte_offset + chunk.size // 2)
+            target.write(b"\xff\x00\xff")
+        for command in ("info", "train"):
+            message = error_of(command, tmp_path, tmp_path / "out")
+            assert f"{y_path} is damaged: h5py cannot read it (OSError" in message, message
+
+    def test_evaluate_names_a_damaged_test_file(self, synth_dir, straight_run, tmp_path):
+        data_dir = tmp_path / "data"
+        shutil.copytree(synth_dir, data_dir)
+        x_path = pcam_files.split_paths(data_dir, "test")[0]
+        with open(x_path, "r+b") as target:
+            target.write(b"\x00" * 8)  # the HDF5 signature gone
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(
+                [str(straight_run / "best.pt"), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "e")]
+            )
+        assert f"{x_path} is not a readable HDF5 file (" in str(stop.value.code)
+        assert not (tmp_path / "e").exists()
+
+
+class TestBusyAndChangingFiles:
+    """A file another process holds or cuts short: named, and not called damaged when it is whole."""
+
+    def test_a_file_held_open_for_writing_elsewhere_is_locked_not_damaged(self, synth_dir, tmp_path, capsys):
+        data_dir = tmp_path / "data"
+        shutil.copytree(synth_dir, data_dir)
+        y_path = pcam_files.split_paths(data_dir, "valid")[1]
+        holder = subprocess.Popen(  # a notebook with the file open in "a" mode
+            [
+                sys.executable,
+                "-c",
+                f"import h5py; f = h5py.File({str(y_path)!r}, 'a'); print('open', flush=True); input()",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout.readline().strip() == "open"
+            for command in ("info", "train", "eda"):
+                message = error_of(command, data_dir, tmp_path)
+                assert f"{y_path} is locked by another process that has it open for writing" in message, message
+                assert "remove it" not in message and "damaged" not in message.replace(
+                    "nothing shows the file is damaged", ""
+                )
+        finally:
+            holder.communicate("\n", timeout=60)
+        capsys.readouterr()
+        manage_data.main(["info", "--data-dir", str(data_dir)])  # intact: once let go, it reads
+        assert capsys.readouterr().out.count(" 512 ") == 1  # the valid split's rows
+
+    def test_a_training_file_truncated_under_a_streaming_run_with_workers_is_one_line(self, tmp_path):
+        write_split(tmp_path, "train", tissue(3000, seed=1), labels_of(3000, 1000))
+        write_split(tmp_path, "valid", tissue(64, seed=2), labels_of(64, 32))
+        x_path = pcam_files.split_paths(tmp_path, "train")[0]
+        flags = ("--epochs", "100", "--data-on-device", "no", "--num-workers", "2", "--log-every", "1")
+        process = subprocess.Popen(
+            [sys.executable, "train.py", *train_args(tmp_path, tmp_path / "run", *flags)],
+            cwd=HERE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_until(lambda: (tmp_path / "run" / "last.pt").exists(), 300, "the run's first checkpoint")
+        with open(x_path, "r+b") as x_file:  # in place, as a copy started over the file would
+            x_file.truncate(os.path.getsize(x_path) // 3)
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 1, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert f"{x_path} shrank to " in err and "manage_data.py verify" in err
+
+
+def test_the_whole_file_passes_stop_at_a_file_cut_short_under_them(tmp_path, monkeypatch):
+    x_path, _ = write_split(tmp_path, "train", tissue(64), labels_of(64, 20))
+    monkeypatch.setattr(pcam_files, "BLOCK_BYTES", 16 * pcam_files.IMAGE_BYTES)
+    blocks = pcam_files.iter_raw_blocks(x_path)
+    next(blocks)
+    with open(x_path, "r+b") as x_file:
+        x_file.truncate(os.path.getsize(x_path) // 2)
+    with pytest.raises(pcam_files.UserError, match="shrank to"):
+        for _ in blocks:
+            pass
