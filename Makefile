@@ -19,9 +19,13 @@ CPUS ?= 8
 MEM ?= 32G
 SEEDS ?=
 LRS ?=
-# these reach commands as environment variables, never run by the shell: ARGS is split into words, the paths
-# (RUN, RUNS, OUT, DATA_DIR) are quoted, so they may hold spaces; RUN and RUNS may be patterns ('runs/slurm-123_*')
+# these reach commands as environment variables, never run by the shell: ARGS is split into words as a shell would
+# split them, quotes honoured (WITH_ARGS), the paths (RUN, RUNS, OUT, DATA_DIR) are quoted, so they may hold spaces;
+# RUN and RUNS may be patterns ('runs/slurm-123_*')
 export ARGS RUN RUNS OUT PARTITION TIME GPUS CPUS MEM SEEDS LRS DATA_DIR
+# WITH_ARGS command ...: runs command ... with the words of ARGS appended, split by Python's shlex, never by a shell
+WITH_ARGS = $(PYTHON) -c 'import os, shlex, sys; sys.excepthook = lambda kind, error, trace: (print(f"make: ARGS: {error}", \
+	file=sys.stderr), os._exit(2)); os.execvp(sys.argv[1], sys.argv[1:] + shlex.split(os.environ["ARGS"]))'
 SHELL := /bin/bash
 .SHELLFLAGS := -f -e -o pipefail -c
 
@@ -98,7 +102,7 @@ demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in ab
 	@echo "demo: metrics in runs/demo/metrics.csv, plot in runs/demo/loss.png, test evaluation in runs/demo/eval-test/"
 
 train-local: $(VENV)/.installed ## python train.py $ARGS right here (laptop, salloc session)
-	$(PY) train.py $$ARGS
+	$(WITH_ARGS) $(PY) train.py
 
 plot: $(VENV)/.installed ## loss plot of RUN (default: the newest run; a pattern overlays) to its loss.png (OUT=PNG)
 	test -n "$$RUN" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }
@@ -112,8 +116,8 @@ hello: ## submit first_job.sh, the course's hello-world batch job
 
 train: $(VENV)/.installed ## submit train_job.sh: ARGS="--epochs 5" PARTITION=... TIME=... GPUS=... CPUS=... MEM=...
 	mkdir -p logs
-	job=$$(PCAM_DIR="$$DATA_DIR" sbatch --parsable --partition="$$PARTITION" --time="$$TIME" --gpus="$$GPUS" \
-		--cpus-per-task="$$CPUS" --mem="$$MEM" train_job.sh $$ARGS) && \
+	job=$$(PCAM_DIR="$$DATA_DIR" $(WITH_ARGS) sbatch --parsable --partition="$$PARTITION" --time="$$TIME" \
+		--gpus="$$GPUS" --cpus-per-task="$$CPUS" --mem="$$MEM" train_job.sh) && \
 		run=runs/slurm-$$job && case " $$ARGS " in *" --out-dir"*) run="the --out-dir in ARGS";; esac && \
 		echo "submitted job $$job: log logs/pcam_train_$$job.out, run $$run"
 
@@ -121,9 +125,9 @@ sweep: $(VENV)/.installed ## one job array over SEEDS="1 2 3" (or LRS="1e-3 1e-4
 	test -n "$$SEEDS$$LRS" && test -z "$$SEEDS" -o -z "$$LRS" || { echo "make sweep: give SEEDS=\"1 2 3\" or LRS=\"...\", not both" >&2; exit 1; }
 	mkdir -p logs
 	values=($$SEEDS $$LRS); flag=$$([ -n "$$SEEDS" ] && echo --seed || echo --lr); \
-	job=$$(PCAM_DIR="$$DATA_DIR" SWEEP_FLAG=$$flag SWEEP_VALUES="$${values[*]}" sbatch --parsable \
+	job=$$(PCAM_DIR="$$DATA_DIR" SWEEP_FLAG=$$flag SWEEP_VALUES="$${values[*]}" $(WITH_ARGS) sbatch --parsable \
 		--array=0-$$(( $${#values[@]} - 1 )) --output=logs/pcam_train_%A_%a.out --partition="$$PARTITION" \
-		--time="$$TIME" --gpus="$$GPUS" --cpus-per-task="$$CPUS" --mem="$$MEM" train_job.sh $$ARGS) && \
+		--time="$$TIME" --gpus="$$GPUS" --cpus-per-task="$$CPUS" --mem="$$MEM" train_job.sh) && \
 		echo "submitted array $$job: $$flag $${values[*]}; logs logs/pcam_train_$${job}_*.out, runs runs/slurm-$${job}_<task>"
 
 status: ## your queued jobs, then state, elapsed time, node and max RSS of recent ones (sacct)

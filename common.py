@@ -23,7 +23,7 @@ import torch
 
 # what a run, evaluate.py and the data commands keep in their folders: no other command's output takes these names
 RECORD_NAMES = tuple(
-    "run.json metrics.csv predictions.csv metrics.json train.lock pcam.lock pcam_prepared.json".split()
+    "run.json metrics.csv predictions.csv metrics.json train.lock pcam.lock pcam_prepared.json pcam_synth.json".split()
 )
 
 

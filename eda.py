@@ -110,6 +110,12 @@ def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
     labels = pcam_files.read_split_labels(x_path, y_path)
     scan = SplitScan(split, labels, sample_grid, black_threshold, white_threshold)
     for start, block in pcam_files.iter_raw_blocks(x_path, f"scan {split}"):
+        if start == 0 and np.issubdtype(block.dtype, np.integer) and block.dtype != np.uint8:
+            print(
+                f"note: {x_path} holds {block.dtype} pixels, taken on the 0..255 scale as train.py takes them "
+                "(values outside it count as 0 or 255)",
+                flush=True,
+            )
         scan.add(start, block)
     return scan
 

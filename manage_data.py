@@ -25,6 +25,7 @@ from data import clean
 from pcam_files import PREPARED_NAME, SPLITS, split_paths
 
 LOCK_NAME = "pcam.lock"  # synth, prepare and download hold it with flock while they write the folder
+SYNTH_NAME = "pcam_synth.json"  # synth's record of its set: {"complete": false} while it writes
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
 ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
@@ -121,7 +122,9 @@ def cmd_synth(args):
     check_synth_arguments(args)
     with lock_folder(args.data_dir):
         existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
-        if existing and not args.force:
+        record_path = os.path.join(args.data_dir, SYNTH_NAME)
+        interrupted = common.read_json(record_path).get("complete") is False  # its own half-written set
+        if existing and not args.force and not interrupted:
             raise UserError(
                 f"{args.data_dir} already holds PCAM split files ({os.path.basename(existing[0])}, ...); "
                 "synth writes only into a folder without them: choose another --data-dir, or add --force "
@@ -133,6 +136,9 @@ def cmd_synth(args):
                 f"{real[0]} was not written by manage_data.py synth; --force overwrites synthetic sets only: "
                 "choose another --data-dir"
             )
+        if existing and interrupted:
+            log(f"synth: {args.data_dir} holds the half-written set of an interrupted synth; writing it anew")
+        common.write_json({"complete": False}, record_path)
         rng = np.random.default_rng(args.seed)
         for split, n in (("train", args.n_train), ("valid", args.n_valid), ("test", args.n_test)):
             if n > 0:
@@ -142,6 +148,8 @@ def cmd_synth(args):
                     if os.path.exists(path):
                         os.remove(path)
                 log(f"synth {split}: the earlier synthetic {split} split is removed (--n-{split} 0)")
+        settings = {name: getattr(args, name) for name in ("n_train", "n_valid", "n_test", "poison", "dtype", "seed")}
+        common.write_json({"complete": True, **settings}, record_path)
 
 
 def source_identity(paths):

@@ -233,8 +233,17 @@ def run_is_complete(out_dir, args):
     if record.get("status") != "done" or type(epochs) is not int or asked > epochs or changed:
         return False  # not done, or asked for more: the resume goes on, and refuses changed settings in one line
     past = f", past --epochs {asked} (a run is never rewound)" if asked < epochs else ""
+    rebuild_metrics(out_dir)
     log(f"{out_dir}: complete, {epochs} of {epochs} epochs done{past}; nothing to do")
     return True
+
+
+def rebuild_metrics(out_dir):
+    """metrics.csv of a complete run, written again from last.pt's history when it is gone."""
+    metrics, last = os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "last.pt")
+    if not os.path.exists(metrics) and os.path.isfile(last):
+        write_metrics(load_checkpoint(last, required=("history",))["history"], metrics)
+        log(f"{metrics} was missing: written again from {last}'s history")
 
 
 def resumed_settings(args, checkpoint):

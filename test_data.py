@@ -463,6 +463,13 @@ class TestEda:
         pixels = images.reshape(-1, 3).astype(np.float64)
         assert np.allclose(summary["mean"], pixels.mean(axis=0)) and np.allclose(summary["std"], pixels.std(axis=0))
 
+    def test_eda_says_which_scale_it_takes_integer_pixels_on(self, tmp_path, capsys):
+        for dtype in (np.uint16, np.int32, np.uint8):
+            write_split(tmp_path / dtype.__name__, "train", tissue(8, dtype=dtype), labels_of(8, 4))
+            eda.scan_split(tmp_path / dtype.__name__, "train", 4, data.BLACK_THRESHOLD, data.WHITE_THRESHOLD)
+            note = f"holds {np.dtype(dtype).name} pixels, taken on the 0..255 scale as train.py takes them"
+            assert (note in capsys.readouterr().out) is (dtype is not np.uint8)
+
     def test_a_pixel_of_0_beside_a_nan_is_in_range(self, tmp_path):
         images = tissue(8, dtype=np.float32)
         images[1, 0, 0, 0], images[1, 0, 1, 0] = np.nan, 0.0  # a suspect row, for its NaN

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pytest
 
 import eda
@@ -168,3 +169,44 @@ def test_the_whole_file_passes_stop_at_a_file_cut_short_under_them(tmp_path, mon
     with pytest.raises(pcam_files.UserError, match="shrank to"):
         for _ in blocks:
             pass
+
+
+class TestRunTheSameCommandAgain:
+    """Every "run the same command again" works: an interrupted synth, a complete run that lost its metrics.csv."""
+
+    def test_an_interrupted_synth_writes_its_set_anew_when_run_again(self, tmp_path, monkeypatch, capsys):
+        command = ["synth", "--data-dir", str(tmp_path / "set"), "--n-train", "64", "--n-valid", "32", "--n-test", "32"]
+        write_split_for_real = manage_data.write_synth_split
+
+        def stopped_at_valid(data_dir, split, *args):
+            if split == "valid":
+                raise KeyboardInterrupt  # Ctrl-C while the second split is written
+            write_split_for_real(data_dir, split, *args)
+
+        monkeypatch.setattr(manage_data, "write_synth_split", stopped_at_valid)
+        with pytest.raises(SystemExit) as stop:
+            manage_data.main(command)
+        assert stop.value.code == 130 and "run the same command again" in capsys.readouterr().err
+        assert os.path.exists(pcam_files.split_paths(tmp_path / "set", "train")[0])
+        monkeypatch.setattr(manage_data, "write_synth_split", write_split_for_real)
+        manage_data.main(command)  # as make demo's synth runs it: no --force
+        assert "holds the half-written set of an interrupted synth; writing it anew" in capsys.readouterr().out
+        manage_data.main([*command[:2], str(tmp_path / "straight"), *command[3:]])
+        for split in pcam_files.SPLITS:
+            pairs = zip(*(pcam_files.split_paths(tmp_path / d, split) for d in ("set", "straight")), strict=True)
+            for again, straight in pairs:
+                with h5py.File(again) as one, h5py.File(straight) as other:
+                    key = next(iter(one))
+                    assert np.array_equal(one[key][()], other[key][()]), again
+        with pytest.raises(SystemExit) as stop:  # a complete set is kept: overwriting it needs --force
+            manage_data.main(command)
+        assert "already holds PCAM split files" in str(stop.value.code)
+
+    def test_a_complete_run_resumed_after_losing_metrics_csv_writes_it_again(self, straight_run, tmp_path, capsys):
+        run = tmp_path / "run"
+        shutil.copytree(straight_run, run)
+        kept = (run / "metrics.csv").read_text()
+        (run / "metrics.csv").unlink()
+        train.main(["--out-dir", str(run), "--resume"])
+        assert "metrics.csv was missing: written again from" in capsys.readouterr().out
+        assert (run / "metrics.csv").read_text() == kept

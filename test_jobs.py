@@ -300,6 +300,20 @@ class TestMakeAndShellScripts:
         assert "runs/demo: complete, 5 of 5 epochs done; nothing to do" in output
         assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()} == before
 
+    def test_args_are_split_as_a_shell_splits_words_and_never_run(self, project, small_set, tmp_path):
+        shutil.copytree(small_set, tmp_path / "my data")
+        args = f"--data-dir '{tmp_path}/my data' --out-dir \"{tmp_path}/run one\" --dry-run --device cpu `touch pwned`"
+        result = subprocess.run(
+            ["make", "-s", "train-local"], cwd=project, capture_output=True, text=True, env=make_env({"ARGS": args})
+        )
+        assert "unrecognized arguments: `touch pwned`" in result.stderr  # the quoted paths were taken whole
+        output = make(project, "train-local", env={"ARGS": args.rsplit(" ", 2)[0]})
+        assert "dry run: one validation batch" in output and not (project / "pwned").exists()
+        unclosed = subprocess.run(
+            ["make", "-s", "train-local", "ARGS=--data-dir 'my data"], cwd=project, capture_output=True, text=True
+        )
+        assert unclosed.returncode != 0 and unclosed.stderr.startswith("make: ARGS: No closing quotation\n")
+
     def test_make_plot_skips_failed_runs_and_make_eda_takes_a_folder_with_spaces(self, small_set, tmp_path):
         copy_project(tmp_path)
         (tmp_path / "runs" / "failed-before-epoch-1").mkdir(parents=True)
