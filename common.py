@@ -23,7 +23,8 @@ import torch
 
 # what a run, evaluate.py and the data commands keep in their folders: no other command's output takes these names
 RECORD_NAMES = tuple(
-    "run.json metrics.csv predictions.csv metrics.json train.lock pcam.lock pcam_prepared.json pcam_synth.json".split()
+    "run.json metrics.csv predictions.csv metrics.json train.lock pcam.lock pcam_prepared.json pcam_synth.json "
+    "evaluate.lock".split()
 )
 
 
@@ -78,7 +79,16 @@ def run_command(prog, body, *args, folder=None):
 
 def log(message, file=None):
     """A line of the log, flushed at once: batch logs are read while the job runs."""
-    print(message, file=file, flush=True)
+    print(shown(message), file=file, flush=True)
+
+
+def shown(text):
+    """text safe to print, write or draw: a file name's bytes outside UTF-8 (Python holds them as surrogates, which
+    no UTF-8 stream or font takes) shown as escapes, \\xe9, as `ls -b` shows them."""
+    try:
+        return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

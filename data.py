@@ -5,6 +5,7 @@ of the files is in pcam_files.py; the data commands (download, synth, prepare, .
 
 import atexit
 import functools
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -23,6 +24,7 @@ WHITE_THRESHOLD = 250.0  # at or above this, a washout; real tissue stays well b
 RESIDENT_SHARE = 0.7  # the splits go resident when they take at most this share of free memory
 NORMALIZATION_SAMPLE = 2048  # training images the per-channel mean and std are measured on
 TINY_CLASS_SHARE, TINY_CLASS_IMAGES = 0.01, 10  # a training split's minority class below either is warned about
+IDENTITY_IMAGES = 64  # evenly spaced images whose cleaned pixels, with every label, tell one data set from another
 
 
 class FilteredOutError(UserError):
@@ -171,6 +173,35 @@ class PCAMDataset(Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None, "_reader_pid": None}
+
+
+def data_identity(data_dir):
+    """{split: split_identity} of the splits in data_dir: what a run records of the data it starts on."""
+    present = (s for s in pcam_files.SPLITS if all(os.path.isfile(p) for p in pcam_files.split_paths(data_dir, s)))
+    return {split: split_identity(data_dir, split) for split in present}
+
+
+def split_identity(data_dir, split):
+    """What tells a split's data from other data, read in a moment and the same for a cleaned copy (prepare,
+    staging): its row count and the sha256 of its labels and of IDENTITY_IMAGES evenly spaced cleaned images."""
+    x_path, y_path = pcam_files.require_split(data_dir, split)
+    labels = pcam_files.read_labels(y_path)
+    rows = np.unique(np.linspace(0, len(labels) - 1, min(len(labels), IDENTITY_IMAGES)).astype(np.int64))
+    with pcam_files.open_h5(x_path) as h5file:
+        images = clean(pcam_files.dataset_in(h5file, "x", x_path)[rows]) if len(rows) else np.empty(0, np.uint8)
+    return {
+        "rows": len(labels),
+        "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+        "images_sha256": hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
+    }
+
+
+def split_unchanged(data_dir, split, identity):
+    """Whether a split is still the one identity describes; a split gone or unreadable now is not."""
+    try:
+        return split_identity(data_dir, split) == identity
+    except UserError:
+        return False
 
 
 def free_memory():
@@ -323,10 +354,24 @@ def seed_worker(worker_id, main_exiting):
     np.random.seed(torch.initial_seed() % 2**32)
 
 
+class BatchLoader(DataLoader):
+    """A DataLoader whose worker processes, when they cannot start (a process limit: fork's EAGAIN), end the pass
+    in one line naming --num-workers."""
+
+    def __iter__(self):
+        try:
+            return super().__iter__()
+        except BlockingIOError as error:
+            raise UserError(
+                f"cannot start {self.num_workers} loader worker processes ({error.strerror}: the job's process "
+                "limit, ulimit -u, is reached); pass a smaller --num-workers (0 reads in the main process)"
+            ) from None
+
+
 def batch_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, seed=0):
-    """A DataLoader that fetches whole batches with one dataset[list_of_positions] call. Its workers end with
+    """A loader that fetches whole batches with one dataset[list_of_positions] call. Its workers end with
     each pass (not persistent): none outlives the pass that needs it, whatever ends that pass."""
-    return DataLoader(
+    return BatchLoader(
         dataset,
         sampler=BatchSampler(sampler, batch_size, drop_last=False),
         batch_size=None,

@@ -6,6 +6,7 @@ sensitivity, specificity, confusion [[tn, fp], [fn, tp]], the data files, the ch
 versions), roc.png and confusion.png. train.py scores its best.pt on the test split with the same code.
 """
 
+import contextlib
 import datetime
 import math
 import os
@@ -32,6 +33,7 @@ PREDICTIONS_HEADER = ["index", "label", "score", "pred"]
 THRESHOLD = 0.5  # a score for class 1 at or above this predicts class 1
 SOFTWARE = "pcam-mlp evaluate.py"  # the PNG text that marks a figure as this script's
 OUTPUT_FILES = ("predictions.csv", "metrics.json", "roc.png", "confusion.png")
+LOCK_NAME = "evaluate.lock"  # held with flock while an evaluation writes its --out-dir: one writer at a time
 
 
 def parse_args(argv=None):
@@ -222,7 +224,6 @@ def prepare_out_dir(out_dir, about):
             f"{out_dir} is the run's own: train.py writes it when the run in {folder} ends (run.json says "
             f"{record.get('status', 'not done')}); pass another --out-dir for this evaluation"
         )
-    common.check_output_folder(out_dir, "--out-dir")
     metrics_path = os.path.join(out_dir, "metrics.json")
     present = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(out_dir, name))]
     if not os.path.exists(metrics_path):
@@ -247,9 +248,30 @@ def score(checkpoint_path, dataset, split, args, out_dir, device, own_run=False)
         model = model.to(device)
     loader = data.in_order(dataset, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
     about = describe(checkpoint_path, checkpoint, args.data_dir, split, args.filter_data, device)
-    if not own_run:
+    if own_run:
+        return checkpoint, evaluate_split(model, loader, dataset.indices, device, out_dir, about)
+    with only_writer(out_dir):
         prepare_out_dir(out_dir, about)
-    return checkpoint, evaluate_split(model, loader, dataset.indices, device, out_dir, about)
+        return checkpoint, evaluate_split(model, loader, dataset.indices, device, out_dir, about)
+
+
+@contextlib.contextmanager
+def only_writer(out_dir):
+    """out_dir, created when missing (and removed again when the evaluation fails), with its lock held: a second
+    evaluate.py into the same folder refuses in one line instead of writing over the first one's files."""
+    common.check_output_folder(out_dir, "--out-dir")
+    created = run_folder.outermost_missing(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    in_use = (
+        f"{out_dir} is being written by another evaluate.py ({{holder}}); wait for it to end, or pass another --out-dir"
+    )
+    try:
+        with common.hold_lock(os.path.join(out_dir, LOCK_NAME), in_use):
+            yield
+    except BaseException:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def score_run(config, device, test_set):

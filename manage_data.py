@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import common
+import data
 import pcam_files
 from common import UserError, file_digest, log
 from data import clean
@@ -274,9 +275,14 @@ def cmd_verify(args):
             differing.append(f"{name} (contents differ)")
         else:
             log(f"verify: {name} ok")
+    unlisted = pcam_files.unlisted_split_files(args.data_dir, expected)
     if differing:
+        listing = ", ".join(differing + unlisted)
+        raise UserError(f"{len(differing)} of {len(expected)} files differ from {manifest_path}: {listing}")
+    if unlisted:
         raise UserError(
-            f"{len(differing)} of {len(expected)} files differ from {manifest_path}: {', '.join(differing)}"
+            f"the {len(expected)} files {manifest_path} lists match, but it does not vouch for {', '.join(unlisted)}; "
+            f"record every file as it is with `python manage_data.py manifest --data-dir {args.data_dir}`"
         )
     log(f"verify: all {len(expected)} files match {manifest_path}")
 
@@ -468,6 +474,28 @@ def check_synth_arguments(args):
         raise UserError(f"--seed {args.seed}: give 0 or more")
     if not 0 <= args.poison <= 1:
         raise UserError(f"--poison {args.poison:g}: give a fraction between 0 and 1")
+    check_synth_room(args)
+
+
+def check_synth_room(args):
+    """Refuse, before anything is written, a set the disk cannot hold or a split whose labels and draw order
+    (9 bytes an image, the largest split at once) the memory cannot."""
+    images = args.n_train + args.n_valid + args.n_test
+    disk_bytes = images * (pcam_files.IMAGE_BYTES * np.dtype(args.dtype).itemsize + 1)
+    nearest = os.path.abspath(args.data_dir)
+    while not os.path.isdir(nearest):
+        nearest = os.path.dirname(nearest)
+    free_disk = shutil.disk_usage(nearest).free
+    memory_bytes, (free_memory, which) = 9 * max(args.n_train, args.n_valid, args.n_test), data.free_memory()
+    for needed, free, where in (
+        (disk_bytes, free_disk, f"on {nearest}"),
+        (memory_bytes, free_memory, f"under {which}"),
+    ):
+        if needed > free:
+            raise UserError(
+                f"synth of {images:,} images needs {needed / 2**30:,.1f} GiB but {free / 2**30:,.1f} GiB is free "
+                f"{where}; ask for fewer images (--n-train, --n-valid, --n-test)"
+            )
 
 
 def add_download_arguments(download):

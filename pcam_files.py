@@ -410,20 +410,27 @@ def read_manifest(manifest_path, data_dir):
     return {name: {**record, "sha256": record["sha256"].lower()} for name, record in files.items()}  # as sha256sum
 
 
+def unlisted_split_files(data_dir, listed):
+    """Split files in data_dir that a manifest listing listed does not name: it cannot vouch for them."""
+    present = (os.path.basename(p) for s in SPLITS for p in split_paths(data_dir, s) if os.path.isfile(p))
+    return [f"{name} (present, not in the manifest)" for name in present if name not in listed]
+
+
 def check_manifest(data_dir):
     """Compare each file's size and mtime with the data folder's manifest, if it has one: None without a
     manifest, True when all match, a UserError naming the files that differ otherwise."""
     manifest_path = os.path.join(data_dir, MANIFEST_NAME)
     if not os.path.isfile(manifest_path):
         return None
-    differing = []
-    for name, record in sorted(read_manifest(manifest_path, data_dir).items()):
+    differing, listed = [], read_manifest(manifest_path, data_dir)
+    for name, record in sorted(listed.items()):
         path = os.path.join(data_dir, name)
         stat = os.stat(path) if os.path.isfile(path) else None
         if stat is None:
             differing.append(f"{name} (missing)")
         elif stat.st_size != record["bytes"] or record.get("mtime", stat.st_mtime) != stat.st_mtime:
             differing.append(f"{name} (size or mtime changed)")
+    differing += unlisted_split_files(data_dir, listed)
     if differing:
         raise UserError(
             f"{', '.join(differing)} differ from {manifest_path}; check the contents with "

@@ -36,7 +36,7 @@ SOFTWARE = "pcam-mlp plot_loss.py"  # the PNG text that marks a figure as this s
 def read_metrics(path, columns=COLUMNS):
     """A run folder or metrics.csv -> (run name, {column: list of floats})."""
     csv_path = os.path.join(path, "metrics.csv") if os.path.isdir(path) else path
-    name = os.path.basename(os.path.dirname(os.path.abspath(csv_path)))
+    name = common.shown(os.path.basename(os.path.dirname(os.path.abspath(csv_path))))
     if not os.path.isfile(csv_path):
         raise UserError(f"{csv_path} not found: pass a run folder (runs/...) or its metrics.csv")
     try:
@@ -123,9 +123,9 @@ def plot_runs(paths, out_path):
 
 def summarize_run(path):
     """One row of the runs table from a run folder's run.json and metrics.csv."""
-    name = os.path.basename(os.path.abspath(run_folder(path)))
+    name = common.shown(os.path.basename(os.path.abspath(run_folder(path))))
     if not os.path.exists(path):
-        return {"run": path, "settings": None, "status": "unreadable: not found"}
+        return {"run": common.shown(path), "settings": None, "status": "unreadable: not found"}
     try:
         with open(os.path.join(run_folder(path), "run.json")) as source:
             record = json.load(source)
@@ -134,6 +134,8 @@ def summarize_run(path):
         if not isinstance(settings, dict) or not all(type(score) in (int, float, type(None)) for score in scores):
             raise TypeError("args must be an object, test an object of numbers")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        if run_is_live(run_folder(path)) and not os.path.exists(os.path.join(run_folder(path), "run.json")):
+            return {"run": name, "settings": None, "status": "running"}  # starting: run.json comes before epoch 1
         return {"run": name, "settings": None, "status": "unreadable: run.json"}
     if status == "running" and not run_is_live(run_folder(path)):
         status = "not running (killed?)"

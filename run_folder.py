@@ -274,6 +274,11 @@ def resumed_settings(args, checkpoint):
         )
     if "data_dir" not in args.given:  # the data the run started on, not what $PCAM_DIR says today
         kept["data_dir"] = saved["data_dir"]
+        if not os.path.isdir(saved["data_dir"]):
+            raise UserError(
+                f"--resume: this run trained on {saved['data_dir']}, which is not there now; pass --data-dir with "
+                "the same data (a staged or moved copy)"
+            )
     elif os.path.abspath(args.data_dir) != os.path.abspath(saved["data_dir"]):  # a staged copy, say
         log(f"data: continuing on --data-dir {args.data_dir}; the run's last epoch trained on {saved['data_dir']}")
     return kept
@@ -290,6 +295,7 @@ def resume_target(args):
 def run_settings(args, folder, checkpoint):
     """The settings the run trains with, as run.json records them: the arguments, a resumed run's own, the folder."""
     parsed = {name: value for name, value in vars(args).items() if name != "given"}
+    parsed["data_dir"] = os.path.abspath(args.data_dir)  # the same folder whatever the working directory
     resumed = resumed_settings(args, checkpoint) if checkpoint else {}
     where = {"out_dir": folder.path if folder else args.out_dir, "resume": checkpoint is not None}
     return argparse.Namespace(**{**parsed, **resumed, **where})
@@ -428,6 +434,27 @@ def note_other_device(checkpoint, here):
             f"checkpoint written with {', '.join(f'{key} {written[key]}' for key in differing)}, resumed with "
             f"{', '.join(f'{key} {here[key]}' for key in differing)}: results need not match bit for bit those "
             "of an uninterrupted run"
+        )
+
+
+def check_same_data(checkpoint, identity, data_dir):
+    """A resumed run trains on the data it started on: splits whose rows, labels or sampled images differ (a set
+    made anew, another set at that path) stop it in one line. A checkpoint that predates the record is let be."""
+    started = checkpoint.get("data_identity")
+    if not started:
+        return
+    changed = []
+    for split in sorted(set(started) | set(identity)):
+        then, now = started.get(split), identity.get(split)
+        if then is None or now is None:
+            changed.append(f"{split} split {'added' if then is None else 'gone'}")
+        elif then != now:
+            what = [key.split("_")[0] for key in ("rows", "labels_sha256", "images_sha256") if then[key] != now[key]]
+            changed.append(f"{split} {' and '.join(what)} differ ({then['rows']:,} rows then, {now['rows']:,} now)")
+    if changed:
+        raise UserError(
+            f"--resume: {data_dir} does not hold the data this run started on: {'; '.join(changed)}; resume it on "
+            "its own data (--data-dir), or start a new run in another --out-dir"
         )
 
 

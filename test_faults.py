@@ -1,6 +1,11 @@
-"""Files that are damaged, truncated, locked or changing: every command that opens or reads a split names the file
-in one line, says what is wrong and what to do, and advises replacing it only when it is shown to be damaged."""
+"""Faults a user meets: files damaged, truncated, locked or changing (every command that reads a split names the
+file in one line, and advises replacing it only when it is shown to be damaged), interrupted commands run again,
+manifests that vouch only for what they list, one writer per evaluation folder, sizes and limits checked before
+the work, and names outside UTF-8."""
 
+import errno
+import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -10,12 +15,14 @@ import h5py
 import numpy as np
 import pytest
 
+import data
 import eda
 import evaluate
 import manage_data
 import pcam_files
+import plot_loss
 import train
-from test_helpers import HERE, labels_of, tissue, train_args, wait_until, write_split
+from test_helpers import HERE, is_nonblank_png, labels_of, tissue, train_args, wait_until, write_split
 
 COMMANDS = {  # name -> (main, arguments for data folder d and a scratch folder out)
     "info": (manage_data.main, lambda d, out: ["info", "--data-dir", d]),
@@ -210,3 +217,160 @@ class TestRunTheSameCommandAgain:
         train.main(["--out-dir", str(run), "--resume"])
         assert "metrics.csv was missing: written again from" in capsys.readouterr().out
         assert (run / "metrics.csv").read_text() == kept
+
+
+def test_a_manifest_vouches_only_for_the_split_files_it_lists(tmp_path, capsys):
+    write_split(tmp_path, "train", tissue(64), labels_of(64, 20))
+    write_split(tmp_path, "valid", tissue(16), labels_of(16, 8))
+    manage_data.main(["manifest", "--data-dir", str(tmp_path)])
+    write_split(tmp_path, "test", tissue(16, seed=5), labels_of(16, 8))  # added beside the 4 it lists
+    unlisted = "camelyonpatch_level_2_split_test_x.h5 (present, not in the manifest)"
+    for main, arguments in (
+        (manage_data.main, ["verify", "--data-dir", str(tmp_path)]),
+        (train.main, train_args(tmp_path, tmp_path / "run", "--epochs", "1")),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(arguments)
+        assert unlisted in str(stop.value.code) and "manage_data.py manifest" in str(stop.value.code)
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+    manage_data.main(["manifest", "--data-dir", str(tmp_path)])
+    manage_data.main(["verify", "--data-dir", str(tmp_path)])
+    assert "verify: all 6 files match" in capsys.readouterr().out
+
+
+def test_a_second_evaluate_py_into_the_same_folder_refuses_while_the_first_writes(straight_run, synth_dir, tmp_path):
+    out_dir = tmp_path / "evaluation"
+    out_dir.mkdir()
+    holder = subprocess.Popen(  # an evaluate.py at work in out_dir: its lock held, as hold_lock holds it
+        [sys.executable, "-c", HOLDER, str(out_dir / evaluate.LOCK_NAME)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main([str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--out-dir", str(out_dir)])
+        message = str(stop.value.code)
+        assert f"{out_dir} is being written by another evaluate.py (PID {holder.pid} on " in message, message
+        assert os.listdir(out_dir) == [evaluate.LOCK_NAME]
+    finally:
+        holder.communicate(b"\n", timeout=60)
+    evaluate.main([str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--out-dir", str(out_dir)])
+    assert sorted(os.listdir(out_dir)) == sorted([*evaluate.OUTPUT_FILES, evaluate.LOCK_NAME])
+    (tmp_path / "live").mkdir()  # a refusal removes the folder it made
+    with open(tmp_path / "live" / "train.lock", "w") as lock:  # a run at work there
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(
+                [
+                    str(straight_run / "best.pt"),
+                    "--data-dir",
+                    str(synth_dir),
+                    "--out-dir",
+                    str(tmp_path / "live" / "eval"),
+                ]
+            )
+    assert "still training" in str(stop.value.code) and os.listdir(tmp_path / "live") == ["train.lock"]
+
+
+HOLDER = """
+import fcntl, os, socket, sys
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+lock.write(f"PID {os.getpid()} on {socket.gethostname()}\\n")
+lock.flush()
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+class TestLimits:
+    """Sizes and limits found before the work: synth's room, the process limit for loader workers."""
+
+    def test_synth_refuses_a_set_that_cannot_fit_before_writing_anything(self, tmp_path, monkeypatch):
+        folder = tmp_path / "set"
+        with pytest.raises(SystemExit) as stop:  # 25 PiB: no disk holds it
+            manage_data.main(["synth", "--data-dir", str(folder), "--n-train", str(10**12)])
+        assert "images needs 25,750,137.9 GiB but " in str(stop.value.code) and f"free on {tmp_path};" in str(
+            stop.value.code
+        )
+        monkeypatch.setattr(data, "free_memory", lambda: (9 * 4096 - 1, "MemAvailable"))
+        with pytest.raises(SystemExit) as stop:  # labels and draw order: 9 bytes an image of the largest split
+            manage_data.main(["synth", "--data-dir", str(folder), "--n-train", "4096", "--n-valid", "64"])
+        assert "free under MemAvailable; ask for fewer images" in str(stop.value.code)
+        assert not folder.exists()
+        monkeypatch.setattr(data, "free_memory", lambda: (9 * 4096, "MemAvailable"))
+        manage_data.main(["synth", "--data-dir", str(folder), "--n-train", "4096", "--n-valid", "64", "--n-test", "0"])
+
+    def test_loader_workers_that_cannot_start_name_num_workers(self, small_set, tmp_path, monkeypatch):
+        def process_limit_reached():
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))  # what fork raises at ulimit -u
+
+        monkeypatch.setattr(os, "fork", process_limit_reached)
+        flags = ("--epochs", "1", "--num-workers", "2", "--data-on-device", "no")
+        with pytest.raises(SystemExit) as stop:
+            train.main(train_args(small_set, tmp_path / "run", *flags))
+        message = str(stop.value.code)
+        assert message.startswith("train.py: error: cannot start 2 loader worker processes (Resource temporarily")
+        assert "pass a smaller --num-workers" in message and "\n" not in message
+
+
+def test_a_run_folder_named_outside_utf_8_completes_and_is_shown_safely(small_set, tmp_path, capsys):
+    run = os.path.join(tmp_path, os.fsdecode(b"run-\xe9"))  # a Latin-1 byte: a name from an older system
+    train.main(train_args(small_set, run, "--epochs", "1"))
+    assert json.loads(open(os.path.join(run, "run.json")).read())["status"] == "done"
+    assert is_nonblank_png(os.path.join(run, "loss.png"))
+    out = capsys.readouterr().out
+    assert "done: " in out and "run-\\xe9" in out  # as `ls -b` shows it
+    with open(os.devnull, "w", encoding="utf-8") as strict:  # a UTF-8 log file takes every line
+        strict.write(out)
+    plot_loss.main(["--table", str(tmp_path / "*")])
+    assert "run-\\xe9" in capsys.readouterr().out
+
+
+class TestARunHoldsToItsData:
+    """A run records the data it starts on (data.data_identity) and holds to it: resumed, and when it scores."""
+
+    def test_a_resume_on_a_set_made_anew_at_the_same_path_is_refused(self, tmp_path, capsys):
+        options = ["--n-train", "256", "--n-valid", "64", "--n-test", "64"]
+        manage_data.main(["synth", "--data-dir", str(tmp_path / "data"), *options])
+        train.main(train_args(tmp_path / "data", tmp_path / "run", "--epochs", "1"))
+        manage_data.main(["synth", "--data-dir", str(tmp_path / "data"), *options, "--seed", "1", "--force"])
+        kept = (tmp_path / "run" / "metrics.csv").read_text()
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--out-dir", str(tmp_path / "run"), "--resume", "--epochs", "2", "--device", "cpu"])
+        message = str(stop.value.code)
+        assert f"--resume: {tmp_path / 'data'} does not hold the data this run started on: " in message, message
+        assert "train labels and images differ (256 rows then, 256 now)" in message and "\n" not in message
+        assert (tmp_path / "run" / "metrics.csv").read_text() == kept
+        manage_data.main(["synth", "--data-dir", str(tmp_path / "data"), *options, "--force"])  # the same set again
+        train.main(["--out-dir", str(tmp_path / "run"), "--resume", "--epochs", "2", "--device", "cpu"])
+        assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
+
+    def test_a_resume_finds_its_folder_from_any_directory_and_names_it_when_gone(
+        self, synth_dir, tmp_path, monkeypatch, capsys
+    ):
+        shutil.copytree(synth_dir, tmp_path / "data")
+        monkeypatch.chdir(tmp_path)
+        train.main(train_args("data", "run", "--epochs", "1"))  # a relative --data-dir
+        monkeypatch.chdir(tmp_path / "run")
+        monkeypatch.setenv("PCAM_DIR", str(synth_dir))  # another folder, whose data happens to be the same
+        train.main(["--out-dir", ".", "--resume", "--epochs", "2", "--device", "cpu"])
+        assert json.loads(open("run.json").read())["args"]["data_dir"] == str(tmp_path / "data")
+        (tmp_path / "data").rename(tmp_path / "moved")
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--out-dir", ".", "--resume", "--epochs", "3", "--device", "cpu"])
+        assert f"--resume: this run trained on {tmp_path / 'data'}, which is not there now" in str(stop.value.code)
+        train.main(["--out-dir", ".", "--resume", "--epochs", "3", "--device", "cpu", "--data-dir", "../moved"])
+
+    def test_a_test_split_replaced_while_the_run_trains_is_not_scored(self, small_set, tmp_path, monkeypatch, capsys):
+        train_epochs = train.train_epochs
+
+        def then_replaced(session):
+            train_epochs(session)
+            write_split(small_set, "test", tissue(64, seed=9), labels_of(64, 30))  # new files, same size
+
+        monkeypatch.setattr(train, "train_epochs", then_replaced)
+        train.main(train_args(small_set, tmp_path / "run", "--epochs", "1"))
+        assert "test: the test split in " in capsys.readouterr().out
+        record = json.loads((tmp_path / "run" / "run.json").read_text())
+        assert record["status"] == "done" and record["test"] is None
+        assert not (tmp_path / "run" / "eval-test").exists()

@@ -542,8 +542,10 @@ class TestRunsTable:
         (root / "damaged" / "run.json").write_text('{"args": ')
         (root / "odd").mkdir()
         (root / "odd" / "run.json").write_text('{"args": {}, "test": [1]}')
-        with open(root / "going" / "train.lock", "w") as lock:  # a live run holds its folder's lock; "killed" does not
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        (root / "starting").mkdir()  # a live run before its run.json: minutes of loading on the course copy
+        with open(root / "going" / "train.lock", "w") as lock, open(root / "starting" / "train.lock", "w") as starting:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a live run holds its folder's lock; "killed" does not
+            fcntl.flock(starting, fcntl.LOCK_EX)
             output = make(HERE, "runs", f"RUNS={root}/*/")
         table = {row["run"]: row for row in read_csv_rows(root / "runs_summary.csv")}
         statuses = {name: row["status"] for name, row in table.items()}
@@ -556,6 +558,7 @@ class TestRunsTable:
             "killed": "not running (killed?)",
             "odd": "unreadable: run.json",
             "no-metrics": "unreadable: metrics.csv",
+            "starting": "running",
             "stopped": "stopped",
         }
         for line in output.splitlines()[1:-1]:

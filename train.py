@@ -151,6 +151,7 @@ class Session:
     val_batches: object = None
     environment: dict = None
     history: list = dataclasses.field(default_factory=list)  # a dict per epoch, keyed as metrics.csv
+    data_identity: dict = None  # data.data_identity of the folder it trains on, as it started
     best_val_loss: float = float("inf")
     start_epoch: int = 1
 
@@ -279,7 +280,10 @@ def start_or_resume(session, checkpoint, manifest_matched):
         model.set_normalization(*data.channel_stats(session.train_batches.dataset))
         record = {"run_id": uuid.uuid4().hex, "started_at": run_folder.now()}
     log(f"normalisation: mean {model.channel_mean.flatten().tolist()} std {model.channel_std.flatten().tolist()}")
-    data_record = run_folder.data_record(session.config.data_dir, manifest_matched)
+    data_record = {
+        **run_folder.data_record(session.config.data_dir, manifest_matched),
+        "identity": session.data_identity,
+    }
     folder.start({**record, "args": vars(session.config), "environment": session.environment, "data": data_record})
     if not checkpoint:
         run_folder.save_checkpoint(checkpoint_of(session, 0), folder.file("last.pt"))
@@ -296,6 +300,7 @@ def checkpoint_of(session, epoch):
         "best_val_loss": session.best_val_loss,
         "history": session.history,
         "rng": run_folder.rng_state(data.generators(session.train_batches), session.device),
+        "data_identity": session.data_identity,
         "args": vars(session.config),
         "model_args": {"hidden_units": list(session.config.hidden_units), "dropout_rate": session.config.dropout},
     }
@@ -347,7 +352,11 @@ def finish(session, test_set):
             f"{len(session.history)}; continue with --resume --out-dir {folder.path} (exit code {exit_code})"
         )
         sys.exit(exit_code)
-    test = evaluate.score_run(session.config, session.device, test_set)
+    config, started = session.config, session.data_identity.get("test")
+    unchanged = test_set is None or data.split_unchanged(config.data_dir, "test", started)  # labels read at start
+    if not unchanged:
+        log(f"test: the test split in {config.data_dir} changed while the run trained; not scored (best.pt is kept)")
+    test = evaluate.score_run(config, session.device, test_set) if unchanged else None
     peak = {}
     if session.device.type == "cuda":
         peak["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
@@ -380,6 +389,9 @@ def run(session):
     session.config = run_folder.run_settings(args, session.folder, checkpoint)
     # before the first step: the manifest, and the test split the run ends on (training_batches checks the others)
     manifest_matched = pcam_files.check_manifest(session.config.data_dir)
+    session.data_identity = data.data_identity(session.config.data_dir)
+    if checkpoint:
+        run_folder.check_same_data(checkpoint, session.data_identity, session.config.data_dir)
     test_set = None
     if any(os.path.exists(path) for path in pcam_files.split_paths(session.config.data_dir, "test")):
         test_set = data.load_split(session.config.data_dir, "test")
