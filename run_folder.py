@@ -439,16 +439,19 @@ def note_other_device(checkpoint, here):
 
 def check_same_data(checkpoint, identity, data_dir):
     """A resumed run trains on the data it started on: splits whose rows, labels or sampled images differ (a set
-    made anew, another set at that path) stop it in one line. A checkpoint that predates the record is let be."""
+    made anew, another set at that path) stop it in one line; a test split may be left out of a copy (then the run
+    ends unscored). A checkpoint that predates the record is let be."""
     started = checkpoint.get("data_identity")
     if not started:
         return
     changed = []
-    for split in sorted(set(started) | set(identity)):
+    for split in ("train", "valid", "test"):
         then, now = started.get(split), identity.get(split)
-        if then is None or now is None:
+        if then == now or split == "test" and None in (then, now):
+            continue
+        if None in (then, now):
             changed.append(f"{split} split {'added' if then is None else 'gone'}")
-        elif then != now:
+        else:
             what = [key.split("_")[0] for key in ("rows", "labels_sha256", "images_sha256") if then[key] != now[key]]
             changed.append(f"{split} {' and '.join(what)} differ ({then['rows']:,} rows then, {now['rows']:,} now)")
     if changed:

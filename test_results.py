@@ -448,6 +448,41 @@ def expected_row(run_dir):
     }
 
 
+def runs_in_every_state(sweep_runs, root):
+    """Run folders under root, named for their state (going, killed, stopped, no-metrics, damaged, ...), and folders
+    that are no runs; returns the first epoch's metrics row."""
+    for name, status in (
+        ("going", "running"),
+        ("killed", "running"),
+        ("stopped", "stopped"),
+        ("no-metrics", "done"),
+    ):
+        shutil.copytree(sweep_runs / "seed-1", root / name)
+        record = json.loads((root / name / "run.json").read_text())
+        (root / name / "run.json").write_text(json.dumps({**record, "status": status}))
+    (root / "going" / "metrics.csv").write_text(",".join(read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]))
+    (root / "no-metrics" / "metrics.csv").unlink()
+    first_epoch = read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]
+    worse_epoch = {
+        **first_epoch,
+        "epoch": "2",
+        "val_loss": str(float(first_epoch["val_loss"]) + 0.1),
+        "val_acc": "0.5",
+    }
+    with open(root / "stopped" / "metrics.csv", "a") as metrics_file:
+        metrics_file.write(",".join(worse_epoch.values()) + "\n")
+    (root / "empty").mkdir()  # not a run, no more than eda.py's figures in runs/eda/
+    (root / "eda").mkdir()
+    for figure in eda.FIGURES:
+        (root / "eda" / figure).write_bytes(b"\x89PNG\r\n")
+    (root / "checkpoint").mkdir()  # a run's folder, whatever of its files is left
+    shutil.copy(sweep_runs / "seed-1" / "last.pt", root / "checkpoint")
+    for name, text in (("damaged", '{"args": '), ("odd", '{"args": {}, "test": [1]}')):
+        (root / name).mkdir()
+        (root / name / "run.json").write_text(text)
+    return first_epoch
+
+
 class TestRunsTable:
     """plot_loss.py --table: one row per run, the spread over seeds, and runs that are not done."""
 
@@ -512,36 +547,7 @@ class TestRunsTable:
 
     def test_runs_table_lists_running_stopped_and_unreadable_runs(self, sweep_runs, tmp_path):
         root = tmp_path / "runs"
-        for name, status in (
-            ("going", "running"),
-            ("killed", "running"),
-            ("stopped", "stopped"),
-            ("no-metrics", "done"),
-        ):
-            shutil.copytree(sweep_runs / "seed-1", root / name)
-            record = json.loads((root / name / "run.json").read_text())
-            (root / name / "run.json").write_text(json.dumps({**record, "status": status}))
-        (root / "going" / "metrics.csv").write_text(",".join(read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]))
-        (root / "no-metrics" / "metrics.csv").unlink()
-        first_epoch = read_csv_rows(sweep_runs / "seed-1" / "metrics.csv")[0]
-        worse_epoch = {
-            **first_epoch,
-            "epoch": "2",
-            "val_loss": str(float(first_epoch["val_loss"]) + 0.1),
-            "val_acc": "0.5",
-        }
-        with open(root / "stopped" / "metrics.csv", "a") as metrics_file:
-            metrics_file.write(",".join(worse_epoch.values()) + "\n")
-        (root / "empty").mkdir()  # not a run, no more than eda.py's figures in runs/eda/
-        (root / "eda").mkdir()
-        for figure in eda.FIGURES:
-            (root / "eda" / figure).write_bytes(b"\x89PNG\r\n")
-        (root / "checkpoint").mkdir()  # a run's folder, whatever of its files is left
-        shutil.copy(sweep_runs / "seed-1" / "last.pt", root / "checkpoint")
-        (root / "damaged").mkdir()
-        (root / "damaged" / "run.json").write_text('{"args": ')
-        (root / "odd").mkdir()
-        (root / "odd" / "run.json").write_text('{"args": {}, "test": [1]}')
+        first_epoch = runs_in_every_state(sweep_runs, root)
         (root / "starting").mkdir()  # a live run before its run.json: minutes of loading on the course copy
         with open(root / "going" / "train.lock", "w") as lock, open(root / "starting" / "train.lock", "w") as starting:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a live run holds its folder's lock; "killed" does not
