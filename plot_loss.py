@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only, no display: works on login and compute node
 import matplotlib.pyplot as plt
 
 import common
-from common import UserError
+from common import UserError, log
 from run_folder import LOCK_NAME, RUN_FILES, run_is_live
 
 COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc")
@@ -137,8 +137,11 @@ def summarize_run(path):
         if run_is_live(run_folder(path)) and not os.path.exists(os.path.join(run_folder(path), "run.json")):
             return {"run": name, "settings": None, "status": "running"}  # starting: run.json comes before epoch 1
         return {"run": name, "settings": None, "status": "unreadable: run.json"}
-    if status == "running" and not run_is_live(run_folder(path)):
+    live = run_is_live(run_folder(path))
+    if status == "running" and not live:
         status = "not running (killed?)"
+    elif live:  # a resumed run starting up: run.json still says how its last attempt ended
+        status = "running"
     try:
         _, metrics = read_metrics(run_folder(path), TABLE_COLUMNS)
     except UserError:
@@ -217,7 +220,7 @@ def runs_table(summaries):
 def print_table(header, text_rows):
     widths = [max(len(line[index]) for line in [header, *text_rows]) for index in range(len(header))]
     for line in [header, *text_rows]:
-        print(
+        log(
             "  ".join(
                 text.ljust(width) if index in (0, len(line) - 1) else text.rjust(width)
                 for index, (text, width) in enumerate(zip(line, widths, strict=True))
@@ -277,7 +280,7 @@ def plot_main(paths, args):
     out_path = args.out or (os.path.join(run_folder(paths[0]), "loss.png") if len(paths) == 1 else beside_runs(paths))
     check_figure_path(out_path, args.force)
     plot_runs(paths, out_path)
-    print(f"wrote {out_path}")
+    log(f"wrote {out_path}")
 
 
 def table_main(paths, args):
@@ -303,7 +306,7 @@ def table_main(paths, args):
     plotted = [path for path, summary in zip(paths, summaries, strict=True) if "best_epoch" in summary]
     if plotted:
         plot_runs(plotted, out_path)
-    print(f"wrote {summary_path}" + (f" and {out_path}" if plotted else ""))
+    log(f"wrote {summary_path}" + (f" and {out_path}" if plotted else ""))
 
 
 def main(argv=None):

@@ -117,6 +117,29 @@ class TestDamagedFiles:
 class TestBusyAndChangingFiles:
     """A file another process holds or cuts short: named, and not called damaged when it is whole."""
 
+    def test_a_split_replaced_under_a_streaming_reader_is_named(self, tmp_path):
+        write_split(tmp_path, "train", tissue(64), labels_of(64, 20))
+        dataset = data.load_split(tmp_path, "train")
+        dataset[np.arange(8)]
+        write_split(tmp_path, "train", tissue(64, seed=4), labels_of(64, 40))  # synth --force, a new download
+        with pytest.raises(pcam_files.UserError, match="changed while being read .* no longer match the labels"):
+            dataset[np.arange(8)]
+
+    def test_what_h5py_says_of_locks_and_filters_is_not_called_damage(self):
+        for text, fragment in (
+            (
+                "Unable to synchronously open file (unable to lock file, errno = 11, error message = 'x')",
+                "is locked by",
+            ),
+            (
+                "Unable to synchronously open file (unable to lock file, errno = 37, error message = 'x')",
+                "set HDF5_USE",
+            ),
+            ("Can't synchronously read data (required filter 'blosc' is not registered)", "an HDF5 filter this h5py"),
+        ):
+            message = str(pcam_files.file_problem("f.h5", OSError(text)))
+            assert fragment in message and "remove it" not in message, message
+
     def test_a_file_held_open_for_writing_elsewhere_is_locked_not_damaged(self, synth_dir, tmp_path, capsys):
         data_dir = tmp_path / "data"
         shutil.copytree(synth_dir, data_dir)
@@ -163,7 +186,7 @@ class TestBusyAndChangingFiles:
         out, err = process.communicate(timeout=600)
         assert process.returncode == 1, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-        assert f"{x_path} shrank to " in err and "manage_data.py verify" in err
+        assert f"{x_path} changed while being read" in err and "manage_data.py verify" in err
 
 
 def test_the_whole_file_passes_stop_at_a_file_cut_short_under_them(tmp_path, monkeypatch):
@@ -195,6 +218,9 @@ class TestRunTheSameCommandAgain:
             manage_data.main(command)
         assert stop.value.code == 130 and "run the same command again" in capsys.readouterr().err
         assert os.path.exists(pcam_files.split_paths(tmp_path / "set", "train")[0])
+        with pytest.raises(SystemExit) as stop:  # nothing trains on the half of a set
+            train.main(train_args(tmp_path / "set", tmp_path / "run", "--epochs", "1"))
+        assert "holds a synthetic set that an interrupted synth left half written" in str(stop.value.code)
         monkeypatch.setattr(manage_data, "write_synth_split", write_split_for_real)
         manage_data.main(command)  # as make demo's synth runs it: no --force
         assert "holds the half-written set of an interrupted synth; writing it anew" in capsys.readouterr().out
@@ -370,7 +396,18 @@ class TestARunHoldsToItsData:
 
         monkeypatch.setattr(train, "train_epochs", then_replaced)
         train.main(train_args(small_set, tmp_path / "run", "--epochs", "1"))
-        assert "test: the test split in " in capsys.readouterr().out
+        assert "test: not scored: the test split in " in capsys.readouterr().out
         record = json.loads((tmp_path / "run" / "run.json").read_text())
         assert record["status"] == "done" and record["test"] is None
         assert not (tmp_path / "run" / "eval-test").exists()
+
+
+def test_a_resumed_run_starting_up_is_running_whatever_its_last_attempt_recorded(straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    assert plot_loss.summarize_run(str(run))["status"] == "interrupted"
+    with open(run / "train.lock", "w") as lock:  # train.py --resume at work, loading its data
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert plot_loss.summarize_run(str(run))["status"] == "running"

@@ -302,12 +302,16 @@ class TestMakeAndShellScripts:
 
     def test_args_are_split_as_a_shell_splits_words_and_never_run(self, project, small_set, tmp_path):
         shutil.copytree(small_set, tmp_path / "my data")
-        args = f"--data-dir '{tmp_path}/my data' --out-dir \"{tmp_path}/run one\" --dry-run --device cpu `touch pwned`"
+        args = f"--data-dir '{tmp_path}/my data' --out-dir \"{tmp_path}/run one\" --dry-run --device cpu"
         result = subprocess.run(
-            ["make", "-s", "train-local"], cwd=project, capture_output=True, text=True, env=make_env({"ARGS": args})
-        )
-        assert "unrecognized arguments: `touch pwned`" in result.stderr  # the quoted paths were taken whole
-        output = make(project, "train-local", env={"ARGS": args.rsplit(" ", 2)[0]})
+            ["make", "-s", "train-local", f"ARGS={args} `touch pwned` $(shell touch pwned)"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            env=make_env(),
+        )  # the quoted paths were taken whole; neither make nor a shell ran anything
+        assert "unrecognized arguments: `touch pwned` $(shell touch pwned)" in result.stderr, result.stderr
+        output = make(project, "train-local", env={"ARGS": args})
         assert "dry run: one validation batch" in output and not (project / "pwned").exists()
         unclosed = subprocess.run(
             ["make", "-s", "train-local", "ARGS=--data-dir 'my data"], cwd=project, capture_output=True, text=True

@@ -353,14 +353,15 @@ def finish(session, test_set):
         )
         sys.exit(exit_code)
     config, started = session.config, session.data_identity.get("test")
-    unchanged = test_set is None or data.split_unchanged(config.data_dir, "test", started)  # labels read at start
-    if not unchanged:
-        log(f"test: the test split in {config.data_dir} changed while the run trained; not scored (best.pt is kept)")
-    test = evaluate.score_run(config, session.device, test_set) if unchanged else None
+    changed = test_set is not None and data.split_unchanged(config.data_dir, "test", started)  # labels read at start
+    if changed:
+        log(f"test: not scored: {changed} (best.pt is kept: score it with evaluate.py)")
+    test = None if changed else evaluate.score_run(config, session.device, test_set)
     peak = {}
     if session.device.type == "cuda":
         peak["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
     folder.finish("done", test=test, best_val_loss=session.best_val_loss, **peak)
+    run_folder.rebuild_metrics(folder.path)  # a run resumed with nothing left to train writes none itself
     try:
         plot_loss.plot_runs([folder.file("metrics.csv")], folder.file("loss.png"))
     except UserError as error:
@@ -389,6 +390,7 @@ def run(session):
     session.config = run_folder.run_settings(args, session.folder, checkpoint)
     # before the first step: the manifest, and the test split the run ends on (training_batches checks the others)
     manifest_matched = pcam_files.check_manifest(session.config.data_dir)
+    pcam_files.check_not_half_written(session.config.data_dir)
     session.data_identity = data.data_identity(session.config.data_dir)
     if checkpoint:
         run_folder.check_same_data(checkpoint, session.data_identity, session.config.data_dir)
