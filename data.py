@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import traceback
 
 import numpy as np
 import torch
@@ -365,10 +366,16 @@ class BatchLoader(DataLoader):
         try:
             return super().__iter__()
         except BlockingIOError as error:
-            raise UserError(
-                f"cannot start {self.num_workers} loader worker processes ({error.strerror}: the job's process "
-                "limit, ulimit -u, is reached); pass a smaller --num-workers (0 reads in the main process)"
-            ) from None
+            why, hook = error.strerror, sys.unraisablehook
+            sys.unraisablehook = lambda unraisable: None  # the half-made iterator's __del__ fails on what it lacks
+            try:
+                traceback.clear_frames(error.__traceback__)  # its last reference: it goes now, quietly
+            finally:
+                sys.unraisablehook = hook
+        raise UserError(
+            f"cannot start {self.num_workers} loader worker processes ({why}: the job's process limit, ulimit -u, "
+            "is reached); pass a smaller --num-workers (0 reads in the main process)"
+        )
 
 
 def batch_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, seed=0):

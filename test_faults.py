@@ -326,17 +326,25 @@ class TestLimits:
         monkeypatch.setattr(data, "free_memory", lambda: (9 * 4096, "MemAvailable"))
         manage_data.main(["synth", "--data-dir", str(folder), "--n-train", "4096", "--n-valid", "64", "--n-test", "0"])
 
-    def test_loader_workers_that_cannot_start_name_num_workers(self, small_set, tmp_path, monkeypatch):
-        def process_limit_reached():
-            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))  # what fork raises at ulimit -u
+    @pytest.mark.parametrize("started", [0, 1])
+    def test_loader_workers_that_cannot_start_name_num_workers(self, small_set, tmp_path, monkeypatch, started):
+        forks, fork = [], os.fork
 
+        def process_limit_reached():  # after `started` forks, what fork raises at ulimit -u
+            forks.append(1)
+            if len(forks) > started:
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            return fork()
+
+        unraisable = []
         monkeypatch.setattr(os, "fork", process_limit_reached)
+        monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # "Exception ignored in ..." lines
         flags = ("--epochs", "1", "--num-workers", "2", "--data-on-device", "no")
         with pytest.raises(SystemExit) as stop:
             train.main(train_args(small_set, tmp_path / "run", *flags))
         message = str(stop.value.code)
         assert message.startswith("train.py: error: cannot start 2 loader worker processes (Resource temporarily")
-        assert "pass a smaller --num-workers" in message and "\n" not in message
+        assert "pass a smaller --num-workers" in message and "\n" not in message and unraisable == []
 
 
 def test_a_run_folder_named_outside_utf_8_completes_and_is_shown_safely(small_set, tmp_path, capsys):
