@@ -264,7 +264,8 @@ class TestSlurmJobs:
         job = submitted_job(output)[0]
         assert wait_for_job(job) == ["COMPLETED"]
         staged = scratch / f"pcam_{job}"
-        assert sorted(os.listdir(staged)) == sorted(os.listdir(synth_dir) + [manage_data.PREPARED_NAME])
+        copied = set(os.listdir(synth_dir)) - {manage_data.SYNTH_NAME}  # prepare's record in place of synth's
+        assert sorted(os.listdir(staged)) == sorted(copied | {manage_data.PREPARED_NAME})
         record = json.loads((project / "runs" / f"slurm-{job}" / "run.json").read_text())
         assert record["args"]["data_dir"] == str(staged)
 
