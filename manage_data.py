@@ -119,6 +119,8 @@ def write_synth_split(data_dir, split, n, rng, fraction, dtype):
 
 def cmd_synth(args):
     check_synth_arguments(args)
+    common.check_output_folder(args.data_dir, "--data-dir")  # a folder it cannot write is named before its room
+    check_synth_room(args)
     with lock_folder(args.data_dir):
         existing = [p for s in SPLITS for p in split_paths(args.data_dir, s) if os.path.exists(p)]
         record_path = os.path.join(args.data_dir, SYNTH_NAME)
@@ -472,7 +474,6 @@ def check_synth_arguments(args):
         raise UserError(f"--seed {args.seed}: give 0 or more")
     if not 0 <= args.poison <= 1:
         raise UserError(f"--poison {args.poison:g}: give a fraction between 0 and 1")
-    check_synth_room(args)
 
 
 def check_synth_room(args):

@@ -363,10 +363,9 @@ class TestDataCommands:
 
     @pytest.mark.download
     def test_a_full_disk_is_one_line_everywhere(self, small_disk, synth_dir, straight_run, pcam_server):
-        one_line_error(
-            run_script("manage_data.py", "synth", "--data-dir", str(small_disk / "synth")), "No space left on device"
-        )
-        assert no_partial_files(small_disk)
+        synth = run_script("manage_data.py", "synth", "--data-dir", str(small_disk / "synth"))
+        one_line_error(synth, f"images needs 0.2 GiB but 0.0 GiB is free on {small_disk}")  # refused before writing
+        assert no_partial_files(small_disk) and not (small_disk / "synth").exists()
         for path in list(small_disk.rglob("*.h5")):
             path.unlink()
         result = run_script("train.py", *train_args(synth_dir, small_disk / "run", "--epochs", "1"))
