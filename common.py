@@ -392,13 +392,19 @@ def check_output_folder(path, flag):
     on its way that exists takes a new file (a read-only mount or a folder without permission does not)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file, not a folder: name a folder (it is created when missing)")
-    nearest = os.path.abspath(path)
-    while not os.path.isdir(nearest):
-        nearest = os.path.dirname(nearest)
+    nearest = nearest_folder(path)
     try:
         tempfile.TemporaryFile(dir=nearest).close()  # unnamed (O_TMPFILE): nothing is left behind, even when killed
     except OSError as error:
         raise UserError(f"cannot write {flag} {path}: {os_reason(error)}; choose a writable folder") from None
+
+
+def nearest_folder(path):
+    """path, or the nearest folder above it that exists: where a folder made on the way would live."""
+    nearest = os.path.abspath(path)
+    while not os.path.isdir(nearest):
+        nearest = os.path.dirname(nearest)
+    return nearest
 
 
 def written_by(software):

@@ -481,9 +481,7 @@ def check_synth_room(args):
     (9 bytes an image, the largest split at once) the memory cannot."""
     images = args.n_train + args.n_valid + args.n_test
     disk_bytes = images * (pcam_files.IMAGE_BYTES * np.dtype(args.dtype).itemsize + 1)
-    nearest = os.path.abspath(args.data_dir)
-    while not os.path.isdir(nearest):
-        nearest = os.path.dirname(nearest)
+    nearest = common.nearest_folder(args.data_dir)
     free_disk = shutil.disk_usage(nearest).free
     memory_bytes, (free_memory, which) = 9 * max(args.n_train, args.n_valid, args.n_test), data.free_memory()
     for needed, free, where in (
