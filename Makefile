@@ -32,7 +32,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -f -e -o pipefail -c
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint bench gpu-check synth data eda figures demo train-local plot runs hello train sweep status logs env clean
+.PHONY: help install test test-all test-loaded mutate lint bench gpu-check synth data eda figures demo train-local plot runs hello train sweep status logs env clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,26 +45,29 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed ## create .venv and install requirements.txt
 
-test: $(VENV)/.installed $(VENV)/.mutate-tools ## run the test suite (every test_*.py), the Slurm and download tests included
-	$(PY) -m pytest $(wildcard test_*.py)
+# make test: the everyday tier, in parallel (pytest-xdist, one worker a core); make test-all: everything, serial where
+# it needs real time or real services
+EVERYDAY := not slurm and not download and not slow
+test: $(VENV)/.installed $(VENV)/.dev-tools ## the everyday suite: every test but the Slurm, download and slow ones (minutes)
+	$(PY) -m pytest $(wildcard test_*.py) -m "$(EVERYDAY)" -n auto
 
-test-fast: $(VENV)/.installed $(VENV)/.mutate-tools ## the test suite without the Slurm and download tests
-	$(PY) -m pytest $(wildcard test_*.py) -m "not slurm and not download"
+test-all: $(VENV)/.installed $(VENV)/.dev-tools ## make test-loaded, then the Slurm, download and slow tests (what CI runs)
+	$(MAKE) test-loaded
+	$(PY) -m pytest $(wildcard test_*.py) -m "not ($(EVERYDAY))"
 
-.PHONY: test-loaded mutate
-test-loaded: $(VENV)/.installed ## make test beside two CPU-bound processes: the suite must not depend on timing
+test-loaded: $(VENV)/.installed $(VENV)/.dev-tools ## make test beside two CPU-bound processes: the suite must not depend on timing
 	$(PY) -c "while True: pass" & first=$$!; $(PY) -c "while True: pass" & second=$$!; \
 	trap 'kill $$first $$second' EXIT; echo "make test-loaded: busy processes $$first $$second"; \
 	$(MAKE) test
 
-MUTATE_TOOLS ?= coverage==7.17.5
+DEV_TOOLS ?= pytest-xdist==3.8.0 coverage==7.17.5
 MUTANTS ?= 60
 
-$(VENV)/.mutate-tools: $(VENV)/.installed Makefile
-	$(PY) -m pip install --quiet $(MUTATE_TOOLS)
+$(VENV)/.dev-tools: $(VENV)/.installed Makefile
+	$(PY) -m pip install --quiet $(DEV_TOOLS)
 	touch $@
 
-mutate: $(VENV)/.installed $(VENV)/.mutate-tools ## mutation testing: MUTANTS=60 seeded mutants against the tests covering each; AGAIN=1 re-runs survivors
+mutate: $(VENV)/.installed $(VENV)/.dev-tools ## mutation testing: MUTANTS=60 seeded mutants against the tests covering each; AGAIN=1 re-runs survivors
 	$(PY) mutate.py --mutants $(MUTANTS) $(if $(AGAIN),--again)
 
 $(VENV)/.lint-tools: Makefile

@@ -10,15 +10,35 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 import manage_data
 import train
-from test_helpers import PCAMServer, add_defects, copy_project, labels_of, tissue, train_args, write_split
+from test_helpers import (
+    PCAMServer,
+    add_defects,
+    copy_project,
+    labels_of,
+    slurm_is_up,
+    tissue,
+    train_args,
+    write_split,
+)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slurm: needs the local Slurm (start one with .ci/slurm-up.sh)")
-    config.addinivalue_line("markers", "download: runs manage_data.py download against an HTTP server on 127.0.0.1")
+    config.addinivalue_line("markers", "slurm: needs the local Slurm (start one with .ci/slurm-up.sh); make test-all")
+    config.addinivalue_line("markers", "download: manage_data.py download against a server on 127.0.0.1; make test-all")
+    config.addinivalue_line(
+        "markers", "slow: takes minutes of real time (the CPU form of make gpu-check); make test-all"
+    )
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest -n: each worker its share of the cores
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("slurm") and not slurm_is_up():
+        pytest.skip("no Slurm here (start one with .ci/slurm-up.sh)")
 
 
 @pytest.fixture

@@ -46,7 +46,8 @@ class SplitScan:
         for label in (0, 1):
             rows = np.flatnonzero(labels == label)
             self.grid_rows[rng.permutation(rows)[:sample_grid]] = True
-            self.histogram_rows[rows[:: max(1, len(rows) // HISTOGRAM_IMAGES)]] = True
+            spread = np.linspace(0, len(rows) - 1, min(len(rows), HISTOGRAM_IMAGES)).round().astype(int)
+            self.histogram_rows[rows[spread]] = True
         self.samples = {0: [], 1: []}
         self.outlier_examples = dict.fromkeys(OUTLIER_KINDS)
 

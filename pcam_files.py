@@ -380,16 +380,19 @@ class ChunkedRows:
 def keep_large_buffers_off_the_heap():
     """Have glibc serve every buffer of MMAP_THRESHOLD_BYTES or more by mmap, returned to the system on free. By
     default glibc raises that threshold (up to 32 MiB) whenever such a buffer is freed; batch buffers (28 MiB of
-    float32 for 256 images) then come from the heap, which fragments, and RSS grows with the files' size."""
+    float32 for 256 images) then come from the heap, which fragments, and RSS grows with the files' size. Every such
+    buffer then costs a page fault per 4 KiB it touches, the float copy a training step makes of its batch included,
+    so open_rows sets this only where batches are read as floats."""
     with contextlib.suppress(AttributeError, OSError):  # not glibc (macOS): no such threshold to fix
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def open_rows(x_path):
-    keep_large_buffers_off_the_heap()  # in the process that reads: the main one, or a loader worker
     with open_h5(x_path) as h5file:
         dset = h5file["x"]
         offset, shape, dtype = contiguous_offset(x_path, dset), dset.shape, dset.dtype
+    if dtype != np.uint8:  # batches read as floats; a uint8 batch (7 MiB for 256 images) leaves the heap flat
+        keep_large_buffers_off_the_heap()  # in the process that reads: the main one, or a loader worker
     # the file is closed again first: HDF5 shares one open file, so ChunkedRows's cache size would be ignored
     if offset is not None and dtype == np.uint8:
         return MappedRows(x_path, offset, shape)

@@ -24,7 +24,7 @@ from test_helpers import (
     is_nonblank_png,
     labels_of,
     one_line_error,
-    run_script,
+    run_main,
     tissue,
     write_split,
 )
@@ -349,7 +349,7 @@ class TestBadInput:
         with pytest.raises(common.UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             ds = data.load_split(tmp_path, "train")
             ds[[0, 1]]
-        one_line_error(run_script("manage_data.py", "info", "--data-dir", str(tmp_path)), fragment)
+        one_line_error(run_main("manage_data.py", "info", "--data-dir", str(tmp_path)), fragment)
 
     def test_missing_data_names_the_files_and_the_fix(self, tmp_path):
         with pytest.raises(pcam_files.MissingDataError, match="does not exist"):
@@ -358,7 +358,7 @@ class TestBadInput:
         fix = r"camelyonpatch_level_2_split_valid_x\.h5.*`python manage_data\.py download"
         with pytest.raises(pcam_files.MissingDataError, match=fix):
             data.get_dataloaders(tmp_path)
-        one_line_error(run_script("manage_data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
+        one_line_error(run_main("manage_data.py", "info", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
 
     def test_a_split_emptied_by_the_filter_or_of_one_class_is_refused(self, tmp_path):
         write_split(tmp_path / "blank", "train", np.zeros((6, 96, 96, 3), np.uint8), labels_of(6, 3))
@@ -398,7 +398,7 @@ class TestBadInput:
         ):
             with pytest.raises(common.UserError, match=re.escape(fragment)):
                 data.load_split(tmp_path / name, "train")
-            result = run_script(
+            result = run_main(
                 "manage_data.py", "prepare", "--data-dir", str(tmp_path / name), "--out", str(tmp_path / "out")
             )
             one_line_error(result, fragment)
@@ -432,7 +432,7 @@ class TestBadInput:
                 h5file.create_group("x")
         else:
             write_split(tmp_path, "train", x, labels_of(4, 2))
-        one_line_error(run_script("manage_data.py", "info", "--data-dir", str(tmp_path)), "'x'")
+        one_line_error(run_main("manage_data.py", "info", "--data-dir", str(tmp_path)), "'x'")
 
 
 def expected_counts(directory, split):
@@ -481,7 +481,7 @@ class TestEda:
 
     def test_eda_counts_are_exact_and_its_figures_are_drawn(self, poisoned_dir, tmp_path):
         options = ("--data-dir", str(poisoned_dir), "--out-dir", str(tmp_path / "assets"), "--splits")
-        result = run_script("eda.py", *options, "train", "valid", "test", "valid", check=True)
+        result = run_main("eda.py", *options, "train", "valid", "test", "valid", check=True)
         assert "note: test split not in" in result.stdout and result.stdout.count("scanning valid") == 1
         for split in ("train", "valid"):
             line = next(line for line in result.stdout.splitlines() if line.startswith(split + " "))
@@ -523,22 +523,22 @@ class TestEda:
         images = tissue(20, dtype=np.uint16)
         images[[2, 5, 11], 0, 0, 0] = [300, 256, 1000]
         write_split(tmp_path, "train", images, labels_of(20, 10))
-        result = run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures"), check=True)
+        result = run_main("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures"), check=True)
         train_row = next(line for line in result.stdout.splitlines() if line.startswith("train "))
         assert [int(value) for value in train_row.split()[1:8]] == [20, 10, 10, 0, 3, 0, 0]
 
     def test_eda_reports_bad_input_in_one_line(self, tmp_path):
-        one_line_error(run_script("eda.py", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
+        one_line_error(run_main("eda.py", "--data-dir", str(tmp_path / "nowhere")), "does not exist")
         (tmp_path / "empty").mkdir()
-        one_line_error(run_script("eda.py", "--data-dir", str(tmp_path / "empty")), "train split missing in")
+        one_line_error(run_main("eda.py", "--data-dir", str(tmp_path / "empty")), "train split missing in")
         write_split(tmp_path, "train", tissue(4), np.array([0, 1, 3, 1], np.uint8))
-        result = run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"))
+        result = run_main("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"))
         one_line_error(result, "labels must be 0 or 1")
 
     def test_eda_notes_the_splits_a_folder_lacks_and_scans_the_others(self, tmp_path):
         write_split(tmp_path / "test-only", "test", tissue(8), labels_of(8, 4))
         args = ("--data-dir", str(tmp_path / "test-only"), "--out-dir", str(tmp_path / "figures"))
-        result = run_script("eda.py", *args, check=True)
+        result = run_main("eda.py", *args, check=True)
         assert "note: train split not in" in result.stdout and "note: valid split not in" in result.stdout
         assert "scanning test" in result.stdout and (tmp_path / "figures" / "class_balance.png").exists()
 
@@ -556,7 +556,7 @@ class TestEda:
         ],
     )
     def test_eda_thresholds_and_grid_size_out_of_range_are_one_line(self, small_set, tmp_path, flags, fragment):
-        result = run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures"), *flags)
+        result = run_main("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures"), *flags)
         one_line_error(result, fragment)
         assert not (tmp_path / "figures").exists()
 
@@ -565,10 +565,10 @@ class TestEda:
         figures.mkdir()
         matplotlib.pyplot.imsave(figures / "sample_grid.png", np.zeros((4, 4, 3)))
         before = (figures / "sample_grid.png").read_bytes()
-        one_line_error(run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(figures)), "sample_grid.png")
+        one_line_error(run_main("eda.py", "--data-dir", str(small_set), "--out-dir", str(figures)), "sample_grid.png")
         assert (figures / "sample_grid.png").read_bytes() == before and os.listdir(figures) == ["sample_grid.png"]
         for _ in range(2):
-            run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "mine"), check=True)
+            run_main("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "mine"), check=True)
         assert is_nonblank_png(tmp_path / "mine" / "pcam.png")
 
     def test_a_corrupt_compressed_chunk_names_the_file(self, tmp_path):
@@ -579,5 +579,5 @@ class TestEda:
             x_file.seek(os.path.getsize(x_path) // 2)
             x_file.write(os.urandom(4096))
         one_line_error(
-            run_script("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures")), "train_x.h5"
+            run_main("eda.py", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "figures")), "train_x.h5"
         )

@@ -15,7 +15,7 @@ import pcam_files
 import run_folder
 import train
 from model import MLP
-from test_helpers import assert_same_weights, loss_columns, one_line_error, run_script, train_args
+from test_helpers import assert_same_weights, loss_columns, one_line_error, run_main, train_args
 
 
 class TestDataPaths:
@@ -141,9 +141,9 @@ class TestDevice:
 
     @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
     def test_cuda_without_cuda_is_refused_and_auto_falls_back(self, synth_dir, tmp_path):
-        result = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--device", "cuda")
+        result = run_main("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--device", "cuda")
         one_line_error(result, "CUDA is not available")
-        auto = run_script("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--dry-run")
+        auto = run_main("train.py", *train_args(synth_dir, tmp_path / "r")[:-2], "--dry-run")
         assert "CUDA not available, using CPU" in auto.stdout
 
     @pytest.mark.parametrize("available", [True, False])
@@ -172,15 +172,15 @@ class TestDevice:
         job = {"SLURM_JOB_ID": "1", "SLURM_GPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": "0"}
         job["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
         args = [*train_args(synth_dir, tmp_path / "run")[:-2], "--epochs", "1"]  # --device auto
-        result = run_script("train.py", *args, env=job)
+        result = run_main("train.py", *args, env=job)
         one_line_error(result, "CUDA is not available")
         assert result.returncode not in (0, train.REQUEUE_EXIT_CODE)
         for found in ("CPU build", "driver 550.54 for CUDA 12.4", "CUDA_VISIBLE_DEVICES=0", "--device cpu"):
             assert found in result.stderr
         assert not (tmp_path / "run" / "metrics.csv").exists()
-        env_check = run_script("manage_data.py", "env", "--data-dir", str(synth_dir), env=job)
+        env_check = run_main("manage_data.py", "env", "--data-dir", str(synth_dir), env=job)
         assert result.stderr[result.stderr.index("CUDA is not available") :].strip() in env_check.stdout
-        run_script("train.py", *args, "--device", "cpu", env=job, check=True)  # make demo on a GPU node
+        run_main("train.py", *args, "--device", "cpu", env=job, check=True)  # make demo on a GPU node
 
     @pytest.mark.parametrize(
         "env, given",

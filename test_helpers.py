@@ -4,14 +4,18 @@ server on 127.0.0.1, a copy of the project to submit to Slurm, and waits for a s
 import contextlib
 import csv
 import fcntl
+import functools
 import hashlib
 import http.server
+import importlib
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -40,6 +44,37 @@ def run_script(*args, env=None, check=False):
         env={**os.environ, **(env or {})},
         timeout=600,
     )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def run_main(script, *args, env=None, check=False):
+    """script's main(args) in this process, as run_script runs it in a new one, without the seconds of importing
+    torch, h5py and matplotlib again: from HERE, with env set, sys.argv[0] the script, warnings shown, stdout and
+    stderr captured, SystemExit turned into the exit code. An exception main lets through fails the test, as the
+    traceback a process would print fails one_line_error. For what needs a process of its own (signals, exit at
+    interpreter shutdown, environment read at import) use run_script."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("default")
+        patch.chdir(HERE)
+        patch.setattr(sys, "argv", [script, *args])
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        try:
+            module.main(list(args))
+        except SystemExit as end:
+            code = end.code if isinstance(end.code, int) else 0 if end.code is None else 1
+            if isinstance(end.code, str):
+                print(end.code, file=sys.stderr)
+    result = subprocess.CompletedProcess([script, *args], code, stdout.getvalue(), stderr.getvalue())
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -244,14 +279,12 @@ def is_running(pid):
         return False
 
 
+@functools.cache
 def slurm_is_up():
-    """sbatch is installed and a Slurm controller answers."""
+    """sbatch is installed and a Slurm controller answers (asked once: sinfo waits seconds for an absent one)."""
     if shutil.which("sbatch") is None:
         return False
     return subprocess.run(["sinfo", "-h"], capture_output=True, check=False).returncode == 0
-
-
-needs_slurm = pytest.mark.skipif(not slurm_is_up(), reason="no Slurm here (start one with .ci/slurm-up.sh)")
 
 
 SMALL_JOB = {"GPUS": "0", "CPUS": "1", "MEM": "1500M", "TIME": "00:10:00"}  # the local GPU has no device

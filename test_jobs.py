@@ -29,12 +29,10 @@ from test_helpers import (
     loss_columns,
     make,
     make_env,
-    needs_slurm,
     one_line_error,
     read_csv_rows,
     run_script,
     settled_job,
-    slurm_is_up,
     submitted_job,
     throwaway_repo,
     tissue,
@@ -48,6 +46,7 @@ from test_helpers import (
 class TestGpuCheck:
     """gpu_check.py, the end-to-end check of a GPU node, run here on the CPU."""
 
+    @pytest.mark.slow
     def test_gpu_check_runs_every_check_on_a_tiny_set_on_the_cpu_and_fails_on_a_missed_target(
         self, tmp_path, monkeypatch, capsys
     ):
@@ -101,7 +100,6 @@ class TestGpuCheck:
 
 
 @pytest.mark.slurm
-@needs_slurm
 class TestSlurmJobs:
     """first_job.sh, train_job.sh and the Makefile's Slurm targets against a real local Slurm."""
 
@@ -270,8 +268,6 @@ class TestSlurmJobs:
         assert record["args"]["data_dir"] == str(staged)
 
     def test_a_staged_job_names_the_users_folder_for_a_half_split(self, project, synth_dir, tmp_path):
-        if not slurm_is_up():
-            pytest.skip("no Slurm here (start one with .ci/slurm-up.sh)")
         user_dir = linked_set(synth_dir, tmp_path / "user_data")
         write_split(user_dir, "test", tissue(8), labels_of(8, 4))
         os.remove(pcam_files.split_paths(user_dir, "test")[1])

@@ -28,7 +28,7 @@ from test_helpers import (
     labels_of,
     linked_set,
     one_line_error,
-    run_script,
+    run_main,
     serve,
     tissue,
     train_args,
@@ -91,14 +91,14 @@ class TestDataCommands:
 
     def test_env_names_the_files_of_a_split_that_are_missing(self, tmp_path):
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
-        result = run_script("manage_data.py", "env", "--data-dir", str(tmp_path))
+        result = run_main("manage_data.py", "env", "--data-dir", str(tmp_path))
         output = result.stdout + result.stderr
         assert result.returncode == 1 and "valid split missing in" in result.stderr, output
         missing = ", ".join(os.path.basename(path) for path in pcam_files.split_paths(tmp_path, "valid"))
         assert f"data valid: missing {missing}" in output, output
         assert "data train: camelyonpatch_level_2_split_train_x.h5 " in output, output
         x_path = pcam_files.split_paths(tmp_path, "train")[0]
-        one_line_error(run_script("manage_data.py", "info", "--data-dir", x_path), f"{x_path} is a file, not a folder")
+        one_line_error(run_main("manage_data.py", "info", "--data-dir", x_path), f"{x_path} is a file, not a folder")
 
     def test_synth_writes_a_split_of_one_image_and_none_of_zero(self, tmp_path):
         manage_data.main(["synth", "--data-dir", str(tmp_path), "--n-train", "8", "--n-valid", "1", "--n-test", "0"])
@@ -107,7 +107,7 @@ class TestDataCommands:
 
     def test_synth_writes_pcam_files_with_the_defects_asked_for(self, tmp_path):
         options = "--n-train 300 --n-valid 50 --n-test 0 --poison 0.21 --dtype float32".split()
-        run_script("manage_data.py", "synth", "--data-dir", str(tmp_path), *options, check=True)
+        run_main("manage_data.py", "synth", "--data-dir", str(tmp_path), *options, check=True)
         assert not os.path.exists(pcam_files.split_paths(tmp_path, "test")[0])
         with h5py.File(pcam_files.split_paths(tmp_path, "train")[0]) as h5file:
             x = h5file["x"][()]
@@ -125,22 +125,20 @@ class TestDataCommands:
         x_train = pcam_files.split_paths(small_set, "train")[0]
         before = hashlib.sha256(Path(x_train).read_bytes()).hexdigest()
         for extra in ([], ["--force"]):
-            one_line_error(run_script("manage_data.py", "synth", "--data-dir", str(small_set), *extra), str(small_set))
+            one_line_error(run_main("manage_data.py", "synth", "--data-dir", str(small_set), *extra), str(small_set))
         assert hashlib.sha256(Path(x_train).read_bytes()).hexdigest() == before
         synthetic = tmp_path / "synthetic"
         options = "--n-train 20 --n-valid 8 --n-test 8".split()
-        run_script("manage_data.py", "synth", "--data-dir", str(synthetic), *options, check=True)
-        one_line_error(
-            run_script("manage_data.py", "synth", "--data-dir", str(synthetic), "--n-train", "30"), "--force"
-        )
+        run_main("manage_data.py", "synth", "--data-dir", str(synthetic), *options, check=True)
+        one_line_error(run_main("manage_data.py", "synth", "--data-dir", str(synthetic), "--n-train", "30"), "--force")
         options = "--n-train 30 --n-test 0 --force".split()
-        run_script("manage_data.py", "synth", "--data-dir", str(synthetic), *options, check=True)
+        run_main("manage_data.py", "synth", "--data-dir", str(synthetic), *options, check=True)
         assert len(data.load_split(synthetic, "train")) == 30
         assert pcam_files.present_splits(synthetic) == ["train", "valid"]  # no test split left of the set replaced
 
     def test_prepare_writes_a_clean_contiguous_uint8_copy(self, tmp_path):
         source = tmp_path / "course"
-        run_script(
+        run_main(
             "manage_data.py",
             "synth",
             "--data-dir",
@@ -160,7 +158,7 @@ class TestDataCommands:
         packed = tmp_path / "packed"
         write_split(packed, "train", tissue(30), labels_of(30, 10), chunks=(4, 96, 96, 3), compression="gzip")
         for src, out in ((source, tmp_path / "fast"), (packed, tmp_path / "fast_packed")):
-            result = run_script("manage_data.py", "prepare", "--data-dir", str(src), "--out", str(out), check=True)
+            result = run_main("manage_data.py", "prepare", "--data-dir", str(src), "--out", str(out), check=True)
             assert re.search(r"^prepare train: [\d.]+ of [\d.]+ GB, [\d.]+ GB/s, done in \d+s$", result.stdout, re.M)
             assert not [name for name in os.listdir(out) if name.endswith(".partial")]
         x_source, x_fast = (
@@ -174,14 +172,14 @@ class TestDataCommands:
         unpacked = data.load_split(tmp_path / "fast_packed", "train")
         assert torch.equal(unpacked[[0, 29]][0], data.load_split(packed, "train")[[0, 29]][0])
         assert isinstance(unpacked._reader, pcam_files.MappedRows)  # the chunked, compressed file became memmap-able
-        again = run_script(
+        again = run_main(
             "manage_data.py", "prepare", "--data-dir", str(source), "--out", str(tmp_path / "fast"), check=True
         )
         assert "already a prepared copy" in again.stdout
 
     def test_prepare_follows_its_source_not_mtimes(self, tmp_path):
         def synth(directory, seed):
-            run_script(
+            run_main(
                 "manage_data.py",
                 "synth",
                 "--data-dir",
@@ -200,22 +198,20 @@ class TestDataCommands:
 
         source, other, out = tmp_path / "source", tmp_path / "other", tmp_path / "out"
         synth(source, 0)
-        run_script("manage_data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
+        run_main("manage_data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
         synth(source, 1)  # set B written over set A, with A's old mtimes (as cp -p or rsync -t leave them)
         for path in (p for split in ("train", "valid") for p in pcam_files.split_paths(source, split)):
             os.utime(path, (1e9, 1e9))
-        again = run_script("manage_data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
+        again = run_main("manage_data.py", "prepare", "--data-dir", str(source), "--out", str(out), check=True)
         assert "already a prepared copy" not in again.stdout
         assert torch.equal(
             data.load_split(out, "train")[list(range(40))][0], data.load_split(source, "train")[list(range(40))][0]
         )
         synth(other, 2)
-        one_line_error(
-            run_script("manage_data.py", "prepare", "--data-dir", str(other), "--out", str(out)), str(source)
-        )
+        one_line_error(run_main("manage_data.py", "prepare", "--data-dir", str(other), "--out", str(out)), str(source))
 
     def test_info_prints_a_table_per_split(self, small_set):
-        lines = run_script("manage_data.py", "info", "--data-dir", str(small_set), check=True).stdout.splitlines()
+        lines = run_main("manage_data.py", "info", "--data-dir", str(small_set), check=True).stdout.splitlines()
         train = next(line for line in lines if line.startswith("train")).split()
         assert train[1] == "200" and train[2] == "uint8" and train[-2:] == ["120", "80"]
         assert any(line.startswith("test") for line in lines)
@@ -224,7 +220,7 @@ class TestDataCommands:
         x_path, y_path = write_split(tmp_path, "train", tissue(40), labels_of(40, 20))
         with h5py.File(y_path, "a") as h5file:  # another dataset beside y: 1 MiB more in the y file
             h5file.create_dataset("notes", data=np.zeros(2**20, np.uint8))
-        lines = run_script("manage_data.py", "info", "--data-dir", str(tmp_path), check=True).stdout.splitlines()
+        lines = run_main("manage_data.py", "info", "--data-dir", str(tmp_path), check=True).stdout.splitlines()
         mib = next(line for line in lines if line.startswith("train")).split()[-3]
         assert mib == f"{(os.path.getsize(x_path) + os.path.getsize(y_path)) / 2**20:.1f}" and float(mib) > 2
 
@@ -239,16 +235,16 @@ class TestDataCommands:
         assert capsys.readouterr().out.splitlines() == lines
 
     def test_manifest_then_verify_names_the_changed_file(self, small_set):
-        run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
+        run_main("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
         manifest_path = small_set / pcam_files.MANIFEST_NAME
         upper = re.sub(r'"sha256": "(\w+)"', lambda m: m.group(0).upper(), manifest_path.read_text())
         manifest_path.write_text(upper.replace('"SHA256"', '"sha256"'))  # as PowerShell's Get-FileHash writes them
-        verified = run_script("manage_data.py", "verify", "--data-dir", str(small_set), check=True).stdout
+        verified = run_main("manage_data.py", "verify", "--data-dir", str(small_set), check=True).stdout
         assert "all 6 files match" in verified and "verify: camelyonpatch_level_2_split_train_x.h5 ok" in verified
         x_valid = pcam_files.split_paths(small_set, "valid")[0]
         with h5py.File(x_valid, "r+") as h5file:
             h5file["x"][0, 0, 0, 0] = 255 - h5file["x"][0, 0, 0, 0]
-        result = run_script("manage_data.py", "verify", "--data-dir", str(small_set))
+        result = run_main("manage_data.py", "verify", "--data-dir", str(small_set))
         one_line_error(result, "camelyonpatch_level_2_split_valid_x.h5 (contents differ)")
         assert "train_x" not in result.stderr
 
@@ -257,11 +253,11 @@ class TestDataCommands:
         name = "camelyonpatch_level_2_split_train_y.h5"
         entry = entry.replace("SIZE", str(os.path.getsize(small_set / name)))
         (small_set / pcam_files.MANIFEST_NAME).write_text(f'{{"files": {{"{name}": {entry}}}}}')
-        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), pcam_files.MANIFEST_NAME)
+        one_line_error(run_main("manage_data.py", "verify", "--data-dir", str(small_set)), pcam_files.MANIFEST_NAME)
         (small_set / pcam_files.MANIFEST_NAME).write_text(f'{{"files": [{entry}]}}')
-        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), pcam_files.MANIFEST_NAME)
+        one_line_error(run_main("manage_data.py", "verify", "--data-dir", str(small_set)), pcam_files.MANIFEST_NAME)
         (small_set / pcam_files.MANIFEST_NAME).write_text('{"files": {}}')
-        one_line_error(run_script("manage_data.py", "verify", "--data-dir", str(small_set)), "lists no files")
+        one_line_error(run_main("manage_data.py", "verify", "--data-dir", str(small_set)), "lists no files")
 
     def test_a_file_where_an_output_folder_belongs_is_refused_before_any_work(self, small_set, tmp_path):
         in_the_way = tmp_path / "a_file"
@@ -271,27 +267,27 @@ class TestDataCommands:
             (["manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(in_the_way)], "--out"),
             (["manage_data.py", "synth", "--data-dir", str(in_the_way)], "--data-dir"),
         ):
-            result = run_script(*command)
+            result = run_main(*command)
             one_line_error(result, f"{fragment} {in_the_way} is a file")
             assert "scanning" not in result.stdout and "prepare train" not in result.stdout
         one_line_error(
-            run_script("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(tmp_path)),
+            run_main("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(tmp_path)),
             "is a folder",
         )
-        one_line_error(run_script("manage_data.py", "synth", "--data-dir", ""), "argument --data-dir: is empty")
+        one_line_error(run_main("manage_data.py", "synth", "--data-dir", ""), "argument --data-dir: is empty")
         assert in_the_way.read_text() == "mine"
 
     def test_a_split_with_x_but_no_y_is_an_error_everywhere(self, small_set, tmp_path):
         os.remove(pcam_files.split_paths(small_set, "test")[1])
         missing = "camelyonpatch_level_2_split_test_y.h5 not found"
         for command in ("info", "manifest"):
-            one_line_error(run_script("manage_data.py", command, "--data-dir", str(small_set)), missing)
+            one_line_error(run_main("manage_data.py", command, "--data-dir", str(small_set)), missing)
         one_line_error(
-            run_script("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(tmp_path / "out")),
+            run_main("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(tmp_path / "out")),
             missing,
         )
         one_line_error(
-            run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures")), missing
+            run_main("eda.py", "--data-dir", str(small_set), "--out-dir", str(tmp_path / "figures")), missing
         )
 
     def test_manifest_never_replaces_a_file_it_did_not_write(self, small_set, tmp_path):
@@ -299,23 +295,23 @@ class TestDataCommands:
         before = Path(x_train).read_bytes()
         for extra in ([], ["--force"]):
             one_line_error(
-                run_script("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", x_train, *extra),
+                run_main("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", x_train, *extra),
                 "is a data file",
             )
         assert Path(x_train).read_bytes() == before
         notes = tmp_path / "notes.json"
         notes.write_text('{"owner": "someone else"}')
         one_line_error(
-            run_script("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(notes)), "--force"
+            run_main("manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(notes)), "--force"
         )
         assert notes.read_text() == '{"owner": "someone else"}'
         for extra in (["--force"], []):  # forced once, then it is the manifest's own to rewrite
-            run_script(
+            run_main(
                 "manage_data.py", "manifest", "--data-dir", str(small_set), "--manifest", str(notes), *extra, check=True
             )
         assert (
             "all 6 files match"
-            in run_script(
+            in run_main(
                 "manage_data.py", "verify", "--data-dir", str(small_set), "--manifest", str(notes), check=True
             ).stdout
         )
@@ -324,19 +320,19 @@ class TestDataCommands:
         busy = tmp_path / "busy"
         with folder_held_by_another_command(busy):
             one_line_error(
-                run_script("manage_data.py", "synth", "--data-dir", str(busy), "--n-train", "20", "--n-valid", "8"),
+                run_main("manage_data.py", "synth", "--data-dir", str(busy), "--n-train", "20", "--n-valid", "8"),
                 "PID 4242 on node-7",
             )
             one_line_error(
-                run_script("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(busy)),
+                run_main("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(busy)),
                 "PID 4242 on node-7",
             )
         assert os.listdir(busy) == [manage_data.LOCK_NAME]
-        run_script("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(busy), check=True)
+        run_main("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(busy), check=True)
         other = tmp_path / "other"
         write_split(other, "train", tissue(30, seed=5), labels_of(30, 10))
         one_line_error(
-            run_script("manage_data.py", "prepare", "--data-dir", str(other), "--out", str(busy)), "prepared copy of"
+            run_main("manage_data.py", "prepare", "--data-dir", str(other), "--out", str(busy)), "prepared copy of"
         )
         assert torch.equal(
             data.load_split(busy, "train")[[0, 199]][0], data.load_split(small_set, "train")[[0, 199]][0]
@@ -347,28 +343,28 @@ class TestDataCommands:
         write_split(folder, "valid", np.zeros((0, 96, 96, 3), np.uint8), labels_of(0, 0))
         for command in (["info"], ["prepare", "--out", str(tmp_path / "out")]):
             one_line_error(
-                run_script("manage_data.py", *command, "--data-dir", str(folder)), "valid_x.h5 holds no images"
+                run_main("manage_data.py", *command, "--data-dir", str(folder)), "valid_x.h5 holds no images"
             )
         assert not os.path.exists(pcam_files.split_paths(tmp_path / "out", "valid")[0])
         one_line_error(
-            run_script("eda.py", "--data-dir", str(folder), "--out-dir", str(tmp_path / "figures")), "holds no images"
+            run_main("eda.py", "--data-dir", str(folder), "--out-dir", str(tmp_path / "figures")), "holds no images"
         )
         for flag in ("--n-train", "--n-valid"):
-            one_line_error(run_script("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), flag, "0"), flag)
+            one_line_error(run_main("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), flag, "0"), flag)
         for share in ("1.5", "-0.1"):
             one_line_error(
-                run_script("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), "--poison", share), share
+                run_main("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), "--poison", share), share
             )
         assert not os.path.exists(tmp_path / "s")
 
     @pytest.mark.download
     def test_a_full_disk_is_one_line_everywhere(self, small_disk, synth_dir, straight_run, pcam_server):
-        synth = run_script("manage_data.py", "synth", "--data-dir", str(small_disk / "synth"))
+        synth = run_main("manage_data.py", "synth", "--data-dir", str(small_disk / "synth"))
         one_line_error(synth, f"images needs 0.2 GiB but 0.0 GiB is free on {small_disk}")  # refused before writing
         assert no_partial_files(small_disk) and not (small_disk / "synth").exists()
         for path in list(small_disk.rglob("*.h5")):
             path.unlink()
-        result = run_script("train.py", *train_args(synth_dir, small_disk / "run", "--epochs", "1"))
+        result = run_main("train.py", *train_args(synth_dir, small_disk / "run", "--epochs", "1"))
         one_line_error(result, "last.pt: No space left on device")
         assert no_partial_files(small_disk)
         shutil.rmtree(small_disk / "run")
@@ -382,29 +378,29 @@ class TestDataCommands:
         (small_disk / "filler-2").write_bytes(bytes(max(0, free.f_bavail * free.f_frsize - 40_000)))
         evaluated = small_disk / "eval" / "test"
         args = (str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--out-dir", str(evaluated))
-        one_line_error(run_script("evaluate.py", *args), "No space left on device")
+        one_line_error(run_main("evaluate.py", *args), "No space left on device")
         assert not (small_disk / "eval").exists()  # no half an evaluation
         free = os.statvfs(small_disk)
         (small_disk / "filler-3").write_bytes(bytes(free.f_bavail * free.f_frsize))  # not a byte left
-        result = run_script("train.py", *train_args(synth_dir, small_disk / "new" / "run", "--epochs", "1"))
+        result = run_main("train.py", *train_args(synth_dir, small_disk / "new" / "run", "--epochs", "1"))
         one_line_error(result, "cannot write to --out-dir")
         assert not (small_disk / "new").exists()  # nor the folders made on the way, nor an empty train.lock
 
     @pytest.mark.download
     def test_read_only_folders_and_files_in_the_way_are_one_line(self, read_only_dir, small_set, tmp_path, pcam_server):
         one_line_error(
-            run_script("manage_data.py", "synth", "--data-dir", str(read_only_dir / "synth")), "Read-only file system"
+            run_main("manage_data.py", "synth", "--data-dir", str(read_only_dir / "synth")), "Read-only file system"
         )
         one_line_error(
-            run_script("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(read_only_dir)),
+            run_main("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(read_only_dir)),
             "Read-only file system",
         )
         manifest = ("--data-dir", str(small_set), "--manifest", str(read_only_dir / "m.json"))
-        result = run_script("manage_data.py", "manifest", *manifest)
+        result = run_main("manage_data.py", "manifest", *manifest)
         one_line_error(result, "Read-only file system")
         assert "sha256" not in result.stdout  # refused before any file is hashed
         for out_dir in (read_only_dir, read_only_dir / "eda"):  # figures that cannot be written, a folder not made
-            result = run_script("eda.py", "--data-dir", str(small_set), "--out-dir", str(out_dir))
+            result = run_main("eda.py", "--data-dir", str(small_set), "--out-dir", str(out_dir))
             one_line_error(result, "Read-only file system")
             assert "scanning" not in result.stdout  # refused before the first scan
         result = download(pcam_server, read_only_dir, "valid")
@@ -412,10 +408,10 @@ class TestDataCommands:
         assert "attempt" not in result.stdout  # a read-only folder is not retried
         (tmp_path / "a_file").write_text("")
         one_line_error(
-            run_script("manage_data.py", "synth", "--data-dir", str(tmp_path / "a_file" / "synth")), "Not a directory"
+            run_main("manage_data.py", "synth", "--data-dir", str(tmp_path / "a_file" / "synth")), "Not a directory"
         )
         one_line_error(
-            run_script(
+            run_main(
                 "manage_data.py",
                 "manifest",
                 "--data-dir",
@@ -430,10 +426,10 @@ class TestDataCommands:
         self, read_only_dir, small_set, straight_run
     ):
         one_line_error(
-            run_script("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
+            run_main("plot_loss.py", str(straight_run), "--out", str(read_only_dir / "loss.png")),
             "Read-only file system",
         )
-        evaluated = run_script(
+        evaluated = run_main(
             "evaluate.py",
             str(straight_run / "best.pt"),
             "--data-dir",
@@ -442,9 +438,9 @@ class TestDataCommands:
             str(read_only_dir / "eval"),
         )
         one_line_error(evaluated, "cannot write --out-dir")  # before the scoring, not at its first file
-        run = run_script("train.py", *train_args(small_set, read_only_dir, "--epochs", "1"))  # it exists: no lock made
+        run = run_main("train.py", *train_args(small_set, read_only_dir, "--epochs", "1"))  # it exists: no lock made
         one_line_error(run, "cannot write to --out-dir")
-        table = run_script("plot_loss.py", "--table", str(straight_run), "--out", str(read_only_dir / "runs.png"))
+        table = run_main("plot_loss.py", "--table", str(straight_run), "--out", str(read_only_dir / "runs.png"))
         one_line_error(table, "Read-only file system")
         assert table.stdout == ""  # refused before the table is printed
 

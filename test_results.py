@@ -30,7 +30,7 @@ from test_helpers import (
     make,
     one_line_error,
     read_csv_rows,
-    run_script,
+    run_main,
     start_run,
     tissue,
     train_args,
@@ -82,7 +82,7 @@ class TestEvaluate:
 
     def test_evaluate_writes_predictions_metrics_and_figures_that_agree(self, straight_run, synth_dir, tmp_path):
         out = tmp_path / "eval"
-        result = run_script(
+        result = run_main(
             "evaluate.py",
             str(straight_run / "best.pt"),
             "--data-dir",
@@ -124,7 +124,7 @@ class TestEvaluate:
         images = tissue(40, seed=5)
         images[[3, 17]], images[30] = 0, 255  # two black tiles and a white one
         write_split(tmp_path / "data", "test", images, labels_of(40, 16))
-        run_script(
+        run_main(
             "evaluate.py",
             str(straight_run / "best.pt"),
             "--data-dir",
@@ -146,13 +146,13 @@ class TestEvaluate:
         images[[3, 17]], images[30] = 0, 255  # two black tiles and a white one
         write_split(data_dir, "test", images, labels_of(40, 16))
         run_dir = tmp_path / "run"
-        run_script("train.py", *train_args(data_dir, run_dir, "--epochs", "1", "--filter-data"), check=True)
+        run_main("train.py", *train_args(data_dir, run_dir, "--epochs", "1", "--filter-data"), check=True)
         rows, labels, scores, _ = read_predictions(run_dir / "eval-test" / "predictions.csv")
         assert rows.tolist() == [row for row in range(40) if row not in (3, 17, 30)]
         assert labels.tolist() == labels_of(40, 16).ravel()[rows].tolist()
         assert json.loads((run_dir / "eval-test" / "metrics.json").read_text())["filter_data"] is True
         evaluated = tmp_path / "evaluated"
-        run_script(
+        run_main(
             *("evaluate.py", str(run_dir / "best.pt"), "--data-dir", str(data_dir), "--filter-data"),
             *("--out-dir", str(evaluated), "--batch-size", "64"),
             check=True,
@@ -163,7 +163,7 @@ class TestEvaluate:
         data_dir = linked_set(synth_dir, tmp_path / "data")
         write_split(data_dir, "test", np.zeros((8, 96, 96, 3), np.uint8), labels_of(8, 4))  # all black tiles
         run_dir = tmp_path / "run"
-        result = run_script("train.py", *train_args(data_dir, run_dir, "--epochs", "1", "--filter-data"), check=True)
+        result = run_main("train.py", *train_args(data_dir, run_dir, "--epochs", "1", "--filter-data"), check=True)
         assert "the outlier filter removed every test image, skipped" in result.stdout
         record = json.loads((run_dir / "run.json").read_text())
         assert record["status"] == "done" and record["test"] is None and (run_dir / "best.pt").exists()
@@ -210,7 +210,7 @@ class TestEvaluate:
     )
     def test_evaluate_refuses_a_bad_checkpoint_in_one_line(self, straight_run, synth_dir, tmp_path, name):
         path, fragment = bad_checkpoints(straight_run, tmp_path)[name]
-        result = run_script("evaluate.py", str(path), "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "eval"))
+        result = run_main("evaluate.py", str(path), "--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "eval"))
         one_line_error(result, fragment)
         assert not (tmp_path / "eval").exists()
 
@@ -218,7 +218,7 @@ class TestEvaluate:
         best = torch.load(straight_run / "best.pt", weights_only=True)
         best["model"]["layers.0.weight"][0, 0] = float("nan")
         torch.save(best, tmp_path / "nan.pt")
-        result = run_script("evaluate.py", str(tmp_path / "nan.pt"), "--data-dir", str(synth_dir))
+        result = run_main("evaluate.py", str(tmp_path / "nan.pt"), "--data-dir", str(synth_dir))
         one_line_error(result, "layers.0.weight")
         assert "non-finite" in result.stderr and not (tmp_path / "eval-test").exists()
 
@@ -228,7 +228,7 @@ class TestEvaluate:
         best = torch.load(straight_run / "best.pt", weights_only=True)
         best["model"]["layers.0.weight"].fill_(1e38)  # finite, but the logits overflow
         torch.save(best, tmp_path / "huge.pt")
-        result = run_script("evaluate.py", str(tmp_path / "huge.pt"), "--data-dir", str(synth_dir))
+        result = run_main("evaluate.py", str(tmp_path / "huge.pt"), "--data-dir", str(synth_dir))
         one_line_error(result, "not finite")
         assert not (tmp_path / "eval-test").exists()
 
@@ -236,17 +236,17 @@ class TestEvaluate:
         args = train_args(synth_dir, tmp_path / "run", "--epochs", "50")
         live = start_run(args)
         try:
-            result = run_script("evaluate.py", str(tmp_path / "run" / "last.pt"), "--data-dir", str(synth_dir))
+            result = run_main("evaluate.py", str(tmp_path / "run" / "last.pt"), "--data-dir", str(synth_dir))
             one_line_error(result, "still training")
             assert not (tmp_path / "run" / "eval-test").exists()
-            into_the_run = run_script(
+            into_the_run = run_main(
                 *("evaluate.py", str(tmp_path / "run" / "last.pt"), "--data-dir", str(synth_dir)),
                 *("--out-dir", str(tmp_path / "run")),
             )
             one_line_error(into_the_run, "still training")
             assert not (tmp_path / "run" / "metrics.json").exists()
             elsewhere = tmp_path / "elsewhere"
-            run_script(
+            run_main(
                 *("evaluate.py", str(tmp_path / "run" / "last.pt"), "--data-dir", str(synth_dir)),
                 *("--out-dir", str(elsewhere)),
                 check=True,
@@ -263,7 +263,7 @@ class TestEvaluate:
         shutil.copytree(straight_run, run_dir, ignore=shutil.ignore_patterns("eval-test"))
         record = json.loads((run_dir / "run.json").read_text())
         (run_dir / "run.json").write_text(json.dumps({**record, "status": "stopped"}))
-        result = run_script("evaluate.py", str(run_dir / "best.pt"), "--data-dir", str(synth_dir))
+        result = run_main("evaluate.py", str(run_dir / "best.pt"), "--data-dir", str(synth_dir))
         one_line_error(
             result, f"{run_dir / 'eval-test'} is the run's own: train.py writes it when the run in {run_dir} ends"
         )
@@ -273,13 +273,13 @@ class TestEvaluate:
         self, straight_run, synth_dir, tmp_path
     ):
         write_split(tmp_path / "data", "train", tissue(8), labels_of(8, 4))
-        result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(tmp_path / "data"))
+        result = run_main("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(tmp_path / "data"))
         with pytest.raises(pcam_files.MissingDataError) as missing:
             pcam_files.require_split(tmp_path / "data", "test")
         assert result.returncode == 1 and result.stderr == f"evaluate.py: error: {missing.value}\n"
-        result = run_script("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--filter-data")
+        result = run_main("evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--filter-data")
         one_line_error(result, "holds an evaluation of another checkpoint or other data")
-        result = run_script(
+        result = run_main(
             "evaluate.py", str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--batch-size", "0"
         )
         one_line_error(result, "--batch-size must be in 1 .. 2**31")
@@ -287,11 +287,11 @@ class TestEvaluate:
         users.mkdir()
         (users / "predictions.csv").write_text("my own predictions\n")
         args = (str(straight_run / "best.pt"), "--data-dir", str(synth_dir), "--out-dir", str(users))
-        one_line_error(run_script("evaluate.py", *args), "predictions.csv not written by evaluate.py")
+        one_line_error(run_main("evaluate.py", *args), "predictions.csv not written by evaluate.py")
         assert (users / "predictions.csv").read_text() == "my own predictions\n"
         for damaged in ('{"split": ', '{"checkpoint": null}'):  # cut short, or not evaluate.py's shape
             (users / "metrics.json").write_text(damaged)
-            one_line_error(run_script("evaluate.py", *args), "metrics.json is damaged or not written by evaluate.py")
+            one_line_error(run_main("evaluate.py", *args), "metrics.json is damaged or not written by evaluate.py")
 
 
 class TestLossPlot:
@@ -306,15 +306,15 @@ class TestLossPlot:
 
     def test_plot_overlays_runs_and_writes_where_asked(self, straight_run, tmp_path):
         out = tmp_path / "assets" / "loss_plot.png"
-        run_script("plot_loss.py", str(straight_run), str(straight_run / "metrics.csv"), "--out", str(out), check=True)
+        run_main("plot_loss.py", str(straight_run), str(straight_run / "metrics.csv"), "--out", str(out), check=True)
         assert is_nonblank_png(out)
         (straight_run / "loss.png").unlink()
-        run_script("plot_loss.py", str(straight_run), check=True)
+        run_main("plot_loss.py", str(straight_run), check=True)
         assert is_nonblank_png(straight_run / "loss.png")
         shutil.copytree(straight_run, tmp_path / "runs" / "demo")
         shutil.copy(out, tmp_path / "runs" / "demo-loss.png")  # as make plot RUN=runs/demo OUT=runs/demo-loss.png
         pattern = str(tmp_path / "runs" / "demo*")  # matches the run and the PNG beside it
-        run_script("plot_loss.py", pattern, "--out", str(tmp_path / "sweep.png"), check=True)
+        run_main("plot_loss.py", pattern, "--out", str(tmp_path / "sweep.png"), check=True)
 
     def test_plot_draws_train_and_validation_loss_and_accuracy_of_each_run(self, straight_run, tmp_path):
         def column(rows, name):
@@ -351,7 +351,7 @@ class TestLossPlot:
             markers = [line.get_marker() for line in axes.get_lines() if "train" not in line.get_label()]
             assert len(set(markers)) == 3, markers  # told apart without colour
         before = {run: (run / "loss.png").read_bytes() for run in runs}
-        result = run_script("plot_loss.py", *map(str, runs), check=True)
+        result = run_main("plot_loss.py", *map(str, runs), check=True)
         assert f"wrote {tmp_path / 'runs.png'}" in result.stdout and is_nonblank_png(tmp_path / "runs.png")
         assert {run: (run / "loss.png").read_bytes() for run in runs} == before  # each run keeps its own plot
 
@@ -362,10 +362,10 @@ class TestLossPlot:
         kept = {path: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
         for name in ("best.pt", "last.pt", "run.json", "metrics.csv", run_folder.LOCK_NAME):
             one_line_error(
-                run_script("plot_loss.py", str(run_dir), "--out", str(run_dir / name), "--force"), "never this output"
+                run_main("plot_loss.py", str(run_dir), "--out", str(run_dir / name), "--force"), "never this output"
             )
             one_line_error(
-                run_script(
+                run_main(
                     "manage_data.py",
                     "manifest",
                     "--data-dir",
@@ -376,24 +376,24 @@ class TestLossPlot:
                 ),
                 "never this output",
             )
-        one_line_error(run_script("plot_loss.py", str(run_dir), "--out", str(tmp_path)), "is a folder")
+        one_line_error(run_main("plot_loss.py", str(run_dir), "--out", str(tmp_path)), "is a folder")
         assert {path: path.read_bytes() for path in kept} == kept
 
     def test_plot_never_replaces_a_file_it_did_not_write(self, straight_run, tmp_path):
         _, y_path = write_split(tmp_path / "data", "train", tissue(4), labels_of(4, 2))
         before = Path(y_path).read_bytes()
         for extra in ([], ["--force"]):
-            one_line_error(run_script("plot_loss.py", str(straight_run), "--out", y_path, *extra), "is a data file")
+            one_line_error(run_main("plot_loss.py", str(straight_run), "--out", y_path, *extra), "is a data file")
         assert Path(y_path).read_bytes() == before
         photo = tmp_path / "photo.png"
         matplotlib.pyplot.imsave(photo, np.zeros((4, 4, 3)))
         before = photo.read_bytes()
-        one_line_error(run_script("plot_loss.py", str(straight_run), "--out", str(photo)), "--force")
+        one_line_error(run_main("plot_loss.py", str(straight_run), "--out", str(photo)), "--force")
         assert photo.read_bytes() == before
-        run_script("plot_loss.py", str(straight_run), "--out", str(photo), "--force", check=True)
+        run_main("plot_loss.py", str(straight_run), "--out", str(photo), "--force", check=True)
         for _ in range(2):  # its own output it may draw again
-            run_script("plot_loss.py", str(straight_run), "--out", str(tmp_path / "loss.png"), check=True)
-        one_line_error(run_script("plot_loss.py", str(straight_run), "--out", str(tmp_path / "loss.pdf")), ".png file")
+            run_main("plot_loss.py", str(straight_run), "--out", str(tmp_path / "loss.png"), check=True)
+        one_line_error(run_main("plot_loss.py", str(straight_run), "--out", str(tmp_path / "loss.pdf")), ".png file")
         assert not (tmp_path / "loss.pdf").exists()
         assert is_nonblank_png(tmp_path / "loss.png")
 
@@ -410,7 +410,7 @@ class TestLossPlot:
         path = tmp_path / "metrics.csv"
         if content is not None:
             path.write_text(content)
-        one_line_error(run_script("plot_loss.py", str(path)), fragment)
+        one_line_error(run_main("plot_loss.py", str(path)), fragment)
 
 
 @pytest.fixture(scope="module")
@@ -487,7 +487,7 @@ class TestRunsTable:
     """plot_loss.py --table: one row per run, the spread over seeds, and runs that are not done."""
 
     def test_runs_table_shows_what_differs_and_the_spread_over_seeds(self, sweep_runs):
-        result = run_script("plot_loss.py", "--table", str(sweep_runs / "*"), check=True)
+        result = run_main("plot_loss.py", "--table", str(sweep_runs / "*"), check=True)
         table = read_csv_rows(sweep_runs / "runs_summary.csv")
         # of the settings, only those that differ
         columns = (
@@ -530,7 +530,7 @@ class TestRunsTable:
             shutil.copytree(sweep_runs / "seed-3", tmp_path / name)
             record = json.loads((tmp_path / name / "run.json").read_text())
             (tmp_path / name / "run.json").write_text(json.dumps({**record, **change}))
-        run_script("plot_loss.py", "--table", str(tmp_path / "*"), check=True)
+        run_main("plot_loss.py", "--table", str(tmp_path / "*"), check=True)
         by_run = {row["run"]: row for row in read_csv_rows(tmp_path / "runs_summary.csv")}
         assert by_run["one-class-1"]["val_auc"] == "nan" and by_run["mean of 2 seeds"]["val_auc"] == ""
         assert float(by_run["mean of 2 seeds"]["val_acc"]) == pytest.approx(
@@ -572,29 +572,29 @@ class TestRunsTable:
 
     def test_runs_table_never_replaces_a_summary_it_did_not_write(self, sweep_runs, tmp_path):
         (tmp_path / "runs_summary.csv").write_text("run,score\nmine,1\n")  # a header like ours at the start only
-        result = run_script("plot_loss.py", "--table", str(sweep_runs / "seed-1"), "--out", str(tmp_path / "t.png"))
+        result = run_main("plot_loss.py", "--table", str(sweep_runs / "seed-1"), "--out", str(tmp_path / "t.png"))
         one_line_error(result, "runs_summary.csv")
         assert (tmp_path / "runs_summary.csv").read_text() == "run,score\nmine,1\n"
         assert not (tmp_path / "t.png").exists()
         for _ in range(2):
             out = str(tmp_path / "mine" / "t.png")
-            run_script("plot_loss.py", "--table", str(sweep_runs / "seed-1"), "--out", out, check=True)
+            run_main("plot_loss.py", "--table", str(sweep_runs / "seed-1"), "--out", out, check=True)
         assert read_csv_rows(tmp_path / "mine" / "runs_summary.csv")[0]["run"] == "seed-1"
 
     def test_no_run_found_suggests_another_pattern_than_the_one_that_failed(self, tmp_path):
         for pattern in ("runs/slurm-123_*", "runs/*/", str(tmp_path / "nowhere")):
-            result = run_script("plot_loss.py", "--table", pattern)
+            result = run_main("plot_loss.py", "--table", pattern)
             one_line_error(result, f"no run found in '{pattern}'")
             assert result.stderr.count(pattern) == 1 and "plot_loss.py --table" not in result.stderr
 
     def test_runs_table_names_what_it_cannot_find(self, sweep_runs, tmp_path):
         out = str(tmp_path / "o.png")
-        missing = run_script(
+        missing = run_main(
             "plot_loss.py", "--table", str(tmp_path / "nowhere"), str(sweep_runs / "seed-1"), "--out", out
         )
         assert missing.returncode == 0 and "unreadable: not found" in missing.stdout
         for nothing in (str(tmp_path / "nowhere"), str(tmp_path / "no-match-*"), os.path.join(HERE, "README.md")):
-            one_line_error(run_script("plot_loss.py", "--table", nothing), "no run found")
+            one_line_error(run_main("plot_loss.py", "--table", nothing), "no run found")
         assert not (tmp_path.parent / "runs_summary.csv").exists() and not os.path.exists(
             os.path.join(HERE, "runs_summary.csv")
         )

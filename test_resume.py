@@ -31,7 +31,7 @@ from test_helpers import (
     loss_columns,
     one_line_error,
     read_csv_rows,
-    run_script,
+    run_main,
     save_checkpoint,
     start_run,
     tissue,
@@ -106,7 +106,7 @@ class TestStopAndResume:
         assert exit_code == 75, output
         assert "stopped by SIGTERM" in output and "epoch 2/3 train_loss" not in output
         assert len(read_csv_rows(tmp_path / "killed" / "metrics.csv")) == 1
-        resumed = run_script("train.py", *args, "--resume", check=True)
+        resumed = run_main("train.py", *args, "--resume", check=True)
         assert "resuming" in resumed.stdout
         assert loss_columns(tmp_path / "killed") == loss_columns(straight_run)
         assert_same_weights(tmp_path / "killed", straight_run)
@@ -232,12 +232,12 @@ class TestStopAndResume:
         first = start_run(args)
         try:
             for extra in ([], ["--resume"]):
-                one_line_error(run_script("train.py", *args, *extra), f"PID {first.pid} on {socket.gethostname()}")
+                one_line_error(run_main("train.py", *args, *extra), f"PID {first.pid} on {socket.gethostname()}")
         finally:
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=60)
         epoch = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"]
-        resumed = run_script(
+        resumed = run_main(
             "train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", str(epoch + 1)), "--resume", check=True
         )
         assert f"resuming {tmp_path / 'run'} after epoch {epoch}" in resumed.stdout  # the killed run left no lock
@@ -249,7 +249,7 @@ class TestStopAndResume:
             (["manage_data.py", "synth", "--data-dir", str(tmp_path)], tmp_path / "pcam.lock"),
         ):
             lock.write_text("notes of mine\n")
-            one_line_error(run_script(*command), f"{lock} is not a lock file of this project")
+            one_line_error(run_main(*command), f"{lock} is not a lock file of this project")
             assert lock.read_text() == "notes of mine\n"
         assert sorted(os.listdir(tmp_path)) == ["pcam.lock", "run"] and os.listdir(tmp_path / "run") == ["train.lock"]
 
@@ -300,11 +300,11 @@ class TestStopAndResume:
         last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
         elsewhere = {**last["written_on"], "device": "cuda", "device_name": "NVIDIA A100", "cuda": "12.8"}
         save_checkpoint({**last, "written_on": elsewhere}, tmp_path / "run" / "last.pt")
-        resumed = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2"))
+        resumed = run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2"))
         assert resumed.returncode == 0, resumed.stderr
         note = "checkpoint written with device cuda, device_name NVIDIA A100, cuda 12.8, resumed with device cpu"
         assert f"{note}, device_name " in resumed.stdout and "results need not match bit for bit" in resumed.stdout
-        same_place = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "3"))
+        same_place = run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "3"))
         assert same_place.returncode == 0 and "checkpoint written with" not in same_place.stdout
 
     def test_a_cpu_run_never_touches_cuda_even_where_cuda_is_available(self, synth_dir, tmp_path, monkeypatch):
@@ -346,7 +346,7 @@ class TestStopAndResume:
 
     def test_resume_refuses_an_explicit_different_bf16(self, synth_dir, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
-        result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2", "--bf16"))
+        result = run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "2", "--bf16"))
         one_line_error(result, "--bf16")
         assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 1
 
@@ -356,7 +356,7 @@ class TestStopAndResume:
             train.main(train_args(synth_dir, tmp_path / name, "--epochs", "1"))
         shutil.copy(tmp_path / "other" / foreign, tmp_path / "mine" / foreign)
         kept = {name: (tmp_path / "mine" / name).read_bytes() for name in ("metrics.csv", "best.pt", "run.json")}
-        result = run_script("train.py", *train_args(synth_dir, tmp_path / "mine", "--resume", "--epochs", "2"))
+        result = run_main("train.py", *train_args(synth_dir, tmp_path / "mine", "--resume", "--epochs", "2"))
         one_line_error(result, f"{foreign} belongs to another run")
         assert {name: (tmp_path / "mine" / name).read_bytes() for name in kept} == kept
 
@@ -397,7 +397,7 @@ class TestStopAndResume:
                 checkpoint = torch.load(run_dir / name, weights_only=True)
                 save_checkpoint({**checkpoint, **change}, run_dir / name)
         kept = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
-        one_line_error(run_script("train.py", *train_args(synth_dir, run_dir, "--resume", "--epochs", "4")), fragment)
+        one_line_error(run_main("train.py", *train_args(synth_dir, run_dir, "--resume", "--epochs", "4")), fragment)
         assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == kept
 
     def test_a_run_killed_in_its_first_epoch_leaves_the_checkpoint_of_epoch_0(self, synth_dir, tmp_path):
@@ -423,7 +423,7 @@ class TestStopAndResume:
         exit_code, output = signal_at(args, "epoch 3/3 step 10/", signal.SIGTERM)
         assert exit_code == 75, output
         one_line_error(
-            run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "1")),
+            run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", "--epochs", "1")),
             "--epochs 1 is below the 2 epochs",
         )
         train.main(train_args(synth_dir, tmp_path / "run", "--resume"))  # no --epochs: the run's own 3
@@ -437,7 +437,7 @@ class TestStopAndResume:
         before = files()
         rewound = ", past --epochs 1 (a run is never rewound)"
         for extra, past in (([], ""), (["--epochs", "3"], ""), (["--epochs", "1"], rewound)):  # 3: as make demo
-            again = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", *extra), check=True)
+            again = run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--resume", *extra), check=True)
             assert again.stdout.strip().splitlines() == [
                 f"{tmp_path / 'run'}: complete, 3 of 3 epochs done{past}; nothing to do"
             ]
@@ -446,20 +446,20 @@ class TestStopAndResume:
     def test_an_absurd_validation_loss_stops_the_run(self, synth_dir, tmp_path):
         # one SGD step per epoch at lr 100: a finite training loss, a validation loss of several hundred
         args = train_args(synth_dir, tmp_path / "run", "--epochs", "2", "--optimizer", "sgd", "--lr", "100")
-        result = run_script("train.py", *args, "--batch-size", "2048", "--dropout", "0")
+        result = run_main("train.py", *args, "--batch-size", "2048", "--dropout", "0")
         one_line_error(result, "validation loss")
         assert "epoch 1" in result.stderr and "--lr" in result.stderr
         assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
         assert not (tmp_path / "run" / "best.pt").exists()
 
     def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(self, synth_dir, tmp_path):
-        result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--optimizer", "sgd", "--lr", "1e30"))
+        result = run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--optimizer", "sgd", "--lr", "1e30"))
         one_line_error(result, "training loss became")
         assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
 
     def test_non_finite_weights_or_validation_loss_never_reach_a_checkpoint(self, synth_dir, tmp_path):
         # one step per epoch: the step's own loss is finite, the weights it leaves behind are not
-        result = run_script(
+        result = run_main(
             "train.py",
             *train_args(synth_dir, tmp_path / "run", "--epochs", "2", "--optimizer", "sgd", "--lr", "1e30"),
             "--batch-size",
@@ -492,9 +492,7 @@ class TestStopAndResume:
             for file_name, text in files.items():
                 os.makedirs(tmp_path / name, exist_ok=True)
                 (tmp_path / name / file_name).write_text(text)
-            one_line_error(
-                run_script("train.py", *train_args(synth_dir, tmp_path / name, "--resume", "auto")), fragment
-            )
+            one_line_error(run_main("train.py", *train_args(synth_dir, tmp_path / name, "--resume", "auto")), fragment)
             assert os.listdir(tmp_path / name) == [file_name] and (tmp_path / name / file_name).read_text() == text
         train.main(train_args(synth_dir, tmp_path / "done", "--epochs", "1", "--lr", "0.001"))
         kept = {path.name: path.read_bytes() for path in (tmp_path / "done").iterdir() if path.is_file()}

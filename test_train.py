@@ -32,7 +32,7 @@ from test_helpers import (
     loss_columns,
     one_line_error,
     read_csv_rows,
-    run_script,
+    run_main,
     tissue,
     train_args,
     write_split,
@@ -49,9 +49,7 @@ def overfit_run(tmp_path_factory):
     manage_data.main(
         ["synth", "--data-dir", str(base / "tiny"), "--n-train", "64", "--n-valid", "128", "--n-test", "64"]
     )
-    result = run_script(
-        "train.py", *train_args(base / "tiny", base / "run", *OVERFIT_FLAGS, "--epochs", "5"), check=True
-    )
+    result = run_main("train.py", *train_args(base / "tiny", base / "run", *OVERFIT_FLAGS, "--epochs", "5"), check=True)
     val_losses = [float(row["val_loss"]) for row in read_csv_rows(base / "run" / "metrics.csv")]
     lowest_epoch = 1 + val_losses.index(min(val_losses))
     assert 1 < lowest_epoch < len(val_losses), f"the validation loss must fall, then rise: {val_losses}"
@@ -179,7 +177,7 @@ class TestTraining:
     def test_a_tiny_minority_class_trains_with_a_warning_naming_the_counts(self, synth_dir, tmp_path):
         write_split(tmp_path / "data", "train", tissue(512), labels_of(512, 1))
         linked_set(synth_dir, tmp_path / "data", splits=("valid",))
-        result = run_script("train.py", *train_args(tmp_path / "data", tmp_path / "run", "--epochs", "1"), check=True)
+        result = run_main("train.py", *train_args(tmp_path / "data", tmp_path / "run", "--epochs", "1"), check=True)
         warnings = [line for line in result.stderr.splitlines() if "warning" in line]
         assert len(warnings) == 1 and "class 1: 1 of 512" in warnings[0], result.stderr
         assert len(read_csv_rows(tmp_path / "run" / "metrics.csv")) == 1
@@ -197,7 +195,7 @@ class TestTraining:
 
     @pytest.mark.parametrize("script", ["train.py", "evaluate.py", "eda.py", "plot_loss.py", "manage_data.py synth"])
     def test_help_states_each_default_once(self, script):
-        help_text = run_script(*script.split(), "--help", check=True).stdout
+        help_text = run_main(*script.split(), "--help", check=True).stdout
         options = re.split(r"\n  (?=-)", help_text)
         assert len(options) > 3 and "--data-dir" in help_text or script == "plot_loss.py"
         noise = [
@@ -221,17 +219,17 @@ class TestTraining:
         ],
     )
     def test_command_line_mistakes_are_one_line_pointing_to_help(self, command, fragment):
-        result = run_script(*command.split())
+        result = run_main(*command.split())
         one_line_error(result, fragment)
         assert result.stderr.strip().endswith("--help")
 
     def test_help_shows_zero_and_list_defaults(self):
-        help_text = " ".join(run_script("train.py", "--help", check=True).stdout.split())
+        help_text = " ".join(run_main("train.py", "--help", check=True).stdout.split())
         for shown in ("L2 weight decay (default: 0.0)", "(default: 0)", "hidden layer widths (default: 64 32)"):
             assert shown in help_text
 
     def test_dry_run_takes_one_batch_each_and_writes_nothing(self, synth_dir, tmp_path):
-        result = run_script("train.py", *train_args(synth_dir, tmp_path / "dry", "--dry-run"), check=True)
+        result = run_main("train.py", *train_args(synth_dir, tmp_path / "dry", "--dry-run"), check=True)
         assert "epoch 1/5 step 1/" in result.stdout and "dry run: one validation batch" in result.stdout
         assert not (tmp_path / "dry").exists()
 
@@ -252,7 +250,7 @@ class TestTraining:
         before = sorted(os.listdir(tmp_path / "run"))
 
         def validation_loss(*flags):
-            output = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--dry-run", *flags)).stdout
+            output = run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--dry-run", *flags)).stdout
             return float(re.search(r"dry run: one validation batch, loss ([\d.]+)", output).group(1))
 
         assert validation_loss("--resume", "--epochs", "4") < validation_loss() - 0.1  # 3 epochs trained, or none
@@ -319,13 +317,13 @@ class TestTrainRefusals:
     )
     def test_bad_arguments_end_in_one_line_before_training(self, synth_dir, tmp_path, flags, fragment):
         args = ["--data-dir", str(synth_dir), "--out-dir", str(tmp_path / "run"), *flags]
-        one_line_error(run_script("train.py", *args), fragment)
+        one_line_error(run_main("train.py", *args), fragment)
         assert not (tmp_path / "run" / "metrics.csv").exists()
 
     def test_a_refused_run_removes_every_folder_it_made_and_no_other(self, synth_dir, tmp_path):
         (tmp_path / "mine").mkdir()  # the user's own empty folder
         for out_dir in (tmp_path / "mine" / "a" / "b", tmp_path / "mine"):
-            one_line_error(run_script("train.py", *train_args(synth_dir, out_dir, "--resume")), "no checkpoint")
+            one_line_error(run_main("train.py", *train_args(synth_dir, out_dir, "--resume")), "no checkpoint")
         in_a_job = subprocess.run(  # its folder is runs/slurm-123, and runs/ is made for it
             [sys.executable, os.path.join(HERE, "train.py"), "--data-dir", str(synth_dir), "--resume"],
             cwd=tmp_path / "mine",
@@ -337,12 +335,10 @@ class TestTrainRefusals:
         assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []
 
     def test_an_empty_out_dir_is_refused(self, synth_dir, tmp_path):
-        result = run_script(
-            "train.py", "--data-dir", str(synth_dir), "--out-dir", "", "--epochs", "1", "--device", "cpu"
-        )
+        result = run_main("train.py", "--data-dir", str(synth_dir), "--out-dir", "", "--epochs", "1", "--device", "cpu")
         one_line_error(result, "argument --out-dir: is empty")
         assert "step 1/" not in result.stdout
-        auto = run_script("train.py", "--data-dir", str(synth_dir), "--resume", "auto", env={"SLURM_JOB_ID": ""})
+        auto = run_main("train.py", "--data-dir", str(synth_dir), "--resume", "auto", env={"SLURM_JOB_ID": ""})
         one_line_error(auto, "--resume auto needs --out-dir")  # else each run would start a new runs/<date-time>
 
     def test_unwritable_out_dir_and_missing_data_are_reported(self, synth_dir, tmp_path):
@@ -358,7 +354,7 @@ class TestTrainRefusals:
         train.main(train_args(synth_dir, tmp_path / "run", "--epochs", "1"))
         (tmp_path / "run" / "last.pt").unlink()  # a user saving disk space keeps best.pt and the metrics
         kept = {name: (tmp_path / "run" / name).read_bytes() for name in ("best.pt", "metrics.csv", "run.json")}
-        one_line_error(run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", "1")), "best.pt")
+        one_line_error(run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", "1")), "best.pt")
         assert {name: (tmp_path / "run" / name).read_bytes() for name in kept} == kept
 
     def test_a_slurm_job_and_an_array_task_each_get_their_own_folder(self, monkeypatch):
@@ -383,7 +379,7 @@ class TestTrainRefusals:
     def test_every_split_is_checked_before_the_first_step(self, synth_dir, tmp_path, name):
         write, fragment = bad_test_splits()[name]
         write(linked_set(synth_dir, tmp_path / "data"))
-        result = run_script("train.py", *train_args(tmp_path / "data", tmp_path / "run", "--epochs", "1"))
+        result = run_main("train.py", *train_args(tmp_path / "data", tmp_path / "run", "--epochs", "1"))
         one_line_error(result, fragment)
         assert "epoch 1/1" not in result.stdout
         assert not (tmp_path / "run").exists()  # nothing for make plot to pick up
@@ -391,7 +387,7 @@ class TestTrainRefusals:
     def test_a_zero_row_validation_split_is_one_line_before_training(self, synth_dir, tmp_path):
         linked_set(synth_dir, tmp_path / "data", splits=("train",))
         write_split(tmp_path / "data", "valid", np.zeros((0, 96, 96, 3), np.uint8), labels_of(0, 0))
-        result = run_script("train.py", *train_args(tmp_path / "data", tmp_path / "run"))
+        result = run_main("train.py", *train_args(tmp_path / "data", tmp_path / "run"))
         one_line_error(result, "valid_x.h5 holds no images")
         assert "step 1/" not in result.stdout
 
@@ -404,63 +400,61 @@ class TestTrainRefusals:
             ["--weight-decay", "inf"],
             ["--momentum", "nan"],
         ):
-            result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", *flags))
+            result = run_main("train.py", *train_args(synth_dir, tmp_path / "run", *flags))
             one_line_error(result, flags[0])
             assert not (tmp_path / "run").exists()
 
     def test_train_honours_the_manifest(self, small_set, tmp_path):
-        run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
-        run_script("train.py", *train_args(small_set, tmp_path / "run", "--epochs", "1"), check=True)
+        run_main("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
+        run_main("train.py", *train_args(small_set, tmp_path / "run", "--epochs", "1"), check=True)
         assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["manifest_matched"] is True
         x_valid = pcam_files.split_paths(small_set, "valid")[0]
         os.utime(x_valid, (1e9, 1e9))
-        result = run_script("train.py", *train_args(small_set, tmp_path / "again", "--epochs", "1"))
+        result = run_main("train.py", *train_args(small_set, tmp_path / "again", "--epochs", "1"))
         one_line_error(result, "camelyonpatch_level_2_split_valid_x.h5 (size or mtime changed)")
         assert "manage_data.py verify" in result.stderr and "manage_data.py manifest" in result.stderr
         assert "step 1/" not in result.stdout
-        staged = run_script(
-            "manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(tmp_path / "staged")
-        )
+        staged = run_main("manage_data.py", "prepare", "--data-dir", str(small_set), "--out", str(tmp_path / "staged"))
         one_line_error(staged, "camelyonpatch_level_2_split_valid_x.h5 (size or mtime changed)")  # nor copied
 
     def test_a_manifest_naming_a_file_that_is_gone_stops_train_and_verify(self, small_set, tmp_path):
-        run_script("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
+        run_main("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)
         for path in pcam_files.split_paths(small_set, "test"):
             os.remove(path)
-        result = run_script("train.py", *train_args(small_set, tmp_path / "run", "--epochs", "1"))
+        result = run_main("train.py", *train_args(small_set, tmp_path / "run", "--epochs", "1"))
         one_line_error(result, "camelyonpatch_level_2_split_test_x.h5 (missing)")
         assert "step 1/" not in result.stdout and not (tmp_path / "run").exists()
         one_line_error(
-            run_script("manage_data.py", "verify", "--data-dir", str(small_set)),
+            run_main("manage_data.py", "verify", "--data-dir", str(small_set)),
             "camelyonpatch_level_2_split_test_y.h5 (missing)",
         )
 
     def test_the_largest_valid_values_are_accepted(self, synth_dir, tmp_path):
         for flags in (["--seed", str(2**32 - 1)], ["--dropout", "0.99"], ["--momentum", "0.99", "--optimizer", "sgd"]):
-            result = run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--dry-run", *flags))
+            result = run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--dry-run", *flags))
             assert result.returncode == 0 and "dry run: one validation batch" in result.stdout, result.stderr
-        one_line_error(run_script("train.py", *train_args(synth_dir, tmp_path / "run", "--dropout", "1")), "--dropout")
+        one_line_error(run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--dropout", "1")), "--dropout")
 
     def test_other_typing_mistakes_are_one_line(self, synth_dir, small_set, tmp_path):
         run_dir = tmp_path / "run"
         run_dir.mkdir()
         torch.save({"weights": torch.zeros(3)}, run_dir / "last.pt")
-        one_line_error(run_script("train.py", *train_args(synth_dir, run_dir, "--resume")), "not a train.py checkpoint")
+        one_line_error(run_main("train.py", *train_args(synth_dir, run_dir, "--resume")), "not a train.py checkpoint")
         (tmp_path / "metrics.csv").write_bytes(b"\xff\xfe\x00e\x00p\x00o\x00c\x00h")
-        one_line_error(run_script("plot_loss.py", str(tmp_path / "metrics.csv")), "is not CSV text")
+        one_line_error(run_main("plot_loss.py", str(tmp_path / "metrics.csv")), "is not CSV text")
         (tmp_path / "metrics.csv").write_bytes(bytes(300_000))  # what a crash can leave: one field past csv's limit
-        one_line_error(run_script("plot_loss.py", str(tmp_path / "metrics.csv")), "is not CSV text")
+        one_line_error(run_main("plot_loss.py", str(tmp_path / "metrics.csv")), "is not CSV text")
         one_line_error(
-            run_script("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), "--seed", "-1"), "--seed -1"
+            run_main("manage_data.py", "synth", "--data-dir", str(tmp_path / "s"), "--seed", "-1"), "--seed -1"
         )
         assert not (tmp_path / "s").exists()
         dry_run = train_args(synth_dir, tmp_path / "dry", "--dry-run")  # as a broken job environment may set it:
-        assert run_script("train.py", *dry_run, env={"SLURM_CPUS_PER_TASK": ""}, check=True).returncode == 0
-        not_a_count = run_script("train.py", *dry_run, env={"SLURM_CPUS_PER_TASK": "abc"})
+        assert run_main("train.py", *dry_run, env={"SLURM_CPUS_PER_TASK": ""}, check=True).returncode == 0
+        not_a_count = run_main("train.py", *dry_run, env={"SLURM_CPUS_PER_TASK": "abc"})
         one_line_error(not_a_count, "argument --num-workers: $SLURM_CPUS_PER_TASK is 'abc', not a whole number")
         for script in (("manage_data.py", "info"), ("train.py",), ("eda.py",)):
-            one_line_error(run_script(*script, env={"PCAM_DIR": ""}), "empty")
+            one_line_error(run_main(*script, env={"PCAM_DIR": ""}), "empty")
         one_line_error(
-            run_script("manage_data.py", "download", "--data-dir", str(tmp_path / "d"), "--base-url", "example.org/f"),
+            run_main("manage_data.py", "download", "--data-dir", str(tmp_path / "d"), "--base-url", "example.org/f"),
             "--base-url",
         )
