@@ -1,7 +1,7 @@
 """The contracts that code outside this repo relies on (data.PCAMDataset and data.get_dataloaders, model.MLP:
 their batches and shapes), and the repo's shape: flat modules whose imports point one way, files read in one
 sitting. The rest of the suite is test_<area>.py beside it; fixtures are in conftest.py, helpers in
-test_helpers.py. `make test` runs them all; `make test-fast` leaves out the Slurm and download tests."""
+test_helpers.py. `make test-all` runs them all; `make test` leaves out the Slurm, download and slow tests."""
 
 import ast
 import multiprocessing
