@@ -48,8 +48,9 @@ install: $(VENV)/.installed ## create .venv and install requirements.txt
 # make test: the everyday tier, in parallel (pytest-xdist, one worker a core); make test-all: everything, serial where
 # it needs real time or real services
 EVERYDAY := not slurm and not download and not slow
-test: $(VENV)/.installed $(VENV)/.dev-tools ## the everyday suite: every test but the Slurm, download and slow ones (minutes)
-	$(PY) -m pytest $(wildcard test_*.py) -m "$(EVERYDAY)" -n auto
+WORKERS ?= auto
+test: $(VENV)/.installed $(VENV)/.dev-tools ## the everyday suite: every test but the Slurm, download and slow ones (minutes); WORKERS=0 for one process
+	$(PY) -m pytest $(wildcard test_*.py) -m "$(EVERYDAY)" -n $(WORKERS)
 
 test-all: $(VENV)/.installed $(VENV)/.dev-tools ## make test-loaded, then the Slurm, download and slow tests (what CI runs)
 	$(MAKE) test-loaded

@@ -370,7 +370,7 @@ class TestMakeAndShellScripts:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=make_env({"HOLD": "yes" if ctrl_c else ""}),
+            env=make_env({"HOLD": "yes" if ctrl_c else "", "WORKERS": "0"}),  # one test: no pytest workers to start
             start_new_session=True,
             # as in a terminal: a suite started in the background (nohup, CI) passes its ignored SIGINT down
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
