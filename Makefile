@@ -63,13 +63,14 @@ test-loaded: $(VENV)/.installed $(VENV)/.dev-tools ## make test beside two CPU-b
 
 DEV_TOOLS ?= pytest-xdist==3.8.0 coverage==7.17.5
 MUTANTS ?= 60
+SEED ?= 0
 
 $(VENV)/.dev-tools: $(VENV)/.installed Makefile
 	$(PY) -m pip install --quiet $(DEV_TOOLS)
 	touch $@
 
-mutate: $(VENV)/.installed $(VENV)/.dev-tools ## mutation testing: MUTANTS=60 seeded mutants against the tests covering each; AGAIN=1 re-runs survivors
-	$(PY) mutate.py --mutants $(MUTANTS) $(if $(AGAIN),--again)
+mutate: $(VENV)/.installed $(VENV)/.dev-tools ## mutation testing: MUTANTS=60 mutants drawn with SEED=0, each against the tests covering it; AGAIN=1 re-runs survivors
+	$(PY) mutate.py --mutants $(MUTANTS) --seed $(SEED) $(if $(AGAIN),--again)
 
 $(VENV)/.lint-tools: Makefile
 	$(PY) -m pip install --quiet $(LINT_TOOLS)
