@@ -415,11 +415,15 @@ def test_a_cgroups_room_is_its_limit_less_its_usage(tmp_path, limit, used, room)
 @pytest.mark.parametrize(
     "build, driver, driver_cuda, runs",
     table(
+        ("11.8", "449.99", "11.4", False, "11-driver-449"),
+        ("11.8", "450.80", "11.4", True, "11-driver-450"),
         ("12.4", "524.99", "12.2", False, "12-driver-524"),
         ("12.4", "525.60", "12.2", True, "12-driver-525"),
         ("12.4", "526.01", "12.2", True, "12-driver-526"),
         ("12.4", "999.0", "11.8", False, "older-major"),
         ("12.4", "580.0", "13.0", True, "newer-major"),
+        ("13.0", "579.99", "13.0", False, "13-driver-579"),
+        ("13.0", "580.65", "13.0", True, "13-driver-580"),
     ),
 )
 def test_a_driver_runs_a_torch_build_from_its_familys_first_version(build, driver, driver_cuda, runs):

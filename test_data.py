@@ -225,6 +225,11 @@ class TestProgress:
             "filter train: 27.00 of 27.00 GB, 0.45 GB/s, done in 60s",
         ]
 
+    def test_a_pass_over_blocks_counts_its_bytes_to_a_done_line(self, small_set, capsys):
+        x_path = pcam_files.split_paths(small_set, "valid")[0]
+        assert sum(len(block) for _, block in pcam_files.iter_raw_blocks(x_path, "scan valid")) == 64
+        assert re.fullmatch(r"scan valid: 0.00 of 0.00 GB, [\d.]+ GB/s, done in \d+s\n", capsys.readouterr().out)
+
     def test_a_real_filter_pass_ends_with_a_done_line(self, small_set, capsys):
         data.load_split(small_set, "train", filter_data=True, preload=True)
         assert re.search(
@@ -350,6 +355,12 @@ class TestBadInput:
             ds = data.load_split(tmp_path, "train")
             ds[[0, 1]]
         one_line_error(run_main("manage_data.py", "info", "--data-dir", str(tmp_path)), fragment)
+
+    def test_the_splits_present_are_those_with_both_files_and_none_is_an_error(self, tmp_path):
+        with pytest.raises(pcam_files.MissingDataError, match="camelyonpatch_level_2_split_train_x.h5"):
+            pcam_files.present_splits(tmp_path)
+        write_split(tmp_path, "test", tissue(2), labels_of(2, 1))
+        assert pcam_files.present_splits(tmp_path) == ["test"]
 
     def test_missing_data_names_the_files_and_the_fix(self, tmp_path):
         with pytest.raises(pcam_files.MissingDataError, match="does not exist"):

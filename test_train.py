@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -92,6 +93,13 @@ class TestTraining:
         epoch_rate = float(read_csv_rows(tmp_path / "run" / "metrics.csv")[0]["images_per_s"])
         assert 0.5 < progress_rate / epoch_rate < 2, (last_step, epoch_rate)  # both: images over the same seconds
         assert is_nonblank_png(tmp_path / "run" / "loss.png")
+
+    def test_an_epochs_seconds_are_within_the_runs_own(self, tmp_path):
+        manage_data.main(["synth", "--data-dir", str(tmp_path / "tiny"), "--n-train", "64", "--n-valid", "32"])
+        started = time.perf_counter()
+        train.main(train_args(tmp_path / "tiny", tmp_path / "run", "--epochs", "2"))
+        seconds = [float(row["epoch_s"]) for row in read_csv_rows(tmp_path / "run" / "metrics.csv")]
+        assert 0 < sum(seconds) < time.perf_counter() - started, seconds
 
     def test_train_main_gives_the_callers_signal_handlers_back(self, synth_dir, tmp_path):
         before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
