@@ -545,3 +545,13 @@ def test_a_single_runs_plot_draws_its_metrics_named_by_its_folder(tmp_path):
     epoch = [1.0, 2.0, 3.0, 4.0]
     assert loss_lines == {"train": (epoch, [0.6, 0.5, 0.4, 0.3]), "validation": (epoch, [0.5, 0.4, 0.45, 0.48])}
     assert accuracy_lines == {"lr1e-4-s1": (epoch, [0.7, 0.75, 0.85, 0.8])}
+
+
+@pytest.mark.parametrize("name", ["overlay.txt", "foreign.png"])
+def test_the_runs_table_refuses_an_overlay_path_it_may_not_write_before_writing_anything(tmp_path, name):
+    write_runs(tmp_path / "runs")
+    (tmp_path / "foreign.png").write_bytes(b"a user's own figure")
+    message = refusal(lambda: plot_loss.main(["--table", f"{tmp_path / 'runs'}/*/", "--out", str(tmp_path / name)]))
+    assert_outcome(message, name)
+    assert not (tmp_path / "runs_summary.csv").exists()
+    assert (tmp_path / "foreign.png").read_bytes() == b"a user's own figure"

@@ -510,6 +510,13 @@ class TestDownload:
         assert download(pcam_server, tmp_path / "data", "valid").returncode == 0
         assert ("camelyonpatch_level_2_split_valid_y.h5.gz", "bytes=100-") in pcam_server.requests
 
+    def test_a_part_file_as_long_as_the_archive_but_wrong_is_deleted_after_the_servers_416(self, pcam_server, tmp_path):
+        name = "camelyonpatch_level_2_split_valid_y.h5.gz"
+        os.makedirs(tmp_path / "data")
+        (tmp_path / "data" / (name + ".part")).write_bytes(bytes(len(pcam_server.files[name])))  # nothing to fetch
+        one_line_error(download(pcam_server, tmp_path / "data", "valid"), f"{name}: md5 does not match")
+        assert not (tmp_path / "data" / (name + ".part")).exists()
+
     def test_a_download_stopped_while_unpacking_unpacks_next_time_and_keeps_no_archive(
         self, pcam_server, tmp_path, monkeypatch
     ):
