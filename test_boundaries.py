@@ -555,3 +555,11 @@ def test_the_runs_table_refuses_an_overlay_path_it_may_not_write_before_writing_
     assert_outcome(message, name)
     assert not (tmp_path / "runs_summary.csv").exists()
     assert (tmp_path / "foreign.png").read_bytes() == b"a user's own figure"
+
+
+def test_a_folder_that_cannot_be_listed_counts_as_a_run_to_show_as_unreadable(tmp_path, monkeypatch):
+    def refused(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(plot_loss.os, "listdir", refused)
+    assert plot_loss.is_run(str(tmp_path))

@@ -1,6 +1,7 @@
 """train.py on a device: which device and which data path it takes, what it says when CUDA is missing or fails,
 and what it reads back from the device while it trains."""
 
+import io
 import json
 import os
 import sys
@@ -134,6 +135,20 @@ class TestDataPaths:
             "data path: files (uint8 train+valid 0.05 GiB over 70% of 0.00 GiB free under SLURM_MEM_PER_NODE, cpu)"
             in capsys.readouterr().out
         )
+
+    @pytest.mark.parametrize(
+        "meminfo, room", [("MemTotal: 9 kB\nMemAvailable: 2 kB\n", 2048), ("MemTotal: 9 kB\n", 4096 * 3)]
+    )
+    def test_host_room_is_memavailable_or_else_the_free_pages(self, monkeypatch, meminfo, room):
+        real_open = open
+        monkeypatch.setattr(
+            data,
+            "open",
+            lambda path, *a: io.StringIO(meminfo) if path == "/proc/meminfo" else real_open(path, *a),
+            raising=False,
+        )
+        monkeypatch.setattr(data.os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_AVPHYS_PAGES": 3}.get)
+        assert data.mem_available() == room
 
 
 class TestDevice:
