@@ -391,7 +391,7 @@ def open_rows(x_path):
     with open_h5(x_path) as h5file:
         dset = h5file["x"]
         offset, shape, dtype = contiguous_offset(x_path, dset), dset.shape, dset.dtype
-    if dtype != np.uint8:  # batches read as floats; a uint8 batch (7 MiB for 256 images) leaves the heap flat
+    if dtype != np.uint8:  # float batches fragment the heap; uint8 ones, and a trainer's float copies, reuse it
         keep_large_buffers_off_the_heap()  # in the process that reads: the main one, or a loader worker
     # the file is closed again first: HDF5 shares one open file, so ChunkedRows's cache size would be ignored
     if offset is not None and dtype == np.uint8:
