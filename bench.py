@@ -232,6 +232,7 @@ def training_rows(data_dir, n_train, plain_train, plain_forward):
         read_in_blocks(pcam_files.split_paths(data_dir, split)[0])  # into the page cache, for every contender alike
     label = f"uint8 {os.path.getsize(pcam_files.split_paths(data_dir, 'train')[0]) / 2**30:.2f} GiB"
     train_loader, _ = data.get_dataloaders(data_dir, batch_size=BATCH_SIZE)  # uint8 channels-last batches
+    pcam_files.keep_step_buffers_on_the_heap()  # as train.py does
     project_rate = model_rate(MLP(), [batch for batch, _ in zip(train_loader, range(8), strict=False)])
     course_s, course_rate = course_style(data_dir)
     epoch_rate, run_s = end_to_end(data_dir)

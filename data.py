@@ -4,10 +4,8 @@ the data, or streamed from the files). Images stay uint8 until they reach the tr
 of the files is in pcam_files.py; the data commands (download, synth, prepare, ...) are in manage_data.py."""
 
 import atexit
-import ctypes
 import functools
 import hashlib
-import mmap
 import multiprocessing
 import os
 import signal
@@ -28,7 +26,6 @@ WHITE_THRESHOLD = 250.0  # at or above this, a washout; real tissue stays well b
 RESIDENT_SHARE = 0.7  # the splits go resident when they take at most this share of free memory
 NORMALIZATION_SAMPLE = 2048  # training images the per-channel mean and std are measured on
 TINY_CLASS_SHARE, TINY_CLASS_IMAGES = 0.01, 10  # a training split's minority class below either is warned about
-MADV_NOHUGEPAGE = 15  # Linux's madvise advice: small pages for a range (asm-generic/mman-common.h)
 IDENTITY_IMAGES = 64  # evenly spaced images whose cleaned pixels, with every label, tell one data set from another
 
 
@@ -151,23 +148,23 @@ class PCAMDataset(Dataset):
     def _read_whole_file(self, thresholds, store):
         """(kept rows, their cleaned images on the store device or None) in one pass over the x file: the rows the
         filter keeps (every row without thresholds) and, with a store, their images copied there block by block, so
-        the host holds two blocks at most, not the split. The store is sized for every row, the kept count being
-        known only at the end; in RAM its tail is never written, so never takes memory. A block is stored (fresh
-        memory's first writes: most of a load) by a second thread while the next one is filtered."""
+        the host holds a few blocks at a time, not the split. The store is sized for every row, the kept count
+        being known only at the end; in RAM its tail is never written, so never takes memory. Two threads store
+        blocks (fresh memory's first writes: most of a load) while the next one is filtered."""
         memory = self._reserve_memory(store) if store else None
-        kept_parts, filled, stored = [], 0, None
+        kept_parts, filled, stored = [], 0, []
         task = " and ".join(["filter"] * bool(thresholds) + ["load"] * bool(store))
-        with ThreadPoolExecutor(max_workers=1) as storing:
+        with ThreadPoolExecutor(max_workers=2) as storing:
             for start, block in iter_raw_blocks(self.x_path, f"{task} {os.path.basename(self.x_path)}"):
                 kept = np.flatnonzero(~outlier_rows(block, *thresholds)) if thresholds else np.arange(len(block))
                 kept_parts.append(start + kept)
                 if store:
-                    if stored:
-                        stored.result()  # one block in flight
-                    stored = storing.submit(store_rows, memory[filled : filled + len(kept)], block, kept)
+                    if len(stored) == 2:
+                        stored.pop(0).result()  # two blocks in flight at most
+                    stored.append(storing.submit(store_rows, memory[filled : filled + len(kept)], block, kept))
                     filled += len(kept)
-            if stored:
-                stored.result()
+            for block_stored in stored:
+                block_stored.result()
         return np.concatenate(kept_parts), memory[:filled] if store else None
 
     def _reserve_memory(self, store):
@@ -182,27 +179,19 @@ class PCAMDataset(Dataset):
                 f"{available / 2**20:,.0f} MiB is free under {which}; stream it (--data-on-device no) or ask for more "
                 "memory"
             )
-        return torch.from_numpy(small_pages(np.empty(shape, dtype=np.uint8)))  # pages are taken as rows are written
+        # pages are taken as rows are written, small ones: the first touch of the huge pages numpy asks for doubled
+        # the pass that filters and loads 0.84 GiB on a VM (1.2-3.7 s against 0.7-0.9 s)
+        return torch.from_numpy(pcam_files.advise(np.empty(shape, dtype=np.uint8), pcam_files.MADV_NOHUGEPAGE))
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None, "_reader_pid": None}
 
 
-def small_pages(array):
-    """array, advised to take small pages: numpy asks huge ones for large arrays, whose first touch doubled the pass
-    that filters and loads 0.84 GiB on a VM (1.2-3.7 s against 0.7-0.9 s)."""
-    start = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
-    length = (array.ctypes.data + array.nbytes - start) // mmap.PAGESIZE * mmap.PAGESIZE
-    if sys.platform.startswith("linux") and length > 0:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_NOHUGEPAGE)
-    return array
-
-
 def store_rows(rows, block, kept):
     """Clean block's kept rows into rows of a split's store (block: perhaps a read-only view of the mapped file)."""
     images = clean(block if len(kept) == len(block) else block[kept], scratch=True)  # every row kept: no copy
-    if rows.device.type == "cpu":
-        rows.numpy()[:] = images
+    if rows.device.type == "cpu":  # its pages mapped in one call first, not at a fault each
+        pcam_files.advise(rows.numpy(), pcam_files.MADV_POPULATE_WRITE)[:] = images
     else:
         rows.copy_(torch.from_numpy(np.require(images, requirements="W")))
 

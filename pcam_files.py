@@ -7,6 +7,7 @@ import ctypes
 import json
 import mmap
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,8 +22,10 @@ IMAGE_BYTES = 96 * 96 * 3
 BLOCK_BYTES = 64 * 2**20  # streaming passes read about this many raw bytes at a time
 CHUNK_CACHE_BYTES = 256 * 2**20  # HDF5 chunk cache per open chunked file (per worker)
 MAPPED_BYTES_BEFORE_RELEASE = 2**30  # unmap a memory map's pages after this much reading (see MappedRows)
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 4 * 2**20  # buffers this large are mapped for themselves (see keep_large_buffers_off_the_heap)
+HEAP_MMAP_THRESHOLD_BYTES, HEAP_TRIM_BYTES = 32 * 2**20, 256 * 2**20  # see keep_step_buffers_on_the_heap
+MADV_NOHUGEPAGE, MADV_POPULATE_WRITE = 15, 23  # Linux's madvise advice (asm-generic/mman-common.h)
 PROGRESS_EVERY_S = 10  # a whole-file pass prints a line this often (a batch log wants 5 to 30 s), and when done
 SCALE_SAMPLE_ROWS = 32  # evenly spaced rows whose pixels decide whether a file is on the 0..255 scale
 MANIFEST_NAME = "pcam_manifest.json"  # manage_data.py manifest: each file's size, mtime and sha256
@@ -385,6 +388,27 @@ def keep_large_buffers_off_the_heap():
     so open_rows sets this only where batches are read as floats."""
     with contextlib.suppress(AttributeError, OSError):  # not glibc (macOS): no such threshold to fix
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def keep_step_buffers_on_the_heap():
+    """Have glibc serve buffers under 32 MiB (its most) from the heap, and keep up to HEAP_TRIM_BYTES of it free. A
+    training step frees some 60 MiB (its batch as fp32, the folded weight, gradients); past twice the largest buffer
+    freed so far (56 MiB), glibc hands the heap's free top back, and the next step faults every page in again: 2,000
+    to 3,500 page faults a step on the CPU, 15% of train.py's epoch. Reading a float file lowers the mmap threshold
+    again (keep_large_buffers_off_the_heap)."""
+    with contextlib.suppress(AttributeError, OSError):  # not glibc (macOS): no such thresholds
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_BYTES)
+
+
+def advise(array, advice):
+    """madvise the whole pages of array's memory; nothing off Linux, or where the kernel lacks that advice."""
+    start = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+    length = (array.ctypes.data + array.nbytes - start) // mmap.PAGESIZE * mmap.PAGESIZE
+    if sys.platform.startswith("linux") and length > 0:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice)
+    return array
 
 
 def open_rows(x_path):

@@ -397,6 +397,7 @@ def run(session):
     test_set = None
     if any(os.path.exists(path) for path in pcam_files.split_paths(session.config.data_dir, "test")):
         test_set = data.load_split(session.config.data_dir, "test")
+    pcam_files.keep_step_buffers_on_the_heap()
     set_up(session, device)
     if args.dry_run:
         dry_run(session, checkpoint)
