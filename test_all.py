@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import data
@@ -330,6 +331,23 @@ class TestModel:
             torch.nn.functional.cross_entropy(logits(), labels).backward()
             gradients.append([p.grad.clone() for p in model.parameters()])
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*gradients, strict=True))
+
+    def test_the_written_out_first_layer_gives_autograds_gradients_bit_for_bit(self):
+        torch.manual_seed(0)
+        model = MLP(dropout_rate=0.0)
+        model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
+        images, labels = torch.randint(0, 256, (5, 96, 96, 3), dtype=torch.uint8), torch.tensor([0, 1, 1, 0, 1])
+
+        def by_autograd():  # the fold and the matmul as autograd differentiates them
+            weight, bias = model.normalised_first_layer()
+            return model.layers[1:](F.linear(images.flatten(1).float(), weight.reshape(len(weight), -1), bias))
+
+        gradients = []
+        for logits in (lambda: model(images.permute(0, 3, 1, 2)), by_autograd):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(logits(), labels).backward()
+            gradients.append([p.grad.clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*gradients, strict=True))
 
 
 class TestLayout:
