@@ -21,26 +21,29 @@ def fold(weight, bias, scale, offset, row_width):
 class FoldedLinear(torch.autograd.Function):
     """F.linear of the pixels (B, H*W*C) as floats with the folded weight and bias, and its backward written out.
     The gradients are autograd's, bit for bit, but taken in place along whole rows: autograd's own allocate a fresh
-    7 MiB weight gradient at each step of the fold and broadcast 3-wide channel vectors."""
+    7 MiB weight gradient at each step of the fold and broadcast 3-wide channel vectors. The folded weight is kept
+    for backward only when the pixels need a gradient (a saliency map), not for uint8 training batches."""
 
     @staticmethod
     def forward(ctx, pixels, weight, bias, scale, offset, row_width):
         scaled, scaled_bias = fold(weight, bias, scale, offset, row_width)
         inputs = pixels.to(weight.dtype)  # one contiguous pass, uint8 straight to fp32
-        ctx.save_for_backward(inputs, scale, offset)
-        ctx.row_width = row_width
-        return F.linear(inputs, scaled.view(len(weight), -1), scaled_bias)
+        scaled = scaled.view(len(weight), -1)
+        ctx.save_for_backward(inputs, scale, offset, scaled if ctx.needs_input_grad[0] else None)
+        ctx.row_width, ctx.pixels_dtype = row_width, pixels.dtype
+        return F.linear(inputs, scaled, scaled_bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        inputs, scale, offset = ctx.saved_tensors
+        inputs, scale, offset, scaled = ctx.saved_tensors
+        grad_pixels = None if scaled is None else grad.mm(scaled).to(ctx.pixels_dtype)
         grad_bias = grad.sum(0)
         grad_weight = grad.t().mm(inputs)  # (out, H*W*C), as addmm's backward computes it
         rows, repeats = grad_weight.view(len(grad_weight), -1, ctx.row_width), ctx.row_width // scale.numel()
         rows.add_((-grad_bias).outer(offset).repeat(1, repeats).unsqueeze(1))  # the folded bias's share
         rows.mul_(scale.repeat(repeats))
-        return None, grad_weight, grad_bias, None, None, None
+        return grad_pixels, grad_weight, grad_bias, None, None, None
 
 
 class MLP(nn.Module):

@@ -349,6 +349,18 @@ class TestModel:
             gradients.append([p.grad.clone() for p in model.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(*gradients, strict=True))
 
+    def test_a_channels_last_input_gets_the_gradient_a_contiguous_one_does(self):
+        torch.manual_seed(0)
+        model = MLP().eval()
+        model.set_normalization([150.0, 120.0, 170.0], [40.0, 50.0, 30.0])
+        stored = torch.rand(3, 96, 96, 3) * 255  # (B, H, W, C): a saliency map's input, as data.py lays it out
+        contiguous = stored.permute(0, 3, 1, 2).contiguous().requires_grad_()
+        channels_last = stored.clone().requires_grad_()
+        for images in (contiguous, channels_last.permute(0, 3, 1, 2)):
+            model(images)[:, 1].sum().backward()
+        assert channels_last.grad is not None
+        assert torch.equal(channels_last.grad.permute(0, 3, 1, 2), contiguous.grad)
+
 
 class TestLayout:
     """The repo's shape: flat modules whose imports point one way."""
