@@ -66,7 +66,8 @@ def tile_means(raw, black_threshold=BLACK_THRESHOLD, white_threshold=WHITE_THRES
     or its prepared uint8 copy agree."""
     if not np.issubdtype(raw.dtype, np.floating):
         return clean(raw).reshape(len(raw), -1).sum(axis=1, dtype=np.uint32) / IMAGE_BYTES
-    means = raw.reshape(len(raw), -1).sum(axis=1).astype(np.float64) / IMAGE_BYTES  # pairwise: error << 0.01
+    total = raw.reshape(len(raw), -1).sum(axis=1, dtype=np.promote_types(raw.dtype, np.float32))  # float16 overflows
+    means = total.astype(np.float64) / IMAGE_BYTES  # pairwise: error << 0.01
     exact = suspect_rows(raw) if suspect is None else suspect.copy()
     for threshold in (black_threshold, white_threshold):
         exact |= (means > threshold - 0.01) & (means < threshold + 1.01)  # 0.01: room for summation error
@@ -104,6 +105,7 @@ class PCAMDataset(Dataset):
         for path in (self.x_path, self.y_path):
             if not os.path.isfile(path):
                 raise pcam_files.MissingDataError(f"{path} not found")
+        self.x_stamp = pcam_files.stamp(self.x_path)  # the file the labels and the filter's rows belong to
         all_labels = pcam_files.read_split_labels(self.x_path, self.y_path)
         pcam_files.check_pixel_scale(self.x_path)
         self.indices, self.memory = np.arange(len(all_labels)), None
@@ -111,13 +113,13 @@ class PCAMDataset(Dataset):
             thresholds = (black_threshold, white_threshold) if filter_data else None
             store = torch.device("cpu") if preload is True else preload or None
             self.indices, self.memory = self._read_whole_file(thresholds, store)
+            pcam_files.check_stamp(self.x_path, self.x_stamp)  # not replaced during that pass
         if len(self.indices) == 0:
             raise FilteredOutError(
                 f"{self.x_path}: the outlier filter removed every image (thresholds "
                 f"{black_threshold}, {white_threshold}); the file holds only black or white tiles"
             )
         self.labels = all_labels[self.indices]
-        self.x_stamp = pcam_files.stamp(self.x_path)  # the file the labels belong to
         self._reader, self._reader_pid = None, None
 
     def __len__(self):

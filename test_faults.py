@@ -125,6 +125,23 @@ class TestBusyAndChangingFiles:
         with pytest.raises(pcam_files.UserError, match="changed while being read .* no longer match the labels"):
             dataset[np.arange(8)]
 
+    @pytest.mark.parametrize("preload", [False, True])
+    def test_a_split_replaced_during_the_filter_pass_is_named(self, tmp_path, monkeypatch, preload):
+        write_split(tmp_path, "train", tissue(64), labels_of(64, 20))
+        monkeypatch.setattr(pcam_files, "BLOCK_BYTES", 16 * pcam_files.IMAGE_BYTES)
+        filter_block = data.outlier_rows
+
+        def replaced_at_the_first_block(block, *thresholds):
+            if not os.path.exists(tmp_path / "new"):  # a new copy moved into place, as `mv` does
+                os.mkdir(tmp_path / "new")
+                for path in write_split(tmp_path / "new", "train", tissue(64, seed=4), labels_of(64, 40)):
+                    os.replace(path, tmp_path / os.path.basename(path))
+            return filter_block(block, *thresholds)
+
+        monkeypatch.setattr(data, "outlier_rows", replaced_at_the_first_block)
+        with pytest.raises(pcam_files.UserError, match="changed while being read .* no longer match the labels"):
+            data.load_split(tmp_path, "train", filter_data=True, preload=preload)
+
     def test_what_h5py_says_of_locks_and_filters_is_not_called_damage(self):
         for text, fragment in (
             (
