@@ -508,6 +508,7 @@ def channel_stats(dataset):
     """Per-channel mean and std (0..255 scale) over up to NORMALIZATION_SAMPLE evenly spaced training images."""
     positions = np.linspace(0, len(dataset) - 1, min(len(dataset), NORMALIZATION_SAMPLE)).astype(np.int64)
     total, total_sq = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    lowest, highest = torch.full((3,), 255, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8)
     floats = None  # one float32 buffer (56 MiB) for every 512 images: each fresh one is paged in anew
     for start in range(0, len(positions), 512):
         images = dataset[positions[start : start + 512]][0]  # on the device that holds the split
@@ -515,8 +516,16 @@ def channel_stats(dataset):
         chunk = floats[: len(images)].copy_(images)  # the layout images.float() would have
         total += chunk.sum(dim=(0, 2, 3)).double().cpu()
         total_sq += chunk.square_().sum(dim=(0, 2, 3)).double().cpu()
+        lowest = torch.minimum(lowest, images.amin(dim=(0, 2, 3)).cpu())
+        highest = torch.maximum(highest, images.amax(dim=(0, 2, 3)).cpu())
     count = len(positions) * 96 * 96
     mean = total / count
+    if (lowest == highest).any():  # a blank split (a file of zeros, say): a std of 0 would blow other pixels up
+        raise UserError(
+            f"the training split is blank: a channel has one value in every pixel of {len(positions):,} sampled images "
+            f"(R, G, B from {lowest.tolist()} to {highest.tolist()}); check it with `python eda.py`, then download or "
+            "copy it again"
+        )
     return mean.float(), (total_sq / count - mean**2).clamp_min(1e-6).sqrt().float()
 
 

@@ -130,6 +130,8 @@ def dataset_in(h5file, key, path):
         )
     if not (np.issubdtype(dset.dtype, np.integer) or np.issubdtype(dset.dtype, np.floating)):  # bool is neither
         raise UserError(f"{path}: '{key}' holds {dset.dtype} values; expected integers or floats")
+    if key == "x" and dset.shape[1:] != IMAGE_SHAPE:  # a scalar too, which h5py reads by other rules
+        raise UserError(f"{path}: images have shape {dset.shape[1:]}; expected {IMAGE_SHAPE} (H, W, C)")
     return dset
 
 
@@ -256,8 +258,6 @@ def read_split_labels(x_path, y_path):
     labels = read_labels(y_path)
     with open_h5(x_path) as h5file:
         dset = dataset_in(h5file, "x", x_path)
-        if dset.shape[1:] != IMAGE_SHAPE:
-            raise UserError(f"{x_path}: images have shape {dset.shape[1:]}; expected {IMAGE_SHAPE} (H, W, C)")
         if dset.dtype == np.int8:  # a byte with a sign: 128..255 would read as negative
             raise UserError(f"{x_path}: int8 pixels cannot hold the 0..255 scale; store the images as uint8")
         if len(dset) != len(labels):

@@ -6,6 +6,7 @@ A run holds an exclusive flock on <folder>/train.lock while it writes there; the
 
 import argparse
 import contextlib
+import csv
 import datetime
 import io
 import json
@@ -27,9 +28,9 @@ from common import (
     is_locked,
     log,
     nvidia_driver,
+    os_reason,
     read_json,
     write_bytes,
-    write_csv,
     write_json,
 )
 from pcam_files import MANIFEST_NAME, PREPARED_NAME, SPLITS, split_paths
@@ -73,6 +74,15 @@ def new_run_folder(path):
         except FileExistsError:
             number += 1
             candidate = f"{path}-{number}"
+
+
+def free_name(path):
+    """path, else path-2, path-3, ...: the first name not taken."""
+    candidate, number = path, 1
+    while os.path.lexists(candidate):
+        number += 1
+        candidate = f"{path}-{number}"
+    return candidate
 
 
 def outermost_missing(path):
@@ -218,9 +228,10 @@ def check_same_run(checkpoint, record, path, against):
         )
 
 
-def run_is_complete(out_dir, args):
+def run_is_complete(out_dir, args, draw_loss):
     """Whether the run in out_dir is done at or past the --epochs asked (its own when not given), with no setting given
-    that differs: then a --resume says so and touches nothing, no lock taken, no file written."""
+    that differs: then a --resume says so, takes no lock and writes nothing, unless metrics.csv differs from last.pt's
+    history: then rebuild_metrics writes it again, and draw_loss(out_dir) loss.png."""
     record = read_record(os.path.join(out_dir, "run.json"))
     recorded = record.get("args", {})
     epochs = recorded.get("epochs")
@@ -233,17 +244,37 @@ def run_is_complete(out_dir, args):
     if record.get("status") != "done" or type(epochs) is not int or asked > epochs or changed:
         return False  # not done, or asked for more: the resume goes on, and refuses changed settings in one line
     past = f", past --epochs {asked} (a run is never rewound)" if asked < epochs else ""
-    rebuild_metrics(out_dir)
+    if rebuild_metrics(out_dir):
+        draw_loss(out_dir)
     log(f"{out_dir}: complete, {epochs} of {epochs} epochs done{past}; nothing to do")
     return True
 
 
 def rebuild_metrics(out_dir):
-    """metrics.csv of a complete run, written again from last.pt's history when it is gone."""
+    """metrics.csv written again from last.pt's history when it is missing or holds anything else: a run killed
+    between writing the two leaves it an epoch short. A file the history does not begin with (edited by hand) is kept
+    as metrics.csv.old first. Returns whether it was written."""
     metrics, last = os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "last.pt")
-    if not os.path.exists(metrics) and os.path.isfile(last):
-        write_metrics(load_checkpoint(last, required=("history",))["history"], metrics)
-        log(f"{metrics} was missing: written again from {last}'s history")
+    if not os.path.isfile(last):
+        return False
+    history_csv = metrics_csv(load_checkpoint(last, required=("history",))["history"])
+    try:
+        with open(metrics, "rb") as source:
+            found = source.read()
+    except FileNotFoundError:
+        found = None
+    except OSError as error:
+        raise UserError(f"cannot read {metrics}: {os_reason(error)}; remove it to have it written again") from None
+    if found == history_csv:
+        return False
+    what = "was missing" if found is None else "lacked epochs"
+    if found is not None and not history_csv.startswith(found):
+        kept = free_name(f"{metrics}.old")
+        write_bytes(found, kept)
+        what = f"differed (yours kept as {kept})"
+    write_bytes(history_csv, metrics)
+    log(f"{metrics} {what}: written again from {last}'s history")
+    return True
 
 
 def resumed_settings(args, checkpoint):
@@ -376,9 +407,16 @@ def restore_rng_state(state, generators, device):
         generator.set_state(state[name])
 
 
-def write_metrics(history, path):
+def metrics_csv(history):
+    """metrics.csv's bytes: a header and a row per epoch of history."""
     rows = [[METRIC_FORMATS[name].format(row[name]) for name in METRIC_FORMATS] for row in history]
-    write_csv(list(METRIC_FORMATS), rows, path)
+    text = io.StringIO()
+    csv.writer(text).writerows([list(METRIC_FORMATS), *rows])
+    return text.getvalue().encode()
+
+
+def write_metrics(history, path):
+    write_bytes(metrics_csv(history), path)
 
 
 def git_commit():

@@ -174,7 +174,9 @@ class PositionsRead:
 
     def __getitem__(self, positions):
         self.read += positions.tolist()
-        return torch.zeros((len(positions), 3, 1, 1), dtype=torch.uint8), None
+        images = torch.zeros((len(positions), 3, 1, 1), dtype=torch.uint8)
+        images[0] = 1  # not blank
+        return images, None
 
 
 @pytest.mark.parametrize("n, skipped", table((2047, [], "2047-all"), (2048, [], "2048-all"), (2049, [2047], "2049")))
@@ -291,12 +293,14 @@ def test_synth_arguments_are_taken_up_to_their_limits(name, value, accepted):
     assert_outcome(refusal(lambda: manage_data.check_synth_arguments(args)), flag)
 
 
+F32_MAX = float(np.finfo(F32).max)  # the optimisers compute in float32: torch refuses a larger lr or weight decay
+ADAM_MAX_LR = F32_MAX * (1 - 0.9)  # Adam's first step, lr / (1 - beta1), at float32's largest
 TRAIN_LIMITS = {  # one step either side of each limit of train.py's ARGUMENT_RULES
     "epochs": ([0], [1]),
     "log_every": ([0], [1]),
     "batch_size": ([0, 2**31 + 1], [1, 2**31]),
-    "lr": ([0.0, math.inf], [5e-324, 1.7976931348623157e308]),
-    "weight_decay": ([-5e-324, math.inf], [0.0, 1.7976931348623157e308]),
+    "lr": ([0.0, up(ADAM_MAX_LR), math.inf], [5e-324, down(ADAM_MAX_LR), ADAM_MAX_LR]),
+    "weight_decay": ([-5e-324, up(F32_MAX), math.inf], [0.0, down(F32_MAX), F32_MAX]),
     "seed": ([-1, 2**32], [0, 2**32 - 1]),
     "num_workers": ([-1], [0]),
     "dropout": ([-5e-324, 1.0], [0.0, down(1.0)]),
@@ -310,6 +314,27 @@ def test_train_arguments_are_taken_up_to_their_limits(name, value, accepted):
     args = train.parse_args([])
     setattr(args, name, value)
     assert_outcome(refusal(lambda: train.check_args(args)), None if accepted else f"--{name.replace('_', '-')} must")
+
+
+@pytest.mark.parametrize(
+    "optimizer, name, limit, overflows_past_it",
+    table(
+        ("adam", "lr", ADAM_MAX_LR, True, "adam-lr"),
+        ("sgd", "lr", ADAM_MAX_LR, False, "sgd-lr"),  # SGD's own limit is F32_MAX: one limit serves both
+        ("adam", "weight_decay", F32_MAX, True, "adam-weight-decay"),
+        ("sgd", "weight_decay", F32_MAX, True, "sgd-weight-decay"),
+    ),
+)
+def test_the_optimisers_step_at_the_lr_and_weight_decay_limits_and_overflow_past_them(
+    optimizer, name, limit, overflows_past_it
+):
+    images, labels = torch.zeros(2, 96, 96, 3, dtype=torch.uint8), torch.tensor([0, 1])
+    for value, overflows in ((limit, False), (up(limit), overflows_past_it)):
+        args = train.parse_args(["--optimizer", optimizer, f"--{name.replace('_', '-')}", repr(value)])
+        model, optimizer_of_run = train.build_model(args, torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="overflow") if overflows else contextlib.nullcontext():
+            for _ in range(2):  # Adam's second step is smaller: lr / (1 - 0.9**2)
+                train.train_step(model, optimizer_of_run, images, labels, bf16=False)
 
 
 @pytest.mark.parametrize(
@@ -435,7 +460,8 @@ def test_a_driver_runs_a_torch_build_from_its_familys_first_version(build, drive
 )
 def test_a_run_of_3_epochs_is_complete_and_resumable_up_to_3_epochs_asked(tmp_path, asked, complete):
     (tmp_path / "run.json").write_text(json.dumps({"status": "done", "args": {"epochs": 3}}))
-    assert run_folder.run_is_complete(str(tmp_path), argparse.Namespace(given=["epochs"], epochs=asked)) is complete
+    args = argparse.Namespace(given=["epochs"], epochs=asked)
+    assert run_folder.run_is_complete(str(tmp_path), args, draw_loss=lambda out_dir: None) is complete
     saved = {**dict.fromkeys(run_folder.RESUMED_SETTINGS, 0), "epochs": 5, "data_dir": str(tmp_path)}
     args = argparse.Namespace(given=["data_dir", "epochs"], epochs=asked, data_dir=str(tmp_path))
     resumed = refusal(lambda: run_folder.resumed_settings(args, {"args": saved, "epoch": 3}))

@@ -20,6 +20,7 @@ import common
 import data
 import evaluate
 import pcam_files
+import plot_loss
 import run_folder
 import train
 from model import MLP
@@ -415,6 +416,35 @@ class TestStopAndResume:
         train.main(train_args(synth_dir, run_dir, "--epochs", "1", *extra))
         assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
         assert len(read_csv_rows(run_dir / "metrics.csv")) == 1
+
+    # killed between writing last.pt and metrics.csv (interrupted: by a second Ctrl-C, running: by SIGKILL), or left
+    # so by the resume of an older train.py (done), and then edited by hand
+    @pytest.mark.parametrize(
+        "status, note", [("interrupted", b""), ("running", b""), ("done", b""), ("done", b"my note\r\n")]
+    )
+    def test_a_resume_writes_the_epochs_metrics_csv_lacks_from_last_pt_and_keeps_a_users_edits(
+        self, straight_run, tmp_path, capsys, status, note
+    ):
+        run_dir = tmp_path / "run"
+        shutil.copytree(straight_run, run_dir)
+        record = json.loads((run_dir / "run.json").read_text())
+        (run_dir / "run.json").write_text(json.dumps({**record, "status": status}))
+        cut = b"".join((run_dir / "metrics.csv").read_bytes().splitlines(keepends=True)[:-1])
+        (run_dir / "metrics.csv").write_bytes(cut)
+        plot_loss.plot_runs([str(run_dir)], str(run_dir / "loss.png"))  # of epochs 1 and 2
+        stale_plot = (run_dir / "loss.png").read_bytes()
+        (run_dir / "metrics.csv").write_bytes(cut + note)
+        train.main(["--out-dir", str(run_dir), "--resume"])
+        history = torch.load(run_dir / "last.pt", weights_only=True)["history"]
+        assert [row["epoch"] for row in read_csv_rows(run_dir / "metrics.csv")] == [str(r["epoch"]) for r in history]
+        assert (run_dir / "metrics.csv").read_bytes() == (straight_run / "metrics.csv").read_bytes()
+        drawn = (run_dir / "loss.png").read_bytes()
+        plot_loss.plot_runs([str(run_dir)], str(run_dir / "loss.png"))  # from the 3 epochs of metrics.csv
+        assert drawn == (run_dir / "loss.png").read_bytes() != stale_plot
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
+        assert f"{run_dir / 'metrics.csv'} {'differed' if note else 'lacked epochs'}" in capsys.readouterr().out
+        kept = run_dir / "metrics.csv.old"
+        assert kept.read_bytes() == cut + note if note else not kept.exists()
 
     def test_resume_continues_to_the_runs_epochs_never_rewinds_and_leaves_a_finished_run_alone(
         self, synth_dir, tmp_path

@@ -123,6 +123,25 @@ class TestTraining:
         assert np.allclose(mean.numpy(), pixels.mean(axis=0), rtol=1e-6)
         assert np.allclose(std.numpy(), pixels.std(axis=0), rtol=1e-5)
 
+    @pytest.mark.parametrize("odd", [None, 1], ids=["blue-all-0", "one-blue-pixel-at-1"])
+    def test_a_channel_of_one_value_is_a_blank_split_one_level_off_is_not(self, tmp_path, odd):
+        images = tissue(8)
+        images[..., 2] = 0
+        if odd is not None:
+            images[7, 95, 95, 2] = odd
+        dataset = data.PCAMDataset(*write_split(tmp_path, "train", images, labels_of(8, 4)))
+        if odd is None:
+            with pytest.raises(common.UserError, match=r"the training split is blank: .* from \[\d+, \d+, 0\] to"):
+                data.channel_stats(dataset)
+        else:
+            assert data.channel_stats(dataset)[1][2] > 0
+
+    def test_a_blank_training_split_is_one_line_before_any_run_folder(self, tmp_path):
+        write_split(tmp_path / "set", "train", np.zeros((32, 96, 96, 3), np.uint8), labels_of(32, 16))
+        write_split(tmp_path / "set", "valid", tissue(4), labels_of(4, 2))
+        one_line_error(run_main("train.py", *train_args(tmp_path / "set", tmp_path / "run")), "training split is blank")
+        assert not os.path.exists(tmp_path / "run")
+
     def test_the_same_seed_gives_the_same_metrics(self, synth_dir, straight_run, tmp_path):
         train.main(train_args(synth_dir, tmp_path / "again", "--epochs", "3"))
         assert loss_columns(tmp_path / "again") == loss_columns(straight_run)
@@ -399,7 +418,7 @@ class TestTrainRefusals:
         one_line_error(result, "valid_x.h5 holds no images")
         assert "step 1/" not in result.stdout
 
-    def test_non_finite_or_negative_numbers_are_refused_up_front(self, synth_dir, tmp_path):
+    def test_non_finite_negative_or_float32_overflowing_numbers_are_refused_up_front(self, synth_dir, tmp_path):
         for flags in (
             ["--lr", "inf"],
             ["--lr", "nan"],
@@ -407,10 +426,29 @@ class TestTrainRefusals:
             ["--momentum", "-1"],
             ["--weight-decay", "inf"],
             ["--momentum", "nan"],
+            ["--lr", "1e308"],
+            ["--lr", "1e39", "--optimizer", "sgd"],
+            ["--weight-decay", "1e300"],
         ):
             result = run_main("train.py", *train_args(synth_dir, tmp_path / "run", *flags))
-            one_line_error(result, flags[0])
+            one_line_error(result, flags[0] + " must be")
             assert not (tmp_path / "run").exists()
+
+    @pytest.mark.parametrize(  # the largest --lr and --weight-decay train.py takes
+        "flags, fragment",
+        [
+            (["--lr", "3.4028234663852877e+37"], "training loss became nan"),
+            (["--lr", "3.4028234663852877e+37", "--optimizer", "sgd"], "training loss became nan"),
+            (["--weight-decay", "3.4028234663852886e+38", "--optimizer", "sgd"], "training loss became nan"),
+            (["--weight-decay", "3.4028234663852886e+38"], None),  # Adam scales its steps: it trains
+        ],
+    )
+    def test_the_largest_lr_and_weight_decay_train_or_diverge_in_one_line(self, synth_dir, tmp_path, flags, fragment):
+        result = run_main("train.py", *train_args(synth_dir, tmp_path / "run", "--epochs", "1", *flags))
+        if fragment:
+            one_line_error(result, fragment)
+        else:
+            assert result.returncode == 0, result.stderr
 
     def test_train_honours_the_manifest(self, small_set, tmp_path):
         run_main("manage_data.py", "manifest", "--data-dir", str(small_set), check=True)

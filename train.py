@@ -32,11 +32,13 @@ INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (SIGINT), as a shell reports it
 # ten times a constant guess's validation loss (ln 2): the model puts on average about 0.1% on the true class, a
 # run that diverged rather than one that learns slowly (a fresh MLP starts near ln 2, an overfitting one below 3)
 DIVERGED_LOSS = 10 * math.log(2)
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the optimisers compute in float32: torch refuses a larger lr or decay
+MAX_LR = FLOAT32_MAX * (1 - 0.9)  # Adam's first step is lr / (1 - beta1), beta1 0.9: it too must fit (SGD's limit too)
 ARGUMENT_RULES = (  # (arguments, test, what their values must be)
     (("epochs", "log_every"), lambda value: value > 0, "positive"),
     (("batch_size",), lambda value: 0 < value <= 2**31, "in 1 .. 2**31"),
-    (("lr",), lambda value: 0 < value < math.inf, "positive and finite"),
-    (("weight_decay",), lambda value: 0 <= value < math.inf, "a finite number, 0 or more"),
+    (("lr",), lambda value: 0 < value <= MAX_LR, f"positive, at most {MAX_LR} (float32's max / 10: Adam's first step)"),
+    (("weight_decay",), lambda value: 0 <= value <= FLOAT32_MAX, f"0 or more, at most {FLOAT32_MAX} (float32's max)"),
     (("seed",), lambda value: 0 <= value < 2**32, "in 0 .. 2**32 - 1 (numpy's range)"),
     (("num_workers",), lambda value: value >= 0, "0 or more"),
     (("dropout", "momentum"), lambda value: 0 <= value < 1, "in [0, 1)"),
@@ -361,17 +363,17 @@ def finish(session, test_set):
     if session.device.type == "cuda":
         peak["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
     folder.finish("done", test=test, best_val_loss=session.best_val_loss, **peak)
-    run_folder.rebuild_metrics(folder.path)  # a run resumed with nothing left to train writes none itself
+    run_folder.rebuild_metrics(folder.path)  # resumed after its last last.pt, it wrote no row of metrics.csv itself
+    draw_loss(folder.path)
+    written = [name for name in run_folder.RUN_FILES if os.path.exists(folder.file(name))]
+    log(f"done: {folder.path} ({', '.join(name + '/' * os.path.isdir(folder.file(name)) for name in written)})")
+
+
+def draw_loss(out_dir):
     try:
-        plot_loss.plot_runs([folder.file("metrics.csv")], folder.file("loss.png"))
+        plot_loss.plot_runs([os.path.join(out_dir, "metrics.csv")], os.path.join(out_dir, "loss.png"))
     except UserError as error:
         log(f"train.py: note: loss.png not drawn: {error}", sys.stderr)
-    written = [
-        name + "/" * os.path.isdir(folder.file(name))
-        for name in run_folder.RUN_FILES
-        if os.path.exists(folder.file(name))
-    ]
-    log(f"done: {folder.path} ({', '.join(written)})")
 
 
 def run(session):
@@ -379,7 +381,7 @@ def run(session):
     args = session.args
     check_args(args)
     out_dir, resume = run_folder.resume_target(args)
-    if resume and run_folder.run_is_complete(out_dir, args):
+    if resume and run_folder.run_is_complete(out_dir, args, draw_loss):
         return
     device = common.pick_device(args.device)
     checkpoint = None
