@@ -208,7 +208,7 @@ def split_identity(data_dir, split):
     """What tells a split's data from other data, read in a moment and the same for a cleaned copy (prepare,
     staging): its row count and the sha256 of its labels and of IDENTITY_IMAGES evenly spaced cleaned images."""
     x_path, y_path = pcam_files.require_split(data_dir, split)
-    labels = pcam_files.read_labels(y_path)
+    labels = pcam_files.read_split_labels(x_path, y_path)  # x checked against them first
     rows = np.unique(np.linspace(0, len(labels) - 1, min(len(labels), IDENTITY_IMAGES)).astype(np.int64))
     with pcam_files.open_h5(x_path) as h5file:
         images = clean(pcam_files.dataset_in(h5file, "x", x_path)[rows]) if len(rows) else np.empty(0, np.uint8)

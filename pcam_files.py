@@ -131,7 +131,7 @@ def dataset_in(h5file, key, path):
     if not (np.issubdtype(dset.dtype, np.integer) or np.issubdtype(dset.dtype, np.floating)):  # bool is neither
         raise UserError(f"{path}: '{key}' holds {dset.dtype} values; expected integers or floats")
     if key == "x" and dset.shape[1:] != IMAGE_SHAPE:  # a scalar too, which h5py reads by other rules
-        raise UserError(f"{path}: images have shape {dset.shape[1:]}; expected {IMAGE_SHAPE} (H, W, C)")
+        raise UserError(f"{path}: 'x' has shape {dset.shape}; expected (images, 96, 96, 3): (N, H, W, C)")
     return dset
 
 

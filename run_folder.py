@@ -244,7 +244,7 @@ def run_is_complete(out_dir, args, draw_loss):
     if record.get("status") != "done" or type(epochs) is not int or asked > epochs or changed:
         return False  # not done, or asked for more: the resume goes on, and refuses changed settings in one line
     past = f", past --epochs {asked} (a run is never rewound)" if asked < epochs else ""
-    if rebuild_metrics(out_dir):
+    if not args.dry_run and rebuild_metrics(out_dir):
         draw_loss(out_dir)
     log(f"{out_dir}: complete, {epochs} of {epochs} epochs done{past}; nothing to do")
     return True

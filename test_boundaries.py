@@ -460,10 +460,10 @@ def test_a_driver_runs_a_torch_build_from_its_familys_first_version(build, drive
 )
 def test_a_run_of_3_epochs_is_complete_and_resumable_up_to_3_epochs_asked(tmp_path, asked, complete):
     (tmp_path / "run.json").write_text(json.dumps({"status": "done", "args": {"epochs": 3}}))
-    args = argparse.Namespace(given=["epochs"], epochs=asked)
+    args = argparse.Namespace(given=["epochs"], epochs=asked, dry_run=False)
     assert run_folder.run_is_complete(str(tmp_path), args, draw_loss=lambda out_dir: None) is complete
     saved = {**dict.fromkeys(run_folder.RESUMED_SETTINGS, 0), "epochs": 5, "data_dir": str(tmp_path)}
-    args = argparse.Namespace(given=["data_dir", "epochs"], epochs=asked, data_dir=str(tmp_path))
+    args = argparse.Namespace(given=["data_dir", "epochs"], epochs=asked, data_dir=str(tmp_path), dry_run=False)
     resumed = refusal(lambda: run_folder.resumed_settings(args, {"args": saved, "epoch": 3}))
     assert_outcome(resumed, None if asked >= 3 else "below the 3 epochs")  # a run is never rewound
 

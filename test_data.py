@@ -334,7 +334,7 @@ def bad_sets():
     return {
         "missing key": (missing_key, "no dataset 'x'"),
         "row mismatch": (with_train(tissue(5), labels_of(4, 2)), "has 5 images but"),
-        "bad shape": (with_train(np.zeros((4, 32, 32, 3), np.uint8), labels_of(4, 2)), "expected (96, 96, 3)"),
+        "bad shape": (with_train(np.zeros((4, 32, 32, 3), np.uint8), labels_of(4, 2)), "expected (images, 96, 96, 3)"),
         "int8 pixels": (with_train(tissue(4).astype(np.int8), labels_of(4, 2)), "int8 pixels cannot hold"),
         "bad labels": (with_train(tissue(4), np.array([0, 1, 2, 1], np.uint8)), "labels must be 0 or 1, found 2"),
         "two label columns": (with_train(tissue(4), np.zeros((4, 2), np.uint8)), "labels have shape (4, 2)"),

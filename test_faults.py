@@ -85,15 +85,24 @@ class TestDamagedFiles:
         with open(path, "wb") as target:
             target.write(original)
 
-    @pytest.mark.parametrize("images, shape", [(np.float32(0), "()"), (np.zeros((64, 3, 96, 96)), "(3, 96, 96)")])
-    def test_x_of_another_shape_is_named_as_such_not_as_damage(self, tmp_path, images, shape):
+    @pytest.mark.parametrize(
+        "images, fragment",
+        [
+            (np.float32(0), "{x}: 'x' has shape (); expected (images, 96, 96, 3)"),
+            (np.zeros(2 * 27648), "{x}: 'x' has shape (55296,); expected (images, 96, 96, 3)"),
+            (np.zeros((64, 3, 96, 96)), "{x}: 'x' has shape (64, 3, 96, 96); expected (images, 96, 96, 3)"),
+            (tissue(63), "{x} has 63 images but"),
+        ],
+        ids=["scalar", "flat", "chw", "a-row-short"],
+    )
+    def test_x_of_another_shape_is_named_as_such_not_as_damage(self, tmp_path, images, fragment):
         data_dir = tmp_path / "data"
         x_path, _ = write_split(data_dir, "train", tissue(64), labels_of(64, 20))
         write_split(data_dir, "valid", tissue(16), labels_of(16, 8))
         with h5py.File(x_path, "w") as h5file:
             h5file.create_dataset("x", data=images)
         for command in COMMANDS:
-            assert f"{x_path}: images have shape {shape}; expected (96, 96, 3)" in error_of(command, data_dir, tmp_path)
+            assert fragment.format(x=x_path) in error_of(command, data_dir, tmp_path)
 
     def test_a_damaged_compressed_chunk_of_a_label_file_is_named(self, tmp_path):
         write_split(tmp_path, "train", tissue(64), labels_of(64, 20))

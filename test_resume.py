@@ -446,6 +446,23 @@ class TestStopAndResume:
         kept = run_dir / "metrics.csv.old"
         assert kept.read_bytes() == cut + note if note else not kept.exists()
 
+    @pytest.mark.parametrize("extra", [["--dry-run"], ["--epochs", "4"]], ids=["dry-run-writes-nothing", "more-epochs"])
+    def test_a_resume_keeps_a_users_edit_of_metrics_csv_or_with_dry_run_touches_nothing(
+        self, straight_run, synth_dir, tmp_path, extra
+    ):
+        run_dir = tmp_path / "run"
+        shutil.copytree(straight_run, run_dir)
+        edited = (run_dir / "metrics.csv").read_bytes() + b"my note\r\n"
+        (run_dir / "metrics.csv").write_bytes(edited)
+        before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+        train.main(train_args(synth_dir, run_dir, "--resume", *extra))
+        after = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+        if extra == ["--dry-run"]:
+            assert after == before
+        else:
+            assert after["metrics.csv.old"] == edited
+            assert [row["epoch"] for row in read_csv_rows(run_dir / "metrics.csv")] == ["1", "2", "3", "4"]
+
     def test_resume_continues_to_the_runs_epochs_never_rewinds_and_leaves_a_finished_run_alone(
         self, synth_dir, tmp_path
     ):

@@ -277,6 +277,7 @@ def start_or_resume(session, checkpoint, manifest_matched):
         }
         record.setdefault("resumed_at", []).append(run_folder.now())
         log(f"resuming {folder.path} after epoch {checkpoint['epoch']}")
+        run_folder.rebuild_metrics(folder.path)  # rewritten each epoch: a user's edit kept aside first
         run_folder.note_other_device(checkpoint, run_folder.written_on(session.device, session.environment))
     else:
         model.set_normalization(*data.channel_stats(session.train_batches.dataset))
