@@ -364,7 +364,6 @@ def finish(session, test_set):
     if session.device.type == "cuda":
         peak["peak_device_memory_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
     folder.finish("done", test=test, best_val_loss=session.best_val_loss, **peak)
-    run_folder.rebuild_metrics(folder.path)  # resumed after its last last.pt, it wrote no row of metrics.csv itself
     draw_loss(folder.path)
     written = [name for name in run_folder.RUN_FILES if os.path.exists(folder.file(name))]
     log(f"done: {folder.path} ({', '.join(name + '/' * os.path.isdir(folder.file(name)) for name in written)})")
