@@ -66,23 +66,19 @@ def default_out_dir():
 
 def new_run_folder(path):
     """path, else path-2, path-3, ...: the first not there yet, created here (two runs started in one second)."""
+    return first_free(path, os.makedirs)
+
+
+def first_free(path, claim):
+    """path, else path-2, path-3, ...: the first name claim(name) creates (it raises FileExistsError when taken)."""
     candidate, number = path, 1
     while True:
         try:
-            os.makedirs(candidate)
+            claim(candidate)
             return candidate
         except FileExistsError:
             number += 1
             candidate = f"{path}-{number}"
-
-
-def free_name(path):
-    """path, else path-2, path-3, ...: the first name not taken."""
-    candidate, number = path, 1
-    while os.path.lexists(candidate):
-        number += 1
-        candidate = f"{path}-{number}"
-    return candidate
 
 
 def outermost_missing(path):
@@ -269,7 +265,7 @@ def rebuild_metrics(out_dir):
         return False
     what = "was missing" if found is None else "lacked epochs"
     if found is not None and not history_csv.startswith(found):
-        kept = free_name(f"{metrics}.old")
+        kept = first_free(f"{metrics}.old", lambda name: open(name, "xb").close())
         write_bytes(found, kept)
         what = f"differed (yours kept as {kept})"
     write_bytes(history_csv, metrics)
