@@ -11,6 +11,7 @@ import argparse
 import csv
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ import pcam_files
 from model import MLP
 
 BATCH_SIZE = 256
+ROUNDS = 3  # each contender is timed next to its yardstick this many times, in turn
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -156,13 +158,11 @@ def course_style_run(data_dir):
 
 
 def course_style(data_dir):
-    """(seconds, train epoch images/s) of course_style_run, each in a fresh process; the faster of two."""
-    runs = []
-    for _attempt in range(2):
-        command = [sys.executable, __file__, "--course-style", data_dir]
-        run = subprocess.run(command, capture_output=True, text=True, check=True)
-        runs.append(tuple(float(value) for value in run.stdout.split()[-2:]))
-    return min(runs)
+    """(seconds, train epoch images/s) of course_style_run, in a fresh process."""
+    run = subprocess.run(
+        [sys.executable, __file__, "--course-style", data_dir], capture_output=True, text=True, check=True
+    )
+    return tuple(float(value) for value in run.stdout.split()[-2:])
 
 
 def seconds(work, *args, repeats=2, **kwargs):
@@ -206,54 +206,67 @@ def peak_rss_probe(data_dir):
 def end_to_end(data_dir):
     """`train.py --epochs 1 --filter-data` in a fresh process: (its training images/s from metrics.csv, seconds from
     the start of train.main to its return). The seconds leave out interpreter start-up and exit (loading and tearing
-    down torch, h5py and matplotlib take seconds, and vary by seconds here). Best of two."""
+    down torch, h5py and matplotlib take seconds, and vary by seconds here)."""
     timed = (
         "import sys, time, torch._dynamo, train\nstarted = time.perf_counter()\n"
         "train.main(sys.argv[1:])\nprint(time.perf_counter() - started)"
     )
-    runs = []
-    for _attempt in range(2):
-        with tempfile.TemporaryDirectory() as out_dir:
-            # SGD, as the plain step; torch imports torch._dynamo (about 2 s here) when the first optimiser is
-            # made: start-up, not training
-            argv = ["--data-dir", data_dir, "--epochs", "1", "--device", "cpu", "--optimizer", "sgd", "--momentum", "0"]
-            argv += ["--filter-data", "--out-dir", os.path.join(out_dir, "run"), "--log-every", "1000"]
-            run = subprocess.run([sys.executable, "-c", timed, *argv], check=True, capture_output=True, text=True)
-            with open(os.path.join(out_dir, "run", "metrics.csv"), newline="") as metrics:
-                rate = float(next(csv.DictReader(metrics))["images_per_s"])
-            runs.append((rate, float(run.stdout.split()[-1])))
-    return max(rate for rate, _ in runs), min(seconds for _, seconds in runs)
+    with tempfile.TemporaryDirectory() as out_dir:
+        # SGD, as the plain step; torch imports torch._dynamo (about 2 s here) when the first optimiser is made:
+        # start-up, not training
+        argv = ["--data-dir", data_dir, "--epochs", "1", "--device", "cpu", "--optimizer", "sgd", "--momentum", "0"]
+        argv += ["--filter-data", "--out-dir", os.path.join(out_dir, "run"), "--log-every", "1000"]
+        run = subprocess.run([sys.executable, "-c", timed, *argv], check=True, capture_output=True, text=True)
+        with open(os.path.join(out_dir, "run", "metrics.csv"), newline="") as metrics:
+            rate = float(next(csv.DictReader(metrics))["images_per_s"])
+    return rate, float(run.stdout.split()[-1])
 
 
-def training_rows(data_dir, n_train, plain_train, plain_forward):
+def ratio_text(rounds, top, bottom, template, digits=2):
+    """template filled with the median over the rounds of top / bottom, then the range of that ratio."""
+    ratios = sorted(measured[top] / measured[bottom] for measured in rounds)
+    median, low, high = (f"{ratio:.{digits}f}" for ratio in (statistics.median(ratios), ratios[0], ratios[-1]))
+    return template.format(median) + f"; rounds {low}-{high}"
+
+
+def training_rows(data_dir, n_train):
     """The project's step and a train.py epoch against the plain float step; a whole train.py run against the plain
-    bound and against the course-style run doing the same work."""
+    bound and against the course-style run doing the same work. Each round measures every contender next to its
+    yardstick; a row gives the median round and the range of its ratio. Returns (rows, the plain step's rate)."""
     for split in ("train", "valid"):
         read_in_blocks(pcam_files.split_paths(data_dir, split)[0])  # into the page cache, for every contender alike
     label = f"uint8 {os.path.getsize(pcam_files.split_paths(data_dir, 'train')[0]) / 2**30:.2f} GiB"
     train_loader, _ = data.get_dataloaders(data_dir, batch_size=BATCH_SIZE)  # uint8 channels-last batches
+    batches = [batch for batch, _ in zip(train_loader, range(8), strict=False)]
     pcam_files.keep_step_buffers_on_the_heap()  # as train.py does
-    project_rate = model_rate(MLP(), [batch for batch, _ in zip(train_loader, range(8), strict=False)])
-    course_s, course_rate = course_style(data_dir)
-    epoch_rate, run_s = end_to_end(data_dir)
-    plain_train_now, plain_forward_now = plain_rates()  # again, next to the end-to-end runs; the faster counts
-    plain_train, plain_forward = max(plain_train, plain_train_now), max(plain_forward, plain_forward_now)
     n_valid = len(pcam_files.read_labels(pcam_files.split_paths(data_dir, "valid")[1]))
-    bound = n_train / plain_train + n_valid / plain_forward  # the set has no outliers: the filter keeps every image
-    project_ratio = f"{project_rate / plain_train:.2f}x plain step (target 0.75)"
-    epoch_ratio = f"{epoch_rate / plain_train:.2f}x plain step (target 0.8)"
-    reference_ratio = f"train.py {epoch_rate / course_rate:.1f}x this"
-    run_ratio = f"{run_s / bound:.2f}x plain bound ({bound:.1f} s)"
-    course_ratio = f"train.py {course_s / run_s:.1f}x faster (target 3)"
-    return [
-        ("plain MLP (64, 32) step: fwd+bwd+SGD", "float, in memory", plain_train, "images/s", "the compute bound"),
-        ("plain MLP (64, 32) forward", "float, in memory", plain_forward, "images/s", ""),
-        ("pcam-mlp step on its loader's batches", label, project_rate, "images/s", project_ratio),
-        ("train.py epoch (SGD), metrics.csv rate", label, epoch_rate, "images/s", epoch_ratio),
-        ("reference epoch: its loader + plain step", label, course_rate, "images/s", reference_ratio),
-        ("train.py 1 epoch, filtered, less start-up", label, run_s, "s", run_ratio),
-        ("course-style run: filter, epoch, valid", label, course_s, "s", course_ratio),
-    ]
+    rounds = []
+    for _round in range(ROUNDS):
+        plain, forward = plain_rates()
+        step = model_rate(MLP(), batches)
+        course_run, course_epoch = course_style(data_dir)
+        epoch, run = end_to_end(data_dir)
+        bound = n_train / plain + n_valid / forward  # the set has no outliers: the filter keeps every image
+        rounds.append(
+            dict(plain=plain, forward=forward, step=step, epoch=epoch, run=run, course_epoch=course_epoch)
+            | dict(course_run=course_run, bound=bound)
+        )
+    median = {key: statistics.median(measured[key] for measured in rounds) for key in rounds[0]}
+    rows = [
+        ("plain MLP (64, 32) step: fwd+bwd+SGD", "float, in memory", "plain", "images/s", "the compute bound"),
+        ("plain MLP (64, 32) forward", "float, in memory", "forward", "images/s", ""),
+        ("pcam-mlp step on its loader's batches", label, "step", "images/s",
+         ratio_text(rounds, "step", "plain", "{}x plain step (target 0.75)")),
+        ("train.py epoch (SGD), metrics.csv rate", label, "epoch", "images/s",
+         ratio_text(rounds, "epoch", "plain", "{}x plain step (target 0.8)")),
+        ("reference epoch: its loader + plain step", label, "course_epoch", "images/s",
+         ratio_text(rounds, "epoch", "course_epoch", "train.py {}x this", 1)),
+        ("train.py 1 epoch, filtered, less start-up", label, "run", "s",
+         ratio_text(rounds, "run", "bound", f"{{}}x plain bound ({median['bound']:.1f} s)")),
+        ("course-style run: filter, epoch, valid", label, "course_run", "s",
+         ratio_text(rounds, "course_run", "run", "train.py {}x faster (target 3)", 1)),
+    ]  # fmt: skip
+    return [(what, file, median[key], unit, ratio) for what, file, key, unit, ratio in rows], median["plain"]
 
 
 def data_path_rows(sets, plain_train):
@@ -328,10 +341,10 @@ def print_table(rows):
         f"\npcam-mlp bench, {time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH_SIZE}, num_workers 0"
     )
-    print(f"| {'measure':<42} | {'file':<28} | {'value':>10} | {'unit':<8} | {'ratio':<38} |")
-    print(f"|{'-' * 44}|{'-' * 30}|{'-' * 12}:|{'-' * 10}|{'-' * 40}|")
+    print(f"| {'measure':<42} | {'file':<28} | {'value':>10} | {'unit':<8} | {'ratio':<56} |")
+    print(f"|{'-' * 44}|{'-' * 30}|{'-' * 12}:|{'-' * 10}|{'-' * 58}|")
     for what, label, value, unit, ratio in rows:
-        print(f"| {what:<42} | {label:<28} | {value:>10,.{2 if unit == 's' else 0}f} | {unit:<8} | {ratio:<38} |")
+        print(f"| {what:<42} | {label:<28} | {value:>10,.{2 if unit == 's' else 0}f} | {unit:<8} | {ratio:<56} |")
 
 
 def main(argv=None):
@@ -357,8 +370,7 @@ def main(argv=None):
     ensure_set(sets["uint8"], args.n_train, "uint8", 0.0)
     ensure_set(sets["float32"], args.n_train, "float32", 0.05)
     ensure_set(sets["packed"], args.n_packed, "uint8", 0.0, chunks=(32, 96, 96, 3), compression="gzip")
-    plain_train, plain_forward = plain_rates()
-    training = training_rows(sets["uint8"], args.n_train, plain_train, plain_forward)  # before the float32 set is read
+    training, plain_train = training_rows(sets["uint8"], args.n_train)  # before the float32 set is read
     rows = data_path_rows(sets, plain_train) + training
     rows.append(peak_rss_row(sets["float32"]))
     rows.append(streaming_run_rss_row(sets["float32"]))
