@@ -254,6 +254,8 @@ def rebuild_metrics(out_dir):
     if not os.path.isfile(last):
         return False
     history_csv = metrics_csv(load_checkpoint(last, required=("history",))["history"])
+    if os.path.exists(metrics) and not os.path.isfile(metrics):  # a FIFO would wait for a writer for ever
+        raise UserError(f"{metrics} is not a regular file; move it away to have it written again")
     try:
         with open(metrics, "rb") as source:
             found = source.read()

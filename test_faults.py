@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -22,7 +23,17 @@ import manage_data
 import pcam_files
 import plot_loss
 import train
-from test_helpers import HERE, is_nonblank_png, labels_of, tissue, train_args, wait_until, write_split
+from test_helpers import (
+    HERE,
+    is_nonblank_png,
+    labels_of,
+    one_line_error,
+    run_main,
+    tissue,
+    train_args,
+    wait_until,
+    write_split,
+)
 
 COMMANDS = {  # name -> (main, arguments for data folder d and a scratch folder out)
     "info": (manage_data.main, lambda d, out: ["info", "--data-dir", d]),
@@ -279,6 +290,20 @@ class TestRunTheSameCommandAgain:
         train.main(["--out-dir", str(run), "--resume"])
         assert "metrics.csv was missing: written again from" in capsys.readouterr().out
         assert (run / "metrics.csv").read_text() == kept
+
+    @pytest.mark.parametrize("make", [os.mkfifo, os.mkdir], ids=["fifo", "folder"])
+    def test_a_resume_refuses_a_metrics_csv_that_is_not_a_file_and_leaves_it(self, straight_run, tmp_path, make):
+        run = tmp_path / "run"
+        shutil.copytree(straight_run, run)
+        (run / "metrics.csv").unlink()
+        make(run / "metrics.csv")
+        signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the resume waited on metrics.csv"))
+        signal.alarm(60)  # a FIFO opened for reading waits for a writer
+        try:
+            one_line_error(run_main("train.py", "--out-dir", str(run), "--resume"), "metrics.csv is not a regular")
+        finally:
+            signal.alarm(0)
+        assert not (run / "metrics.csv").is_file() and not (run / "metrics.csv.old").exists()
 
 
 def test_a_manifest_vouches_only_for_the_split_files_it_lists(tmp_path, capsys):
