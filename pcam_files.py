@@ -287,9 +287,10 @@ class MappedRows:
         check_still_whole(self.mapping, self.end, self.x_path)
         batch = self.images[rows]
         self.bytes_since_release += batch.nbytes
-        # mapped page-cache pages count in RSS (though the kernel reclaims them freely); dropping them now
-        # and then keeps RSS near the file size at most; every drop costs page faults, hence not per batch
-        if self.bytes_since_release > MAPPED_BYTES_BEFORE_RELEASE:
+        # mapped page-cache pages count in RSS (though the kernel reclaims them freely); dropping them now and then
+        # keeps RSS under MAPPED_BYTES_BEFORE_RELEASE; every drop costs page faults, hence not per batch, and not
+        # for a file that size or smaller (PCAM's valid and test splits), whose map holds no more than that
+        if self.bytes_since_release > MAPPED_BYTES_BEFORE_RELEASE and len(self.mapping) > MAPPED_BYTES_BEFORE_RELEASE:
             self.mapping.madvise(mmap.MADV_DONTNEED)  # the data stays in the page cache
             self.bytes_since_release = 0
         return batch

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -409,15 +410,26 @@ def test_progress_lines_come_every_10_seconds_and_when_done(capsys, seconds, don
 
 
 @pytest.mark.parametrize(
-    "read, released",
-    table((2**30 - 1, False, "byte-under-1GiB"), (2**30, False, "1GiB"), (2**30 + 1, True, "byte-over-1GiB")),
+    "read, over, released",  # bytes read and the file's size, past the limit; over None: a tiny file, the 1 GiB limit
+    table(
+        (-1, 1, False, "byte-under-the-limit-read"),
+        (0, 1, False, "the-limit-read"),
+        (1, 1, True, "byte-over-the-limit-read"),
+        (1, 0, False, "file-of-the-limits-size"),
+        (1, -1, False, "file-a-byte-smaller"),
+        (1, None, False, "file-under-1GiB"),
+    ),
 )
-def test_a_memory_map_lets_its_pages_go_once_over_1_gib_was_read(tmp_path, read, released):
+def test_a_memory_map_lets_its_pages_go_once_more_than_its_limit_was_read_from_a_larger_file(
+    monkeypatch, tmp_path, read, over, released
+):
     x_path, _ = write_split(tmp_path, "train", tissue(2), labels_of(2, 1))
-    reader = pcam_files.open_rows(x_path)
-    reader.bytes_since_release = read - pcam_files.IMAGE_BYTES  # one image read next
+    if over is not None:
+        monkeypatch.setattr(pcam_files, "MAPPED_BYTES_BEFORE_RELEASE", os.path.getsize(x_path) - over)
+    limit, reader = pcam_files.MAPPED_BYTES_BEFORE_RELEASE, pcam_files.open_rows(x_path)
+    reader.bytes_since_release = limit + read - pcam_files.IMAGE_BYTES  # one image read next
     reader.read(np.array([1]))
-    assert reader.bytes_since_release == (0 if released else read)
+    assert reader.bytes_since_release == (0 if released else limit + read)
 
 
 @pytest.mark.parametrize(
@@ -581,11 +593,3 @@ def test_the_runs_table_refuses_an_overlay_path_it_may_not_write_before_writing_
     assert_outcome(message, name)
     assert not (tmp_path / "runs_summary.csv").exists()
     assert (tmp_path / "foreign.png").read_bytes() == b"a user's own figure"
-
-
-def test_a_folder_that_cannot_be_listed_counts_as_a_run_to_show_as_unreadable(tmp_path, monkeypatch):
-    def refused(path):
-        raise PermissionError(13, "Permission denied", path)
-
-    monkeypatch.setattr(plot_loss.os, "listdir", refused)
-    assert plot_loss.is_run(str(tmp_path))

@@ -480,3 +480,11 @@ def test_a_resumed_run_starting_up_is_running_whatever_its_last_attempt_recorded
     with open(run / "train.lock", "w") as lock:  # train.py --resume at work, loading its data
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert plot_loss.summarize_run(str(run))["status"] == "running"
+
+
+def test_a_folder_that_cannot_be_listed_counts_as_a_run_to_show_as_unreadable(tmp_path, monkeypatch):
+    def refused(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(plot_loss.os, "listdir", refused)
+    assert plot_loss.is_run(str(tmp_path))
