@@ -175,7 +175,7 @@ class RunFolder:
 
     def start(self, record):
         """run.json says "running"; from here on the run's end is recorded in it, whatever that end is."""
-        stale = ("error", "stop_signal")  # from the attempt this run resumes
+        stale = ("error", "stop_signal", "test", "best_val_loss", "finished_at", "peak_device_memory_gib")  # its end
         self.record = {**{key: value for key, value in record.items() if key not in stale}, "status": "running"}
         write_json(self.record, self.file("run.json"))
 

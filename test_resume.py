@@ -446,6 +446,23 @@ class TestStopAndResume:
         kept = run_dir / "metrics.csv.old"
         assert kept.read_bytes() == cut + note if note else not kept.exists()
 
+    def test_a_finished_run_continued_for_more_epochs_drops_its_test_scores_until_it_ends_again(
+        self, straight_run, synth_dir, tmp_path, monkeypatch
+    ):
+        def interrupted(*_):
+            raise KeyboardInterrupt
+
+        run_dir = tmp_path / "run"
+        shutil.copytree(straight_run, run_dir)
+        assert "test" in json.loads((run_dir / "run.json").read_text())
+        monkeypatch.setattr(train, "train_one_epoch", interrupted)
+        result = run_main("train.py", *train_args(synth_dir, run_dir, "--resume", "--epochs", "4"))
+        record = json.loads((run_dir / "run.json").read_text())
+        assert result.returncode == 130 and record["status"] == "interrupted", result.stderr
+        assert "test" not in record and "best_val_loss" not in record
+        row = plot_loss.summarize_run(str(run_dir))
+        assert row["epochs_done"] == 3 and row["test_acc"] is None and row["test_auc"] is None
+
     @pytest.mark.parametrize("extra", [["--dry-run"], ["--epochs", "4"]], ids=["dry-run-writes-nothing", "more-epochs"])
     def test_a_resume_keeps_a_users_edit_of_metrics_csv_or_with_dry_run_touches_nothing(
         self, straight_run, synth_dir, tmp_path, extra
