@@ -267,20 +267,21 @@ class TestSlurmJobs:
         record = json.loads((project / "runs" / f"slurm-{job}" / "run.json").read_text())
         assert record["args"]["data_dir"] == str(staged)
 
-    def test_a_staged_job_names_the_users_folder_for_a_half_split(self, project, synth_dir, tmp_path):
+    @pytest.mark.parametrize("given_by", ["DATA_DIR", "ARGS"])
+    def test_a_staged_job_stages_the_users_folder_and_names_it_for_a_half_split(
+        self, project, synth_dir, tmp_path, given_by
+    ):
         user_dir = linked_set(synth_dir, tmp_path / "user_data")
         write_split(user_dir, "test", tissue(8), labels_of(8, 4))
         os.remove(pcam_files.split_paths(user_dir, "test")[1])
         scratch = tmp_path / "scratch"
         scratch.mkdir()
-        output = make(
-            project,
-            "train",
-            env={**SMALL_JOB, "ARGS": "--epochs 1", "STAGE": "yes", "TMPDIR": str(scratch), "DATA_DIR": str(user_dir)},
-        )
-        job = submitted_job(output)[0]
+        env = {**SMALL_JOB, "ARGS": "--epochs 1", "STAGE": "yes", "TMPDIR": str(scratch)}
+        env = {**env, "DATA_DIR": str(user_dir)} if given_by == "DATA_DIR" else {**env, "ARGS": f"--epochs 1 --data-dir {user_dir}"}
+        job = submitted_job(make(project, "train", env=env))[0]
         assert wait_for_job(job) == ["FAILED"]
         log = (project / "logs" / f"pcam_train_{job}.out").read_text()
+        assert f"staging {user_dir} to " in log
         assert f"test split missing in {user_dir}" in log and "Traceback" not in log
 
 

@@ -49,6 +49,12 @@ source "$venv/bin/activate"
 export PYTHONUNBUFFERED=1
 
 data_dir="${PCAM_DIR:-$submit_dir/data}"
+previous=""
+for arg in "$@"; do  # a --data-dir in ARGS wins, its last one as in train.py: that is the folder to stage
+    if [[ "$previous" == --data-dir ]]; then data_dir="$arg"; fi
+    if [[ "$arg" == --data-dir=* ]]; then data_dir="${arg#--data-dir=}"; fi
+    previous="$arg"
+done
 stage="${STAGE:-auto}"
 if [[ "$stage" == auto ]]; then
     case "$(stat -f -c %T "$data_dir" 2>/dev/null)" in
@@ -66,16 +72,17 @@ fi
 # train.py picks the run folder (runs/slurm-<job id>, runs/slurm-<array id>_<task>, or the --out-dir in ARGS), and
 # --resume auto continues the run there when it holds a last.pt (a requeued job) and starts it otherwise. The
 # user's ARGS come last and argparse keeps an option's last value: ARGS="--resume --out-dir DIR" insists on
-# continuing the run in DIR (and ends in one line when DIR holds no last.pt).
-args=(--data-dir "$data_dir")
+# continuing the run in DIR (and ends in one line when DIR holds no last.pt). The data folder comes after them: the
+# staged copy, or the user's own folder again.
+args=()
 if [[ -n "${SWEEP_FLAG:-}" ]]; then
     read -r -a sweep_values <<< "${SWEEP_VALUES:-}"
     args+=("$SWEEP_FLAG" "${sweep_values[${SLURM_ARRAY_TASK_ID:-0}]}")
 fi
 args+=(--resume auto)
-echo "run: python train.py ${args[*]} $*"
+echo "run: python train.py ${args[*]} $* --data-dir $data_dir"
 
-python train.py "${args[@]}" "$@" &
+python train.py "${args[@]}" "$@" --data-dir "$data_dir" &
 train_pid=$!
 time_limit=no
 trap 'time_limit=yes; echo "USR1: time limit near, asking train.py to checkpoint"; kill -USR1 "$train_pid" 2>/dev/null || true' USR1
