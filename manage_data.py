@@ -5,7 +5,9 @@ the loaders in data.py; the manifest these commands write is checked by pcam_fil
 
 import errno
 import gzip
+import http.client
 import os
+import re
 import shutil
 import sys
 import time
@@ -323,8 +325,8 @@ def fetch(url, part_path, attempts=5):
             if error.code == 416 and have:  # the part file is already complete
                 return
             raise UserError(f"download of {url} failed: HTTP {error.code} {error.reason}") from None
-        except OSError as error:  # ConnectionError and urllib's URLError are OSErrors
-            if error.errno in LOCAL_WRITE_ERRORS and not isinstance(error, urllib.error.URLError):
+        except (OSError, http.client.HTTPException) as error:  # cut or refused connections, garbled or cut replies
+            if getattr(error, "errno", None) in LOCAL_WRITE_ERRORS and not isinstance(error, urllib.error.URLError):
                 raise UserError(f"cannot write {part_path}: {error.strerror}; retrying cannot help") from None
             if attempt == attempts:
                 then = "to resume" if bytes_in(part_path) else "once the network or --base-url is right"
@@ -348,9 +350,22 @@ def read_checksums(path):
         raise UserError(f"cannot read checksums file {path} ({error}); expected '<md5>  <file name>' lines") from None
 
 
+def check_base_url(url):
+    """One line, before any attempt, for a --base-url no request can be made to (retries would not help)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        usable = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
+    except ValueError:  # a port that is not a number, an unclosed [IPv6 address
+        usable = False
+    if not usable or re.search(r"[\x00-\x20\x7f]", url):  # http.client refuses spaces and control characters
+        raise UserError(
+            f"--base-url {url!r} is not an http:// or https:// URL (a host, a port if any as a number, no spaces); "
+            "give the full URL"
+        )
+
+
 def cmd_download(args):
-    if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https"):
-        raise UserError(f"--base-url {args.base_url!r} is not an http:// or https:// URL; give the full URL")
+    check_base_url(args.base_url)
     checksums = read_checksums(args.checksums) if args.checksums else ZENODO_MD5
     missing = [path for split in args.splits for path in split_paths(args.data_dir, split) if not os.path.isfile(path)]
     unlisted = [os.path.basename(path) + ".gz" for path in missing if os.path.basename(path) + ".gz" not in checksums]

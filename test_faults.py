@@ -25,6 +25,7 @@ import plot_loss
 import train
 from test_helpers import (
     HERE,
+    download,
     is_nonblank_png,
     labels_of,
     one_line_error,
@@ -488,3 +489,23 @@ def test_a_folder_that_cannot_be_listed_counts_as_a_run_to_show_as_unreadable(tm
 
     monkeypatch.setattr(plot_loss.os, "listdir", refused)
     assert plot_loss.is_run(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:abc", "http://127.0.0.1:99999/f", "http://h:0/f", "http://my mirror/f", "https://[::1", "http://",
+     "http:///files", "ftp://host/files"],
+)  # fmt: skip
+def test_download_refuses_a_base_url_no_request_can_go_to_before_any_attempt(tmp_path, url):
+    result = run_main("manage_data.py", "download", "--data-dir", str(tmp_path / "data"), "--base-url", url)
+    one_line_error(result, f"--base-url {url!r} is not an http:// or https:// URL")
+    assert "attempt" not in result.stdout and not (tmp_path / "data").exists()
+
+
+@pytest.mark.download
+def test_download_retries_a_reply_that_is_not_http(pcam_server, tmp_path):
+    pcam_server.garble_once.add("camelyonpatch_level_2_split_valid_y.h5.gz")
+    result = download(pcam_server, tmp_path / "data", "valid")
+    assert result.returncode == 0, result.stderr
+    assert "(attempt 2 of 5)" in result.stdout and not pcam_server.garble_once
+    assert os.path.isfile(pcam_files.split_paths(tmp_path / "data", "valid")[1])

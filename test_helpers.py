@@ -218,11 +218,16 @@ def loss_plot_lines(paths, out_path):
 
 class PCAMServer(http.server.BaseHTTPRequestHandler):
     """Serves self.server.files {name: bytes}, honours Range (unless ignore_range: then 200 and the whole body),
-    and cuts the first reply of names in cut_once."""
+    cuts the first reply of names in cut_once, and answers the first request of names in garble_once with a line
+    that is not HTTP."""
 
     def do_GET(self):
         name = self.path.split("?")[0].rsplit("/", 1)[-1]
         self.server.requests.append((name, self.headers.get("Range")))
+        if name in self.server.garble_once:  # as another service on that port, or a broken proxy, would answer
+            self.server.garble_once.remove(name)
+            self.wfile.write(b"SSH-2.0-not-http\r\n")
+            return
         if name not in self.server.files:
             self.send_error(404)
             return
