@@ -9,8 +9,10 @@ ARGS ?=
 # ARGS as typed: make expands no $(...) in it (nor does a shell: see WITH_ARGS)
 override ARGS := $(value ARGS)
 RUN ?=
-# make plot's default RUN: the newest run with a metrics.csv (a run that failed before its first epoch has nothing to plot)
-NEWEST_RUN = import glob, os; runs = glob.glob("runs/*/metrics.csv"); print(os.path.dirname(max(runs, key=os.path.getmtime)) if runs else "")
+# the run make plot and make figures draw: RUN, else the newest run with a metrics.csv (a run that failed before its
+# first epoch has nothing to plot), found by Python: a shell or make would split a name with a space
+CHOSEN_RUN = "$${RUN:-$$($(PY) -c 'import glob, os; runs = glob.glob("runs/*/metrics.csv"); \
+	print(os.path.dirname(max(runs, key=os.path.getmtime)) if runs else "")')}"
 RUNS ?= runs/*/
 OUT ?=
 # Slurm resources for make train and make sweep (sbatch options override train_job.sh's #SBATCH lines);
@@ -99,9 +101,10 @@ eda: $(VENV)/.installed ## defect counts and figures of the data in DATA_DIR, PN
 	$(PY) eda.py --data-dir "$$DATA_DIR" --out-dir "$${OUT:-runs/eda}"
 
 figures: $(VENV)/.installed ## rewrite the README's figures in assets/: eda of DATA_DIR and the loss plot of RUN
-	test -n "$$RUN" || { echo "make figures: no run found; pass RUN=runs/<name>" >&2; exit 1; }
-	$(PY) eda.py --data-dir "$$DATA_DIR" --out-dir assets --force
-	$(PY) plot_loss.py "$$RUN" --out assets/loss_plot.png --force
+	run=$(CHOSEN_RUN); \
+	test -n "$$run" || { echo "make figures: no run found; pass RUN=runs/<name>" >&2; exit 1; }; \
+	$(PY) eda.py --data-dir "$$DATA_DIR" --out-dir assets --force; \
+	$(PY) plot_loss.py "$$run" --out assets/loss_plot.png --force
 
 demo: $(VENV)/.installed ## synthetic set, 5 CPU epochs and the loss plot, in about a minute (runs/demo)
 	$(MAKE) -s synth
@@ -113,7 +116,7 @@ train-local: $(VENV)/.installed ## python train.py $ARGS right here (laptop, sal
 	$(WITH_ARGS) $(PY) train.py
 
 plot: $(VENV)/.installed ## loss plot of RUN (default: the newest run; a pattern overlays) to its loss.png (OUT=PNG)
-	run="$${RUN:-$$($(PY) -c '$(NEWEST_RUN)')}"; \
+	run=$(CHOSEN_RUN); \
 	test -n "$$run" || { echo "make plot: no run found; pass RUN=runs/<name>" >&2; exit 1; }; \
 	$(PY) plot_loss.py "$$run" $${OUT:+--out "$$OUT"}
 
