@@ -38,6 +38,8 @@ from pcam_files import MANIFEST_NAME, PREPARED_NAME, SPLITS, split_paths
 LOCK_NAME = "train.lock"
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "run.json", "loss.png", "eval-test")  # what a run writes
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best_val_loss", "history", "rng", "model_args", "args")
+PASS_A_CHECKPOINT = "pass a whole best.pt or last.pt written by train.py (a run's other checkpoint, or a new run)"
+PUT_IT_BACK = "put a whole copy of it back, or start a new run in another --out-dir"  # a run folder's own checkpoint
 METRIC_FORMATS = {  # metrics.csv's columns, a row per epoch
     "epoch": "{}",
     **dict.fromkeys(("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr"), "{:.6f}"),
@@ -158,7 +160,7 @@ class RunFolder:
     def checkpoint_to_resume(self):
         """last.pt, checked to belong to the run run.json records, as best.pt must too (the test split scores it)."""
         record = read_record(self.file("run.json"))
-        checkpoint = load_checkpoint(self.file("last.pt"), CHECKPOINT_KEYS)
+        checkpoint = load_checkpoint(self.file("last.pt"), CHECKPOINT_KEYS, PUT_IT_BACK)
         check_same_run(checkpoint, record, self.file("last.pt"), "the folder's run.json")
         if checkpoint["epoch"] > 0 and not os.path.isfile(self.file("best.pt")):  # written with the first epoch
             raise UserError(
@@ -169,7 +171,7 @@ class RunFolder:
             against, of_this_run = "the folder's run.json", record
             if not record:
                 against, of_this_run = "last.pt", {"run_id": checkpoint.get("run_id"), "args": checkpoint["args"]}
-            best = load_checkpoint(self.file("best.pt"), CHECKPOINT_KEYS)
+            best = load_checkpoint(self.file("best.pt"), CHECKPOINT_KEYS, PUT_IT_BACK)
             check_same_run(best, of_this_run, self.file("best.pt"), against)
         return checkpoint
 
@@ -253,7 +255,7 @@ def rebuild_metrics(out_dir):
     metrics, last = os.path.join(out_dir, "metrics.csv"), os.path.join(out_dir, "last.pt")
     if not os.path.isfile(last):
         return False
-    history_csv = metrics_csv(load_checkpoint(last, required=("history",))["history"])
+    history_csv = metrics_csv(load_checkpoint(last, ("history",), PUT_IT_BACK)["history"])
     if os.path.exists(metrics) and not os.path.isfile(metrics):  # a FIFO would wait for a writer for ever
         raise UserError(f"{metrics} is not a regular file; move it away to have it written again")
     try:
@@ -330,7 +332,7 @@ def run_settings(args, folder, checkpoint):
     return argparse.Namespace(**{**parsed, **resumed, **where})
 
 
-def load_checkpoint(path, required=("model", "model_args")):
+def load_checkpoint(path, required=("model", "model_args"), remedy=PASS_A_CHECKPOINT):
     """A train.py checkpoint dict holding the required keys, loaded on the CPU with weights_only=True."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -338,15 +340,11 @@ def load_checkpoint(path, required=("model", "model_args")):
         raise UserError(f"checkpoint {path} not found; pass a run's best.pt or last.pt") from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, pickle.UnpicklingError) as error:
         raise UserError(
-            f"cannot load checkpoint {path} ({type(error).__name__}): it is incomplete or not a checkpoint; pass a "
-            "whole best.pt or last.pt written by train.py (a run's other checkpoint, or a new run)"
+            f"cannot load checkpoint {path} ({type(error).__name__}): it is incomplete or not a checkpoint; {remedy}"
         ) from None
     missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
-        raise UserError(
-            f"{path} is not a train.py checkpoint (it lacks {', '.join(missing)}); "
-            "pass a best.pt or last.pt written by train.py"
-        )
+        raise UserError(f"{path} is not a train.py checkpoint (it lacks {', '.join(missing)}); {remedy}")
     return checkpoint
 
 

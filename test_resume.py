@@ -379,6 +379,15 @@ class TestStopAndResume:
             ({"run.json": {"resumed_at": "today"}}, "is damaged ('resumed_at' is not a JSON list)"),
             ({"run.json": None, "last.pt": {"args": {}}}, "does not record the settings batch_size, lr,"),
             ({"eval-test": "a file"}, "eval-test is not a folder as a run writes it"),
+            (
+                {"last.pt": "cut"},
+                "last.pt (OSError): it is incomplete or not a checkpoint; put a whole copy of it back",
+            ),
+            (
+                {"best.pt": "cut"},
+                "best.pt (OSError): it is incomplete or not a checkpoint; put a whole copy of it back",
+            ),
+            ({"last.pt": "no epoch"}, "last.pt is not a train.py checkpoint (it lacks epoch); put a whole copy of it"),
         ],
     )
     def test_resume_refuses_a_damaged_run_folder_before_training(
@@ -390,6 +399,11 @@ class TestStopAndResume:
             if name == "eval-test":
                 shutil.rmtree(run_dir / name)
                 (run_dir / name).write_text(change)
+            elif change == "cut":
+                (run_dir / name).write_bytes((run_dir / name).read_bytes()[:5000])
+            elif change == "no epoch":
+                checkpoint = torch.load(run_dir / name, weights_only=True)
+                save_checkpoint({key: value for key, value in checkpoint.items() if key != "epoch"}, run_dir / name)
             elif change is None:
                 (run_dir / name).unlink()
             elif name == "run.json":
