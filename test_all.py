@@ -50,6 +50,14 @@ class TestLoaders:
             tracemalloc.stop()
             assert (peak > file_bytes) == bool(asked), peak
 
+    def test_the_loaders_defaults_are_batches_of_256_streamed_from_the_files(self, tmp_path):
+        for split in ("train", "valid", "test"):
+            write_split(tmp_path, split, tissue(257), labels_of(257, 100))
+        loaders = (*data.get_dataloaders(tmp_path), data.get_test_loader(tmp_path))
+        assert [[len(labels) for _, labels in loader] for loader in loaders] == [[256, 1]] * 3
+        assert all(loader.dataset.memory is None for loader in loaders)
+        assert data.load_split(tmp_path, "train").memory is None
+
     def test_a_batch_size_of_one_is_the_smallest_the_loaders_take(self, tmp_path):
         write_split(tmp_path, "train", tissue(4), labels_of(4, 2))
         write_split(tmp_path, "valid", tissue(3), labels_of(3, 1))

@@ -291,6 +291,8 @@ class TestMemoryLimits:
         monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
         free, which = data.free_memory()
         assert which == "SLURM_MEM_PER_CPU x CPUs" and abs(free - (8000 * 2**20 - held)) <= 2**24
+        monkeypatch.setenv("SLURM_MEM_PER_CPU", "1")
+        assert data.free_memory() == (0, "SLURM_MEM_PER_CPU x CPUs")  # 4 MiB: the imports alone take more
 
     def test_page_cache_the_kernel_can_drop_counts_as_room_in_a_cgroup(self, tmp_path):
         for name, value in (("memory.limit_in_bytes", 1000), ("memory.usage_in_bytes", 900)):
@@ -489,6 +491,8 @@ class TestEda:
         scan = eda.scan_split(tmp_path, "train", 4, data.BLACK_THRESHOLD, data.WHITE_THRESHOLD)
         assert scan.flags["nan"].tolist() == [False, True] + [False] * 6
         assert scan.flags["out_of_range"].tolist() == [False, False, True] + [False] * 5
+        assert np.array_equal(scan.outlier_examples["nan"], data.clean(images[1]))  # the first of its kind, cleaned
+        assert [len(scan.samples[label]) for label in (0, 1)] == [4, 4]  # sample_grid images of each class
 
     def test_eda_counts_are_exact_and_its_figures_are_drawn(self, poisoned_dir, tmp_path):
         options = ("--data-dir", str(poisoned_dir), "--out-dir", str(tmp_path / "assets"), "--splits")

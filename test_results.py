@@ -201,7 +201,7 @@ class TestEvaluate:
         scores = np.round(rng.random(300) * 0.6 + 0.4 * labels, 1)  # ten distinct values: many ties
         assert evaluate.roc_auc(scores, labels) == pytest.approx(auc_by_pairs(scores, labels), abs=1e-12)
         false_positive_rate, true_positive_rate = evaluate.roc_points(scores, labels)
-        assert (false_positive_rate[-1], true_positive_rate[-1]) == (1, 1)
+        assert (false_positive_rate[[0, -1]].tolist(), true_positive_rate[[0, -1]].tolist()) == ([0, 1], [0, 1])
         area = np.sum(np.diff(false_positive_rate) * (true_positive_rate[1:] + true_positive_rate[:-1]) / 2)
         assert area == pytest.approx(auc_by_pairs(scores, labels), abs=1e-12)  # the drawn curve has that area
 
