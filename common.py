@@ -104,10 +104,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a mistake on the command line reported in one line (usage stays behind --help)."""
+    """argparse, with a mistake on the command line reported in one line (usage stays behind --help). Flags are
+    taken only whole: a shortened one (--data-d) would pass a job script's reading of its arguments unseen."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, **kwargs)
+        super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")

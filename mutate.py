@@ -118,6 +118,8 @@ def mutants_of(root, name):
                     change = f"{before}{node.value!r}{after} -> {before}{mutant.value!r}{after}"
                 code = shortened(lines[node.lineno - 1].decode())
                 mutant = {"file": name, "line": statement.lineno, "where": where, "code": code, "change": change}
+                if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):  # its defaults act in its calls
+                    mutant["body"] = [statement.body[0].lineno, statement.end_lineno]
                 found.append({**mutant, "source": mutated})
     return [mutant for mutant in found if compiles(mutant["source"])]
 
@@ -319,7 +321,7 @@ def main(argv=None):
         survivors, outcomes = [], {}
         for index, mutant in enumerate(chosen):
             started = time.monotonic()
-            covering = lines[mutant["file"]].get(str(mutant["line"]), [])
+            covering = covering_of(mutant, lines[mutant["file"]], seconds)
             new_tests = [test_id for test_id in covering if known_tests is not None and test_id not in known_tests]
             # with --again, the tests written since the last run first: they were written for its survivors
             test_ids = new_tests + [test_id for test_id in covering if test_id not in new_tests][: args.max_tests]
@@ -346,6 +348,14 @@ def main(argv=None):
         results = Path(root) / ".mutate" / "results.json"
         results.write_text(json.dumps({"sample": sample_key, "outcomes": outcomes, "tests": sorted(seconds)}))
     report(counts, survivors, root)
+
+
+def covering_of(mutant, file_lines, seconds):
+    """The tests that run a mutant's line, fastest first. A def line runs once, at import, in whichever test imports
+    its module first; its defaults act in the calls, so the tests that run the function's body count too."""
+    first, last = mutant.get("body", (mutant["line"], mutant["line"]))
+    found = {test for line in {mutant["line"], *range(first, last + 1)} for test in file_lines.get(str(line), [])}
+    return sorted(found, key=lambda test_id: seconds[test_id])
 
 
 def earlier_outcomes(root, sample_key):

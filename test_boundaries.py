@@ -144,8 +144,8 @@ def test_eda_thresholds_and_grid_are_taken_up_to_their_limits(flags, fragment):
     ],
 )
 def test_eda_histograms_take_at_most_256_images_a_class(rows, sampled):
-    scan = eda.SplitScan("train", np.zeros(rows, np.int64), 1, 5.0, 250.0)
-    assert scan.histogram_rows.sum() == sampled
+    for label in (0, 1):
+        assert eda.SplitScan("train", np.full(rows, label), 1, 5.0, 250.0).histogram_rows.sum() == sampled, label
 
 
 def graded(n):

@@ -159,9 +159,9 @@ class TestSlurmJobs:
         show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
         assert "Restarts=0" in show and "Partition=gpu_course" in show, show
 
-    def test_a_job_continues_the_run_in_the_out_dir_its_args_name(self, project, synth_dir):
+    def test_a_job_continues_the_run_in_the_out_dir_its_args_name_on_its_own_data(self, project, small_set):
         run_dir = project / "mine" / "first"
-        train.main(train_args(synth_dir, run_dir, "--epochs", "1"))
+        train.main(train_args(small_set, run_dir, "--epochs", "1"))  # not data/: the job passes no --data-dir
         output = make(project, "train", env={**SMALL_JOB, "ARGS": f"--out-dir {run_dir} --epochs 2 --batch-size 64"})
         job = submitted_job(output)[0]
         assert f"logs/pcam_train_{job}.out, run the --out-dir in ARGS" in output  # not runs/slurm-<job id>
@@ -170,6 +170,13 @@ class TestSlurmJobs:
         assert "--resume auto --out-dir" in log.read_text() and f"resuming {run_dir} after epoch 1" in log.read_text()
         assert [row["epoch"] for row in read_csv_rows(run_dir / "metrics.csv")] == ["1", "2"]
         assert not (project / "runs" / f"slurm-{job}").exists()
+
+    @pytest.mark.parametrize("args", ["--epochs 1 --data-dir", "--data-dir= --epochs 1"])
+    def test_a_job_whose_args_name_no_data_folder_ends_before_staging(self, project, args):
+        job = submitted_job(make(project, "train", env={**SMALL_JOB, "ARGS": args, "STAGE": "yes"}))[0]
+        assert wait_for_job(job) == ["FAILED"]
+        log = (project / "logs" / f"pcam_train_{job}.out").read_text()
+        assert "error: --data-dir in ARGS names no folder" in log and "staging" not in log
 
     def test_a_job_at_its_requeue_limit_names_the_make_train_that_continues_its_run(self, project):
         env = {**SMALL_JOB, "MAX_REQUEUES": "0", "ARGS": "--epochs 50 --batch-size 16 --log-every 1"}
@@ -473,6 +480,13 @@ class TestMutate:
         default = [option for option in options if option not in ("--tests", "test_double.py")]
         every_file = run_script("mutate.py", *default, "--line", "2", check=True).stdout
         assert "3 killed of 3 (100%)" in every_file, every_file
+
+    def test_a_default_on_a_def_line_meets_the_tests_that_run_its_function(self, tmp_path):
+        code = "def scale(x, factor=2):\n    return x * factor\n"
+        tests = "from scale import scale\n\n\ndef test_twice_by_default():\n    assert scale(3) == 6\n"
+        options = throwaway_repo(tmp_path, "scale", code, tests, "--file", "scale.py", "--line", "1")
+        output = run_script("mutate.py", *options, check=True).stdout
+        assert "scale.py:1: def scale(x, factor=2): -> def scale(x, factor=3):  killed, 1 tests" in output, output
 
     def test_a_folder_outside_git_ends_in_one_line(self, tmp_path):
         one_line_error(run_script("mutate.py", "--root", str(tmp_path)), "is not a git work tree")

@@ -235,6 +235,8 @@ class TestTraining:
         [
             ("train.py --epochs 1.5", "invalid int value: '1.5'"),
             ("train.py --no-such-flag", "unrecognized arguments: --no-such-flag"),
+            ("train.py --data-d data/synth", "unrecognized arguments: --data-d data/synth"),  # flags only whole
+            ("evaluate.py best.pt --spl valid", "unrecognized arguments: --spl valid"),
             ("evaluate.py", "the following arguments are required: CHECKPOINT"),
             ("manage_data.py prepare", "the following arguments are required: --out"),
             ("eda.py --splits bogus", "invalid choice: 'bogus'"),

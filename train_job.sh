@@ -55,7 +55,12 @@ for arg in "$@"; do  # a --data-dir in ARGS wins, its last one as in train.py: t
     if [[ "$arg" == --data-dir=* ]]; then data_dir="${arg#--data-dir=}"; fi
     previous="$arg"
 done
+if [[ "$previous" == --data-dir || -z "$data_dir" ]]; then
+    echo "error: --data-dir in ARGS names no folder; give the PCAM data folder after it" >&2
+    exit 2
+fi
 stage="${STAGE:-auto}"
+staged_data=()
 if [[ "$stage" == auto ]]; then
     case "$(stat -f -c %T "$data_dir" 2>/dev/null)" in
         gpfs|nfs*|lustre|beegfs|cifs|smb*|fuse*) stage=yes ;;
@@ -66,23 +71,24 @@ if [[ "$stage" == yes ]]; then
     staged="${TMPDIR:-/tmp}/pcam_${SLURM_JOB_ID}"
     echo "staging $data_dir to $staged (a cleaned uint8 copy; kept when already there)"
     python manage_data.py prepare --data-dir "$data_dir" --out "$staged"
-    data_dir="$staged"
+    staged_data=(--data-dir "$staged")
 fi
 
 # train.py picks the run folder (runs/slurm-<job id>, runs/slurm-<array id>_<task>, or the --out-dir in ARGS), and
 # --resume auto continues the run there when it holds a last.pt (a requeued job) and starts it otherwise. The
 # user's ARGS come last and argparse keeps an option's last value: ARGS="--resume --out-dir DIR" insists on
-# continuing the run in DIR (and ends in one line when DIR holds no last.pt). The data folder comes after them: the
-# staged copy, or the user's own folder again.
+# continuing the run in DIR (and ends in one line when DIR holds no last.pt). A staged copy comes after them; without
+# one, train.py reads the data folder as it does outside Slurm (--data-dir, else $PCAM_DIR or data/ for a new run, the
+# data a resumed run started on).
 args=()
 if [[ -n "${SWEEP_FLAG:-}" ]]; then
     read -r -a sweep_values <<< "${SWEEP_VALUES:-}"
     args+=("$SWEEP_FLAG" "${sweep_values[${SLURM_ARRAY_TASK_ID:-0}]}")
 fi
 args+=(--resume auto)
-echo "run: python train.py ${args[*]} $* --data-dir $data_dir"
+echo "run: python train.py ${args[*]} $* ${staged_data[*]}"
 
-python train.py "${args[@]}" "$@" --data-dir "$data_dir" &
+python train.py "${args[@]}" "$@" "${staged_data[@]}" &
 train_pid=$!
 time_limit=no
 trap 'time_limit=yes; echo "USR1: time limit near, asking train.py to checkpoint"; kill -USR1 "$train_pid" 2>/dev/null || true' USR1
