@@ -11,7 +11,7 @@ override ARGS := $(value ARGS)
 RUN ?=
 # the run make plot and make figures draw: RUN, else the newest run with a metrics.csv (a run that failed before its
 # first epoch has nothing to plot), found by Python: a shell or make would split a name with a space
-CHOSEN_RUN = "$${RUN:-$$($(PY) -c 'import glob, os; runs = glob.glob("runs/*/metrics.csv"); \
+CHOSEN_RUN = "$${RUN:-$$($(PY) -c 'import glob, os; runs = list(filter(os.path.isfile, glob.glob("runs/*/metrics.csv"))); \
 	print(os.path.dirname(max(runs, key=os.path.getmtime)) if runs else "")')}"
 RUNS ?= runs/*/
 OUT ?=

@@ -112,7 +112,7 @@ def pcam_server(tmp_path):
     checksums.write_text("".join(f"{hashlib.md5(body).hexdigest()}  {name}\n" for name, body in files.items()))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PCAMServer)
     server.files, server.cut_once, server.garble_once, server.requests = files, set(), set(), []
-    server.ignore_range = False
+    server.ignore_range, server.bad_length = False, set()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.base_url = f"http://127.0.0.1:{server.server_address[1]}/records/2546921/files"
     server.checksums, server.source = str(checksums), source

@@ -304,7 +304,7 @@ def fetch(url, part_path, attempts=5):
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 resumed = response.status == 206
-                total = have * resumed + int(response.headers.get("Content-Length", 0)) or None
+                total = have * resumed + (response.length or 0) or None  # length: Content-Length, None if unusable
                 done, next_report, started = have * resumed, 0.0, time.time()
                 log(
                     f"download {url}: {'resuming at' if resumed else 'starting'} {done / 2**20:.1f} MiB"
@@ -331,10 +331,11 @@ def fetch(url, part_path, attempts=5):
             if attempt == attempts:
                 then = "to resume" if bytes_in(part_path) else "once the network or --base-url is right"
                 raise UserError(
-                    f"download of {url} failed after {attempts} attempts ({error}); run the same command again {then}"
+                    f"download of {url} failed after {attempts} attempts ({failure(error)}); run the same command "
+                    f"again {then}"
                 ) from None
             next_try = f"resuming at {bytes_in(part_path) / 2**20:.1f} MiB" if bytes_in(part_path) else "retrying"
-            log(f"download interrupted ({error}); {next_try} (attempt {attempt + 1} of {attempts})")
+            log(f"download interrupted ({failure(error)}); {next_try} (attempt {attempt + 1} of {attempts})")
             time.sleep(min(2**attempt, 30) * float(os.environ.get("PCAM_RETRY_DELAY_SCALE", "1")))
 
 
@@ -350,17 +351,28 @@ def read_checksums(path):
         raise UserError(f"cannot read checksums file {path} ({error}); expected '<md5>  <file name>' lines") from None
 
 
+def failure(error):
+    """A failed attempt in one line. A reply that is not HTTP (another service on that port) raises BadStatusLine with
+    its first line as the message; a connection closed before any reply is a BadStatusLine too."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, http.client.BadStatusLine) and not isinstance(error, ConnectionError):
+        return f"the reply is not HTTP: {text!r}; is the port or the scheme wrong?"
+    return text
+
+
 def check_base_url(url):
-    """One line, before any attempt, for a --base-url no request can be made to (retries would not help)."""
+    """One line, before any attempt, for a --base-url no request can be made to (retries would not help): the files'
+    names and ?download=1 are appended to it, so it is a folder's URL, with no query, fragment or user name."""
     try:
         parts = urllib.parse.urlsplit(url)
         usable = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
+        usable = usable and not (parts.username or parts.query or parts.fragment or "%" in parts.hostname)
     except ValueError:  # a port that is not a number, an unclosed [IPv6 address
         usable = False
-    if not usable or re.search(r"[\x00-\x20\x7f]", url):  # http.client refuses spaces and control characters
+    if not usable or re.search(r"[^\x21-\x7e]", url):  # http.client sends only printable ASCII, no spaces
         raise UserError(
-            f"--base-url {url!r} is not an http:// or https:// URL (a host, a port if any as a number, no spaces); "
-            "give the full URL"
+            f"--base-url {url!r} is not an http:// or https:// URL of a folder (a host, a port if any as a number; "
+            "no user name, query or fragment; only printable ASCII, no spaces): give the full URL"
         )
 
 

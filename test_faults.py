@@ -494,7 +494,8 @@ def test_a_folder_that_cannot_be_listed_counts_as_a_run_to_show_as_unreadable(tm
 @pytest.mark.parametrize(
     "url",
     ["http://127.0.0.1:abc", "http://127.0.0.1:99999/f", "http://h:0/f", "http://my mirror/f", "https://[::1", "http://",
-     "http:///files", "ftp://host/files"],
+     "http:///files", "ftp://host/files", "http://user:pw@host/f", "http://host/f?x=1", "http://host/f#top",
+     "http://[::1%lo]:80/f", "http://host/f\u00a0", "http://d\u00e4.example/f"],
 )  # fmt: skip
 def test_download_refuses_a_base_url_no_request_can_go_to_before_any_attempt(tmp_path, url):
     result = run_main("manage_data.py", "download", "--data-dir", str(tmp_path / "data"), "--base-url", url)
@@ -503,9 +504,13 @@ def test_download_refuses_a_base_url_no_request_can_go_to_before_any_attempt(tmp
 
 
 @pytest.mark.download
-def test_download_retries_a_reply_that_is_not_http(pcam_server, tmp_path):
+def test_download_retries_a_reply_that_is_not_http_and_takes_one_without_a_usable_length(pcam_server, tmp_path):
     pcam_server.garble_once.add("camelyonpatch_level_2_split_valid_y.h5.gz")
+    pcam_server.bad_length.add("camelyonpatch_level_2_split_valid_x.h5.gz")
     result = download(pcam_server, tmp_path / "data", "valid")
     assert result.returncode == 0, result.stderr
-    assert "(attempt 2 of 5)" in result.stdout and not pcam_server.garble_once
-    assert os.path.isfile(pcam_files.split_paths(tmp_path / "data", "valid")[1])
+    retried = "download interrupted (the reply is not HTTP: 'SSH-2.0-not-http'; is the port or the scheme wrong?); "
+    assert f"{retried}retrying (attempt 2 of 5)\n" in result.stdout and not pcam_server.garble_once
+    for key, path in zip("xy", pcam_files.split_paths(tmp_path / "data", "valid"), strict=True):
+        with h5py.File(path) as mine, h5py.File(pcam_server.source / os.path.basename(path)) as served:
+            assert np.array_equal(mine[key][()], served[key][()]), key

@@ -218,8 +218,8 @@ def loss_plot_lines(paths, out_path):
 
 class PCAMServer(http.server.BaseHTTPRequestHandler):
     """Serves self.server.files {name: bytes}, honours Range (unless ignore_range: then 200 and the whole body),
-    cuts the first reply of names in cut_once, and answers the first request of names in garble_once with a line
-    that is not HTTP."""
+    cuts the first reply of names in cut_once, answers the first request of names in garble_once with a line that is
+    not HTTP, and gives names in bad_length a Content-Length that is not a number."""
 
     def do_GET(self):
         name = self.path.split("?")[0].rsplit("/", 1)[-1]
@@ -241,7 +241,7 @@ class PCAMServer(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Content-Length", "many" if name in self.server.bad_length else str(len(body) - start))
         self.end_headers()
         if name in self.server.cut_once:
             self.server.cut_once.remove(name)

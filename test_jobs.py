@@ -340,9 +340,11 @@ class TestMakeAndShellScripts:
             shutil.copytree(straight_run, tmp_path / "runs" / name)
             (tmp_path / "runs" / name / "loss.png").unlink()
             os.utime(tmp_path / "runs" / name / "metrics.csv", (1e9 - age, 1e9 - age))
+        (tmp_path / "runs" / "failed-before-epoch-1" / "metrics.csv").symlink_to(tmp_path / "gone")  # not a run's
         make(tmp_path, "plot")
         assert is_nonblank_png(tmp_path / "runs" / "newest run" / "loss.png")
         assert not (tmp_path / "runs" / "older" / "loss.png").exists()
+        shutil.rmtree(tmp_path / "runs")
         shutil.copytree(small_set, tmp_path / "a folder with spaces")
         make(tmp_path, "eda", "DATA_DIR=a folder with spaces")
         assert is_nonblank_png(tmp_path / "runs" / "eda" / "pcam.png")
