@@ -52,12 +52,15 @@ install: $(VENV)/.installed ## create .venv and install requirements.txt
 # it needs real time or real services
 EVERYDAY := not slurm and not download and not slow
 WORKERS ?= auto
+# a whole run's test folders take some 8 GB of /tmp, and pytest keeps those of the last three runs: keep failed ones only
+KEEP_FAILED := -o tmp_path_retention_policy=failed
+
 test: $(VENV)/.installed $(VENV)/.dev-tools ## the everyday suite: every test but the Slurm, download and slow ones (minutes); WORKERS=0 for one process
-	$(PY) -m pytest $(wildcard test_*.py) -m "$(EVERYDAY)" -n $(WORKERS)
+	$(PY) -m pytest $(wildcard test_*.py) -m "$(EVERYDAY)" -n $(WORKERS) $(KEEP_FAILED)
 
 test-all: $(VENV)/.installed $(VENV)/.dev-tools ## make test-loaded, then the Slurm, download and slow tests (what CI runs)
 	$(MAKE) test-loaded
-	$(PY) -m pytest $(wildcard test_*.py) -m "not ($(EVERYDAY))"
+	$(PY) -m pytest $(wildcard test_*.py) -m "not ($(EVERYDAY))" $(KEEP_FAILED)
 
 test-loaded: $(VENV)/.installed $(VENV)/.dev-tools ## make test beside two CPU-bound processes: the suite must not depend on timing
 	$(PY) -c "while True: pass" & first=$$!; $(PY) -c "while True: pass" & second=$$!; \
