@@ -66,11 +66,6 @@ def default_out_dir():
     return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def new_run_folder(path):
-    """path, else path-2, path-3, ...: the first not there yet, created here (two runs started in one second)."""
-    return first_free(path, os.makedirs)
-
-
 def first_free(path, claim):
     """path, else path-2, path-3, ...: the first name claim(name) creates (it raises FileExistsError when taken)."""
     candidate, number = path, 1
@@ -120,7 +115,7 @@ class RunFolder:
         self.created = outermost_missing(target)  # what release removes when the run never starts
         try:
             if path is None:
-                self.path = new_run_folder(target)
+                self.path = first_free(target, os.makedirs)  # two runs started in one second: the second gets -2
                 self.created = self.created or os.path.abspath(self.path)
             os.makedirs(self.path, exist_ok=True)
             self.created_lock = not os.path.exists(self.file(LOCK_NAME))
